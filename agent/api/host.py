@@ -1,0 +1,65 @@
+"""Host: liveness, statistics and what this agent can do."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+from agent import __version__, states
+from agent.api import REGISTRY, describe, verb
+
+
+@verb("Host.ping")
+def ping(agent, params):
+    """Answer true: the agent is up and its loop is turning.
+
+    Result: true. Errors: 99 RecoveryInProgress while start-up is still running.
+    """
+    return True
+
+
+@verb("Host.getStats")
+def get_stats(agent, params):
+    """Host and agent statistics from psutil.
+
+    Result: {cpu_percent, cpu_count, memory: {total, available, percent}, load: [1, 5, 15],
+    uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id}, workers_running,
+    workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count}}.
+    """
+    vm = psutil.virtual_memory()
+    me = psutil.Process()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_count": psutil.cpu_count(),
+        "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
+        "load": list(os.getloadavg()),
+        "uptime_seconds": time.time() - psutil.boot_time(),
+        "agent": {"pid": os.getpid(), "rss_bytes": me.memory_info().rss,
+                  "uptime_seconds": agent.system.monotonic() - agent.started_at,
+                  "boot_id": agent.boot_id},
+        "workers_running": agent.pool.running(),
+        "workers": [{"taskID": w.task.id, "op": w.op, "pid": w.pid}
+                    for w in agent.pool.by_token.values()],
+        "forkserver_pid": agent.pool.forkserver_pid,
+        "tasks": agent.tasks.counts(),
+    }
+
+
+@verb("Host.getCapabilities")
+def get_capabilities(agent, params):
+    """What this agent is and every method it serves, with its params.
+
+    Result: {version, host_id, boot_id, kernel_boot_id, task_states, methods: [{name, params,
+    doc, runs_in}]}.
+    """
+    return {
+        "version": __version__,
+        "host_id": agent.config.host_id,
+        "boot_id": agent.boot_id,
+        "kernel_boot_id": agent.kernel_boot_id,
+        "task_states": list(states.STATES),
+        "methods": [describe(v) for v in sorted(REGISTRY.values(), key=lambda v: v.name)
+                    if agent.serves(v)],
+    }

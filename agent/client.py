@@ -1,0 +1,96 @@
+"""A small blocking JSON-RPC client over a DEALER socket, for the CLI and the tests.
+
+Many calls can be in flight on one socket; `send` returns at once and `recv` matches nothing,
+so callers that pipeline match responses by id themselves. `call` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+
+import zmq
+
+from agent import errors
+
+
+class Timeout(Exception):
+    pass
+
+
+class CallError(Exception):
+    """An error response: code, message and data (data["name"] is the agent's error name)."""
+
+    def __init__(self, error: dict):
+        super().__init__(f"{error.get('code')} {error.get('data', {}).get('name', '')}: "
+                         f"{error.get('message')}")
+        self.code = error.get("code")
+        self.message = error.get("message")
+        self.data = error.get("data") or {}
+        self.name = self.data.get("name")
+
+
+class Client:
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 10.0):
+        self._own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+        self._prefix = uuid.uuid4().hex[:8]
+
+    def new_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def send_raw(self, body: bytes) -> None:
+        self.sock.send(body)
+
+    def send(self, method: str, params=None, id=None, notification: bool = False):
+        msg = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        if not notification:
+            msg["id"] = self.new_id() if id is None else id
+        self.sock.send(json.dumps(msg).encode())
+        return msg.get("id")
+
+    def recv(self, timeout: float | None = None):
+        """The next response object (or batch list); Timeout if none arrives in time."""
+        t = self.timeout if timeout is None else timeout
+        if not self.sock.poll(int(t * 1000)):
+            raise Timeout(f"no response within {t} s")
+        return json.loads(self.sock.recv())
+
+    def call(self, method: str, params=None, id=None, timeout: float | None = None):
+        """The result, or CallError. Responses to other ids that arrive first are skipped."""
+        sent = self.send(method, params, id)
+        while True:
+            resp = self.recv(timeout)
+            if isinstance(resp, dict) and resp.get("id") == sent:
+                if "error" in resp:
+                    raise CallError(resp["error"])
+                return resp["result"]
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def endpoints_of(run_dir) -> dict:
+    """The endpoints a running agent bound (wildcard ports resolved), from its run dir."""
+    with open(os.path.join(run_dir, "endpoints.json")) as f:
+        return json.load(f)
+
+
+__all__ = ["Client", "CallError", "Timeout", "endpoints_of", "errors"]

@@ -1,0 +1,132 @@
+"""Configuration: a TOML file over an embedded default that works for a newcomer.
+
+Unknown keys are an error, so a typo never silently falls back to a default. `{run_dir}` in
+an endpoint expands to the run directory, so ipc endpoints can follow it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_RPC_PORT = 5670
+DEFAULT_EVENTS_PORT = 5671
+
+DEFAULTS: dict[str, Any] = {
+    "host_id": None,  # the hostname
+    "run_dir": None,  # $XDG_RUNTIME_DIR/hostagent, else ~/.local/state/hostagent/run
+    "debug": False,
+    "rpc": {
+        "endpoints": [f"tcp://127.0.0.1:{DEFAULT_RPC_PORT}", "ipc://{run_dir}/rpc.sock"],
+        "max_message_bytes": 16 * 1024 * 1024,
+        "max_active_tasks": 256,
+        "max_batch_length": 1000,
+    },
+    "events": {
+        "endpoints": [f"tcp://127.0.0.1:{DEFAULT_EVENTS_PORT}", "ipc://{run_dir}/events.sock"],
+    },
+    "tasks": {"retain_seconds": 3600.0, "retain_max": 10000},
+    "workers": {
+        # A worker reports at least every heartbeat_seconds; silent past deadline_seconds it
+        # is killed (SIGTERM, then SIGKILL after kill_grace_seconds) and its task failed.
+        "heartbeat_seconds": 1.0,
+        "deadline_seconds": 30.0,
+        "kill_grace_seconds": 5.0,
+    },
+    "storage": {"domains": {}},
+    "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
+                 "backoff_seconds": 1.0},
+    "copy": {"chunk_bytes": 64 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
+             "checkpoint_seconds": 1.0},
+}
+
+COPY_POLICIES = ("resume", "restart", "abandon", "manual")
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    data: dict
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    @property
+    def host_id(self) -> str:
+        return self.data["host_id"]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.data["run_dir"])
+
+
+def default_run_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "hostagent"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "hostagent" / "run"
+
+
+def _merge(base: dict, over: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown key {name!r}")
+        if isinstance(base[key], dict) and key != "domains":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name!r} must be a table")
+            out[key] = _merge(base[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _check(data: dict) -> None:
+    def positive(path: str, value, kind=(int, float)):
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise ConfigError(f"{path} must be a positive number")
+
+    for section, keys in {"rpc": ["max_message_bytes", "max_active_tasks", "max_batch_length"],
+                          "tasks": ["retain_seconds", "retain_max"],
+                          "workers": ["heartbeat_seconds", "deadline_seconds", "kill_grace_seconds"],
+                          "copy": ["chunk_bytes", "checkpoint_bytes", "checkpoint_seconds"]}.items():
+        for key in keys:
+            positive(f"{section}.{key}", data[section][key])
+    for section in ("rpc", "events"):
+        eps = data[section]["endpoints"]
+        if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
+            raise ConfigError(f"{section}.endpoints must be a list of strings")
+    if data["recovery"]["copy_policy"] not in COPY_POLICIES:
+        raise ConfigError(f"recovery.copy_policy must be one of {', '.join(COPY_POLICIES)}")
+    if not isinstance(data["storage"]["domains"], dict):
+        raise ConfigError("storage.domains must be a table of domainID = path")
+
+
+def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
+    data = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = _merge(data, tomllib.load(f))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if overrides:
+        data = _merge(data, overrides)
+    _check(data)
+    data["host_id"] = data["host_id"] or socket.gethostname()
+    run_dir = Path(data["run_dir"] or default_run_dir()).expanduser().absolute()
+    data["run_dir"] = str(run_dir)
+    for section in ("rpc", "events"):
+        data[section]["endpoints"] = [e.replace("{run_dir}", str(run_dir))
+                                     for e in data[section]["endpoints"]]
+    return Config(data)

@@ -1,0 +1,44 @@
+"""Broadcast events: [topic, JSON-RPC 2.0 notification] on a PUB socket.
+
+Each notification's params carry `seq`, rising by one per event in this life of the agent,
+and `boot_id`, new at every start, so a subscriber can tell a gap from a restart. Publishing
+never blocks the agent: a subscriber too slow to keep up loses events past the high-water mark
+(and sees the gap in seq), the agent never waits for it.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from agent import jsonrpc, transport
+
+TOPICS = {
+    "Host.booted": "the agent finished start-up and serves requests",
+    "Task.state": "a task changed state; params.task is its whole record",
+    "Task.progress": "a task's progress changed (at most about 10 a second per task)",
+    "Image.copy": "a copy's progress (copied, total, percent) and its completion",
+    "Image.recovered": "start-up found a copy marker and applied the recovery policy to it",
+}
+
+
+class Publisher:
+    def __init__(self, ctx: zmq.Context, endpoints: list[str], boot_id: str, hwm: int = 10000):
+        self.sock = ctx.socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, hwm)
+        self.endpoints = transport.bind_all(self.sock, endpoints)
+        self.boot_id = boot_id
+        self.seq = 0
+        self.dropped = 0
+
+    def publish(self, topic: str, params: dict) -> None:
+        self.seq += 1
+        body = {"jsonrpc": "2.0", "method": topic,
+                "params": {**params, "seq": self.seq, "boot_id": self.boot_id}}
+        try:
+            self.sock.send_multipart([topic.encode(), jsonrpc.dumps(body)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self.sock.close(0)

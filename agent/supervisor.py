@@ -1,0 +1,374 @@
+"""The supervisor: one loop that owns everything.
+
+`run_once` polls the sockets, dispatches requests, reads workers' reports, reaps children,
+enforces deadlines and publishes events; `run` repeats it. Signal handlers only wake the loop
+(set_wakeup_fd); they do nothing else. There is no stop path: SIGTERM and SIGKILL leave the
+same state behind, and start-up (`start`) is the only recovery there is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import uuid
+
+import psutil
+import zmq
+
+from agent import api, errors, jsonrpc, logs, replies, sdnotify, states, transport
+from agent.events import Publisher
+from agent.system import System, set_child_subreaper
+from agent.tasks import TaskTable
+from agent.workerpool import WorkerPool
+
+RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
+PROGRESS_EVENT_INTERVAL = 0.1
+WORKER_EVENT_TOPICS = frozenset({"Image.copy"})
+
+
+class StartupError(Exception):
+    pass
+
+
+class Agent:
+    def __init__(self, config, system: System | None = None):
+        self.config = config
+        self.system = system or System()
+        self.log = logs.get(component="supervisor", host_id=config.host_id)
+        self.boot_id = uuid.uuid4().hex
+        self.kernel_boot_id = _read("/proc/sys/kernel/random/boot_id")
+        self.started_at = self.system.monotonic()
+        self.verbs = api.load_all()
+        tcfg, rcfg = config["tasks"], config["rpc"]
+        self.tasks = TaskTable(retain_seconds=tcfg["retain_seconds"], retain_max=tcfg["retain_max"],
+                               max_active=rcfg["max_active_tasks"], wall=self.system.wall)
+        self.pool = WorkerPool(config, self.system, self)
+        self.recovering = True
+        self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
+        self.end_hooks: dict[str, callable] = {}  # method -> called when a task of it ends
+        self._notification_seq = 0
+        self._watchdog = sdnotify.watchdog_interval()
+        self._watchdog_next = 0.0
+
+    # -- start-up is recovery ----------------------------------------------------------
+
+    def start(self) -> None:
+        run_dir = self.config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_run_dir(run_dir)
+        self._kill_leftover_workers(run_dir)
+        set_child_subreaper()
+        # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        self.pool.start_forkserver()
+        self.ctx = zmq.Context()
+        self.rpc = self.ctx.socket(zmq.ROUTER)
+        self.rpc.setsockopt(zmq.LINGER, 0)
+        self.rpc.setsockopt(zmq.MAXMSGSIZE, self.config["rpc"]["max_message_bytes"])
+        rpc_endpoints = transport.bind_all(self.rpc, self.config["rpc"]["endpoints"])
+        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id)
+        self.pool.bind(self.ctx)
+        self.poller = zmq.Poller()
+        for item in (self.rpc, self.pool.sock, self._wake_r):
+            self.poller.register(item, zmq.POLLIN)
+        self._control = self._control_fd = None
+        self._watch_control()
+        _write_atomic(run_dir / "endpoints.json", {
+            "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
+            "events": self.events.endpoints})
+        self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,
+                      boot_id=self.boot_id)
+        from agent import startup  # storage recovery: re-issue leftover work found on disk
+
+        startup.begin(self)
+        self._maybe_ready()
+
+    def _lock_run_dir(self, run_dir) -> None:
+        # Held for life, freed by the kernel at death: two agents never share a run dir, so
+        # the stale ipc sockets and workers we clean up below are never a live agent's.
+        self._lock_fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StartupError(f"another agent is running on {run_dir}") from None
+
+    def _kill_leftover_workers(self, run_dir) -> None:
+        """Workers of an earlier life should have died with it; kill any that did not."""
+        marker = str(run_dir)
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "workers.forkserver" in cmd and marker in cmd and p.pid != os.getpid():
+                found.append(p)
+        for p in found:
+            self.log.warning("killing_leftover_worker", worker_pid=p.pid)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(found, timeout=5)
+
+    def _maybe_ready(self) -> None:
+        if self.recovering and not self.startup_jobs:
+            self.recovering = False
+            sdnotify.notify("READY=1", f"STATUS=serving, boot {self.boot_id}")
+            self.events.publish("Host.booted", {"host_id": self.config.host_id,
+                                                "pid": os.getpid()})
+            self.log.info("ready", seconds=round(self.system.monotonic() - self.started_at, 3))
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.start()
+        while True:
+            self.run_once(1.0)
+
+    def run_once(self, timeout: float) -> None:
+        due = self.pool.check_deadlines()
+        if due is not None:
+            timeout = min(timeout, due)
+        if self._watchdog:
+            timeout = min(timeout, self._watchdog / 2)
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        if self._wake_r in ready:
+            while True:
+                try:
+                    if not os.read(self._wake_r, 4096):
+                        break
+                except BlockingIOError:
+                    break
+        if self.pool.sock in ready:
+            self._drain(self.pool.sock, self.pool.on_message, 4096)
+        if self._control_fd in ready:
+            self.pool.on_control_readable()
+        if self.rpc in ready:
+            self._drain(self.rpc, self._on_rpc_message, RPC_DRAIN)
+        self.pool.reap()
+        self.pool.check_deadlines()
+        self._watch_control()
+        self._kick_watchdog()
+
+    def _watch_control(self) -> None:
+        """Poll the fork server's control socket, a new one after a fork server restart."""
+        # pyzmq reports a plain socket by its fd number, so that is what we register.
+        if self._control is not self.pool.control:
+            if self._control_fd is not None:
+                self.poller.unregister(self._control_fd)
+            self._control = self.pool.control
+            self._control_fd = self._control.fileno()
+            self.poller.register(self._control_fd, zmq.POLLIN)
+
+    @staticmethod
+    def _drain(sock, handle, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _kick_watchdog(self) -> None:
+        if self._watchdog:
+            now = self.system.monotonic()
+            if now >= self._watchdog_next:
+                sdnotify.notify("WATCHDOG=1")
+                self._watchdog_next = now + self._watchdog / 2
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _on_rpc_message(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        route = replies.Route(self.rpc, frames[:-1])
+        body = frames[-1]
+        try:
+            payload = jsonrpc.loads(body)
+        except errors.ParseError as exc:
+            route.send(jsonrpc.error_response(None, exc))
+            return
+        if not isinstance(payload, list):
+            self.dispatch(payload, replies.single(route))
+            return
+        limit = self.config["rpc"]["max_batch_length"]
+        if not payload or len(payload) > limit:
+            why = "an empty batch" if not payload else f"a batch of more than {limit} requests"
+            route.send(jsonrpc.error_response(None, errors.InvalidRequest(
+                f"{why} is not a valid request", limit=limit)))
+            return
+        batch = replies.Batch(route, len(payload))
+        for index, obj in enumerate(payload):
+            self.dispatch(obj, batch.member(index))
+
+    def serves(self, verb: api.Verb) -> bool:
+        return not verb.debug_only or self.config["debug"]
+
+    def dispatch(self, obj, reply) -> None:
+        try:
+            req = jsonrpc.parse_request(obj)
+        except jsonrpc.BadRequest as bad:
+            reply(jsonrpc.error_response(bad.id, bad.error))
+            return
+        if req.is_notification:  # never answered; its work (if any) is a task of our naming
+            reply(None)
+            reply = None
+        try:
+            if self.recovering:
+                raise errors.RecoveryInProgress("the agent is starting up")
+            verb = self.verbs.get(req.method)
+            if verb is None or not self.serves(verb):
+                raise errors.MethodNotFound(f"no method {req.method!r}", method=req.method)
+            params = api.bind(verb, req.params)
+            task = self.tasks.admit(req.task_id or self._notification_id(), verb.name,
+                                    limited=verb.worker)
+        except errors.AgentError as exc:
+            if reply is not None:
+                reply(jsonrpc.error_response(req.id, exc))
+            return
+        task.reply, task.request_id = reply, req.id
+        self.run_task(task, verb.handler, params)
+
+    def _notification_id(self) -> str:
+        self._notification_seq += 1
+        return f"notification:{self.boot_id[:8]}:{self._notification_seq}"
+
+    def run_task(self, task, handler, params) -> None:
+        """Run a verb's handler for `task`: inline to the end, or hand it to a worker."""
+        try:
+            outcome = handler(self, params)
+            if isinstance(outcome, api.WorkerJob):
+                task.worker = self.pool.spawn(task, outcome.op, outcome.args, outcome.deadline)
+                self._publish_state(task)
+                return
+        except errors.AgentError as exc:
+            self.end(task, "fail", error=exc)
+            return
+        except Exception:
+            self.log.exception("handler_crashed", task_id=task.id, method=task.method)
+            self.end(task, "fail", error=errors.InternalError("internal error"))
+            return
+        task.started = task.created
+        self.end(task, "succeed", result=outcome)
+
+    def submit(self, task_id: str, method: str, job: api.WorkerJob, startup: bool = False):
+        """Start a task of the agent's own (recovery, retries): no client waits on it."""
+        task = self.tasks.admit(task_id, method, limited=False)
+        if startup:
+            self.startup_jobs.add(task_id)
+        self.run_task(task, lambda *_: job, None)
+        return task
+
+    # -- what happens to tasks ---------------------------------------------------------
+
+    def respond(self, task, result=None, error: errors.AgentError | None = None) -> None:
+        if task.returned:
+            return
+        task.returned = True
+        if task.reply is not None:
+            task.reply(jsonrpc.error_response(task.request_id, error) if error
+                       else jsonrpc.result_response(task.request_id, result))
+
+    def end(self, task, event: str, result=None, error: errors.AgentError | None = None) -> None:
+        if not task.active:
+            return
+        if task.state == states.ABORTING and event == "fail":
+            error = errors.TaskAborted("the task was aborted", cause=error.to_json() if error
+                                       else None)
+        task.result = result if event == "succeed" else task.result
+        task.error = error.to_json() if error else None
+        self.respond(task, result, error)
+        self.tasks.transition(task, event)
+        self._publish_state(task)
+        self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
+                      error=task.error and task.error["data"]["name"])
+        hook = self.end_hooks.get(task.method)
+        if hook:
+            hook(task)
+        if task.id in self.startup_jobs:
+            self.startup_jobs.discard(task.id)
+            self._maybe_ready()
+
+    def abort(self, task) -> None:
+        self.tasks.transition(task, "abort")
+        self._publish_state(task)
+        if task.worker is not None:
+            self.pool.terminate(task.worker, "abort")
+
+    def _publish_state(self, task) -> None:
+        self.events.publish("Task.state", {"task": task.record()})
+
+    # -- the pool's listener -----------------------------------------------------------
+
+    def worker_started(self, w) -> None:
+        if w.task.state == states.PENDING:
+            self.tasks.transition(w.task, "start")
+            self._publish_state(w.task)
+
+    def worker_progress(self, w, progress) -> None:
+        task = w.task
+        if not isinstance(progress, (int, float)) or not task.active:
+            return
+        task.progress = progress
+        now = self.system.monotonic()
+        if now - task.last_progress_event >= PROGRESS_EVENT_INTERVAL or progress >= 100:
+            task.last_progress_event = now
+            self.events.publish("Task.progress", {"taskID": task.id, "progress": progress})
+
+    def worker_returned(self, w, result) -> None:
+        w.task.result = result
+        self.respond(w.task, result)
+
+    def worker_event(self, w, topic, params) -> None:
+        if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
+            self.events.publish(topic, {**params, "taskID": w.task.id})
+
+    def worker_succeeded(self, w, result) -> None:
+        if w.task.progress is not None:
+            w.task.progress = 100.0
+        self.end(w.task, "succeed", result=result)
+
+    def worker_failed(self, w, error: errors.AgentError) -> None:
+        if w.task.state == states.ABORTING:
+            w.stop_error = error  # aborted once the worker is gone, not before
+        else:
+            self.end(w.task, "fail", error=error)
+
+    def worker_stopped(self, w) -> None:
+        """It stopped when asked; the task ends when the process is gone (worker_gone)."""
+        if w.kill_reason == "timeout":
+            w.stop_error = errors.WorkerTimeout(
+                "worker silent past its deadline, stopped on SIGTERM", signal="SIGTERM")
+        elif w.kill_reason is None:
+            w.stop_error = errors.WorkerDied(
+                "the worker stopped on SIGTERM from outside the agent", signal="SIGTERM")
+
+    def worker_gone(self, w, error: errors.AgentError) -> None:
+        """The worker's process has been reaped (or never existed)."""
+        if not w.task.active:
+            return  # it reported its outcome, and that ended the task already
+        error = w.stop_error or error
+        self.log.warning("worker_gone", task_id=w.task.id, method=w.task.method,
+                         worker_pid=w.pid, error=error.message)
+        self.end(w.task, "fail", error=error)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _write_atomic(path, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

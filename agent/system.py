@@ -1,0 +1,73 @@
+"""The operating system behind one thin seam: clocks, signals, reaping, process control.
+
+The supervisor calls only these for anything that touches processes or time, so a unit test
+can drive its loop with a fake; the integration tests use this real one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = None
+
+
+def _prctl(option: int, value: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants (our double-forked workers) become our children to reap."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    _prctl(PR_SET_PDEATHSIG, sig)
+
+
+def describe_status(status: int) -> dict:
+    """How a process ended, as data: {"signal": "SIGKILL"} or {"exit_code": 3}."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"SIG{sig}"
+        return {"signal": name}
+    return {"exit_code": os.waitstatus_to_exitcode(status)}
+
+
+class System:
+    monotonic = staticmethod(time.monotonic)
+    wall = staticmethod(time.time)
+
+    @staticmethod
+    def kill(pid: int, sig: int) -> bool:
+        try:
+            os.kill(pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    @staticmethod
+    def reap() -> list[tuple[int, int]]:
+        """Every child that has ended, expected or not: (pid, raw status)."""
+        ended = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return ended
+            if pid == 0:
+                return ended
+            ended.append((pid, status))

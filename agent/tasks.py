@@ -1,0 +1,125 @@
+"""The task table: transient, in memory only, keyed by the caller's ID.
+
+A task's ID is the JSON-RPC id. While a task is active its ID is refused to anyone else
+(TaskIdInUse); once it has ended the ID is free at once, and its record stays readable
+until the ID is reused, `retain_seconds` pass, or `retain_max` newer records push it out.
+A restart forgets everything here, by design: what must survive lives on storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from agent import errors, states
+
+MAX_ID_LENGTH = 128
+
+
+@dataclass(eq=False)
+class Task:
+    id: str
+    method: str
+    state: str = states.PENDING
+    progress: float | None = None
+    returned: bool = False
+    result: Any = None
+    error: dict | None = None
+    created: float = 0.0
+    started: float | None = None
+    ended: float | None = None
+    # Runtime only, never part of the record.
+    limited: bool = False  # counts against max_active_tasks
+    reply: Callable[[dict | None], None] | None = field(default=None, repr=False)
+    request_id: Any = None
+    worker: Any = field(default=None, repr=False)
+    last_progress_event: float = 0.0
+
+    def record(self) -> dict:
+        return {
+            "id": self.id,
+            "method": self.method,
+            "state": self.state,
+            "progress": self.progress,
+            "returned": self.returned,
+            "result": self.result,
+            "error": self.error,
+            "created": self.created,
+            "started": self.started,
+            "ended": self.ended,
+        }
+
+    @property
+    def active(self) -> bool:
+        return self.state in states.ACTIVE
+
+
+class TaskTable:
+    def __init__(self, *, retain_seconds: float, retain_max: int, max_active: int,
+                 wall: Callable[[], float] = time.time):
+        self.retain_seconds = retain_seconds
+        self.retain_max = retain_max
+        self.max_active = max_active
+        self.wall = wall
+        self.active: dict[str, Task] = {}
+        self.limited_active = 0
+        # Ended tasks in the order they ended, so the oldest is always first.
+        self.finished: OrderedDict[str, Task] = OrderedDict()
+
+    def admit(self, task_id: str, method: str, *, limited: bool) -> Task:
+        """A new task under `task_id`, or TaskIdInUse / ResourceExhausted (nothing touched)."""
+        if task_id in self.active:
+            raise errors.TaskIdInUse(f"task {task_id!r} is active", taskID=task_id)
+        if limited and self.limited_active >= self.max_active:
+            raise errors.ResourceExhausted(
+                f"{self.max_active} tasks are active", limit=self.max_active)
+        self.finished.pop(task_id, None)  # reusing an ended ID replaces its record
+        task = Task(id=task_id, method=method, created=self.wall(), limited=limited)
+        self.active[task_id] = task
+        self.limited_active += limited
+        return task
+
+    def transition(self, task: Task, event: str) -> str:
+        """Move `task` along one edge of states.TRANSITIONS; returns the old state."""
+        old = task.state
+        task.state = states.next_state(old, event)
+        now = self.wall()
+        if task.state == states.RUNNING and task.started is None:
+            task.started = now
+        if task.state in states.ENDED:
+            task.ended = now
+            del self.active[task.id]
+            self.limited_active -= task.limited
+            task.reply = task.worker = None
+            self.finished[task.id] = task
+            self.prune()
+        return old
+
+    def prune(self) -> None:
+        horizon = self.wall() - self.retain_seconds
+        while self.finished:
+            oldest = next(iter(self.finished.values()))
+            if len(self.finished) > self.retain_max or oldest.ended < horizon:
+                self.finished.popitem(last=False)
+            else:
+                break
+
+    def get(self, task_id: str) -> Task | None:
+        self.prune()
+        return self.active.get(task_id) or self.finished.get(task_id)
+
+    def all(self, wanted: set[str] | None = None) -> list[Task]:
+        self.prune()
+        tasks = list(self.active.values()) + list(self.finished.values())
+        return [t for t in tasks if wanted is None or t.state in wanted]
+
+    def counts(self) -> dict[str, int]:
+        self.prune()
+        counts = dict.fromkeys(states.STATES, 0)
+        for t in self.active.values():
+            counts[t.state] += 1
+        for t in self.finished.values():
+            counts[t.state] += 1
+        return counts

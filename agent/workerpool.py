@@ -1,0 +1,242 @@
+"""The supervisor's side of workers: the fork server, the worker socket, deadlines, reaping.
+
+The pool decides nothing about tasks: it tells its listener (the supervisor) what happened
+to a worker (started, reported, returned, finished, died) and the listener moves the task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+import zmq
+
+from agent import errors, logs
+from agent.system import describe_status
+
+
+@dataclass(eq=False)
+class Worker:
+    token: str
+    task: object
+    op: str
+    spawned: float
+    last_seen: float
+    deadline: float  # silent for longer than this many seconds: killed
+    pid: int | None = None
+    hello: bool = False
+    reported: bool = False  # its final message (result, error, stopped) arrived
+    kill_at: float | None = None  # when SIGKILL is due after a SIGTERM
+    kill_reason: str | None = None  # "abort" or "timeout"
+    exit: dict | None = field(default=None)
+    stop_error: object = None  # what to fail the task with once the process is gone
+
+
+class WorkerPool:
+    def __init__(self, config, system, listener):
+        self.run_dir = config.run_dir
+        self.settings = dict(config["workers"]) | {"copy": dict(config["copy"])}
+        self.host_id = config.host_id
+        self.system = system
+        self.listener = listener
+        self.log = logs.get(component="workers")
+        self.by_token: dict[str, Worker] = {}
+        self.by_pid: dict[int, Worker] = {}
+        self.unclaimed: dict[int, int] = {}  # pid -> status, reaped before we knew whose
+        self.forkserver_pid: int | None = None
+        self.control: socket.socket | None = None
+        self._control_buf = b""
+        self._seq = 0
+        self.sock: zmq.Socket | None = None
+
+    # -- the fork server ---------------------------------------------------------------
+
+    def start_forkserver(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [sys.executable, "-m", "workers.forkserver", "--supervisor-pid", str(os.getpid()),
+                "--run-dir", str(self.run_dir)]
+        self.forkserver_pid = os.posix_spawn(
+            sys.executable, argv, os.environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
+        theirs.close()
+        ours.settimeout(5.0)  # sends only; reads happen when the poller says readable
+        self.control = ours
+        self._control_buf = b""
+        self.log.info("forkserver_started", forkserver_pid=self.forkserver_pid)
+
+    def bind(self, ctx: zmq.Context) -> None:
+        from agent import transport
+
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        transport.bind(self.sock, f"ipc://{self.run_dir}/workers.sock")
+
+    def spawn(self, task, op: str, args: dict, deadline: float | None = None) -> Worker:
+        self._seq += 1
+        now = self.system.monotonic()
+        w = Worker(token=f"w{self._seq}", task=task, op=op, spawned=now, last_seen=now,
+                   deadline=deadline or self.settings["deadline_seconds"])
+        self.by_token[w.token] = w
+        request = {"token": w.token, "op": op, "args": args, "task_id": task.id,
+                   "host_id": self.host_id, "run_dir": str(self.run_dir),
+                   "settings": self.settings}
+        try:
+            self.control.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            self.log.error("forkserver_unreachable", error=str(exc))
+            self._forget(w)
+            raise errors.WorkerDied(f"cannot reach the fork server: {exc}") from None
+        return w
+
+    def on_control_readable(self) -> None:
+        try:
+            data = self.control.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not data:  # the fork server is gone; its exit is handled when reaped
+            return
+        self._control_buf += data
+        *lines, self._control_buf = self._control_buf.split(b"\n")
+        for line in lines:
+            reply = json.loads(line)
+            w = self.by_token.get(reply["token"])
+            if w is None:
+                continue
+            if "error" in reply:
+                self._forget(w)
+                self.listener.worker_failed(w, errors.WorkerDied(reply["error"]))
+            else:
+                self._claim(w, reply["pid"])
+
+    def _claim(self, w: Worker, pid: int) -> None:
+        if w.pid is not None:
+            return
+        w.pid = pid
+        self.by_pid[pid] = w
+        if w.kill_reason and w.kill_at is None:  # aborted before its pid was known
+            self.terminate(w, w.kill_reason)
+        if pid in self.unclaimed:
+            self._ended(w, self.unclaimed.pop(pid))
+
+    # -- messages from workers ---------------------------------------------------------
+
+    def on_message(self, frames: list[bytes]) -> None:
+        token = frames[0].decode(errors="replace")
+        w = self.by_token.get(token)
+        if w is None or len(frames) != 2:
+            return
+        w.last_seen = self.system.monotonic()
+        try:
+            msg = json.loads(frames[1])
+            kind = msg["t"]
+        except (ValueError, KeyError, TypeError):
+            self.log.error("bad_worker_message", token=token)
+            return
+        if kind == "hello":
+            w.hello = True
+            self._claim(w, int(msg["pid"]))
+            self.listener.worker_started(w)
+        elif kind == "beat":
+            pass
+        elif kind == "progress":
+            self.listener.worker_progress(w, msg.get("progress"))
+        elif kind == "return":
+            self.listener.worker_returned(w, msg.get("result"))
+        elif kind == "event":
+            self.listener.worker_event(w, msg.get("topic"), msg.get("params") or {})
+        elif kind in ("result", "error", "stopped"):
+            w.reported = True
+            self.sock.send_multipart([frames[0], b'{"t":"ack"}'])
+            if kind == "result":
+                self.listener.worker_succeeded(w, msg.get("result"))
+            elif kind == "error":
+                self.listener.worker_failed(w, errors.from_json(msg.get("error") or {}))
+            else:
+                self.listener.worker_stopped(w)
+
+    # -- stopping and reaping ----------------------------------------------------------
+
+    def terminate(self, w: Worker, reason: str) -> None:
+        """Ask a worker to stop: an abort message and SIGTERM now, SIGKILL after a grace."""
+        w.kill_reason = w.kill_reason or reason
+        if self.sock is not None:
+            self.sock.send_multipart([w.token.encode(), b'{"t":"abort"}'])
+        if w.pid is None:
+            return  # done once its pid is known (_claim)
+        self.system.kill(w.pid, signal.SIGTERM)
+        # A stopped process cannot act on SIGTERM; SIGCONT lets it, SIGKILL works anyway.
+        self.system.kill(w.pid, signal.SIGCONT)
+        w.kill_at = self.system.monotonic() + self.settings["kill_grace_seconds"]
+
+    def check_deadlines(self) -> float | None:
+        """Kill silent workers and escalate SIGTERM to SIGKILL. Returns seconds to the next
+        deadline, for the loop's poll timeout."""
+        now = self.system.monotonic()
+        nearest = None
+        for w in list(self.by_token.values()):
+            if w.kill_at is not None:
+                if now >= w.kill_at:
+                    self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid)
+                    self.system.kill(w.pid, signal.SIGKILL)
+                    w.kill_at = now + 3600  # once; the reaper takes it from here
+                due = w.kill_at
+            elif not w.reported:
+                due = w.last_seen + w.deadline
+                if now >= due:
+                    self.log.warning("worker_silent", task_id=w.task.id, worker_pid=w.pid,
+                                     silent_seconds=round(now - w.last_seen, 3))
+                    self.terminate(w, "timeout")
+                    if w.pid is None:  # never even forked: nothing to wait for
+                        self._forget(w)
+                        self.listener.worker_gone(w, errors.WorkerTimeout(
+                            "the worker never started"))
+                        continue
+                    due = w.kill_at
+            else:
+                continue
+            nearest = due if nearest is None else min(nearest, due)
+        return None if nearest is None else max(0.0, nearest - now)
+
+    def reap(self) -> None:
+        for pid, status in self.system.reap():
+            if pid == self.forkserver_pid:
+                self._forkserver_died(status)
+                continue
+            w = self.by_pid.get(pid)
+            if w is None:
+                self.unclaimed[pid] = status
+                if len(self.unclaimed) > 1024:  # strays from an earlier life; keep it bounded
+                    self.unclaimed.pop(next(iter(self.unclaimed)))
+                continue
+            self._ended(w, status)
+
+    def _ended(self, w: Worker, status: int) -> None:
+        w.exit = describe_status(status)
+        self._forget(w)
+        how = (f"killed by {w.exit['signal']}" if "signal" in w.exit
+               else f"exited with code {w.exit['exit_code']}")
+        if w.kill_reason == "timeout":
+            err = errors.WorkerTimeout(f"worker silent past its deadline, {how}", **w.exit)
+        else:
+            err = errors.WorkerDied(f"worker {how}", **w.exit)
+        self.listener.worker_gone(w, err)
+
+    def _forkserver_died(self, status: int) -> None:
+        self.log.error("forkserver_died", **describe_status(status))
+        self.control.close()
+        for w in [w for w in self.by_token.values() if w.pid is None]:
+            self._forget(w)
+            self.listener.worker_gone(w, errors.WorkerDied("the fork server died"))
+        self.start_forkserver()
+
+    def _forget(self, w: Worker) -> None:
+        self.by_token.pop(w.token, None)
+        if w.pid is not None:
+            self.by_pid.pop(w.pid, None)
+
+    def running(self) -> int:
+        return len(self.by_token)

@@ -1,0 +1,32 @@
+import pytest
+
+from tests.harness import AgentProcess, cleanup_dir, short_tmpdir
+
+
+@pytest.fixture
+def workdir():
+    path = short_tmpdir()
+    yield path
+    cleanup_dir(path)
+
+
+@pytest.fixture
+def make_agent(workdir):
+    """make_agent(name="a", start=True, **config overrides) -> a running AgentProcess."""
+    made: list[AgentProcess] = []
+
+    def make(name: str = "a", start: bool = True, **overrides) -> AgentProcess:
+        agent = AgentProcess(workdir, name, **overrides)
+        made.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    leftovers = {a.name: a.close() for a in made}
+    assert not any(leftovers.values()), f"workers outlived their agent: {leftovers}"
+
+
+@pytest.fixture
+def agent(make_agent):
+    return make_agent()

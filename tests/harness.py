@@ -1,0 +1,218 @@
+"""Real agents for tests: processes, sockets and run dirs, and waiting on facts.
+
+Every agent a test starts is a real `python -m agent serve` process with its own config and
+run dir; every one is SIGKILLed and its leftovers checked for when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import zmq
+
+from agent.client import CallError, Client
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = ""):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def short_tmpdir(prefix: str = "ha-") -> Path:
+    # ipc socket paths must stay under ~107 bytes: pytest's tmp_path is often longer.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, data: dict) -> None:
+    lines, tables = [], []
+    for key, value in data.items():
+        (tables if isinstance(value, dict) else lines).append((key, value))
+    out = [f"{k} = {_toml(v)}" for k, v in lines]
+
+    def table(prefix, mapping):
+        simple = [(k, v) for k, v in mapping.items() if not isinstance(v, dict)]
+        out.append(f"[{prefix}]")
+        out.extend(f"{json.dumps(k) if '-' in k else k} = {_toml(v)}" for k, v in simple)
+        for k, v in mapping.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for key, value in tables:
+        table(key, value)
+    path.write_text("\n".join(out) + "\n")
+
+
+class AgentProcess:
+    """One agent: its config, its process, clients to it."""
+
+    def __init__(self, base: Path, name: str = "a", **overrides):
+        self.base = base
+        self.name = name
+        self.run_dir = base / f"run-{name}"
+        self.config_path = base / f"{name}.toml"
+        self.log_path = base / f"{name}.log"
+        cfg = {
+            "host_id": f"host-{name}",
+            "run_dir": str(self.run_dir),
+            "debug": True,
+            "rpc": {"endpoints": ["ipc://{run_dir}/rpc.sock"]},
+            "events": {"endpoints": ["ipc://{run_dir}/events.sock"]},
+            "workers": {"deadline_seconds": 10.0, "kill_grace_seconds": 2.0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
+        self.cfg = cfg
+        write_config(self.config_path, cfg)
+        self.proc: subprocess.Popen | None = None
+        self.ctx = zmq.Context()
+        self.clients: list[Client] = []
+        self.env = dict(os.environ)
+
+    @property
+    def rpc_endpoint(self) -> str:
+        return f"ipc://{self.run_dir}/rpc.sock"
+
+    @property
+    def events_endpoint(self) -> str:
+        return f"ipc://{self.run_dir}/events.sock"
+
+    def start(self, wait: bool = True, env: dict | None = None) -> "AgentProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve"],
+            cwd=REPO, stdout=log, stderr=log, env={**self.env, **(env or {})})
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        client = self.client()
+
+        def ready():
+            assert self.proc.poll() is None, f"agent exited: {self.proc.returncode}\n{self.log()}"
+            try:
+                return client.call("Host.ping", timeout=0.5) is True
+            except CallError as exc:
+                assert exc.name == "RecoveryInProgress", exc
+                return False
+            except Exception:
+                return False
+        wait_for(ready, timeout, what=f"agent {self.name} ready")
+
+    def client(self, timeout: float = 10.0) -> Client:
+        c = Client(self.rpc_endpoint, ctx=self.ctx, timeout=timeout)
+        self.clients.append(c)
+        return c
+
+    def call(self, method, params=None, **kw):
+        return self.client().call(method, params, **kw)
+
+    def subscribe(self, *topics: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        for t in topics or ("",):
+            sock.setsockopt_string(zmq.SUBSCRIBE, t)
+        sock.connect(self.events_endpoint)
+        self.clients.append(sock)
+        return sock
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def workers(self) -> list[psutil.Process]:
+        """This agent's fork server and workers, found the way the agent finds leftovers."""
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "workers.forkserver" in cmd and str(self.run_dir) in cmd:
+                found.append(p)
+        return found
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-6000:]
+        except OSError:
+            return ""
+
+    def close(self) -> list[int]:
+        """Kill the agent; returns the pids of any worker that outlived it (then kills them)."""
+        self.kill(signal.SIGKILL)
+        for c in self.clients:
+            c.close() if isinstance(c, Client) else c.close(0)
+        self.clients.clear()
+        self.ctx.term()
+        # Workers die with their supervisor (parent-death signal): give the kernel a moment.
+        try:
+            wait_for(lambda: not self.workers(), 5, what="workers to die with the agent")
+        except AssertionError:
+            pass
+        left = self.workers()
+        for p in left:
+            p.kill()
+        return [p.pid for p in left]
+
+
+def recv_json(sock: zmq.Socket, timeout: float = 5.0):
+    if not sock.poll(int(timeout * 1000)):
+        raise AssertionError(f"nothing received within {timeout} s")
+    frames = sock.recv_multipart()
+    return json.loads(frames[-1])
+
+
+def events_until(sock: zmq.Socket, predicate, timeout: float = 10.0) -> list[dict]:
+    """Read events until one satisfies `predicate`; returns all read, that one last."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"event not seen within {timeout} s; saw {got[-5:]}")
+        ev = recv_json(sock, left)
+        got.append(ev)
+        if predicate(ev):
+            return got
+
+
+def cleanup_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""What a worker process runs: adopt the supervisor as parent, run one operation, report.
+
+Talks to the supervisor over a DEALER socket on ipc in the run dir, identity = its spawn
+token. Messages are single JSON frames with a type "t":
+  worker -> supervisor: hello, beat, progress, return (answer the request now, go on),
+                        event, result, error, stopped
+  supervisor -> worker: abort, ack (the final message arrived; the worker may exit)
+The worker waits for the ack before it exits, so the supervisor never mistakes a finished
+worker for a dead one because the exit was reaped before the result was read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+
+import zmq
+
+from agent import errors, system
+
+ACK_TIMEOUT_MS = 10_000
+PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
+
+
+class Stopped(Exception):
+    """The operation stopped because it was asked to (abort message or SIGTERM)."""
+
+
+class Context:
+    """What an operation sees of the world: its params' context, reporting and stopping."""
+
+    def __init__(self, sock: zmq.Socket, request: dict):
+        self.sock = sock
+        self.task_id: str = request["task_id"]
+        self.host_id: str = request["host_id"]
+        self.run_dir: str = request["run_dir"]
+        self.settings: dict = request.get("settings", {})
+        self.heartbeat = float(self.settings.get("heartbeat_seconds", 1.0))
+        self._stop = False
+        self._last_sent = 0.0
+        self._last_progress = 0.0
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
+        self._last_sent = time.monotonic()
+
+    def beat(self) -> None:
+        """Cheap to call often: sends a heartbeat only when one is due."""
+        if time.monotonic() - self._last_sent >= self.heartbeat / 2:
+            self.send({"t": "beat"})
+
+    def progress(self, percent: float, **extra) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL or percent >= 100:
+            self._last_progress = now
+            self.send({"t": "progress", "progress": round(min(max(percent, 0.0), 100.0), 2),
+                       **extra})
+        else:
+            self.beat()
+
+    def returned(self, result) -> None:
+        """Answer the JSON-RPC request now; the task goes on running."""
+        self.send({"t": "return", "result": result})
+
+    def event(self, topic: str, params: dict) -> None:
+        self.send({"t": "event", "topic": topic, "params": params})
+
+    def stop_requested(self) -> bool:
+        if not self._stop:
+            while self.sock.poll(0):
+                if json.loads(self.sock.recv()).get("t") == "abort":
+                    self._stop = True
+        return self._stop
+
+    def check(self) -> None:
+        """Heartbeat, and raise Stopped if asked to stop."""
+        self.beat()
+        if self.stop_requested():
+            raise Stopped()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, heartbeating and raising Stopped when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.check()
+            if self.sock.poll(int(min(left, self.heartbeat / 2) * 1000) + 1):
+                self.check()
+
+
+def _adopt(supervisor_pid: int) -> None:
+    """Wait to be adopted by the supervisor (a subreaper), then die when it dies."""
+    deadline = time.monotonic() + 5
+    while os.getppid() != supervisor_pid:
+        if time.monotonic() > deadline:
+            os._exit(70)
+        time.sleep(0.0002)
+    system.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != supervisor_pid:  # it died between our check and prctl
+        os._exit(70)
+
+
+def main(request: dict, supervisor_pid: int) -> None:
+    code = 0
+    try:
+        _adopt(supervisor_pid)
+        from workers import ops
+
+        op = ops.get(request["op"])
+        zctx = zmq.Context()
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, request["token"].encode())
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(f"ipc://{request['run_dir']}/workers.sock")
+        ctx = Context(sock, request)
+        # SIGTERM asks for a stop, like the abort message; the op stops at its next check.
+        signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_stop", True))
+        ctx.send({"t": "hello", "pid": os.getpid()})
+        try:
+            final = {"t": "result", "result": op(ctx, request["args"])}
+        except Stopped:
+            final = {"t": "stopped"}
+        except errors.AgentError as exc:
+            final = {"t": "error", "error": exc.to_json()}
+        except Exception as exc:  # a bug: log it here, never send a traceback to a client
+            traceback.print_exc(file=sys.stderr)
+            err = errors.InternalError(f"{type(exc).__name__} in {request['op']}")
+            final = {"t": "error", "error": err.to_json()}
+        ctx.send(final)
+        if not sock.poll(ACK_TIMEOUT_MS):
+            code = 71
+        sock.close()
+        zctx.term()
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        code = 72
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
