@@ -41,8 +41,9 @@ DEFAULTS: dict[str, Any] = {
     "storage": {"domains": {}},
     "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
                  "backoff_seconds": 1.0},
+    # max_bytes_per_second: 0 is unlimited; a limit keeps copies from starving VMs' I/O.
     "copy": {"chunk_bytes": 64 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
-             "checkpoint_seconds": 1.0},
+             "checkpoint_seconds": 1.0, "max_bytes_per_second": 0},
 }
 
 COPY_POLICIES = ("resume", "restart", "abandon", "manual")
@@ -106,6 +107,13 @@ def _check(data: dict) -> None:
         eps = data[section]["endpoints"]
         if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
             raise ConfigError(f"{section}.endpoints must be a list of strings")
+    rate = data["copy"]["max_bytes_per_second"]
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+        raise ConfigError("copy.max_bytes_per_second must be a non-negative integer")
+    positive("recovery.max_attempts", data["recovery"]["max_attempts"], int)
+    if not isinstance(data["recovery"]["backoff_seconds"], (int, float)) or \
+            data["recovery"]["backoff_seconds"] < 0:
+        raise ConfigError("recovery.backoff_seconds must be a non-negative number")
     if data["recovery"]["copy_policy"] not in COPY_POLICIES:
         raise ConfigError(f"recovery.copy_policy must be one of {', '.join(COPY_POLICIES)}")
     if not isinstance(data["storage"]["domains"], dict):

@@ -9,6 +9,8 @@ same state behind, and start-up (`start`) is the only recovery there is.
 from __future__ import annotations
 
 import fcntl
+import heapq
+import itertools
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import psutil
 import zmq
 
 from agent import api, errors, jsonrpc, logs, replies, sdnotify, states, transport
+from agent.domains import Domains
 from agent.events import Publisher
 from agent.system import System, set_child_subreaper
 from agent.tasks import TaskTable
@@ -25,7 +28,7 @@ from agent.workerpool import WorkerPool
 
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 PROGRESS_EVENT_INTERVAL = 0.1
-WORKER_EVENT_TOPICS = frozenset({"Image.copy"})
+WORKER_EVENT_TOPICS = frozenset({"Image.copy"})  # what a worker may ask us to publish
 
 
 class StartupError(Exception):
@@ -45,6 +48,9 @@ class Agent:
         self.tasks = TaskTable(retain_seconds=tcfg["retain_seconds"], retain_max=tcfg["retain_max"],
                                max_active=rcfg["max_active_tasks"], wall=self.system.wall)
         self.pool = WorkerPool(config, self.system, self)
+        self.domains = Domains(config)
+        self._timers: list = []  # heap of (due, seq, fn): backoffs of retried copies
+        self._timer_seq = itertools.count()
         self.recovering = True
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
         self.end_hooks: dict[str, callable] = {}  # method -> called when a task of it ends
@@ -129,10 +135,19 @@ class Agent:
         while True:
             self.run_once(1.0)
 
+    def call_later(self, delay: float, fn) -> None:
+        heapq.heappush(self._timers, (self.system.monotonic() + delay, next(self._timer_seq), fn))
+
+    def _run_timers(self) -> float | None:
+        now = self.system.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
+        return self._timers[0][0] - now if self._timers else None
+
     def run_once(self, timeout: float) -> None:
-        due = self.pool.check_deadlines()
-        if due is not None:
-            timeout = min(timeout, due)
+        for due in (self.pool.check_deadlines(), self._run_timers()):
+            if due is not None:
+                timeout = min(timeout, due)
         if self._watchdog:
             timeout = min(timeout, self._watchdog / 2)
         ready = dict(self.poller.poll(int(timeout * 1000)))
@@ -242,6 +257,7 @@ class Agent:
         try:
             outcome = handler(self, params)
             if isinstance(outcome, api.WorkerJob):
+                task.job = outcome
                 task.worker = self.pool.spawn(task, outcome.op, outcome.args, outcome.deadline)
                 self._publish_state(task)
                 return

@@ -35,6 +35,7 @@ class Task:
     reply: Callable[[dict | None], None] | None = field(default=None, repr=False)
     request_id: Any = None
     worker: Any = field(default=None, repr=False)
+    job: Any = field(default=None, repr=False)  # the WorkerJob it runs, if any
     last_progress_event: float = 0.0
 
     def record(self) -> dict:

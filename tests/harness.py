@@ -110,6 +110,7 @@ class AgentProcess:
         return f"ipc://{self.run_dir}/events.sock"
 
     def start(self, wait: bool = True, env: dict | None = None) -> "AgentProcess":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve"],

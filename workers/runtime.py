@@ -82,6 +82,13 @@ class Context:
         if self.stop_requested():
             raise Stopped()
 
+    def pause(self, seconds: float) -> None:
+        """Sleep, heartbeating; return early (without raising) when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and not self.stop_requested():
+            self.beat()
+            self.sock.poll(int(min(left, self.heartbeat / 2) * 1000) + 1)
+
     def wait(self, seconds: float) -> None:
         """Sleep, heartbeating and raising Stopped when asked to stop."""
         deadline = time.monotonic() + seconds

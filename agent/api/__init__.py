@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from agent import errors
 
-NAMESPACES = ("host", "task", "debug")
+NAMESPACES = ("host", "task", "debug", "storage_domain", "volume", "image")
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,16 @@ def _typed(param: Param, value: Any) -> Any:
         raise errors.InvalidParams(f"{param.name} must be of type {t}", param=param.name)
     if t == "uuid":
         from agent.storage.ids import check_uuid
-        return check_uuid(value, param.name)
-    if param.check:
+        check = lambda v: check_uuid(v, param.name)  # noqa: E731
+    else:
+        check = param.check
+    if check:
         try:
-            return param.check(value)
+            return check(value)
         except ValueError as exc:
             raise errors.InvalidParams(f"{param.name}: {exc}", param=param.name) from None
+        except errors.InvalidParams as exc:  # a nested check: say which param it was in
+            raise errors.InvalidParams(exc.message, param=param.name) from None
     return value
 
 

@@ -6,6 +6,16 @@ import importlib
 
 OPS = {
     "debug.sleep": "workers.ops.debug:sleep",
+    "domain.create": "workers.ops.storage:domain_create",
+    "domain.attach": "workers.ops.storage:domain_attach",
+    "domain.info": "workers.ops.storage:domain_info_op",
+    "domain.scan": "workers.ops.storage:domain_scan",
+    "volume.create": "workers.ops.storage:volume_create",
+    "volume.delete": "workers.ops.storage:volume_delete",
+    "volume.info": "workers.ops.storage:volume_info_op",
+    "image.copy": "workers.ops.copy:copy",
+    "image.status": "workers.ops.copy:status",
+    "image.abandon": "workers.ops.copy:abandon",
 }
 
 

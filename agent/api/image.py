@@ -1,0 +1,49 @@
+"""Image: copies that outlive their tasks, tracked on storage by a marker any host can read."""
+
+from __future__ import annotations
+
+from agent import errors
+from agent.api import Param, WorkerJob, verb
+from agent.api.volume import VOLUME_PARAMS, located
+from agent.storage.ids import check_uuid
+
+
+def _location(value: dict) -> dict:
+    if set(value) != {"domainID", "imageID", "volumeID"}:
+        raise ValueError("must be {domainID, imageID, volumeID}")
+    return {k: check_uuid(value[k], k) for k in ("domainID", "imageID", "volumeID")}
+
+
+def copy_job(agent, src: dict, dst: dict, **extra) -> WorkerJob:
+    return WorkerJob("image.copy", {"src": located(agent, src), "dst": located(agent, dst),
+                                    **extra})
+
+
+@verb("Image.copy", Param("src", "object", check=_location), Param("dst", "object",
+      check=_location), worker=True, events=("Task.state", "Task.progress", "Image.copy"))
+def copy(agent, params):
+    """Copy a volume's data to a destination volume that outlives this task.
+
+    In one transaction the destination is created ILLEGAL with a copy marker; then the
+    response is sent, {"volumeID", "state": "copying", "generation", "copied", "attempts"},
+    while the data is still being copied; the task goes on until the destination is LEGAL.
+    Naming a destination that has a marker from the same source continues that copy from
+    its checkpoint, as a new task.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
+    LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict (a marker
+    from another source), 207 VolumeIllegal (source not LEGAL).
+    """
+    if params["src"] == params["dst"]:
+        raise errors.InvalidParams("src and dst are the same volume")
+    return copy_job(agent, params["src"], params["dst"])
+
+
+@verb("Image.getStatus", *VOLUME_PARAMS, worker=True)
+def get_status(agent, params):
+    """The state of a volume and of any copy into it, read from storage (any host).
+
+    Result: {domainID, imageID, volumeID, legality, generation, size, copy: null | {source,
+    copied, total, percent, state, attempts, errors, started, updated, host_id, task_id,
+    lease: {live, host_id, pid, ...} | null}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
+    """
+    return WorkerJob("image.status", located(agent, params))

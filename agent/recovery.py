@@ -1,0 +1,155 @@
+"""Leftover work derived from storage, and what the recovery policy does with it.
+
+`decide` and `after_failure` are pure: a copy marker (or a failed copy) in, an action out.
+The rest wires them to the supervisor: scans at start-up and at attach, retries with backoff,
+abandoning. Task IDs the agent chooses, so an engine can recognise them:
+
+    scan:<domainID>                  a domain's start-up (or attach) scan (Recovery.scan)
+    recover:<volumeID>:<generation>  a copy re-issued at start-up from the marker it found
+    retry:<volumeID>:<generation>    a failed copy retried (attempt n+1)
+    abandon:<volumeID>:<generation>  a copy given up (Recovery.abandon)
+
+The generation is the marker's at the moment the decision was taken; the worker takes over
+only if it is still that, so two agents deciding the same thing resume a marker once.
+"""
+
+from __future__ import annotations
+
+from agent import api, errors, logs, states
+from agent.api.image import copy_job
+
+log = logs.get(component="recovery")
+
+RETRYABLE = frozenset({"WorkerDied", "WorkerTimeout", "NoSpace", "OperationFailed",
+                       "InternalError"})
+
+
+def decide(marker: dict, *, policy: str, host_id: str, resume_foreign: bool,
+           max_attempts: int, source_attached: bool) -> str:
+    """What start-up does with one marker: resume, restart, abandon, leave, or skip:<why>."""
+    if marker["lease_live"]:
+        return "skip:lease-live"  # its copier is alive (here or on another host)
+    if marker["state"] == "abandoned":
+        return "skip:abandoned"  # given up earlier; only an Image.copy from a client continues
+    if marker["host_id"] != host_id and not resume_foreign:
+        return "skip:foreign"
+    if policy == "manual":
+        return "leave"
+    if policy == "abandon" or marker["attempts"] >= max_attempts:
+        return "abandon"
+    if not source_attached:
+        return "skip:source-not-attached"
+    return policy  # resume or restart
+
+
+def after_failure(error_name: str | None, attempts: int, *, policy: str,
+                  max_attempts: int) -> str:
+    """What to do when a copy task failed after it owned its marker: retry, abandon or leave."""
+    if error_name not in RETRYABLE or policy == "manual":
+        return "leave"
+    if policy == "abandon" or attempts >= max_attempts:
+        return "abandon"
+    return "retry"
+
+
+def install(agent) -> None:
+    agent.end_hooks["Image.copy"] = lambda task: _copy_ended(agent, task)
+    agent.end_hooks["Recovery.scan"] = lambda task: _scan_ended(agent, task)
+    agent.end_hooks["StorageDomain.create"] = lambda task: _domain_ended(agent, task, False)
+    agent.end_hooks["StorageDomain.attach"] = lambda task: _domain_ended(agent, task, True)
+
+
+def scan(agent, domain_id: str, startup: bool) -> None:
+    job = api.WorkerJob("domain.scan", {"domainID": domain_id,
+                                        "path": agent.domains.path(domain_id)})
+    _submit(agent, f"scan:{domain_id}", "Recovery.scan", job, startup=startup)
+
+
+def _submit(agent, task_id: str, method: str, job: api.WorkerJob, startup: bool = False):
+    try:
+        return agent.submit(task_id, method, job, startup=startup)
+    except errors.TaskIdInUse:
+        log.info("already_running", task_id=task_id)  # the same decision taken twice
+        return None
+
+
+def _domain_ended(agent, task, rescan: bool) -> None:
+    if task.state == states.DONE:
+        agent.domains.attach(task.result["domainID"], task.result["path"])
+        if rescan:
+            scan(agent, task.result["domainID"], startup=False)
+
+
+def _location(marker: dict, key: str) -> dict:
+    if key == "src":
+        return {"domainID": marker["src_domain"], "imageID": marker["src_image"],
+                "volumeID": marker["src_volume"]}
+    return {"domainID": marker["domain_id"], "imageID": marker["image_id"],
+            "volumeID": marker["volume_id"]}
+
+
+def _scan_ended(agent, task) -> None:
+    if task.state != states.DONE:
+        log.error("scan_failed", task_id=task.id, error=task.error)
+        return
+    cfg = agent.config["recovery"]
+    domain_id = task.result["domainID"]
+    for marker in task.result["markers"]:
+        marker["domain_id"] = domain_id
+        action = decide(marker, policy=cfg["copy_policy"], host_id=agent.config.host_id,
+                        resume_foreign=cfg["resume_foreign"], max_attempts=cfg["max_attempts"],
+                        source_attached=marker["src_domain"] in agent.domains.paths)
+        src, dst = _location(marker, "src"), _location(marker, "dst")
+        gen = marker["generation"]
+        started = None
+        if action in ("resume", "restart"):
+            started = _submit(agent, f"recover:{dst['volumeID']}:{gen}", "Image.copy",
+                              copy_job(agent, src, dst, mode=action, expect_generation=gen,
+                                       attempt=marker["attempts"] + 1))
+        elif action == "abandon":
+            started = _abandon(agent, dst, gen, None)
+        agent.events.publish("Image.recovered", {
+            **dst, "generation": gen, "copied": marker["copied"], "total": marker["size"],
+            "marker_host_id": marker["host_id"], "policy": cfg["copy_policy"],
+            "action": action, "taskID": started.id if started else None})
+        log.info("recovered", volume_id=dst["volumeID"], action=action,
+                 task_id=started.id if started else None)
+
+
+def _abandon(agent, dst: dict, gen: int, error: dict | None):
+    job = api.WorkerJob("image.abandon", {"dst": {**dst, "path": agent.domains.path(
+        dst["domainID"])}, "expect_generation": gen, "previous_error": error})
+    return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon", job)
+
+
+def _copy_ended(agent, task) -> None:
+    """A copy that failed is retried, or abandoned, by policy: if it owned its marker, or if
+    it was one the agent issued itself (a retry or recovery that died before taking over
+    counts as an attempt too, so a copy never stalls and never loops without end)."""
+    if task.state != states.FAILED:
+        return
+    args = task.job.args
+    if isinstance(task.result, dict) and "generation" in task.result:
+        attempts, gen = task.result["attempts"], task.result["generation"]
+    elif args.get("expect_generation") is not None:
+        attempts, gen = args["attempt"], args["expect_generation"]
+    else:
+        return  # a client's copy that never got going (LeaseHeld, CopyConflict, ...)
+    cfg = agent.config["recovery"]
+    name = (task.error or {}).get("data", {}).get("name")
+    action = after_failure(name, attempts, policy=cfg["copy_policy"],
+                           max_attempts=cfg["max_attempts"])
+    src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
+    dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
+    log.info("copy_failed", task_id=task.id, error=name, attempts=attempts, action=action)
+    if action == "retry":
+        delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
+        agent.call_later(delay, lambda: _submit(
+            agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
+            copy_job(agent, src, dst, mode="resume", expect_generation=gen,
+                     attempt=attempts + 1, previous_error=task.error)))
+    elif action == "abandon":
+        started = _abandon(agent, dst, gen, task.error)
+        agent.events.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
+                                            "attempts": attempts, "error": task.error,
+                                            "taskID": started.id if started else None})

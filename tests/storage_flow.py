@@ -1,0 +1,84 @@
+"""Helpers for storage tests against real agents: domains, volumes with data, checks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import uuid
+
+from agent.client import CallError
+from tests.harness import wait_for
+
+MiB = 1 << 20
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def integrity(domain_path) -> str:
+    conn = sqlite3.connect(f"file:{domain_path}/metadata.db?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def make_source(agent, domain_id: str, size: int, layout=None, seed: int = 1) -> dict:
+    """A LEGAL volume filled with pseudo-random data; `layout` is a list of (offset, length)
+    data islands (the rest stays a hole), default: dense."""
+    loc = {"domainID": domain_id, "imageID": new_id(), "volumeID": new_id()}
+    info = agent.call("Volume.create", {**loc, "size": size})
+    rnd = __import__("random").Random(seed)
+    with open(info["path"], "r+b") as f:
+        for offset, length in layout or [(0, size)]:
+            f.seek(offset)
+            left = length
+            while left:
+                n = min(left, 4 * MiB)
+                f.write(rnd.randbytes(n))
+                left -= n
+    return loc
+
+
+def dst_for(domain_id: str) -> dict:
+    return {"domainID": domain_id, "imageID": new_id(), "volumeID": new_id()}
+
+
+def status(agent, loc) -> dict:
+    return agent.call("Image.getStatus", loc)
+
+
+def copied(agent, loc) -> int:
+    st = status(agent, loc)
+    return st["copy"]["copied"] if st["copy"] else st["size"]
+
+
+def wait_legal(agent, loc, timeout=60.0) -> dict:
+    return wait_for(lambda: (s := status(agent, loc))["legality"] == "LEGAL" and s, timeout,
+                    interval=0.05, what=f"{loc['volumeID']} LEGAL")
+
+
+def task_state(agent, task_id):
+    try:
+        return agent.call("Task.getStatus", {"taskID": task_id})["state"]
+    except CallError as exc:
+        assert exc.name == "NoSuchTask"
+        return None
+
+
+def volume_path(agent, loc) -> str:
+    return agent.call("Volume.getInfo", loc)["path"]
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512

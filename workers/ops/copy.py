@@ -1,0 +1,187 @@
+"""Image copies: the work that outlives its task, because its state lives on storage.
+
+The worker holds the destination's lease for its whole life. The destination is ILLEGAL
+with a copy marker until one transaction makes it LEGAL (generation + 1, marker gone). Data
+is made durable before the marker's `copied` says so, and every metadata write names the
+generation this worker took over with, so a superseded worker writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from agent import errors
+from agent.storage import lease
+from agent.storage.metadata import DomainDB
+from workers import copyengine
+from workers.ops.storage import holder, open_domain, volume_row
+from workers.runtime import Stopped
+
+EVENT_INTERVAL = 1.0
+
+
+def _source(src_db: DomainDB, src: dict) -> dict:
+    row = volume_row(src_db, src)
+    if row["legality"] != "LEGAL":
+        raise errors.VolumeIllegal("the source volume is not LEGAL", volumeID=src["volumeID"])
+    return row
+
+
+def _same_source(marker: dict, src: dict) -> bool:
+    return (marker["src_domain"], marker["src_image"], marker["src_volume"]) == (
+        src["domainID"], src["imageID"], src["volumeID"])
+
+
+def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, size: int, args: dict) -> tuple:
+    """Become the copier of dst: a new marker, or take over the existing one.
+
+    Returns (marker, fresh). Under the lease, so nobody else is deciding the same thing.
+    """
+    row = dst_db.get_volume(dst["volumeID"])
+    if row is None:
+        if args.get("expect_generation") is not None:  # a retry or recovery: copy went away
+            raise errors.GenerationMismatch("the copy marker is gone", volumeID=dst["volumeID"])
+        marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], size, src, ctx.host_id,
+                                   ctx.task_id)
+        return marker, True
+    marker = dst_db.get_marker(dst["volumeID"])
+    if marker is None:
+        if args.get("expect_generation") is not None:
+            raise errors.GenerationMismatch("the copy already ended", volumeID=dst["volumeID"],
+                                            legality=row["legality"])
+        raise errors.VolumeExists("the destination exists and has no copy in progress",
+                                  volumeID=dst["volumeID"], legality=row["legality"])
+    if row["image_id"] != dst["imageID"] or not _same_source(marker, src):
+        raise errors.CopyConflict("the destination has a copy from another source",
+                                  volumeID=dst["volumeID"],
+                                  source={"domainID": marker["src_domain"],
+                                          "imageID": marker["src_image"],
+                                          "volumeID": marker["src_volume"]})
+    marker = dst_db.take_over(dst["volumeID"], ctx.host_id, ctx.task_id,
+                              expect_generation=args.get("expect_generation"),
+                              restart=args.get("mode") == "restart")
+    if args.get("previous_error"):
+        dst_db.record_error(dst["volumeID"], marker["generation"], args["previous_error"])
+    return marker, marker["copied"] == 0
+
+
+def copy(ctx, args):
+    src, dst = args["src"], args["dst"]
+    dst_db = open_domain(dst)
+    src_db = dst_db if src["domainID"] == dst["domainID"] else open_domain(src)
+    with lease.acquire(dst_db.layout.lease_path(dst["volumeID"]), holder(ctx, "copy")):
+        size = _source(src_db, src)["size"]
+        marker, fresh = _own(dst_db, ctx, src, dst, size, args)
+        gen, start = marker["generation"], marker["copied"]
+        ctx.returned({"volumeID": dst["volumeID"], "state": "copying", "generation": gen,
+                      "copied": start, "total": size, "attempts": marker["attempts"]})
+        base = {"domainID": dst["domainID"], "imageID": dst["imageID"],
+                "volumeID": dst["volumeID"], "generation": gen, "total": size}
+        ctx.event("Image.copy", {**base, "state": "started", "copied": start})
+        try:
+            _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
+        except errors.AgentError as exc:
+            dst_db.record_error(dst["volumeID"], gen, {**exc.to_json(), "time": time.time(),
+                                                       "task_id": ctx.task_id})
+            raise
+        if not dst_db.complete_copy(dst["volumeID"], gen):
+            raise errors.GenerationMismatch("superseded before completion",
+                                            volumeID=dst["volumeID"], generation=gen)
+        dst_db.close()
+    # The lease is released before the result is reported: when the task says done, the
+    # volume is free for the next operation.
+    ctx.event("Image.copy", {**base, "state": "done", "copied": size, "generation": gen + 1})
+    return {"volumeID": dst["volumeID"], "state": "done", "generation": gen + 1,
+            "copied": size, "total": size}
+
+
+def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> None:
+    dst_db.layout.ensure_image_dir(dst["imageID"])
+    dst_path = dst_db.layout.volume_path(dst["imageID"], dst["volumeID"])
+    src_path = src_db.layout.volume_path(src["imageID"], src["volumeID"])
+    src_fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst_fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(src_fd)
+        raise
+    try:
+        if fresh:  # whatever an earlier life left here is not ours: holes must stay holes
+            os.ftruncate(dst_fd, 0)
+        try:
+            os.ftruncate(dst_fd, size)
+        except OSError as exc:
+            raise errors.NoSpace(f"cannot size the destination: {exc.strerror}") from None
+        last_event = [time.monotonic()]
+
+        def checkpoint(offset: int) -> bool:
+            ok = dst_db.checkpoint(dst["volumeID"], gen, offset)
+            now = time.monotonic()
+            if ok and now - last_event[0] >= EVENT_INTERVAL:
+                last_event[0] = now
+                ctx.event("Image.copy", {**base, "state": "copying", "copied": offset,
+                                         "percent": round(100.0 * offset / size, 2)})
+            return ok
+
+        copy_cfg = ctx.settings.get("copy", {})
+        rate, began = copy_cfg.get("max_bytes_per_second", 0), time.monotonic()
+
+        def progress(offset: int) -> None:
+            ctx.progress(100.0 * offset / size if size else 100.0)
+            if rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
+                ahead = (offset - start) / rate - (time.monotonic() - began)
+                if ahead > 0:
+                    ctx.pause(ahead)
+
+        try:
+            copyengine.copy_range(
+                src_fd, dst_fd, start, size, checkpoint=checkpoint, progress=progress,
+                should_stop=ctx.stop_requested,
+                chunk=copy_cfg.get("chunk_bytes", 64 << 20),
+                checkpoint_bytes=copy_cfg.get("checkpoint_bytes", 256 << 20),
+                checkpoint_seconds=copy_cfg.get("checkpoint_seconds", 1.0))
+        except copyengine.CopyStopped:
+            raise Stopped() from None
+        os.fsync(dst_fd)
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def status(ctx, args):
+    with open_domain(args) as db:
+        row = volume_row(db, args)
+        marker = db.get_marker(args["volumeID"])
+        out = {"domainID": db.domain_id, "imageID": row["image_id"],
+               "volumeID": row["volume_id"], "legality": row["legality"],
+               "generation": row["generation"], "size": row["size"], "copy": None}
+        if marker is not None:
+            probe = lease.probe(db.layout.lease_path(args["volumeID"]))
+            total = marker["size"] or 0
+            out["copy"] = {
+                "source": {"domainID": marker["src_domain"], "imageID": marker["src_image"],
+                           "volumeID": marker["src_volume"]},
+                "copied": marker["copied"], "total": total,
+                "percent": round(100.0 * marker["copied"] / total, 2) if total else 100.0,
+                "state": marker["state"], "generation": marker["generation"],
+                "attempts": marker["attempts"], "errors": marker["errors"],
+                "started": marker["started"], "updated": marker["updated"],
+                "host_id": marker["host_id"], "task_id": marker["task_id"],
+                "lease": probe,
+            }
+        return out
+
+
+def abandon(ctx, args):
+    """Give a copy up (recovery policy, or too many failed attempts): the destination stays
+    ILLEGAL with its marker, state 'abandoned', until someone continues or deletes it."""
+    dst = args["dst"]
+    with open_domain(dst) as db, \
+            lease.acquire(db.layout.lease_path(dst["volumeID"]), holder(ctx, "abandon")):
+        gen = args["expect_generation"]
+        if args.get("previous_error"):
+            db.record_error(dst["volumeID"], gen, args["previous_error"])
+        if not db.abandon(dst["volumeID"], gen):
+            raise errors.GenerationMismatch("the copy changed hands", volumeID=dst["volumeID"])
+        return {"volumeID": dst["volumeID"], "state": "abandoned", "generation": gen}
