@@ -23,39 +23,57 @@ class AgentError(Exception):
 
 # The five of the JSON-RPC 2.0 specification.
 class ParseError(AgentError):
+    """The message is not valid JSON (or not UTF-8; NaN and Infinity are not JSON)."""
+
     code, name = -32700, "ParseError"
 
 
 class InvalidRequest(AgentError):
+    """The JSON is not a valid request object (or batch)."""
+
     code, name = -32600, "InvalidRequest"
 
 
 class MethodNotFound(AgentError):
+    """No such method (or a debug method while debug is off)."""
+
     code, name = -32601, "MethodNotFound"
 
 
 class InvalidParams(AgentError):
+    """A param is missing, unknown, of the wrong type or out of range; data.param names it."""
+
     code, name = -32602, "InvalidParams"
 
 
 class InternalError(AgentError):
+    """A bug in the agent; the details are in its log, never in the answer."""
+
     code, name = -32603, "InternalError"
 
 
 # The agent's own.
 class RecoveryInProgress(AgentError):
+    """Start-up (which is recovery) has not finished; try again shortly."""
+
     code, name = 99, "RecoveryInProgress"
 
 
 class TaskIdInUse(AgentError):
+    """A task with this ID is active; the active task is untouched."""
+
     code, name = 100, "TaskIdInUse"
 
 
 class NoSuchTask(AgentError):
+    """No task with this ID in this life of the agent (or no longer retained)."""
+
     code, name = 101, "NoSuchTask"
 
 
 class TaskNotActive(AgentError):
+    """The task has already ended."""
+
     code, name = 102, "TaskNotActive"
 
 
@@ -84,42 +102,62 @@ class TaskAborted(AgentError):
 
 
 class NoSuchDomain(AgentError):
+    """The domain is not attached here, or there is no domain with that ID at that path."""
+
     code, name = 200, "NoSuchDomain"
 
 
 class NoSuchVolume(AgentError):
+    """No such volume in that domain and image."""
+
     code, name = 201, "NoSuchVolume"
 
 
 class VolumeExists(AgentError):
+    """The volume exists (a LEGAL copy destination included)."""
+
     code, name = 202, "VolumeExists"
 
 
 class LeaseHeld(AgentError):
+    """Another process (on this host or another) holds the volume's lease; data.holder says who."""
+
     code, name = 203, "LeaseHeld"
 
 
 class NoSpace(AgentError):
+    """The storage is full (ENOSPC or EDQUOT)."""
+
     code, name = 204, "NoSpace"
 
 
 class CopyConflict(AgentError):
+    """The destination has a copy marker from another source."""
+
     code, name = 205, "CopyConflict"
 
 
 class GenerationMismatch(AgentError):
+    """The copy changed hands or ended since the caller looked (fencing)."""
+
     code, name = 206, "GenerationMismatch"
 
 
 class VolumeIllegal(AgentError):
+    """The volume is ILLEGAL (a copy into it has not completed) and cannot be a source."""
+
     code, name = 207, "VolumeIllegal"
 
 
 class DomainExists(AgentError):
+    """A domain exists at that path, or one with that ID is attached already."""
+
     code, name = 208, "DomainExists"
 
 
 class ResourceExhausted(AgentError):
+    """max_active_tasks operations are active; queries are still served."""
+
     code, name = 1100, "ResourceExhausted"
 
 
