@@ -26,6 +26,7 @@ from agent.system import System, set_child_subreaper
 from agent.tasks import TaskTable
 from agent.workerpool import WorkerPool
 
+STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 PROGRESS_EVENT_INTERVAL = 0.1
 WORKER_EVENT_TOPICS = frozenset({"Image.copy"})  # what a worker may ask us to publish
@@ -57,6 +58,7 @@ class Agent:
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
+        self._last_turn = self.system.monotonic()
 
     # -- start-up is recovery ----------------------------------------------------------
 
@@ -89,9 +91,12 @@ class Agent:
             "events": self.events.endpoints})
         self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,
                       boot_id=self.boot_id)
+        if os.environ.get("HOSTAGENT_TEST_FAULTS"):
+            self.log.warning("test_faults_enabled", faults=os.environ["HOSTAGENT_TEST_FAULTS"])
         from agent import startup  # storage recovery: re-issue leftover work found on disk
 
         startup.begin(self)
+        self._last_turn = self.system.monotonic()
         self._maybe_ready()
 
     def _lock_run_dir(self, run_dir) -> None:
@@ -145,12 +150,16 @@ class Agent:
         return self._timers[0][0] - now if self._timers else None
 
     def run_once(self, timeout: float) -> None:
-        for due in (self.pool.check_deadlines(), self._run_timers()):
+        for due in (self.pool.next_deadline(), self._run_timers()):
             if due is not None:
                 timeout = min(timeout, due)
         if self._watchdog:
             timeout = min(timeout, self._watchdog / 2)
         ready = dict(self.poller.poll(int(timeout * 1000)))
+        now = self.system.monotonic()
+        if now - self._last_turn > timeout + STALL_GRACE:
+            self.log.warning("supervisor_stalled", seconds=round(now - self._last_turn, 3))
+            self.pool.forgive_stall()
         if self._wake_r in ready:
             while True:
                 try:
@@ -165,9 +174,10 @@ class Agent:
         if self.rpc in ready:
             self._drain(self.rpc, self._on_rpc_message, RPC_DRAIN)
         self.pool.reap()
-        self.pool.check_deadlines()
+        self.pool.enforce_deadlines()
         self._watch_control()
         self._kick_watchdog()
+        self._last_turn = self.system.monotonic()
 
     def _watch_control(self) -> None:
         """Poll the fork server's control socket, a new one after a fork server restart."""

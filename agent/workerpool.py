@@ -172,34 +172,43 @@ class WorkerPool:
         self.system.kill(w.pid, signal.SIGCONT)
         w.kill_at = self.system.monotonic() + self.settings["kill_grace_seconds"]
 
-    def check_deadlines(self) -> float | None:
-        """Kill silent workers and escalate SIGTERM to SIGKILL. Returns seconds to the next
-        deadline, for the loop's poll timeout."""
+    def _due(self, w: Worker) -> float | None:
+        if w.kill_at is not None:
+            return w.kill_at
+        return None if w.reported else w.last_seen + w.deadline
+
+    def next_deadline(self) -> float | None:
+        """Seconds until some worker's deadline, for the loop's poll timeout (kills nothing)."""
+        dues = [d for w in self.by_token.values() if (d := self._due(w)) is not None]
+        return max(0.0, min(dues) - self.system.monotonic()) if dues else None
+
+    def forgive_stall(self) -> None:
+        """The supervisor itself was not running (SIGSTOP, a frozen VM): silence measured
+        across that gap is ours, not the workers', so every deadline starts afresh."""
         now = self.system.monotonic()
-        nearest = None
+        for w in self.by_token.values():
+            w.last_seen = max(w.last_seen, now)
+
+    def enforce_deadlines(self) -> None:
+        """Kill silent workers and escalate SIGTERM to SIGKILL. Called only after the loop
+        has read every pending message, so a supervisor that was itself stopped (SIGSTOP)
+        never mistakes queued heartbeats for silence."""
+        now = self.system.monotonic()
         for w in list(self.by_token.values()):
-            if w.kill_at is not None:
-                if now >= w.kill_at:
-                    self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid)
-                    self.system.kill(w.pid, signal.SIGKILL)
-                    w.kill_at = now + 3600  # once; the reaper takes it from here
-                due = w.kill_at
-            elif not w.reported:
-                due = w.last_seen + w.deadline
-                if now >= due:
-                    self.log.warning("worker_silent", task_id=w.task.id, worker_pid=w.pid,
-                                     silent_seconds=round(now - w.last_seen, 3))
-                    self.terminate(w, "timeout")
-                    if w.pid is None:  # never even forked: nothing to wait for
-                        self._forget(w)
-                        self.listener.worker_gone(w, errors.WorkerTimeout(
-                            "the worker never started"))
-                        continue
-                    due = w.kill_at
-            else:
+            due = self._due(w)
+            if due is None or now < due:
                 continue
-            nearest = due if nearest is None else min(nearest, due)
-        return None if nearest is None else max(0.0, nearest - now)
+            if w.kill_at is not None:
+                self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid)
+                self.system.kill(w.pid, signal.SIGKILL)
+                w.kill_at = now + 3600  # once; the reaper takes it from here
+                continue
+            self.log.warning("worker_silent", task_id=w.task.id, worker_pid=w.pid,
+                             silent_seconds=round(now - w.last_seen, 3))
+            self.terminate(w, "timeout")
+            if w.pid is None:  # never even forked: nothing to wait for
+                self._forget(w)
+                self.listener.worker_gone(w, errors.WorkerTimeout("the worker never started"))
 
     def reap(self) -> None:
         for pid, status in self.system.reap():

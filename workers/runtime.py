@@ -114,9 +114,12 @@ def main(request: dict, supervisor_pid: int) -> None:
     code = 0
     try:
         _adopt(supervisor_pid)
-        from workers import ops
+        from workers import ops, testseams
 
         op = ops.get(request["op"])
+        if testseams.install_from_env():
+            print(f"worker {os.getpid()}: test faults on: {os.environ[testseams.ENV]}",
+                  file=sys.stderr)
         zctx = zmq.Context()
         sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, request["token"].encode())

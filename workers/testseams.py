@@ -1,0 +1,51 @@
+"""Fault seams for tests, switched on only by the HOSTAGENT_TEST_FAULTS environment variable.
+
+Faults that cannot be caused for real on a test machine are injected here, inside a real
+worker of a real agent; nothing else in the agent changes. The variable holds JSON:
+
+  {"crash_after_writes": N}   SIGKILL this worker right after its N-th metadata commit or
+                              before its N-th data fsync (the crash-point sweep)
+  {"io_error": {"kind": "copy" | "fsync", "errno": "EIO", "at_offset": X}}
+                              raise that OSError the first time the copy engine does `kind`
+                              at or past offset X (EIO on read: the kernel-side copy call
+                              reads and writes at once, so its error stands for both)
+
+An agent started with it logs a warning, so it is never on by accident.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+ENV = "HOSTAGENT_TEST_FAULTS"
+
+
+def install_from_env() -> dict | None:
+    raw = os.environ.get(ENV)
+    if not raw:
+        return None
+    spec = json.loads(raw)
+    from agent.storage import metadata
+    from workers import copyengine
+
+    if "crash_after_writes" in spec:
+        left = [int(spec["crash_after_writes"])]
+
+        def count(_what, *_):
+            left[0] -= 1
+            if left[0] <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+        metadata._after_write_hook = count
+        copyengine._fault = lambda kind, offset: count(kind) if kind == "fsync" else None
+    if "io_error" in spec:
+        want = spec["io_error"]
+        code = getattr(errno, want.get("errno", "EIO"))
+
+        def fault(kind, offset):
+            if kind == want["kind"] and offset >= want.get("at_offset", 0):
+                raise OSError(code, os.strerror(code))
+        copyengine._fault = fault
+    return spec
