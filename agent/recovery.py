@@ -142,14 +142,16 @@ def _copy_ended(agent, task) -> None:
     src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
     dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
     log.info("copy_failed", task_id=task.id, error=name, attempts=attempts, action=action)
+    # A worker that died could not record its own error in the marker: the next one does.
+    unrecorded = None if (task.error or {}).get("data", {}).get("recorded") else task.error
     if action == "retry":
         delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
         agent.call_later(delay, lambda: _submit(
             agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
             copy_job(agent, src, dst, mode="resume", expect_generation=gen,
-                     attempt=attempts + 1, previous_error=task.error)))
+                     attempt=attempts + 1, previous_error=unrecorded)))
     elif action == "abandon":
-        started = _abandon(agent, dst, gen, task.error)
+        started = _abandon(agent, dst, gen, unrecorded)
         agent.events.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
                                             "attempts": attempts, "error": task.error,
                                             "taskID": started.id if started else None})

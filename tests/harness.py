@@ -101,6 +101,15 @@ class AgentProcess:
         self.clients: list[Client] = []
         self.env = dict(os.environ)
 
+    def reconfigure(self, **overrides) -> None:
+        """Change the config the next start() uses (tables are merged key by key)."""
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(self.cfg.get(key), dict):
+                self.cfg[key] = {**self.cfg[key], **value}
+            else:
+                self.cfg[key] = value
+        write_config(self.config_path, self.cfg)
+
     @property
     def rpc_endpoint(self) -> str:
         return f"ipc://{self.run_dir}/rpc.sock"

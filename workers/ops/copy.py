@@ -9,6 +9,7 @@ generation this worker took over with, so a superseded worker writes nothing.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from agent import errors
@@ -82,8 +83,7 @@ def copy(ctx, args):
         try:
             _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
         except errors.AgentError as exc:
-            dst_db.record_error(dst["volumeID"], gen, {**exc.to_json(), "time": time.time(),
-                                                       "task_id": ctx.task_id})
+            _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
         if not dst_db.complete_copy(dst["volumeID"], gen):
             raise errors.GenerationMismatch("superseded before completion",
@@ -94,6 +94,17 @@ def copy(ctx, args):
     ctx.event("Image.copy", {**base, "state": "done", "copied": size, "generation": gen + 1})
     return {"volumeID": dst["volumeID"], "state": "done", "generation": gen + 1,
             "copied": size, "total": size}
+
+
+def _record(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError, task_id) -> None:
+    """Keep the error in the marker, if the metadata can still be written (a full disk may
+    hold the metadata too); mark it recorded so a retry does not record it again."""
+    try:
+        if db.record_error(volume_id, gen, {**exc.to_json(), "time": time.time(),
+                                            "task_id": task_id}):
+            exc.data["recorded"] = True
+    except errors.AgentError as meta:
+        print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
 
 
 def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> None:
