@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from agent import config as configmod
@@ -52,7 +53,8 @@ def cmd_call(args) -> int:
         print(f"hostagent: PARAMS is not JSON: {exc}", file=sys.stderr)
         return 2
     task_id = args.id
-    if task_id is not None and task_id.lstrip("-").isdigit():
+    if task_id is not None and re.fullmatch(r"0|-?[1-9][0-9]{0,99}", task_id):
+        # Sent as a JSON integer only when that names the same task: "007" stays "007".
         task_id = int(task_id)
     with Client(_endpoint(args, "rpc"), timeout=args.timeout) as client:
         try:
@@ -83,6 +85,9 @@ def cmd_events(args) -> int:
             sys.stdout.write(body.decode() + "\n")
             sys.stdout.flush()
     except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `hostagent events | head`: the reader left, so do we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         sock.close(0)

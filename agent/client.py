@@ -66,11 +66,17 @@ class Client:
         return json.loads(self.sock.recv())
 
     def call(self, method: str, params=None, id=None, timeout: float | None = None):
-        """The result, or CallError. Responses to other ids that arrive first are skipped."""
+        """The result, or CallError. Responses to other ids that arrive first are skipped.
+
+        An error answered with id null is the agent refusing a request whose id it could not
+        use (too long, say): it is taken as the answer to this one rather than waited past.
+        """
         sent = self.send(method, params, id)
         while True:
             resp = self.recv(timeout)
-            if isinstance(resp, dict) and resp.get("id") == sent:
+            if not isinstance(resp, dict):
+                continue
+            if resp.get("id") == sent or (resp.get("id") is None and "error" in resp):
                 if "error" in resp:
                     raise CallError(resp["error"])
                 return resp["result"]

@@ -8,6 +8,8 @@ never blocks the agent: a subscriber too slow to keep up loses events past the h
 
 from __future__ import annotations
 
+import math
+
 import zmq
 
 from agent import jsonrpc, transport
@@ -18,6 +20,8 @@ TOPICS = {
     "Task.progress": "a task's progress changed (at most about 10 a second per task)",
     "Image.copy": "a copy's progress (copied, total, percent) and its completion",
     "Image.recovered": "start-up found a copy marker and applied the recovery policy to it",
+    "Operation.state": "an operation (a scrub) started or ended; best effort, from the agent "
+                       "that started it while it lives: getOperationStatuses is the truth",
 }
 
 
@@ -36,9 +40,24 @@ class Publisher:
         body = {"jsonrpc": "2.0", "method": topic,
                 "params": {**params, "seq": self.seq, "boot_id": self.boot_id}}
         try:
-            self.sock.send_multipart([topic.encode(), jsonrpc.dumps(body)], zmq.NOBLOCK)
+            data = jsonrpc.dumps(body)
+        except ValueError:  # NaN or Infinity somewhere: not JSON, sent as null, never a crash
+            data = jsonrpc.dumps(_finite(body))
+        try:
+            self.sock.send_multipart([topic.encode(), data], zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def _finite(obj):
+    """`obj` with every float that JSON cannot carry (NaN, Infinity) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
