@@ -12,6 +12,7 @@ import fcntl
 import heapq
 import itertools
 import json
+import math
 import os
 import signal
 import uuid
@@ -29,7 +30,8 @@ from agent.workerpool import WorkerPool
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 PROGRESS_EVENT_INTERVAL = 0.1
-WORKER_EVENT_TOPICS = frozenset({"Image.copy"})  # what a worker may ask us to publish
+# What a worker (or an operation's process, agent/workerpool.py) may ask us to publish.
+WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
 
 class StartupError(Exception):
@@ -66,6 +68,10 @@ class Agent:
         run_dir = self.config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_run_dir(run_dir)
+        # Events first: subscribers that connect early get the most time to join before
+        # Host.booted. (Creating a context is safe here: we never fork, we posix_spawn.)
+        self.ctx = zmq.Context()
+        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id)
         self._kill_leftover_workers(run_dir)
         set_child_subreaper()
         # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
@@ -74,12 +80,10 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         self.pool.start_forkserver()
-        self.ctx = zmq.Context()
         self.rpc = self.ctx.socket(zmq.ROUTER)
         self.rpc.setsockopt(zmq.LINGER, 0)
         self.rpc.setsockopt(zmq.MAXMSGSIZE, self.config["rpc"]["max_message_bytes"])
         rpc_endpoints = transport.bind_all(self.rpc, self.config["rpc"]["endpoints"])
-        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id)
         self.pool.bind(self.ctx)
         self.poller = zmq.Poller()
         for item in (self.rpc, self.pool.sock, self._wake_r):
@@ -337,8 +341,9 @@ class Agent:
 
     def worker_progress(self, w, progress) -> None:
         task = w.task
-        if not isinstance(progress, (int, float)) or not task.active:
-            return
+        if not isinstance(progress, (int, float)) or not math.isfinite(progress) \
+                or not task.active:
+            return  # a worker's NaN must never reach a record a client will read
         task.progress = progress
         now = self.system.monotonic()
         if now - task.last_progress_event >= PROGRESS_EVENT_INTERVAL or progress >= 100:
