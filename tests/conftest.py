@@ -1,5 +1,13 @@
 import pytest
 
+
+def pytest_addoption(parser):
+    group = parser.getgroup("chaos", "the seeded chaos suite (tests/chaos)")
+    group.addoption("--chaos-seed", type=int, default=20261123,
+                    help="seed of the chaos run (printed on a breach, to replay it)")
+    group.addoption("--chaos-iterations", type=int, default=6,
+                    help="rounds of the chaos run (CI's default is short)")
+
 from tests.harness import AgentProcess, cleanup_dir, short_tmpdir
 
 
