@@ -30,15 +30,34 @@ def _endpoint(args, section: str) -> str:
         return cfg[section]["endpoints"][0]
 
 
+def _keys(args) -> dict:
+    """CURVE keys from flags or the environment; both or neither."""
+    client = args.client_key or os.environ.get("HOSTAGENT_CLIENT_KEY")
+    server = args.server_key or os.environ.get("HOSTAGENT_SERVER_KEY")
+    if bool(client) != bool(server):
+        raise configmod.ConfigError("CURVE needs both --client-key and --server-key")
+    return {"client_key": client, "server_key": server} if client else {}
+
+
+def cmd_keygen(args) -> int:
+    from agent.security import keygen
+
+    public, secret = keygen(args.directory, args.name)
+    print(json.dumps({"public": public, "secret": secret}))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from agent import logs
     from agent.supervisor import Agent, StartupError
 
     cfg = configmod.load(args.config)
     logs.setup(args.log_level)
+    from agent.security import ConfigError as SecurityError
+
     try:
         Agent(cfg).run()
-    except StartupError as exc:
+    except (StartupError, SecurityError) as exc:
         print(f"hostagent: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -56,7 +75,7 @@ def cmd_call(args) -> int:
     if task_id is not None and re.fullmatch(r"0|-?[1-9][0-9]{0,99}", task_id):
         # Sent as a JSON integer only when that names the same task: "007" stays "007".
         task_id = int(task_id)
-    with Client(_endpoint(args, "rpc"), timeout=args.timeout) as client:
+    with Client(_endpoint(args, "rpc"), timeout=args.timeout, **_keys(args)) as client:
         try:
             result = client.call(args.method, params, id=task_id)
         except CallError as exc:
@@ -76,6 +95,10 @@ def cmd_events(args) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    keys = _keys(args)
+    if keys:
+        from agent.security import make_client
+        make_client(sock, keys["client_key"], keys["server_key"])
     sock.connect(_endpoint(args, "events"))
     for topic in args.topics or [""]:
         sock.setsockopt_string(zmq.SUBSCRIBE, topic)
@@ -92,6 +115,13 @@ def cmd_events(args) -> int:
     finally:
         sock.close(0)
         ctx.term()
+
+
+def _key_flags(p) -> None:
+    p.add_argument("--client-key", help="our CURVE key pair (.key_secret); "
+                   "default $HOSTAGENT_CLIENT_KEY")
+    p.add_argument("--server-key", help="the agent's CURVE public key (.key); "
+                   "default $HOSTAGENT_SERVER_KEY")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=cmd_call)
 
+    for p in (sub.choices["call"],):
+        _key_flags(p)
+
+    p = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key and NAME.key_secret")
+    p.add_argument("directory")
+    p.add_argument("--name", default="client")
+    p.set_defaults(func=cmd_keygen)
+
     p = sub.add_parser("events", help="print events as JSON lines")
+    _key_flags(p)
     p.add_argument("topics", nargs="*", help="topic prefixes (default: all)")
     p.add_argument("--endpoint", help="events endpoint (default: $HOSTAGENT_EVENTS, the agent's)")
     p.set_defaults(func=cmd_events)

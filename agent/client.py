@@ -33,11 +33,17 @@ class CallError(Exception):
 
 
 class Client:
-    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 10.0):
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None, timeout: float = 10.0,
+                 client_key: str | None = None, server_key: str | None = None):
+        """`client_key` (our .key_secret file) and `server_key` (the agent's public .key
+        file) make it a CURVE client, for an agent with [security] set."""
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if client_key or server_key:
+            from agent.security import make_client
+            make_client(self.sock, client_key, server_key)
         self.sock.connect(endpoint)
         self.timeout = timeout
         self._ids = itertools.count(1)
@@ -46,8 +52,13 @@ class Client:
     def new_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
-    def send_raw(self, body: bytes) -> None:
-        self.sock.send(body)
+    def send_raw(self, body: bytes, timeout: float | None = None) -> None:
+        """Send, or Timeout: a DEALER with no connected peer (agent down, handshake refused)
+        would otherwise block for ever."""
+        t = self.timeout if timeout is None else timeout
+        if not self.sock.poll(int(t * 1000), zmq.POLLOUT):
+            raise Timeout(f"cannot send within {t} s: no connection to the agent")
+        self.sock.send(body, zmq.NOBLOCK)
 
     def send(self, method: str, params=None, id=None, notification: bool = False):
         msg = {"jsonrpc": "2.0", "method": method}
@@ -55,7 +66,7 @@ class Client:
             msg["params"] = params
         if not notification:
             msg["id"] = self.new_id() if id is None else id
-        self.sock.send(json.dumps(msg).encode())
+        self.send_raw(json.dumps(msg).encode())
         return msg.get("id")
 
     def recv(self, timeout: float | None = None):

@@ -39,12 +39,24 @@ DEFAULTS: dict[str, Any] = {
         "kill_grace_seconds": 5.0,
     },
     "storage": {"domains": {}},
+    # CURVE on the RPC and events sockets: the server's secret key file and a directory of
+    # authorized clients' public key files (both, or neither). See agent/security.py.
+    "security": {"server_secret_key": "", "authorized_keys_dir": ""},
     "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
                  "backoff_seconds": 1.0},
     # max_bytes_per_second: 0 is unlimited; a limit keeps copies from starving VMs' I/O.
     "copy": {"chunk_bytes": 64 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
-             "checkpoint_seconds": 1.0, "max_bytes_per_second": 0},
+             "checkpoint_seconds": 1.0, "max_bytes_per_second": 0,
+             # Read the destination back at completion and record its sha256, so a scrub
+             # can tell later whether its data changed; costs one read of the destination.
+             "record_checksum": True},
+    # A scrub reads every LEGAL volume of a domain; its reads are throttled (0: unlimited)
+    # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
+    # (how the scrub process is started so that it outlives the agent; see workers/ops/scrub.py).
+    "scrub": {"max_bytes_per_second": 64 * 1024 * 1024, "launcher": "auto"},
 }
+
+SCRUB_LAUNCHERS = ("auto", "spawn", "systemd-run")
 
 COPY_POLICIES = ("resume", "restart", "abandon", "manual")
 
@@ -107,13 +119,21 @@ def _check(data: dict) -> None:
         eps = data[section]["endpoints"]
         if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
             raise ConfigError(f"{section}.endpoints must be a list of strings")
-    rate = data["copy"]["max_bytes_per_second"]
-    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
-        raise ConfigError("copy.max_bytes_per_second must be a non-negative integer")
+    for section in ("copy", "scrub"):
+        rate = data[section]["max_bytes_per_second"]
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
+            raise ConfigError(f"{section}.max_bytes_per_second must be a non-negative integer")
+    if not isinstance(data["copy"]["record_checksum"], bool):
+        raise ConfigError("copy.record_checksum must be true or false")
+    if data["scrub"]["launcher"] not in SCRUB_LAUNCHERS:
+        raise ConfigError(f"scrub.launcher must be one of {', '.join(SCRUB_LAUNCHERS)}")
     positive("recovery.max_attempts", data["recovery"]["max_attempts"], int)
     if not isinstance(data["recovery"]["backoff_seconds"], (int, float)) or \
             data["recovery"]["backoff_seconds"] < 0:
         raise ConfigError("recovery.backoff_seconds must be a non-negative number")
+    sec = data["security"]
+    if bool(sec["server_secret_key"]) != bool(sec["authorized_keys_dir"]):
+        raise ConfigError("security needs both server_secret_key and authorized_keys_dir")
     if data["recovery"]["copy_policy"] not in COPY_POLICIES:
         raise ConfigError(f"recovery.copy_policy must be one of {', '.join(COPY_POLICIES)}")
     if not isinstance(data["storage"]["domains"], dict):

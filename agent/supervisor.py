@@ -20,7 +20,7 @@ import uuid
 import psutil
 import zmq
 
-from agent import api, errors, jsonrpc, logs, replies, sdnotify, states, transport
+from agent import api, errors, jsonrpc, logs, replies, sdnotify, security, states, transport
 from agent.domains import Domains
 from agent.events import Publisher
 from agent.system import System, set_child_subreaper
@@ -71,7 +71,13 @@ class Agent:
         # Events first: subscribers that connect early get the most time to join before
         # Host.booted. (Creating a context is safe here: we never fork, we posix_spawn.)
         self.ctx = zmq.Context()
-        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id)
+        sec = self.config["security"]
+        # The ZAP handler is bound before any socket that needs it (agent/security.py).
+        self.guard = security.Guard(self.ctx, sec["server_secret_key"],
+                                    sec["authorized_keys_dir"]) if sec["server_secret_key"] \
+            else None
+        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id,
+                                guard=self.guard)
         self._kill_leftover_workers(run_dir)
         set_child_subreaper()
         # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
@@ -83,11 +89,15 @@ class Agent:
         self.rpc = self.ctx.socket(zmq.ROUTER)
         self.rpc.setsockopt(zmq.LINGER, 0)
         self.rpc.setsockopt(zmq.MAXMSGSIZE, self.config["rpc"]["max_message_bytes"])
+        if self.guard:
+            self.guard.protect(self.rpc)
         rpc_endpoints = transport.bind_all(self.rpc, self.config["rpc"]["endpoints"])
         self.pool.bind(self.ctx)
         self.poller = zmq.Poller()
         for item in (self.rpc, self.pool.sock, self._wake_r):
             self.poller.register(item, zmq.POLLIN)
+        if self.guard:
+            self.poller.register(self.guard.zap, zmq.POLLIN)
         self._control = self._control_fd = None
         self._watch_control()
         _write_atomic(run_dir / "endpoints.json", {
@@ -171,6 +181,8 @@ class Agent:
                         break
                 except BlockingIOError:
                     break
+        if self.guard and self.guard.zap in ready:
+            self.guard.answer()
         if self.pool.sock in ready:
             self._drain(self.pool.sock, self.pool.on_message, 4096)
         if self._control_fd in ready:
