@@ -155,6 +155,30 @@ class DomainExists(AgentError):
     code, name = 208, "DomainExists"
 
 
+class NoSuchOperation(AgentError):
+    """No operation with that ID in that domain (or it was pruned as too old)."""
+
+    code, name = 209, "NoSuchOperation"
+
+
+class OperationExists(AgentError):
+    """An operation with that ID was started in that domain already; pick a new ID."""
+
+    code, name = 210, "OperationExists"
+
+
+class OperationNotRunning(AgentError):
+    """The operation has ended, or its process died (it reads UNKNOWN); data.state says which."""
+
+    code, name = 211, "OperationNotRunning"
+
+
+class OperationLost(AgentError):
+    """The operation's process died without finishing; recorded when the next one started."""
+
+    code, name = 212, "OperationLost"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

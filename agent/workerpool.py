@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import zmq
 
@@ -46,7 +47,7 @@ class WorkerPool:
         self.log = logs.get(component="workers")
         self.by_token: dict[str, Worker] = {}
         self.by_pid: dict[int, Worker] = {}
-        self.unclaimed: dict[int, int] = {}  # pid -> status, reaped before we knew whose
+        self.unclaimed: dict[int, tuple] = {}  # pid -> (status, reaped at): whose, unknown
         self.forkserver_pid: int | None = None
         self.control: socket.socket | None = None
         self._control_buf = b""
@@ -119,13 +120,19 @@ class WorkerPool:
         self.by_pid[pid] = w
         if w.kill_reason and w.kill_at is None:  # aborted before its pid was known
             self.terminate(w, w.kill_reason)
-        if pid in self.unclaimed:
-            self._ended(w, self.unclaimed.pop(pid))
+        stray = self.unclaimed.pop(pid, None)
+        # Only an exit reaped after this worker was asked for can be its own: an older one
+        # is another process that had this pid (a scrub we adopted, say) before it was reused.
+        if stray is not None and stray[1] >= w.spawned:
+            self._ended(w, stray[0])
 
     # -- messages from workers ---------------------------------------------------------
 
     def on_message(self, frames: list[bytes]) -> None:
         token = frames[0].decode(errors="replace")
+        if token.startswith("op:"):  # a process running an operation (a scrub): events only
+            self._on_operation_message(frames)
+            return
         w = self.by_token.get(token)
         if w is None or len(frames) != 2:
             return
@@ -157,6 +164,19 @@ class WorkerPool:
                 self.listener.worker_failed(w, errors.from_json(msg.get("error") or {}))
             else:
                 self.listener.worker_stopped(w)
+
+    def _on_operation_message(self, frames: list[bytes]) -> None:
+        """An event from an operation's process (workers/scrubber.py), which is no worker of
+        ours: published as if from the task that started it, and nothing else is accepted."""
+        try:
+            msg = json.loads(frames[1]) if len(frames) == 2 else {}
+            if msg.get("t") != "event" or not isinstance(msg.get("params"), dict):
+                return
+        except (ValueError, AttributeError):
+            return
+        task_id = msg.get("task_id") if isinstance(msg.get("task_id"), str) else None
+        sender = SimpleNamespace(task=SimpleNamespace(id=task_id))
+        self.listener.worker_event(sender, msg.get("topic"), msg["params"])
 
     # -- stopping and reaping ----------------------------------------------------------
 
@@ -217,7 +237,7 @@ class WorkerPool:
                 continue
             w = self.by_pid.get(pid)
             if w is None:
-                self.unclaimed[pid] = status
+                self.unclaimed[pid] = (status, self.system.monotonic())
                 if len(self.unclaimed) > 1024:  # strays from an earlier life; keep it bounded
                     self.unclaimed.pop(next(iter(self.unclaimed)))
                 continue

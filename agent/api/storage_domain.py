@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from agent import errors
 from agent.api import Param, WorkerJob, verb
@@ -61,3 +62,70 @@ def listing(agent, params):
     Result: [{domainID, path, attached_by: "config" | "attach"}].
     """
     return agent.domains.listing()
+
+
+# -- operations that outlive tasks (docs/crash-model.md, "Operations that outlive tasks") --
+
+@verb("StorageDomain.startScrub", Param("domainID", "uuid"),
+      Param("operationID", "uuid", required=False,
+            doc="names the operation; a new UUID if absent"),
+      worker=True, events=("Operation.state",))
+def start_scrub(agent, params):
+    """Start a scrub of the domain: an operation that outlives this task and this agent.
+
+    The task takes the domain's scrub lease, registers the operation in the domain's
+    metadata (one transaction), starts the scrub process (not a worker: it survives the
+    agent's death and restart) and answers once that process says it runs. The scrub reads
+    every LEGAL volume (holes are not read), computes its sha256 and compares it with the
+    recorded one: none recorded yet, it records it; a mismatch is reported in the result
+    and never overwritten. Its reads are throttled by `[scrub] max_bytes_per_second`. Follow
+    it with StorageDomain.getOperationStatuses, from any host attached to the domain.
+    Result: the operation as on disk once its process runs, as in getOperationStatuses
+    (state STARTED, or already ended for a domain with little to read; pid: the scrub
+    process), plus launcher ("spawn" or "systemd-run").
+    Errors: 200 NoSuchDomain, 203 LeaseHeld (a scrub runs on this domain; data.holder names
+    its operation_id, host_id and pid), 210 OperationExists (the operationID was used),
+    105 OperationFailed (the scrub process did not start; the operation is FAILED).
+    Events: Operation.state (STARTED from this task; COMPLETED, FAILED or STOPPED from the
+    scrub process, best effort, while an agent serves the run dir it was started from).
+    """
+    operation_id = params["operationID"] or str(uuid.uuid4())
+    scrub = agent.config["scrub"]
+    return WorkerJob("scrub.start", {
+        "domainID": params["domainID"], "path": agent.domains.path(params["domainID"]),
+        "operationID": operation_id, "max_bytes_per_second": scrub["max_bytes_per_second"],
+        "launcher": scrub["launcher"]})
+
+
+@verb("StorageDomain.getOperationStatuses", Param("domainID", "uuid"), worker=True)
+def get_operation_statuses(agent, params):
+    """Every operation of the domain, read from its storage: the same answer on any host.
+
+    Result: {domainID, operations: [{domainID, operationID, type, state, progress, host_id,
+    task_id, pid, started, updated, ended, stop_requested, result, error}]}, oldest first.
+    state is NOT_STARTED, STARTED, COMPLETED, FAILED, STOPPED or UNKNOWN: UNKNOWN is an
+    operation registered as running whose process no longer holds its lease (it died); it
+    stays UNKNOWN until the next operation of its type starts, which records it as FAILED
+    (OperationLost). progress is 0-100; updated is rewritten about once a second while it
+    runs; times are Unix seconds. A scrub's result: {volumes_checked, recorded, skipped,
+    bytes_read, mismatches: [{domainID, imageID, volumeID, expected, found}]} (partial if
+    STOPPED or FAILED); error a JSON-RPC error object. Errors: 200 NoSuchDomain.
+    """
+    return WorkerJob("operation.statuses", {**params,
+                                            "path": agent.domains.path(params["domainID"])})
+
+
+@verb("StorageDomain.stopOperation", Param("domainID", "uuid"), Param("operationID", "uuid"),
+      worker=True)
+def stop_operation(agent, params):
+    """Ask a running operation to stop; it ends STOPPED (with its partial result) within
+    about a second, whichever host runs it.
+
+    The request is recorded in the domain's metadata and read by the operation's process at
+    its next progress write. Result: the operation (as in getOperationStatuses) with
+    stop_requested set; its state changes to STOPPED when the process acts on it.
+    Errors: 200 NoSuchDomain, 209 NoSuchOperation, 211 OperationNotRunning (it has ended, or
+    its process died: data.state is COMPLETED, FAILED, STOPPED or UNKNOWN).
+    """
+    return WorkerJob("operation.stop", {**params,
+                                        "path": agent.domains.path(params["domainID"])})

@@ -73,6 +73,12 @@ class Lease:
     def held(self) -> bool:
         return self._fd is not None
 
+    def fileno(self) -> int:
+        """The descriptor the lock lives on: a process that inherits it holds the lease too
+        (an OFD lock belongs to the open file description), which is how a worker hands a
+        lease to a longer-lived process without a gap."""
+        return self._fd
+
     def release(self) -> None:
         # Closing the only fd of the open file description is what drops an OFD lock.
         fd, self._fd = self._fd, None

@@ -61,6 +61,22 @@ _SCHEMA = [
         started REAL, updated REAL)""",
 ]
 
+# Operations that outlive tasks (a scrub): one row each, written by the process that runs it
+# (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED
+# row reads as when its operation lease is free. Domains formatted before this table existed
+# get it on their first operation (operations.ensure_schema).
+OPERATIONS_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS operations (
+        operation_id TEXT PRIMARY KEY, type TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('NOT_STARTED', 'STARTED', 'COMPLETED', 'FAILED', 'STOPPED')),
+        progress REAL NOT NULL DEFAULT 0, host_id TEXT, task_id TEXT, pid INTEGER,
+        started REAL, updated REAL, ended REAL, stop_requested REAL,
+        result TEXT, error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS operations_started ON operations (started)",
+]
+_SCHEMA += OPERATIONS_SCHEMA
+
 
 def _connect(path: str) -> sqlite_utils.Database:
     # mode=rw: opening must never create an empty database where a domain was expected.

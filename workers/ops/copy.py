@@ -16,6 +16,7 @@ from agent import errors
 from agent.storage import lease
 from agent.storage.metadata import DomainDB
 from workers import copyengine
+from workers.checksum import checksum_in_worker
 from workers.ops.storage import holder, open_domain, volume_row
 from workers.runtime import Stopped
 
@@ -80,12 +81,18 @@ def copy(ctx, args):
         base = {"domainID": dst["domainID"], "imageID": dst["imageID"],
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
+        copy_cfg = ctx.settings.get("copy", {})
+        checksum = None
         try:
             _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
+            if copy_cfg.get("record_checksum", True):  # so a scrub can tell if data changed
+                checksum = checksum_in_worker(
+                    ctx, dst_db.layout.volume_path(dst["imageID"], dst["volumeID"]),
+                    copy_cfg.get("max_bytes_per_second", 0))
         except errors.AgentError as exc:
             _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
-        if not dst_db.complete_copy(dst["volumeID"], gen):
+        if not dst_db.complete_copy(dst["volumeID"], gen, checksum=checksum):
             raise errors.GenerationMismatch("superseded before completion",
                                             volumeID=dst["volumeID"], generation=gen)
         dst_db.close()
