@@ -7,6 +7,8 @@ def pytest_addoption(parser):
                     help="seed of the chaos run (printed on a breach, to replay it)")
     group.addoption("--chaos-iterations", type=int, default=6,
                     help="rounds of the chaos run (CI's default is short)")
+    parser.addoption("--fuzz-examples", type=int, default=300,
+                     help="inputs the bad-input fuzz test sends (CI's default is short)")
 
 from tests.harness import AgentProcess, cleanup_dir, short_tmpdir
 

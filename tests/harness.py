@@ -149,7 +149,12 @@ class AgentProcess:
         return c
 
     def call(self, method, params=None, **kw):
-        return self.client().call(method, params, **kw)
+        """One reused client: a long test (chaos) must not open a socket per call. It
+        survives restarts (same ipc path); a timed-out call leaves a late answer, which the
+        next call skips by id."""
+        if getattr(self, "_caller", None) is None:
+            self._caller = self.client()
+        return self._caller.call(method, params, **kw)
 
     def subscribe(self, *topics: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.SUB)
@@ -191,6 +196,7 @@ class AgentProcess:
         for c in self.clients:
             c.close() if isinstance(c, Client) else c.close(0)
         self.clients.clear()
+        self._caller = None
         self.ctx.term()
         # Workers die with their supervisor (parent-death signal): give the kernel a moment.
         try:

@@ -245,3 +245,13 @@ def test_get_all_filters_by_state(agent):
     with pytest.raises(CallError) as err:
         agent.call("Task.getAll", {"states": ["bogus"]})
     assert err.value.code == -32602
+
+
+def test_a_client_gone_before_its_response_leaves_a_readable_task(agent):
+    c = agent.client()
+    c.send("Debug.sleep", {"seconds": 0.5}, id="gone")
+    wait_for(lambda: status(agent, "gone")["state"] == "running")
+    c.close()  # the client is gone; the response has nowhere to go
+    rec = wait_for(lambda: (r := status(agent, "gone"))["state"] == "done" and r)
+    assert rec["result"] == {"slept": 0.5} and rec["returned"] is True
+    assert agent.call("Host.ping") is True

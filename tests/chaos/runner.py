@@ -70,8 +70,7 @@ class Chaos:
             src = make_source(ag, self.domain_id, size, self._layout(size),
                               seed=rng.randrange(1 << 30))
             dst = dst_for(self.domain_id)
-            ag.client().call("Image.copy", {"src": src, "dst": dst},
-                             id=f"r{self.round_no}c{k}")
+            ag.call("Image.copy", {"src": src, "dst": dst}, id=f"r{self.round_no}c{k}")
             self.sampler.paths.add(volume_path(ag, src).replace(src["volumeID"],
                                                                 dst["volumeID"]).replace(
                 src["imageID"], dst["imageID"]))
