@@ -170,12 +170,16 @@ messages = st.one_of(
 
 @pytest.fixture
 def wire(make_agent):
+    """A fresh DEALER per example, so a failure can never leave answers behind that the
+    next example (or hypothesis replaying while it shrinks) would misread."""
     agent = make_agent(debug=False)  # as in production: Debug.* is not served
-    sock = agent.ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(agent.rpc_endpoint)
-    agent.clients.append(sock)
-    return sock
+
+    def fresh():
+        sock = agent.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(agent.rpc_endpoint)
+        return sock
+    return fresh
 
 
 def check_message(sock, body: bytes, n: int) -> None:
@@ -185,7 +189,7 @@ def check_message(sock, body: bytes, n: int) -> None:
     sock.send(json.dumps({"jsonrpc": "2.0", "method": "Host.ping", "id": f"ping-{n}"}).encode())
     got = []
     while True:
-        resp = recv_json(sock, 10)
+        resp = recv_json(sock, 30)
         if isinstance(resp, dict) and resp.get("id") == f"ping-{n}" and "result" in resp:
             assert resp["result"] is True
             break
@@ -212,7 +216,11 @@ def test_generated_messages(wire, request):
               suppress_health_check=list(HealthCheck), database=None)
     @given(messages)
     def run(body):
-        check_message(wire, body, next(counter))
+        sock = wire()
+        try:
+            check_message(sock, body, next(counter))
+        finally:
+            sock.close(0)
     run()
 
 
