@@ -7,7 +7,63 @@ every scan has ended, requests are answered 99 RecoveryInProgress.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+
+import psutil
+
 from agent import recovery
+
+
+class StartupError(Exception):
+    pass
+
+
+def lock_run_dir(run_dir) -> int:
+    """Held for life, freed by the kernel at death: two agents never share a run dir, so the
+    stale ipc sockets and workers start-up cleans up are never a live agent's."""
+    fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another agent is running on {run_dir}") from None
+    return fd
+
+
+def kill_leftover_workers(run_dir, log) -> None:
+    """Workers of an earlier life should have died with it; kill any that did not."""
+    marker = str(run_dir)
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "workers.forkserver" in cmd and marker in cmd and p.pid != os.getpid():
+            found.append(p)
+    for p in found:
+        log.warning("killing_leftover_worker", worker_pid=p.pid)
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(found, timeout=5)
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def write_atomic(path, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def begin(agent) -> None:

@@ -8,19 +8,17 @@ same state behind, and start-up (`start`) is the only recovery there is.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import itertools
-import json
 import math
 import os
 import signal
 import uuid
 
-import psutil
 import zmq
 
-from agent import api, errors, jsonrpc, logs, replies, sdnotify, security, states, transport
+from agent import (api, errors, jsonrpc, logs, replies, sdnotify, security, startup, states,
+                   transport)
 from agent.domains import Domains
 from agent.events import Publisher
 from agent.system import System, set_child_subreaper
@@ -34,8 +32,7 @@ PROGRESS_EVENT_INTERVAL = 0.1
 WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
 
-class StartupError(Exception):
-    pass
+StartupError = startup.StartupError
 
 
 class Agent:
@@ -44,7 +41,7 @@ class Agent:
         self.system = system or System()
         self.log = logs.get(component="supervisor", host_id=config.host_id)
         self.boot_id = uuid.uuid4().hex
-        self.kernel_boot_id = _read("/proc/sys/kernel/random/boot_id")
+        self.kernel_boot_id = startup.read_text("/proc/sys/kernel/random/boot_id")
         self.started_at = self.system.monotonic()
         self.verbs = api.load_all()
         tcfg, rcfg = config["tasks"], config["rpc"]
@@ -67,7 +64,7 @@ class Agent:
     def start(self) -> None:
         run_dir = self.config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_run_dir(run_dir)
+        self._lock_fd = startup.lock_run_dir(run_dir)
         # Events first: subscribers that connect early get the most time to join before
         # Host.booted. (Creating a context is safe here: we never fork, we posix_spawn.)
         self.ctx = zmq.Context()
@@ -78,7 +75,7 @@ class Agent:
             else None
         self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id,
                                 guard=self.guard)
-        self._kill_leftover_workers(run_dir)
+        startup.kill_leftover_workers(run_dir, self.log)
         set_child_subreaper()
         # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -100,44 +97,16 @@ class Agent:
             self.poller.register(self.guard.zap, zmq.POLLIN)
         self._control = self._control_fd = None
         self._watch_control()
-        _write_atomic(run_dir / "endpoints.json", {
+        startup.write_atomic(run_dir / "endpoints.json", {
             "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
             "events": self.events.endpoints})
         self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,
                       boot_id=self.boot_id)
         if os.environ.get("HOSTAGENT_TEST_FAULTS"):
             self.log.warning("test_faults_enabled", faults=os.environ["HOSTAGENT_TEST_FAULTS"])
-        from agent import startup  # storage recovery: re-issue leftover work found on disk
-
-        startup.begin(self)
+        startup.begin(self)  # storage recovery: re-issue leftover work found on disk
         self._last_turn = self.system.monotonic()
         self._maybe_ready()
-
-    def _lock_run_dir(self, run_dir) -> None:
-        # Held for life, freed by the kernel at death: two agents never share a run dir, so
-        # the stale ipc sockets and workers we clean up below are never a live agent's.
-        self._lock_fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StartupError(f"another agent is running on {run_dir}") from None
-
-    def _kill_leftover_workers(self, run_dir) -> None:
-        """Workers of an earlier life should have died with it; kill any that did not."""
-        marker = str(run_dir)
-        found = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if "workers.forkserver" in cmd and marker in cmd and p.pid != os.getpid():
-                found.append(p)
-        for p in found:
-            self.log.warning("killing_leftover_worker", worker_pid=p.pid)
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(found, timeout=5)
 
     def _maybe_ready(self) -> None:
         if self.recovering and not self.startup_jobs:
@@ -398,20 +367,3 @@ class Agent:
         self.log.warning("worker_gone", task_id=w.task.id, method=w.task.method,
                          worker_pid=w.pid, error=error.message)
         self.end(w.task, "fail", error=error)
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def _write_atomic(path, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
