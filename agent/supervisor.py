@@ -265,6 +265,9 @@ class Agent:
             return
         task.started = task.created
         self.end(task, "succeed", result=outcome)
+        # A query's answer went out with its response (and its Task.state event); keeping
+        # it too would let 10,000 retained records of Host.getCapabilities hold ~50 MB.
+        task.result = None
 
     def submit(self, task_id: str, method: str, job: api.WorkerJob, startup: bool = False):
         """Start a task of the agent's own (recovery, retries): no client waits on it."""

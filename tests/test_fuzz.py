@@ -179,6 +179,7 @@ def wire(make_agent):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(agent.rpc_endpoint)
         return sock
+    fresh.agent = agent
     return fresh
 
 
@@ -219,6 +220,9 @@ def test_generated_messages(wire, request):
         sock = wire()
         try:
             check_message(sock, body, next(counter))
+        except AssertionError as exc:  # say what the agent was doing
+            raise AssertionError(f"{exc}\n--- agent log ---\n{wire.agent.log()[-3000:]}") \
+                from None
         finally:
             sock.close(0)
     run()

@@ -255,3 +255,12 @@ def test_a_client_gone_before_its_response_leaves_a_readable_task(agent):
     rec = wait_for(lambda: (r := status(agent, "gone"))["state"] == "done" and r)
     assert rec["result"] == {"slept": 0.5} and rec["returned"] is True
     assert agent.call("Host.ping") is True
+
+
+def test_a_query_keeps_no_result_in_its_record(agent):
+    caps = agent.call("Host.getCapabilities", id="caps")
+    assert caps["methods"]
+    rec = status(agent, "caps")
+    assert (rec["state"], rec["returned"], rec["result"]) == ("done", True, None)
+    agent.call("Debug.sleep", {"seconds": 0}, id="op")
+    assert status(agent, "op")["result"] == {"slept": 0}  # an operation's result is kept
