@@ -8,8 +8,10 @@ tests/test_apidoc.py fails when the committed file differs from what this prints
 from __future__ import annotations
 
 import inspect
+import json
 
 from agent import api, errors, events
+from agent.api.examples import EXAMPLES
 
 INTRO = """\
 # hostagent API
@@ -39,7 +41,9 @@ TASK_RECORD = """\
 `{id, method, state, progress, returned, result, error, created, started, ended}`: `state` is
 one of pending, running, done, failed, aborting, aborted; `progress` 0–100 or null;
 `returned` whether the response was already sent (a copy answers early and goes on);
-`error` a JSON-RPC error object with `data.name`; times are Unix seconds. A finished record
+`error` a JSON-RPC error object with `data.name`; times are Unix seconds. `result` is kept
+for operations (worker verbs); a verb the supervisor answers at once keeps none in its record
+(its answer went out with the response: ask again). A finished record
 is readable until its ID is reused, `retain_seconds` pass, or `retain_max` newer ones push
 it out. Edges: pending → running | done | failed | aborting; running → done | failed |
 aborting; aborting → done (finished first) | aborted (once the worker is gone).
@@ -61,6 +65,23 @@ def _errors_table() -> list[str]:
         doc = (inspect.getdoc(cls) or "").split("\n")[0] if cls.__doc__ else ""
         rows.append(f"| {cls.code} | {cls.name} | {doc} |")
     return rows
+
+
+def _example(name: str) -> list[str]:
+    """The verb's example request and response (agent/api/examples.py), as JSON blocks."""
+    ex = EXAMPLES.get(name)
+    if ex is None:
+        return []
+    req = {"jsonrpc": "2.0", "id": ex.get("id", "1"), "method": name}
+    if ex.get("params") is not None:
+        req["params"] = ex["params"]
+    resp = {"jsonrpc": "2.0", "id": req["id"]}
+    resp.update({"error": ex["error"]} if "error" in ex else {"result": ex["result"]})
+
+    def block(obj) -> str:
+        text = json.dumps(obj)
+        return text if len(text) <= 96 else json.dumps(obj, indent=2)
+    return ["Example:\n", "```json", block(req), "```", "```json", block(resp), "```", ""]
 
 
 def render() -> str:
@@ -86,6 +107,7 @@ def render() -> str:
                 out.append("No params.\n")
             if v.events:
                 out.append("Events: " + ", ".join(f"`{e}`" for e in v.events) + ".\n")
+            out.extend(_example(v.name))
     out.append(TASK_RECORD)
     out.append("## Events\n")
     out.append("Each event is two frames on the PUB endpoints (`[events] endpoints`): the topic,"

@@ -1,42 +1,15 @@
-"""The `hostagent` command: serve, call, events.
-
-Exit codes: 0 success; 1 the agent answered an error (printed on stderr as JSON);
-2 bad usage or configuration; 3 no answer in time (is the agent running?).
-"""
+"""The first commands: serve, call, events, keygen (their output and exit codes are fixed:
+tests/test_cli.py and tests/test_curve.py hold them to it)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 
 from agent import config as configmod
-
-
-def _endpoint(args, section: str) -> str:
-    if args.endpoint:
-        return args.endpoint
-    env = os.environ.get("HOSTAGENT_EVENTS" if section == "events" else "HOSTAGENT_ENDPOINT")
-    if env:
-        return env
-    cfg = configmod.load(args.config)
-    from agent.client import endpoints_of
-
-    try:  # what the running agent actually bound, wildcard ports resolved
-        return endpoints_of(cfg.run_dir)[section][0]
-    except (OSError, ValueError, KeyError, IndexError):
-        return cfg[section]["endpoints"][0]
-
-
-def _keys(args) -> dict:
-    """CURVE keys from flags or the environment; both or neither."""
-    client = args.client_key or os.environ.get("HOSTAGENT_CLIENT_KEY")
-    server = args.server_key or os.environ.get("HOSTAGENT_SERVER_KEY")
-    if bool(client) != bool(server):
-        raise configmod.ConfigError("CURVE needs both --client-key and --server-key")
-    return {"client_key": client, "server_key": server} if client else {}
+from agent.cli import settings
 
 
 def cmd_keygen(args) -> int:
@@ -75,7 +48,13 @@ def cmd_call(args) -> int:
     if task_id is not None and re.fullmatch(r"0|-?[1-9][0-9]{0,99}", task_id):
         # Sent as a JSON integer only when that names the same task: "007" stays "007".
         task_id = int(task_id)
-    with Client(_endpoint(args, "rpc"), timeout=args.timeout, **_keys(args)) as client:
+    client_cfg = settings.load_client_config()
+    endpoint, _ = settings.endpoint(args, "rpc", args.endpoint, client_cfg)
+    c, s = settings.keys(args, client_cfg)
+    keys = {"client_key": c, "server_key": s} if c else {}
+    timeout = args.timeout if args.timeout is not None else \
+        client_cfg.get("timeout", settings.DEFAULT_TIMEOUT)
+    with Client(endpoint, timeout=timeout, **keys) as client:
         try:
             result = client.call(args.method, params, id=task_id)
         except CallError as exc:
@@ -92,14 +71,16 @@ def cmd_call(args) -> int:
 def cmd_events(args) -> int:
     import zmq
 
+    client_cfg = settings.load_client_config()
+    endpoint, _ = settings.endpoint(args, "events", args.endpoint, client_cfg)
+    c, s = settings.keys(args, client_cfg)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    keys = _keys(args)
-    if keys:
+    if c:
         from agent.security import make_client
-        make_client(sock, keys["client_key"], keys["server_key"])
-    sock.connect(_endpoint(args, "events"))
+        make_client(sock, c, s)
+    sock.connect(endpoint)
     for topic in args.topics or [""]:
         sock.setsockopt_string(zmq.SUBSCRIBE, topic)
     try:
@@ -117,18 +98,14 @@ def cmd_events(args) -> int:
         ctx.term()
 
 
-def _key_flags(p) -> None:
+def key_flags(p) -> None:
     p.add_argument("--client-key", help="our CURVE key pair (.key_secret); "
                    "default $HOSTAGENT_CLIENT_KEY")
     p.add_argument("--server-key", help="the agent's CURVE public key (.key); "
                    "default $HOSTAGENT_SERVER_KEY")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hostagent", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="TOML config file (default: the embedded default)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="run the agent in the foreground")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
@@ -138,26 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("params", nargs="?", help="params as JSON (object or array)")
     p.add_argument("--id", help="the request id, which is the task ID (default: generated)")
     p.add_argument("--endpoint", help="RPC endpoint (default: $HOSTAGENT_ENDPOINT, the agent's)")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds (default: the client config's, else 30)")
+    p.add_argument("--json", action="store_true", help="(always JSON)")
+    key_flags(p)
     p.set_defaults(func=cmd_call)
-
-    for p in (sub.choices["call"],):
-        _key_flags(p)
 
     p = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key and NAME.key_secret")
     p.add_argument("directory")
     p.add_argument("--name", default="client")
+    p.add_argument("--json", action="store_true", help="(always JSON)")
     p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("events", help="print events as JSON lines")
-    _key_flags(p)
+    key_flags(p)
     p.add_argument("topics", nargs="*", help="topic prefixes (default: all)")
     p.add_argument("--endpoint", help="events endpoint (default: $HOSTAGENT_EVENTS, the agent's)")
+    p.add_argument("--json", action="store_true", help="(always JSON)")
     p.set_defaults(func=cmd_events)
-
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except configmod.ConfigError as exc:
-        print(f"hostagent: config: {exc}", file=sys.stderr)
-        return 2

@@ -1,0 +1,99 @@
+"""One example request and response per verb, rendered into docs/api.md by agent/apidoc.py.
+
+Each entry: the request's "params" (None: no params), and its "result" or its "error". An
+optional "id" is the request's id (the task's ID), "1" if absent. tests/test_api_examples.py
+checks that every served verb has one, that its params pass the verb's own validator, that
+an error names a real error, and that results have the shape a real agent answers with.
+"""
+
+from __future__ import annotations
+
+DOMAIN = "5a8e0c64-1f61-4b52-9d51-3b8e2f6d7c10"
+IMAGE = "0e7a3c55-4a0f-4d8e-a0f7-9c1b2d3e4f50"
+VOLUME = "7d2f1b9a-6c3e-4e5d-8f70-1a2b3c4d5e60"
+DST_IMAGE = "c3d4e5f6-a7b8-4c9d-8e0f-112233445566"
+DST_VOLUME = "9b8a7c6d-5e4f-4a3b-9c2d-1e0f2a3b4c5d"
+OPERATION = "2f4e6a8c-0b1d-4e3f-a5b7-c9d1e3f5a7b9"
+BOOT = "6693315bd67b4ddfabc965a18f16dd67"
+SRC = {"domainID": DOMAIN, "imageID": IMAGE, "volumeID": VOLUME}
+DST = {"domainID": DOMAIN, "imageID": DST_IMAGE, "volumeID": DST_VOLUME}
+GiB = 1 << 30
+
+_LEASE = {"host_id": "host-a", "op": "copy", "pid": 28412, "since": 1767225600.5,
+          "task_id": "copy-1", "live": True}
+_RECORD = {"id": "copy-1", "method": "Image.copy", "state": "running", "progress": 42.5,
+           "returned": True, "result": {"volumeID": DST_VOLUME, "state": "copying",
+                                        "generation": 0, "copied": 0, "total": GiB,
+                                        "attempts": 1},
+           "error": None, "created": 1767225600.1, "started": 1767225600.2, "ended": None}
+_DOMAIN_INFO = {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "capacity": 270553174016,
+                "free": 81832734720, "volumes": 3, "copies": 1}
+_OPERATION = {"domainID": DOMAIN, "operationID": OPERATION, "type": "scrub",
+              "state": "STARTED", "progress": 26.5, "host_id": "host-a", "task_id": "scrub-1",
+              "pid": 29647, "started": 1767225600.3, "updated": 1767225602.9, "ended": None,
+              "stop_requested": None, "result": None, "error": None}
+
+
+def _error(code: int, name: str, message: str, **data) -> dict:
+    return {"code": code, "message": message, "data": {**data, "name": name}}
+
+
+EXAMPLES: dict[str, dict] = {
+    "Debug.crash": {"params": None, "error": _error(-32603, "InternalError", "internal error")},
+    "Debug.sleep": {"params": {"seconds": 0.5}, "result": {"slept": 0.5}},
+    "Host.getCapabilities": {"params": None, "result": {
+        "version": "0.1.0", "host_id": "host-a", "boot_id": BOOT,
+        "kernel_boot_id": "50d1b009-1ac6-435a-89a8-0d6bc4266563",
+        "task_states": ["pending", "running", "done", "failed", "aborting", "aborted"],
+        "methods": [{"name": "Host.ping", "params": [],
+                     "doc": "Answer true: the agent is up and its loop is turning.",
+                     "runs_in": "supervisor"}]}},
+    "Host.getStats": {"params": None, "result": {
+        "cpu_percent": 12.5, "cpu_count": 2,
+        "memory": {"total": 25276502016, "available": 24349573120, "percent": 3.7},
+        "load": [0.52, 0.61, 0.58], "uptime_seconds": 3935.1,
+        "agent": {"pid": 28039, "rss_bytes": 36237312, "uptime_seconds": 37.5,
+                  "boot_id": BOOT},
+        "workers_running": 1, "workers": [{"taskID": "copy-1", "op": "image.copy",
+                                           "pid": 28412}],
+        "forkserver_pid": 28054,
+        "tasks": {"pending": 0, "running": 1, "done": 24, "failed": 0, "aborting": 0,
+                  "aborted": 0}}},
+    "Host.ping": {"params": None, "result": True},
+    "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {
+        "volumeID": DST_VOLUME, "state": "copying", "generation": 0, "copied": 0,
+        "total": GiB, "attempts": 1}},
+    "Image.getStatus": {"params": DST, "result": {
+        "domainID": DOMAIN, "imageID": DST_IMAGE, "volumeID": DST_VOLUME,
+        "legality": "ILLEGAL", "generation": 0, "size": GiB,
+        "copy": {"source": SRC, "copied": 456130560, "total": GiB, "percent": 42.48,
+                 "state": "copying", "generation": 0, "attempts": 1, "errors": [],
+                 "started": 1767225600.2, "updated": 1767225607.4, "host_id": "host-a",
+                 "task_id": "copy-1", "lease": _LEASE}}},
+    "StorageDomain.attach": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
+                             "result": _DOMAIN_INFO},
+    "StorageDomain.create": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
+                             "result": {**_DOMAIN_INFO, "volumes": 0, "copies": 0}},
+    "StorageDomain.getInfo": {"params": {"domainID": DOMAIN}, "result": _DOMAIN_INFO},
+    "StorageDomain.getOperationStatuses": {"params": {"domainID": DOMAIN}, "result": {
+        "domainID": DOMAIN, "operations": [_OPERATION]}},
+    "StorageDomain.list": {"params": None, "result": [
+        {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "attached_by": "config"}]},
+    "StorageDomain.startScrub": {"id": "scrub-1", "params": {"domainID": DOMAIN,
+                                                             "operationID": OPERATION},
+                                 "result": {**_OPERATION, "progress": 0.0,
+                                            "launcher": "spawn"}},
+    "StorageDomain.stopOperation": {"params": {"domainID": DOMAIN, "operationID": OPERATION},
+                                    "result": {**_OPERATION, "stop_requested": 1767225603.0}},
+    "Task.abort": {"params": {"taskID": "copy-1"}, "result": {**_RECORD, "state": "aborting"}},
+    "Task.getAll": {"params": {"states": ["running"]}, "result": [_RECORD]},
+    "Task.getStatus": {"params": {"taskID": "copy-1"}, "result": _RECORD},
+    "Volume.create": {"params": {**SRC, "size": GiB}, "result": {
+        **SRC, "size": GiB, "legality": "LEGAL", "generation": 0,
+        "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.raw",
+        "lease": {**_LEASE, "op": "create", "task_id": "1", "live": False}}},
+    "Volume.delete": {"params": SRC, "result": {"volumeID": VOLUME, "deleted": True}},
+    "Volume.getInfo": {"params": SRC, "result": {
+        **SRC, "size": GiB, "legality": "LEGAL", "generation": 1,
+        "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.raw", "lease": None}},
+}

@@ -1,0 +1,104 @@
+"""The `hostagent` command: run the agent, and drive it.
+
+serve, call, events and keygen are the plain tools; copy, continue, wait, tasks, status,
+watch, volume and domain are for people (tables, progress bars) and, with --json, scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from agent import config as configmod
+from agent.cli import basic, copying, output, settings, storage, views
+
+
+class Context:
+    """What a command for people gets: a client, a console, and whether to print JSON."""
+
+    def __init__(self, args):
+        self.settings = settings.resolve(args)
+        self.json = self.settings.json
+        self.out = output.console()
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from agent.client import BlockingClient
+            s = self.settings
+            self._client = BlockingClient(s.endpoint, s.events_endpoint, timeout=s.timeout,
+                                          **s.keys)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def run_for_people(args) -> int:
+    """Run a command with a Context; every failure becomes a readable line and an exit code."""
+    from agent.client import CallError, Timeout
+    from agent.security import ConfigError as KeyError_
+
+    ctx = None
+    try:
+        ctx = Context(args)
+        return args.func(ctx, args)
+    except CallError as exc:
+        return output.call_error(exc, ctx.json if ctx else False)
+    except Timeout as exc:
+        output.error(f"{exc}; is the agent running (at {ctx.settings.endpoint})?")
+        return output.NO_ANSWER
+    except (output.UsageError, KeyError_, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):  # `hostagent watch | head`: the reader left
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return output.OK
+        output.error(str(exc))
+        return output.USAGE
+    except KeyboardInterrupt:
+        return output.OK if args.command == "watch" else output.DETACHED
+    finally:
+        if ctx is not None:
+            try:
+                ctx.close()
+            except BaseException:
+                pass
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="hostagent", description=__doc__.split("\n\n")[0],
+        epilog=output.EXIT_CODES + "\n\n" + settings.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--config", help="the agent's TOML config file (default: the embedded "
+                                      "default); clients take its endpoints")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    basic.add_parsers(sub)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    common.add_argument("--endpoint", help="RPC endpoint (default: $HOSTAGENT_ENDPOINT, the "
+                                           "client config's, the agent's)")
+    common.add_argument("--events-endpoint", help="events endpoint (default: "
+                                                  "$HOSTAGENT_EVENTS, the client config's, the "
+                                                  "agent's)")
+    common.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for each answer (default 30)")
+    basic.key_flags(common)
+    copying.add_parsers(sub, common)
+    views.add_parsers(sub, common)
+    storage.add_parsers(sub, common)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.func in (basic.cmd_serve, basic.cmd_call, basic.cmd_events, basic.cmd_keygen):
+            return args.func(args)
+        return run_for_people(args)
+    except configmod.ConfigError as exc:
+        print(f"hostagent: config: {exc}", file=sys.stderr)
+        return 2

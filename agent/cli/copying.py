@@ -1,0 +1,229 @@
+"""`hostagent copy`, `hostagent continue` and `hostagent wait`, with a live progress bar.
+
+The bar is fed by the client's wait_task (agent/client/wait.py): events while they flow,
+polls of Task.getStatus when they do not, and the destination's status on storage once the
+agent has forgotten the task (it restarted). Ctrl-C only stops watching: the copy goes on in
+the agent, and what to type to follow it again or to abort it is printed (exit 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
+                           TaskProgressColumn, TextColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from agent.cli import output
+from agent.cli.storage import parse_location, show_location
+from agent.client import NeedsContinuing, TaskFailed, TaskLost
+
+
+class RateColumn(ProgressColumn):
+    """The rate, in the same binary units as the sizes (rich's own speed is decimal)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-" if speed is None else f"{output.size(speed)}/s",
+                    style="progress.data.speed")
+
+
+class Bar:
+    """A rich progress bar (percent, bytes, rate, eta) updated from the client's thread."""
+
+    def __init__(self, console, label: str, in_bytes: bool):
+        columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
+        if in_bytes:
+            columns += [DownloadColumn(binary_units=True), RateColumn()]
+        columns += [TextColumn("eta"), TimeRemainingColumn()]
+        self.progress = Progress(*columns, console=console, refresh_per_second=10)
+        self.label = label
+        self.task = self.progress.add_task(escape(label), total=None)
+        self.fed = False
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, p) -> None:
+        if p.total and p.copied is not None:
+            total, done = p.total, p.copied
+        else:
+            total, done = 100.0, p.percent
+        current = self.progress.tasks[0].completed
+        if not self.fed or done < current:  # first news, or resumed from a checkpoint:
+            self.progress.reset(self.task, total=total, completed=done)  # no false rate
+            self.fed = True
+        else:
+            self.progress.update(self.task, total=total, completed=done)
+        if done >= total:  # the data is there; a copy then reads it back for its checksum
+            self.progress.update(self.task, description=escape(f"{self.label} (verifying)"))
+
+    def finish(self) -> None:
+        total = self.progress.tasks[0].total or 100.0
+        self.progress.update(self.task, total=total, completed=total,
+                             description=escape(self.label))
+
+
+def _outcome_json(outcome) -> dict:
+    return {"taskID": outcome.task_id, "state": outcome.state, "via": outcome.via,
+            "restarted": outcome.restarted, "result": outcome.result, "image": outcome.image,
+            "error": outcome.error, "dst": outcome.dst}
+
+
+def follow(ctx, run, task_id, dst: dict | None, label: str) -> int:
+    """Run `run(on_progress)` (a wait that returns a done Outcome or raises) under a bar."""
+    bar = None if ctx.json else Bar(ctx.out, label, in_bytes=dst is not None)
+    began = time.monotonic()
+    outcome = None
+    try:
+        with bar or contextlib.nullcontext():
+            outcome = run(bar.update if bar else None)
+            if bar:
+                bar.finish()
+    except KeyboardInterrupt:
+        return detached(ctx, task_id, dst)
+    except NeedsContinuing as exc:
+        return stopped(ctx, exc.outcome)
+    except TaskFailed as exc:
+        if ctx.json:
+            output.emit_json(_outcome_json(exc.outcome))
+            return output.AGENT_ERROR
+        what = "was aborted" if exc.outcome.state == "aborted" else "failed"
+        output.error(f"task {task_id} {what}: {exc.name} ({exc.code}): {exc.message}")
+        if dst:
+            output.error(f"the destination stays ILLEGAL at its last checkpoint; continue it:"
+                         f" hostagent continue {show_location(dst)} --wait")
+        return output.AGENT_ERROR
+    except TaskLost as exc:
+        if ctx.json:
+            output.emit_json(_outcome_json(exc.outcome))
+        else:
+            output.error(str(exc))
+        return output.AGENT_ERROR
+    if ctx.json:
+        output.emit_json(_outcome_json(outcome))
+        return output.OK
+    took = time.monotonic() - began
+    if dst:
+        image = outcome.image or outcome.result or {}
+        size = image.get("total") or image.get("size") or (outcome.result or {}).get("total")
+        how = " (the agent restarted meanwhile)" if outcome.restarted else ""
+        ctx.out.print(f"[green]done[/]: {output.size(size)} in {took:.1f} s{how}; "
+                      f"{show_location(dst)} is LEGAL", soft_wrap=True)
+    else:
+        ctx.out.print(f"[green]done[/]: task {escape(str(task_id))}: "
+                      f"{escape(json.dumps(outcome.result))}")
+    return output.OK
+
+
+def detached(ctx, task_id, dst) -> int:
+    follow_cmd = f"hostagent wait {task_id}" + (f" --dst {show_location(dst)}" if dst else "")
+    abort = json.dumps({"taskID": str(task_id)})
+    output.error(f"detached: task {task_id} goes on in the agent (Ctrl-C does not abort it)\n"
+                 f"  follow it again: {follow_cmd}\n"
+                 f"  abort it:        hostagent call Task.abort '{abort}'")
+    return output.DETACHED
+
+
+def stopped(ctx, outcome) -> int:
+    if ctx.json:
+        output.emit_json(_outcome_json(outcome))
+        return output.NEEDS_CONTINUING
+    copy = (outcome.image or {}).get("copy") or {}
+    loc = show_location(outcome.dst)
+    errs = [f"{(e.get('data') or {}).get('name')}: {e.get('message')}"
+            for e in copy.get("errors") or []]
+    output.error(f"the copy into {loc} stopped at {output.size(copy.get('copied'))} of "
+                 f"{output.size(copy.get('total'))} ({copy.get('state')}) and nobody is "
+                 f"copying it" + (f"; errors: {'; '.join(errs)}" if errs else "") + "\n"
+                 f"  continue it: hostagent continue {loc} --wait\n"
+                 f"  or delete it: hostagent volume delete {loc}")
+    return output.NEEDS_CONTINUING
+
+
+def _wait_options(args) -> dict:
+    return {"poll_interval": args.poll, "settle": args.settle}
+
+
+def copy(ctx, args) -> int:
+    src = parse_location(args.src)
+    dst = parse_location(args.dst, fill=True)
+    task_id = args.id or f"copy-{uuid.uuid4().hex[:8]}"
+    if not args.wait:
+        return started(ctx, ctx.client.copy_image(src, dst, wait=False, task_id=task_id), dst)
+    return follow(ctx, lambda cb: ctx.client.copy_image(
+        src, dst, True, task_id=task_id, on_progress=cb, **_wait_options(args)),
+        task_id, dst, f"copy {dst['volumeID'][:8]}")
+
+
+def continue_(ctx, args) -> int:
+    dst = parse_location(args.dst)
+    src = parse_location(args.src) if args.src else None
+    task_id = args.id or f"copy-{uuid.uuid4().hex[:8]}"
+    if not args.wait:
+        return started(ctx, ctx.client.continue_copy(dst, src, wait=False, task_id=task_id), dst)
+    return follow(ctx, lambda cb: ctx.client.continue_copy(
+        dst, src, True, task_id=task_id, on_progress=cb, **_wait_options(args)),
+        task_id, dst, f"copy {dst['volumeID'][:8]}")
+
+
+def started(ctx, first: dict, dst: dict) -> int:
+    if ctx.json:
+        output.emit_json({**first, "dst": dst})
+        return output.OK
+    task_id = first.get("taskID")
+    if task_id is None:
+        ctx.out.print(f"{show_location(dst)} is LEGAL already: nothing to copy")
+        return output.OK
+    ctx.out.print(f"copying into {show_location(dst)} as task {escape(str(task_id))}: "
+                  f"{output.size(first.get('copied'))} of {output.size(first.get('total'))} "
+                  f"there, attempt {first.get('attempts')}\n"
+                  f"  follow it: hostagent wait {escape(str(task_id))} --dst {show_location(dst)}")
+    return output.OK
+
+
+def wait(ctx, args) -> int:
+    dst = parse_location(args.dst) if args.dst else None
+
+    def run(cb):
+        return ctx.client.wait_task(args.task_id, dst=dst, on_progress=cb,
+                                    **_wait_options(args)).raise_for_state()
+    label = f"copy {dst['volumeID'][:8]}" if dst else f"task {args.task_id}"
+    return follow(ctx, run, args.task_id, dst, label)
+
+
+def add_parsers(sub, common) -> None:
+    waiting = common.__class__(add_help=False)
+    waiting.add_argument("--poll", type=float, default=1.0, metavar="SECONDS",
+                         help="poll this often when events are silent (default 1)")
+    waiting.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
+                         help="a copy nobody holds for this long needs continuing (default 10)")
+    p = sub.add_parser("copy", parents=[common, waiting],
+                       help="copy a volume; with --wait, show its progress until it is LEGAL")
+    p.add_argument("src", metavar="SRC", help="DOMAIN/IMAGE/VOLUME")
+    p.add_argument("dst", metavar="DST", help="DOMAIN[/IMAGE[/VOLUME]]: left-out or `new` "
+                                              "parts get fresh UUIDs")
+    p.add_argument("--wait", action="store_true", help="follow the copy to its end")
+    p.add_argument("--id", help="the task ID (default: copy-<random>)")
+    p.set_defaults(func=copy)
+    p = sub.add_parser("continue", parents=[common, waiting],
+                       help="continue a copy from its last checkpoint")
+    p.add_argument("dst", metavar="DST", help="DOMAIN/IMAGE/VOLUME (the ILLEGAL destination)")
+    p.add_argument("--src", help="its source (default: the one its copy marker names)")
+    p.add_argument("--wait", action="store_true", help="follow the copy to its end")
+    p.add_argument("--id", help="the task ID (default: copy-<random>)")
+    p.set_defaults(func=continue_)
+    p = sub.add_parser("wait", parents=[common, waiting],
+                       help="follow a task to its end (a copy's, across agent restarts)")
+    p.add_argument("task_id", metavar="TASK_ID")
+    p.add_argument("--dst", help="a copy's destination: follow it on storage once the task "
+                                 "is gone")
+    p.set_defaults(func=wait)

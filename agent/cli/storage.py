@@ -1,0 +1,195 @@
+"""`hostagent volume ...` and `hostagent domain ...`: the storage verbs, for people.
+
+A volume is named DOMAIN/IMAGE/VOLUME (three UUIDs). Where a new volume is made (volume
+create, the destination of a copy) the trailing parts may be left out, or written `new`:
+fresh UUIDs are chosen and printed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from agent.cli import output
+from agent.cli.output import UsageError
+from agent.storage.ids import check_uuid
+
+PARTS = ("domainID", "imageID", "volumeID")
+
+
+def parse_location(text: str, fill: bool = False) -> dict:
+    parts = text.strip("/").split("/")
+    if len(parts) > 3 or (len(parts) < 3 and not fill) or not parts[0]:
+        raise UsageError(f"{text!r} is not DOMAIN/IMAGE/VOLUME"
+                         + (" (IMAGE and VOLUME may be left out)" if fill else ""))
+    parts += ["new"] * (3 - len(parts))
+    loc = {}
+    for name, part in zip(PARTS, parts):
+        if part == "new" and fill and name != "domainID":
+            loc[name] = str(uuid.uuid4())
+            continue
+        try:
+            loc[name] = check_uuid(part, name)
+        except Exception:
+            raise UsageError(f"{name} {part!r} in {text!r} is not a UUID") from None
+    return loc
+
+
+def show_location(loc: dict) -> str:
+    return "/".join(loc[p] for p in PARTS)
+
+
+def _print_volume(ctx, info: dict, title: str) -> None:
+    pairs = [("volume", show_location(info)), ("size", f"{output.size(info.get('size'))} "
+                                                       f"({info.get('size')} bytes)"),
+             ("legality", output.styled(info.get("legality"))),
+             ("generation", info.get("generation"))]
+    if "path" in info:
+        pairs.append(("path", info["path"]))
+    lease = info.get("lease")
+    if lease:
+        pairs.append(("lease", f"{'held' if lease.get('live') else 'last held'} by "
+                               f"{lease.get('host_id')} pid {lease.get('pid')} "
+                               f"(task {lease.get('task_id')})"))
+    copy = info.get("copy")
+    if copy:
+        src = copy.get("source") or {}
+        pairs += [("copy", f"{output.styled(copy.get('state'))} from {show_location(src)}"),
+                  ("copied", f"{output.size(copy.get('copied'))} of "
+                             f"{output.size(copy.get('total'))} ({copy.get('percent')}%)"),
+                  ("attempts", copy.get("attempts")),
+                  ("copy host", f"{copy.get('host_id')} (task {copy.get('task_id')})"),
+                  ("copying now", "yes" if (copy.get("lease") or {}).get("live") else "no")]
+        for err in copy.get("errors") or []:
+            pairs.append(("error", f"{(err.get('data') or {}).get('name')}: "
+                                   f"{err.get('message')}"))
+    ctx.out.print(output.fields(pairs, title), crop=False)
+
+
+def volume_create(ctx, args) -> int:
+    loc = parse_location(args.location, fill=True)
+    info = ctx.client.call("Volume.create", {**loc, "size": output.parse_size(args.size)})
+    if ctx.json:
+        output.emit_json(info)
+    else:
+        _print_volume(ctx, info, "volume created")
+    return output.OK
+
+
+def volume_delete(ctx, args) -> int:
+    loc = parse_location(args.location)
+    result = ctx.client.call("Volume.delete", loc)
+    if ctx.json:
+        output.emit_json(result)
+    else:
+        ctx.out.print(f"deleted {show_location(loc)}")
+    return output.OK
+
+
+def volume_info(ctx, args) -> int:
+    """Volume.getInfo, and for an ILLEGAL volume the copy into it (Image.getStatus)."""
+    loc = parse_location(args.location)
+    info = ctx.client.call("Volume.getInfo", loc)
+    if info.get("legality") != "LEGAL":
+        info["copy"] = ctx.client.call("Image.getStatus", loc).get("copy")
+    if ctx.json:
+        output.emit_json(info)
+    else:
+        _print_volume(ctx, info, None)
+    return output.OK
+
+
+def _print_domain(ctx, info: dict, title: str | None) -> None:
+    ctx.out.print(output.fields([
+        ("domain", info.get("domainID")), ("path", info.get("path")),
+        ("capacity", output.size(info.get("capacity"))), ("free", output.size(info.get("free"))),
+        ("volumes", info.get("volumes")), ("copies in progress", info.get("copies"))], title),
+        crop=False)
+
+
+def domain_create(ctx, args) -> int:
+    domain_id = args.id or str(uuid.uuid4())
+    try:
+        domain_id = check_uuid(domain_id, "domainID")
+    except Exception:
+        raise UsageError(f"--id {args.id!r} is not a UUID") from None
+    info = ctx.client.call("StorageDomain.create",
+                           {"domainID": domain_id, "path": os.path.abspath(args.path)})
+    if ctx.json:
+        output.emit_json(info)
+    else:
+        _print_domain(ctx, info, "domain created")
+    return output.OK
+
+
+def domain_attach(ctx, args) -> int:
+    try:
+        domain_id = check_uuid(args.domain, "domainID")
+    except Exception:
+        raise UsageError(f"{args.domain!r} is not a UUID") from None
+    info = ctx.client.call("StorageDomain.attach",
+                           {"domainID": domain_id, "path": os.path.abspath(args.path)})
+    if ctx.json:
+        output.emit_json(info)
+    else:
+        _print_domain(ctx, info, "domain attached")
+    return output.OK
+
+
+def domain_info(ctx, args) -> int:
+    try:
+        domain_id = check_uuid(args.domain, "domainID")
+    except Exception:
+        raise UsageError(f"{args.domain!r} is not a UUID") from None
+    info = ctx.client.call("StorageDomain.getInfo", {"domainID": domain_id})
+    if ctx.json:
+        output.emit_json(info)
+    else:
+        _print_domain(ctx, info, None)
+    return output.OK
+
+
+def domain_list(ctx, args) -> int:
+    domains = ctx.client.call("StorageDomain.list")
+    if ctx.json:
+        output.emit_json(domains)
+        return output.OK
+    t = output.table("DOMAIN", "PATH", "ATTACHED BY")
+    for d in domains:
+        t.add_row(d.get("domainID"), d.get("path"), d.get("attached_by"))
+    ctx.out.print(t if domains else "no domain attached")
+    return output.OK
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("volume", help="create, delete or inspect a volume")
+    vsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = vsub.add_parser("create", parents=[common], help="create a sparse volume")
+    q.add_argument("location", metavar="DOMAIN[/IMAGE[/VOLUME]]",
+                   help="where; left-out or `new` parts get fresh UUIDs")
+    q.add_argument("size", help="bytes, or with a binary unit: 512M, 1G")
+    q.set_defaults(func=volume_create)
+    q = vsub.add_parser("delete", parents=[common], help="delete a volume")
+    q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
+    q.set_defaults(func=volume_delete)
+    q = vsub.add_parser("info", parents=[common],
+                        help="a volume's size, legality, lease, and any copy into it")
+    q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
+    q.set_defaults(func=volume_info)
+
+    p = sub.add_parser("domain", help="create, attach, inspect or list storage domains")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = dsub.add_parser("create", parents=[common],
+                        help="format an empty directory as a domain and attach it")
+    q.add_argument("path")
+    q.add_argument("--id", help="the domain's UUID (default: a new one)")
+    q.set_defaults(func=domain_create)
+    q = dsub.add_parser("attach", parents=[common], help="attach an existing domain")
+    q.add_argument("domain", metavar="DOMAIN_ID")
+    q.add_argument("path")
+    q.set_defaults(func=domain_attach)
+    q = dsub.add_parser("info", parents=[common], help="capacity, free space, volumes")
+    q.add_argument("domain", metavar="DOMAIN_ID")
+    q.set_defaults(func=domain_info)
+    q = dsub.add_parser("list", parents=[common], help="the domains this agent attached")
+    q.set_defaults(func=domain_list)

@@ -1,0 +1,152 @@
+"""`hostagent tasks`, `hostagent status` and `hostagent watch`: what the agent is doing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from rich.markup import escape
+
+from agent.cli import output
+from agent.client import CallError
+
+ACTIVE = ["pending", "running", "aborting"]
+
+
+def tasks(ctx, args) -> int:
+    states = args.state or (ACTIVE if args.active else None)
+    records = ctx.client.call("Task.getAll", {"states": states} if states else None)
+    if ctx.json:
+        output.emit_json(records)
+        return output.OK
+    if not records:
+        ctx.out.print("no task" + (f" in state {', '.join(states)}" if states else ""))
+        return output.OK
+    t = output.table("TASK", "METHOD", "STATE", "PROGRESS", "CREATED", "ENDED", "ERROR")
+    for r in records:
+        err = (r.get("error") or {})
+        progress = r.get("progress")
+        t.add_row(escape(str(r.get("id"))), r.get("method"), output.styled(r.get("state")),
+                  "-" if progress is None else f"{progress:.1f}%", output.ago(r.get("created")),
+                  output.ago(r.get("ended")) if r.get("ended") else "-",
+                  escape(f"{(err.get('data') or {}).get('name')}: {err.get('message')}") if err else "")
+    ctx.out.print(t)
+    return output.OK
+
+
+def status(ctx, args) -> int:
+    caps = ctx.client.call("Host.getCapabilities")
+    stats = ctx.client.call("Host.getStats")
+    domains = ctx.client.call("StorageDomain.list")
+    for d in domains:
+        try:
+            d["info"] = ctx.client.call("StorageDomain.getInfo", {"domainID": d["domainID"]})
+        except CallError as exc:
+            d["error"] = exc.error
+    if ctx.json:
+        output.emit_json({"host": {k: caps.get(k) for k in ("version", "host_id", "boot_id",
+                                                            "kernel_boot_id")},
+                          "stats": stats, "domains": domains})
+        return output.OK
+    agent = stats.get("agent") or {}
+    mem = stats.get("memory") or {}
+    counts = stats.get("tasks") or {}
+    ctx.out.print(output.fields([
+        ("host", caps.get("host_id")), ("agent", f"hostagent {caps.get('version')}, pid "
+                                                 f"{agent.get('pid')}, up "
+                                                 f"{output.duration(agent.get('uptime_seconds'))}"
+                                                 f", boot {str(caps.get('boot_id'))[:8]}"),
+        ("cpu", f"{stats.get('cpu_percent')}% of {stats.get('cpu_count')} cpus, load "
+                + " ".join(f"{x:.2f}" for x in stats.get("load") or [])),
+        ("memory", f"{output.size(mem.get('available'))} free of {output.size(mem.get('total'))}"
+                   f" ({mem.get('percent')}% used)"),
+        ("agent memory", output.size(agent.get("rss_bytes"))),
+        ("workers", stats.get("workers_running")),
+        ("tasks", ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
+    ], "host"), crop=False)
+    if not domains:
+        ctx.out.print("\nno domain attached")
+        return output.OK
+    t = output.table("DOMAIN", "PATH", "BY", "CAPACITY", "FREE", "VOLUMES", "COPYING",
+                     title="\ndomains")
+    for d in domains:
+        info = d.get("info") or {}
+        if "error" in d:
+            err = d["error"]
+            t.add_row(d["domainID"], d["path"], d.get("attached_by"),
+                      f"[red]{(err.get('data') or {}).get('name')}[/]", "", "", "")
+            continue
+        t.add_row(d["domainID"], d["path"], d.get("attached_by"),
+                  output.size(info.get("capacity")), output.size(info.get("free")),
+                  str(info.get("volumes")), str(info.get("copies")))
+    ctx.out.print(t)
+    return output.OK
+
+
+def describe(ev) -> str:
+    """One event as a line for people."""
+    p = ev.params
+    if ev.topic == "Host.booted":
+        return f"the agent on {p.get('host_id')} is up (boot {str(ev.boot_id)[:8]})"
+    if ev.topic == "Task.state":
+        r = p.get("task") or {}
+        err = (r.get("error") or {}).get("data", {}).get("name")
+        return f"{r.get('id')}  {r.get('method')}  {r.get('state')}" + (f"  {err}" if err else "")
+    if ev.topic == "Task.progress":
+        return f"{p.get('taskID')}  {p.get('progress', 0):.1f}%"
+    if ev.topic == "Image.copy":
+        line = f"{p.get('volumeID')}  {p.get('state')}"
+        if p.get("total") is not None and p.get("copied") is not None:
+            line += f"  {output.size(p['copied'])} of {output.size(p['total'])}"
+        return line + f"  (task {p.get('taskID')})"
+    if ev.topic == "Image.recovered":
+        return (f"{p.get('volumeID')}  policy {p.get('policy')}: {p.get('action')}  "
+                f"{output.size(p.get('copied'))} of {output.size(p.get('total'))}"
+                + (f"  (task {p['taskID']})" if p.get("taskID") else ""))
+    if ev.topic == "Operation.state":
+        return f"{p.get('operationID')}  {p.get('type', 'operation')}  {p.get('state')}"
+    rest = {k: v for k, v in p.items() if k not in ("seq", "boot_id")}
+    return json.dumps(rest, separators=(",", ":"))
+
+
+def watch(ctx, args) -> int:
+    """Events until Ctrl-C (exit 0), as lines for people or JSON lines; lost events and
+    restarts are said, since after either what was shown may be stale."""
+    sub = ctx.client.subscribe(args.topics or None)
+    try:
+        while True:
+            ev = sub.next(None)
+            if ctx.json:
+                body = dict(ev.raw) if ev.raw else {"method": None, "params": {}}
+                if ev.gap:
+                    body["gap"] = ev.gap
+                if ev.restarted:
+                    body["restarted"] = True
+                sys.stdout.write(json.dumps(body) + "\n")
+                sys.stdout.flush()
+                continue
+            if ev.restarted:
+                ctx.out.print(f"[bold yellow]-- the agent restarted (boot {str(ev.boot_id)[:8]})"
+                              f": its tasks are forgotten, re-read state --[/]")
+            elif ev.gap:
+                ctx.out.print(f"[bold yellow]-- {ev.gap} events lost: re-read state --[/]")
+            if ev.topic:
+                stamp = time.strftime("%H:%M:%S")
+                ctx.out.print(f"{stamp}  [bold]{ev.topic:<15}[/]  {escape(describe(ev))}",
+                              markup=True, highlight=False)
+    finally:
+        sub.close()
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("tasks", parents=[common], help="a table of this agent's tasks")
+    p.add_argument("--state", action="append", choices=ACTIVE + ["done", "failed", "aborted"],
+                   help="only tasks in this state (repeatable)")
+    p.add_argument("--active", action="store_true", help="only active tasks")
+    p.set_defaults(func=tasks)
+    p = sub.add_parser("status", parents=[common], help="host statistics and domains")
+    p.set_defaults(func=status)
+    p = sub.add_parser("watch", parents=[common], help="events as lines for people")
+    p.add_argument("topics", nargs="*", help="topic prefixes (default: all)")
+    p.set_defaults(func=watch)
