@@ -18,7 +18,8 @@ TOPICS = {
     "Host.booted": "the agent finished start-up and serves requests",
     "Task.state": "a task changed state; params.task is its whole record",
     "Task.progress": "a task's progress changed (at most about 10 a second per task)",
-    "Image.copy": "a copy's progress (copied, total, percent) and its completion",
+    "Image.copy": "a copy's state: started, copying (about once a second: copied, total,"
+                  " percent), done, or abandoned (after max_attempts, with its last error)",
     "Image.recovered": "start-up found a copy marker and applied the recovery policy to it",
     "Operation.state": "an operation (a scrub) started or ended; best effort, from the agent "
                        "that started it while it lives: getOperationStatuses is the truth",

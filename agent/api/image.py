@@ -25,8 +25,10 @@ def copy(agent, params):
     """Copy a volume's data to a destination volume that outlives this task.
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
-    response is sent, {"volumeID", "state": "copying", "generation", "copied", "attempts"},
-    while the data is still being copied; the task goes on until the destination is LEGAL.
+    response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",
+    "attempts"}, while the data is still being copied; the task goes on until the destination
+    is LEGAL, and its record's result is then {"volumeID", "state": "done", "generation",
+    "copied", "total"}.
     Naming a destination that has a marker from the same source continues that copy from
     its checkpoint, as a new task.
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
@@ -43,7 +45,8 @@ def get_status(agent, params):
     """The state of a volume and of any copy into it, read from storage (any host).
 
     Result: {domainID, imageID, volumeID, legality, generation, size, copy: null | {source,
-    copied, total, percent, state, attempts, errors, started, updated, host_id, task_id,
-    lease: {live, host_id, pid, ...} | null}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
+    copied, total, percent, state, generation, attempts, errors, started, updated, host_id,
+    task_id, lease: {live, host_id, pid, task_id, op, since} | null}}.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("image.status", located(agent, params))

@@ -45,6 +45,6 @@ def get_info(agent, params):
     """A volume's size, legality, generation, lease holder and data path.
 
     Result: {domainID, imageID, volumeID, size, legality, generation, path, lease: null |
-    {live, host_id, pid, task_id, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
+    {live, host_id, pid, task_id, op, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("volume.info", located(agent, params))
