@@ -10,6 +10,13 @@ The one ordering rule: fdatasync() the destination BEFORE checkpoint(offset), so
 claims bytes a power cut could take back. After a failed fdatasync (EIO) the kernel may already
 have dropped the dirty pages, so nothing after the last good checkpoint can be trusted; the
 error ends the copy and a retry resumes from that checkpoint, rewriting everything after it.
+
+Page-cache advice (_Cache): each chunk written is handed to writeback at once
+(POSIX_FADV_DONTNEED on dirty pages starts their writeback and drops nothing), so the device
+writes while the next chunk is read and a checkpoint's fdatasync finds little left to do; the
+source's pages are dropped once copied unless they were cached before, so a cold source does
+not grow the page cache by its whole size. The destination's pages are kept: the copy's
+checksum reads them back next. Measured in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -121,6 +128,34 @@ def _durable(dst_fd: int, offset: int) -> None:
         os.fdatasync(dst_fd)
 
 
+class _Cache:
+    """Page-cache advice for one copy (see the module's docstring). Advice only: its errors
+    are ignored."""
+
+    def __init__(self, src_fd: int, dst_fd: int):
+        self.src, self.dst = src_fd, dst_fd
+        self._probe = bytearray(4096)
+
+    @staticmethod
+    def _advise(fd: int, offset: int, length: int) -> None:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+    def cached(self, offset: int) -> bool:
+        """Whether the source's page at offset is in the page cache (read without waiting)."""
+        try:
+            return os.preadv(self.src, [self._probe], offset, os.RWF_NOWAIT) > 0
+        except OSError:  # EAGAIN: not cached; anything else: cannot tell, treat as not
+            return False
+
+    def copied(self, offset: int, n: int, src_was_cached: bool) -> None:
+        self._advise(self.dst, offset, n)  # dirty: starts its writeback, drops nothing
+        if not src_was_cached:
+            self._advise(self.src, offset, n)
+
+
 def _checkpoint(checkpoint, offset: int) -> None:
     if not checkpoint(offset):
         raise GenerationMismatch("copy superseded by a newer generation", offset=offset)
@@ -143,6 +178,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     if chunk <= 0 or checkpoint_bytes <= 0:
         raise InvalidParams("chunk and checkpoint_bytes must be positive", field="chunk")
     mover = _Mover(src_fd, dst_fd)
+    cache = _Cache(src_fd, dst_fd)
     offset, saved_offset, saved_at = start, start, clock()
     while offset < size:
         with _os_errors(offset):
@@ -152,11 +188,13 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
                 _durable(dst_fd, offset)
                 _checkpoint(checkpoint, offset)
                 raise CopyStopped(offset)
+            was_cached = cache.cached(offset)
             with _os_errors(offset):
                 n = mover.copy(offset, min(chunk, extent_end - offset))
             if n <= 0:
                 raise OperationFailed(f"source ended at offset {offset}, before {size}",
                                       offset=offset)
+            cache.copied(offset, n, was_cached)
             offset += n
             progress(offset)
             due = clock() - saved_at >= checkpoint_seconds

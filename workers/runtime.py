@@ -21,6 +21,7 @@ import traceback
 import zmq
 
 from agent import errors, system
+from workers import testseams  # here, so the fork server has it loaded for every worker
 
 ACK_TIMEOUT_MS = 10_000
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
@@ -98,11 +99,13 @@ class Context:
                 self.check()
 
 
-def _adopt(supervisor_pid: int) -> None:
+def _adopt(supervisor_pid: int, intermediate: int | None = None) -> None:
     """Wait to be adopted by the supervisor (a subreaper), then die when it dies."""
     deadline = time.monotonic() + 5
-    while os.getppid() != supervisor_pid:
-        if time.monotonic() > deadline:
+    while (ppid := os.getppid()) != supervisor_pid:
+        # Adopted by someone else (the supervisor is gone), or never: give up.
+        elsewhere = intermediate is not None and ppid != intermediate
+        if elsewhere or time.monotonic() > deadline:
             os._exit(70)
         time.sleep(0.0002)
     system.set_parent_death_signal(signal.SIGKILL)
@@ -110,18 +113,46 @@ def _adopt(supervisor_pid: int) -> None:
         os._exit(70)
 
 
-def main(request: dict, supervisor_pid: int) -> None:
+def prepare(supervisor_pid: int, intermediate: int | None = None):
+    """What a worker does before it knows its request: its ZeroMQ socket (the context's
+    threads start meanwhile), then the adoption (the intermediate exits meanwhile)."""
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.DEALER)
+    _adopt(supervisor_pid, intermediate)
+    return zctx, sock
+
+
+def spare(fd: int, supervisor_pid: int, intermediate: int | None = None) -> None:
+    """A worker forked ahead of its request: prepare, then wait for the request on `fd`
+    (one JSON line from the fork server). End-of-file: the fork server is gone; exit."""
+    try:
+        prepared = prepare(supervisor_pid, intermediate)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                os._exit(0)
+            data += chunk
+        os.close(fd)
+        request = json.loads(data)
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(72)
+    main(request, supervisor_pid, prepared)
+
+
+def main(request: dict, supervisor_pid: int, prepared=None,
+         intermediate: int | None = None) -> None:
     code = 0
     try:
-        _adopt(supervisor_pid)
-        from workers import ops, testseams
+        zctx, sock = prepared or prepare(supervisor_pid, intermediate)
+        from workers import ops
 
         op = ops.get(request["op"])
         if testseams.install_from_env():
             print(f"worker {os.getpid()}: test faults on: {os.environ[testseams.ENV]}",
                   file=sys.stderr)
-        zctx = zmq.Context()
-        sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, request["token"].encode())
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(f"ipc://{request['run_dir']}/workers.sock")
@@ -140,10 +171,12 @@ def main(request: dict, supervisor_pid: int) -> None:
             err = errors.InternalError(f"{type(exc).__name__} in {request['op']}")
             final = {"t": "error", "error": err.to_json()}
         ctx.send(final)
+        # Acked: all we sent has arrived, so close and term have nothing to flush and the
+        # context's threads end with the process (os._exit below). Else linger a last time.
         if not sock.poll(ACK_TIMEOUT_MS):
             code = 71
-        sock.close()
-        zctx.term()
+            sock.close()
+            zctx.term()
     except BaseException:
         traceback.print_exc(file=sys.stderr)
         code = 72

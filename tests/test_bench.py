@@ -1,0 +1,47 @@
+"""The benchmark runs and writes its table as JSON. Never a speed assertion: only that every
+row asked for is there with its figures and ratio, and that nothing it started is left."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ours(marker: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any(marker in part for part in (p.info["cmdline"] or []))]
+
+
+def test_bench_quick_rows_write_json_with_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    before = set(Path("/tmp").glob("hab-*"))
+    running = set(_ours("/tmp/hab-"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "rpc1,spawn", "--repeats", "1",
+         "--sizes", "spawn=5,rpc_seconds=0.2", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| rpc1 |" in proc.stdout and "| spawn |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["profile"] == "quick" and result["machine"]["nproc"] >= 1
+    rows = {r["key"]: r for r in result["rows"]}
+    assert set(rows) == {"rpc1", "spawn"}
+    for row in rows.values():
+        assert row["project"]["median"] > 0
+        assert all(b["median"] > 0 for b in row["baselines"].values())
+        assert isinstance(row["ratio"], float) and row["ratio"] > 0
+        assert isinstance(row["met"], bool) and row["goal"]
+    assert {"p50_ms", "p99_ms", "tasks_per_s"} <= set(rows["spawn"]["extra"])
+    new = set(Path("/tmp").glob("hab-*")) - before
+    assert not new, f"left behind: {new}"
+    assert not set(_ours("/tmp/hab-")) - running, "processes left behind"
+
+
+def test_bench_refuses_unknown_rows(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nosuchrow"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown rows" in proc.stderr
