@@ -92,7 +92,9 @@ class Scratch:
     it; close() kills them all (SIGKILL, the agent's normal way to stop) and removes the dir."""
 
     def __init__(self, prefix: str = "hab-", dir: str | None = None):
-        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir or "/tmp"))
+        # $HOSTAGENT_BENCH_TMP: where a run keeps its files (a test gives it a private one).
+        base = dir or os.environ.get("HOSTAGENT_BENCH_TMP") or "/tmp"
+        self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         self.procs: list[subprocess.Popen] = []
         self.agents: list[Agent] = []
 
