@@ -14,16 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 UUIDS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 200)]
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01):
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
-        time.sleep(interval)
+from tests.harness import wait_for  # noqa: E402,F401  (one definition for all tests)
 
 
 class Child:
