@@ -298,8 +298,9 @@ class Agent:
         self.respond(task, result, error)
         self.tasks.transition(task, event)
         self._publish_state(task)
-        self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
-                      error=task.error and task.error["data"]["name"])
+        if task.job is not None or task.error is not None:  # a query that answered is no news
+            self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
+                          error=task.error and task.error["data"]["name"])
         hook = self.end_hooks.get(task.method)
         if hook:
             hook(task)

@@ -116,6 +116,7 @@ def machine() -> dict:
 
     return {"nproc": os.cpu_count(), "memory_bytes": psutil.virtual_memory().total,
             "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
             "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()}
 
 
