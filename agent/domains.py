@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from agent import errors
+from agent import errors, system
 from agent.storage.ids import check_uuid
 
 
@@ -43,12 +43,7 @@ class Domains:
         self.paths[domain_id] = path
         self.sources.setdefault(domain_id, "attach")
         remembered = {d: p for d, p in self.paths.items() if self.sources[d] == "attach"}
-        tmp = f"{self.file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(remembered, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.file)
+        system.write_atomic(self.file, remembered)
 
     def listing(self) -> list[dict]:
         return [{"domainID": d, "path": p, "attached_by": self.sources[d]}

@@ -8,7 +8,6 @@ every scan has ended, requests are answered 99 RecoveryInProgress.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 
 import psutil
@@ -55,15 +54,6 @@ def read_text(path: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
-
-
-def write_atomic(path, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def begin(agent) -> None:

@@ -21,7 +21,7 @@ from agent import (api, errors, jsonrpc, logs, replies, sdnotify, security, star
                    transport)
 from agent.domains import Domains
 from agent.events import Publisher
-from agent.system import System, set_child_subreaper
+from agent.system import System, set_child_subreaper, write_atomic
 from agent.tasks import TaskTable
 from agent.workerpool import WorkerPool
 
@@ -97,7 +97,7 @@ class Agent:
             self.poller.register(self.guard.zap, zmq.POLLIN)
         self._control = self._control_fd = None
         self._watch_control()
-        startup.write_atomic(run_dir / "endpoints.json", {
+        write_atomic(run_dir / "endpoints.json", {
             "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
             "events": self.events.endpoints})
         self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,
@@ -279,13 +279,15 @@ class Agent:
 
     # -- what happens to tasks ---------------------------------------------------------
 
-    def respond(self, task, result=None, error: errors.AgentError | None = None) -> None:
+    def respond(self, task, result=None, error: errors.AgentError | None = None,
+                reply=None) -> None:
         if task.returned:
             return
         task.returned = True
-        if task.reply is not None:
-            task.reply(jsonrpc.error_response(task.request_id, error) if error
-                       else jsonrpc.result_response(task.request_id, result))
+        reply = reply or task.reply
+        if reply is not None:
+            reply(jsonrpc.error_response(task.request_id, error) if error
+                  else jsonrpc.result_response(task.request_id, result))
 
     def end(self, task, event: str, result=None, error: errors.AgentError | None = None) -> None:
         if not task.active:
@@ -295,15 +297,19 @@ class Agent:
                                        else None)
         task.result = result if event == "succeed" else task.result
         task.error = error.to_json() if error else None
-        self.respond(task, result, error)
+        reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
+        # The hook runs before the answer: what it makes durable (an attachment written to
+        # the run dir) must be on disk before a client is told, or a SIGKILL between the
+        # two leaves a client told "attached" and an agent that forgets it.
+        hook = self.end_hooks.get(task.method)
+        if hook:
+            hook(task)
+        self.respond(task, result, error, reply=reply)
         self._publish_state(task)
         if task.job is not None or task.error is not None:  # a query that answered is no news
             self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
                           error=task.error and task.error["data"]["name"])
-        hook = self.end_hooks.get(task.method)
-        if hook:
-            hook(task)
         if task.id in self.startup_jobs:
             self.startup_jobs.discard(task.id)
             self._maybe_ready()

@@ -7,6 +7,7 @@ can drive its loop with a fake; the integration tests use this real one.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import time
@@ -33,6 +34,24 @@ def set_child_subreaper() -> None:
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     _prctl(PR_SET_PDEATHSIG, sig)
+
+
+def write_atomic(path, obj) -> None:
+    """Replace `path` with `obj` as JSON so that, after a crash at any moment, the file holds
+    either the old or the new whole: a fsynced temporary file renamed over it, then the
+    directory fsynced so the rename itself is on disk before anyone is told."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def describe_status(status: int) -> dict:

@@ -36,6 +36,16 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+def task_state(agent, task_id):
+    """The task's state, or None while the agent has not seen the request: a request
+    sent on one socket and polled from another may arrive after the first poll."""
+    try:
+        return agent.call("Task.getStatus", {"taskID": task_id})["state"]
+    except CallError as exc:
+        assert exc.name == "NoSuchTask", exc
+        return None
+
+
 def short_tmpdir(prefix: str = "ha-") -> Path:
     # ipc socket paths must stay under ~107 bytes: pytest's tmp_path is often longer.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

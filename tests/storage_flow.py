@@ -59,21 +59,18 @@ def status(agent, loc) -> dict:
 
 
 def copied(agent, loc) -> int:
-    st = status(agent, loc)
+    """Bytes copied into `loc` so far; 0 until the copy has created it."""
+    try:
+        st = status(agent, loc)
+    except CallError as exc:
+        assert exc.name == "NoSuchVolume", exc
+        return 0
     return st["copy"]["copied"] if st["copy"] else st["size"]
 
 
 def wait_legal(agent, loc, timeout=60.0) -> dict:
     return wait_for(lambda: (s := status(agent, loc))["legality"] == "LEGAL" and s, timeout,
                     interval=0.05, what=f"{loc['volumeID']} LEGAL")
-
-
-def task_state(agent, task_id):
-    try:
-        return agent.call("Task.getStatus", {"taskID": task_id})["state"]
-    except CallError as exc:
-        assert exc.name == "NoSuchTask"
-        return None
 
 
 def volume_path(agent, loc) -> str:

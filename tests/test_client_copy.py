@@ -11,7 +11,7 @@ import pytest
 
 from agent.client import BlockingClient, CallError, NeedsContinuing, TaskFailed
 from tests.harness import wait_for, write_config
-from tests.storage_flow import (MiB, dst_for, integrity, make_source, new_id, sha256,
+from tests.storage_flow import (MiB, copied, dst_for, integrity, make_source, new_id, sha256,
                                 status, volume_path)
 
 SIZE = 192 * MiB
@@ -28,15 +28,6 @@ def shared(workdir):
 def pool():
     with ThreadPoolExecutor(2) as ex:
         yield ex
-
-
-def copied(agent, dst) -> int:
-    """Bytes checkpointed into dst; 0 while the copy has not created it yet."""
-    try:
-        st = status(agent, dst)
-    except CallError:
-        return 0
-    return st["copy"]["copied"] if st["copy"] else st["size"]
 
 
 def copy_agent(make_agent, shared, **over):

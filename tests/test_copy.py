@@ -10,9 +10,9 @@ import psutil
 import pytest
 
 from agent.client import CallError
-from tests.harness import events_until, wait_for
+from tests.harness import events_until, task_state, wait_for
 from tests.storage_flow import (MiB, allocated, copied, dst_for, integrity, make_source,
-                                new_id, sha256, status, task_state, volume_path, wait_legal)
+                                new_id, sha256, status, volume_path, wait_legal)
 
 SIZE = 256 * MiB
 COPY = {"chunk_bytes": 4 * MiB, "checkpoint_bytes": 16 * MiB, "checkpoint_seconds": 0.1,

@@ -11,9 +11,9 @@ import json
 import pytest
 
 from agent.client import CallError
-from tests.harness import wait_for
+from tests.harness import task_state, wait_for
 from tests.storage_flow import (MiB, dst_for, integrity, make_source, new_id, sha256, status,
-                                task_state, volume_path, wait_legal)
+                                volume_path, wait_legal)
 
 COPY = {"chunk_bytes": MiB, "checkpoint_bytes": 2 * MiB, "checkpoint_seconds": 60.0}
 MAX_POINTS = 40

@@ -4,7 +4,7 @@ import pytest
 
 from agent import __version__, api, states
 from agent.client import CallError
-from tests.harness import wait_for
+from tests.harness import task_state, wait_for
 
 
 def is_number(value) -> bool:
@@ -41,10 +41,11 @@ def test_stats_count_workers_and_tasks(agent):
     with pytest.raises(CallError):
         agent.call("Debug.sleep", {"seconds": 0, "fail": True}, id="bad")
     c.send("Debug.sleep", {"seconds": 60}, id="busy")
-    wait_for(lambda: agent.call("Task.getStatus", {"taskID": "busy"})["state"] == "running")
+    wait_for(lambda: task_state(agent, "busy") == "running")
 
-    stats = agent.call("Host.getStats")
-    assert stats["workers_running"] == 1
+    # "ok" and "bad" have answered, but their processes are listed until they
+    # are reaped: wait for that, which is the fact this test is about.
+    stats = wait_for(lambda: (s := agent.call("Host.getStats"))["workers_running"] == 1 and s)
     assert [(w["taskID"], w["op"]) for w in stats["workers"]] == [("busy", "debug.sleep")]
     assert stats["workers"][0]["pid"] in {p.pid for p in agent.workers()}
     counts = stats["tasks"]

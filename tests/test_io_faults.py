@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from tests.harness import wait_for
-from tests.storage_flow import MiB, dst_for, integrity, make_source, new_id, status, task_state
+from tests.harness import task_state, wait_for
+from tests.storage_flow import MiB, dst_for, integrity, make_source, new_id, status
 
 COPY = {"chunk_bytes": MiB, "checkpoint_bytes": 2 * MiB, "checkpoint_seconds": 0.1}
 RECOVERY = {"copy_policy": "resume", "max_attempts": 2, "backoff_seconds": 0.1}

@@ -1,13 +1,12 @@
 """Tasks: caller-named, transient, one worker process each, abortable, reaped."""
 
 import signal
-import time
 
 import psutil
 import pytest
 
 from agent.client import CallError
-from tests.harness import wait_for
+from tests.harness import task_state, wait_for
 
 
 def status(agent, task_id):
@@ -17,7 +16,7 @@ def status(agent, task_id):
 def test_duplicate_id_refused_while_active_then_reusable(agent):
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 30}, id="dup")
-    wait_for(lambda: status(agent, "dup")["state"] == "running")
+    wait_for(lambda: task_state(agent, "dup") == "running")
     before = status(agent, "dup")
     with pytest.raises(CallError) as err:
         agent.call("Debug.sleep", {"seconds": 0}, id="dup")
@@ -77,7 +76,7 @@ def test_failed_task_carries_named_error(agent):
 def test_abort_is_two_phase_and_answers_the_request(agent):
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 60}, id="ab")
-    wait_for(lambda: status(agent, "ab")["state"] == "running")
+    wait_for(lambda: task_state(agent, "ab") == "running")
     pid = worker_pid(agent, "ab")
     rec = agent.call("Task.abort", {"taskID": "ab"})
     assert rec["state"] == "aborting"
@@ -97,7 +96,7 @@ def test_abort_escalates_to_sigkill_when_sigterm_is_not_enough(make_agent):
     agent = make_agent(workers={"kill_grace_seconds": 0.5})
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 60, "stubborn": True}, id="stubborn")
-    wait_for(lambda: status(agent, "stubborn")["state"] == "running")
+    wait_for(lambda: task_state(agent, "stubborn") == "running")
     agent.call("Task.abort", {"taskID": "stubborn"})
     rec = wait_for(lambda: (r := status(agent, "stubborn"))["state"] == "aborted" and r)
     assert rec["error"]["data"]["name"] == "TaskAborted"
@@ -236,7 +235,7 @@ def test_retention_by_count_and_by_age(make_agent):
 def test_get_all_filters_by_state(agent):
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 60}, id="live")
-    wait_for(lambda: status(agent, "live")["state"] == "running")
+    wait_for(lambda: task_state(agent, "live") == "running")
     agent.call("Debug.sleep", {"seconds": 0}, id="over")
     running = agent.call("Task.getAll", {"states": ["running"]})
     assert [t["id"] for t in running] == ["live"]
@@ -250,7 +249,7 @@ def test_get_all_filters_by_state(agent):
 def test_a_client_gone_before_its_response_leaves_a_readable_task(agent):
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 0.5}, id="gone")
-    wait_for(lambda: status(agent, "gone")["state"] == "running")
+    wait_for(lambda: task_state(agent, "gone") == "running")
     c.close()  # the client is gone; the response has nowhere to go
     rec = wait_for(lambda: (r := status(agent, "gone"))["state"] == "done" and r)
     assert rec["result"] == {"slept": 0.5} and rec["returned"] is True
