@@ -11,8 +11,9 @@ import pytest
 
 from agent.client import CallError
 from tests.harness import events_until, task_state, wait_for
-from tests.storage_flow import (MiB, allocated, copied, dst_for, integrity, make_source,
-                                new_id, sha256, status, volume_path, wait_legal)
+from tests.storage_flow import (MiB, allocated, block_checksum, copied, dst_for, integrity,
+                                make_source, new_id, recorded_checksum, sha256, status,
+                                volume_path, wait_legal)
 
 SIZE = 256 * MiB
 COPY = {"chunk_bytes": 4 * MiB, "checkpoint_bytes": 16 * MiB, "checkpoint_seconds": 0.1,
@@ -111,6 +112,8 @@ def test_supervisor_sigkill_mid_copy_resumes_from_checkpoint(make_agent, shared)
     assert 0 < resumed["copied"] < SIZE and resumed["generation"] == 1
     wait_legal(agent, dst)
     assert sha256(volume_path(agent, dst)) == sha256(volume_path(agent, src))
+    # The checksum was hashed behind the resumed copy, the earlier life's prefix read back.
+    assert recorded_checksum(shared[1], dst["volumeID"]) == block_checksum(volume_path(agent, dst))
     assert integrity(shared[1]) == "ok"
 
 

@@ -17,10 +17,12 @@ import pytest
 
 from agent import config as configmod
 from agent.client import CallError
+from agent.errors import OperationFailed
 from tests.harness import events_until, wait_for
-from tests.storage_flow import (MiB, dst_for, make_source, new_id, sha256, volume_path,
-                                wait_legal)
+from tests.storage_flow import (MiB, block_checksum, dst_for, make_source, new_id,
+                                recorded_checksum, sha256, volume_path, wait_legal)
 from workers import checksum
+from workers.copyengine import sparse_extents
 from workers.ops import scrub as scrubops
 
 SLOW = 6 * MiB  # bytes a second: the scrub below takes about 9 s
@@ -83,13 +85,6 @@ def wait_state(agent, domain_id, operation_id, *states, timeout=60.0) -> dict:
                     what=f"operation {operation_id} {'/'.join(states)}")
 
 
-def recorded_checksum(domain_path, volume_id):
-    conn = sqlite3.connect(f"file:{domain_path}/metadata.db?mode=ro", uri=True, timeout=30)
-    try:
-        return conn.execute("SELECT checksum FROM volumes WHERE volume_id = ?",
-                            [volume_id]).fetchone()[0]
-    finally:
-        conn.close()
 
 
 def alive(pid) -> bool:
@@ -139,7 +134,7 @@ def test_scrub_outlives_its_agent_and_is_read_from_another_host(make_agent, shar
     assert result["bytes_read"] < 60 * MiB  # the sparse volume's holes were not read
     for vol in vols:
         assert recorded_checksum(shared[1], vol["volumeID"]) == \
-            "sha256:" + sha256(volume_path(b, vol))
+            block_checksum(volume_path(b, vol))
     assert operation(a, shared[0], op_id) == done  # the same answer from either host
 
 
@@ -171,7 +166,7 @@ def test_a_flipped_byte_is_reported_and_the_record_kept(make_agent, shared):
     assert got[-1]["params"]["result"] == done["result"]
 
     expected = recorded_checksum(shared[1], sparse["volumeID"])
-    assert expected == "sha256:" + sha256(volume_path(agent, sparse))
+    assert expected == block_checksum(volume_path(agent, sparse))
     path = volume_path(agent, sparse)
     with open(path, "r+b") as f:
         f.seek(100 * MiB + 12345)
@@ -179,16 +174,22 @@ def test_a_flipped_byte_is_reported_and_the_record_kept(make_agent, shared):
         f.seek(100 * MiB + 12345)
         f.write(bytes([byte[0] ^ 0x01]))
     later = make_source(agent, domain_id, MiB, seed=4)  # seen for the first time next scrub
+    # A record of the kind earlier versions wrote (whole-file SHA-256) is still verified.
+    legacy = "sha256:" + sha256(volume_path(agent, dense))
+    conn = sqlite3.connect(f"{shared[1]}/metadata.db", isolation_level=None)
+    conn.execute("UPDATE volumes SET checksum = ? WHERE volume_id = ?",
+                 [legacy, dense["volumeID"]])
+    conn.close()
 
     for _ in range(2):  # reported every time, never silently accepted
         op = start_scrub(agent, domain_id)
         result = wait_state(agent, domain_id, op["operationID"], "COMPLETED", "FAILED")["result"]
         assert result["volumes_checked"] == 3
         assert result["mismatches"] == [{**sparse, "expected": expected,
-                                         "found": "sha256:" + sha256(path)}]
+                                         "found": block_checksum(path)}]
         assert recorded_checksum(shared[1], sparse["volumeID"]) == expected
     assert result["recorded"] == 0
-    assert recorded_checksum(shared[1], dense["volumeID"]) is not None
+    assert recorded_checksum(shared[1], dense["volumeID"]) == legacy
     assert recorded_checksum(shared[1], later["volumeID"]) is not None
 
 
@@ -259,7 +260,7 @@ def test_copy_completion_records_the_checksum_a_scrub_agrees_with(make_agent, sh
     dst = dst_for(shared[0])
     agent.client().call("Image.copy", {"src": src, "dst": dst}, id="copy1")
     wait_legal(agent, dst)
-    want = "sha256:" + sha256(volume_path(agent, dst))
+    want = block_checksum(volume_path(agent, dst))
     assert recorded_checksum(shared[1], dst["volumeID"]) == (want if record else None)
     assert recorded_checksum(shared[1], src["volumeID"]) is None  # never scrubbed yet
     op = start_scrub(agent, shared[0])
@@ -272,21 +273,89 @@ def test_copy_completion_records_the_checksum_a_scrub_agrees_with(make_agent, sh
 
 # -- the pieces, without agents ---------------------------------------------------------
 
-def test_sparse_checksum_reads_only_data_and_equals_the_plain_one(tmp_path):
-    path = tmp_path / "vol.raw"
+def sparse_file(path, size=64 * MiB + 123, pieces=((10 * MiB + 7, os.urandom(MiB)),
+                                                       (64 * MiB, b"tail"))):
     with open(path, "wb") as f:
-        f.truncate(64 * MiB + 123)
-        f.seek(10 * MiB + 7)
-        f.write(os.urandom(MiB))
-        f.seek(64 * MiB)
-        f.write(b"tail")
+        f.truncate(size)
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def test_sparse_checksum_reads_only_data_and_follows_its_definition(tmp_path):
+    path = sparse_file(tmp_path / "vol.raw")
     reads = []
-    got = checksum.file_sha256(str(path), lambda offset, n: reads.append(n))
-    assert got == "sha256:" + sha256(path)
+    got = checksum.file_checksum(str(path), lambda offset, n: reads.append(n))
+    assert got == block_checksum(path)
     assert sum(reads) < 4 * MiB  # holes were hashed as zeros, not read
     empty = tmp_path / "empty.raw"
     empty.write_bytes(b"")
-    assert checksum.file_sha256(str(empty)) == "sha256:" + sha256(empty)
+    assert checksum.file_checksum(str(empty)) == block_checksum(empty)
+    # The kind earlier versions recorded: the SHA-256 of the whole file.
+    assert checksum.file_checksum(str(path), kind=checksum.kind_of("sha256:00")) == \
+        "sha256:" + sha256(path)
+    assert checksum.kind_of(None) == checksum.kind_of("md5:x") == "sha256-4m"
+
+
+def extents(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sparse_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def test_written_zeros_and_holes_have_one_checksum(tmp_path):
+    """A checksum of the bytes, not of the layout: a copy or a file system may turn zeros
+    into holes or back."""
+    holes = sparse_file(tmp_path / "holes.raw")
+    dense = tmp_path / "dense.raw"
+    dense.write_bytes(holes.read_bytes())  # every zero written out
+    assert extents(dense) != extents(holes)
+    assert checksum.file_checksum(str(dense)) == checksum.file_checksum(str(holes))
+
+
+@pytest.mark.parametrize("written", [0, 5 * MiB, 64 * MiB + 123])
+def test_the_follower_hashes_behind_a_writer(tmp_path, written):
+    """Bytes appear in steps (a copy's progress); the follower ends with the same checksum
+    as a read of the finished file, also when it starts with a prefix already written."""
+    src = sparse_file(tmp_path / "src.raw")
+    data, size = src.read_bytes(), src.stat().st_size
+    fd = os.open(tmp_path / "dst.raw", os.O_RDWR | os.O_CREAT)
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, data[:written], 0)
+        follower = checksum.Follower(fd, size, written=written)
+        offset = written
+        while offset < size:
+            n = min(3 * MiB + 1, size - offset)
+            os.pwrite(fd, data[offset:offset + n], offset)
+            offset += n
+            follower.advance(offset)
+        beats = []
+        assert follower.result(beat=lambda: beats.append(1)) == block_checksum(src)
+        follower.cancel()  # harmless once finished
+    finally:
+        os.close(fd)
+
+
+def test_a_cancelled_follower_stops_and_a_read_error_is_an_agent_error(tmp_path):
+    fd = os.open(sparse_file(tmp_path / "a.raw"), os.O_RDONLY)
+    try:
+        follower = checksum.Follower(fd, 64 * MiB, written=MiB)  # waits for a whole block
+        follower.cancel()
+        assert not follower._thread.is_alive()
+    finally:
+        os.close(fd)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # pread: EISDIR, for real
+    try:
+        follower = checksum.Follower(dir_fd, 4096)
+        follower.advance(4096)
+        with pytest.raises(OperationFailed, match="reading the destination back failed"):
+            follower.result()
+    finally:
+        os.close(dir_fd)
 
 
 def test_the_systemd_branch_runs_the_scrub_in_a_scope_of_its_own():

@@ -1,8 +1,17 @@
 """Checksums of volume data files, sparse-aware, for scrubs and for copy completion.
 
-The checksum is the SHA-256 of the file's bytes, 0 to its end, written as "sha256:<hex>".
-Data extents are found with SEEK_DATA / SEEK_HOLE and read; holes are hashed as the zeros
-they read as, without reading them, so a mostly empty 1 TiB volume costs CPU, not I/O.
+A checksum is written "<kind>:<hex>". Two kinds:
+
+- ``sha256-4m`` (what is recorded now): the SHA-256 of the SHA-256 digests of the file's
+  4 MiB blocks, in order (the last block may be shorter). A block that lies in a hole is
+  never read and its digest is a constant computed once, so a mostly empty 1 TiB volume
+  costs 262,144 small updates, not 1 TiB of hashing. Holes read as zeros and are hashed as
+  zeros: a block of written zeros has the same digest as a hole, so the checksum is of the
+  bytes, never of how the file system lays them out. Blocks also let a copy hash its
+  destination while it writes it (`Follower`), block by block behind the copy.
+- ``sha256`` (recorded by earlier versions): the SHA-256 of the whole file's bytes, holes
+  hashed as zeros. Still verified: a scrub hashes a volume with the kind of its record.
+
 `on_chunk(offset, read)` is called after every piece (``read``: bytes actually read from
 storage, 0 for a hole): the caller throttles, heartbeats and stops from there.
 """
@@ -10,93 +19,217 @@ storage, 0 for a hole): the caller throttles, heartbeats and stops from there.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
-import time
+import threading
 
 from agent.errors import OperationFailed
 
 MiB = 1 << 20
-PREFIX = "sha256:"
-CHUNK = 4 * MiB
-_ZEROS = memoryview(bytes(CHUNK))
+BLOCK = 4 * MiB
+BLOCKS, WHOLE = "sha256-4m", "sha256"
+KINDS = (BLOCKS, WHOLE)
+_ZEROS = memoryview(bytes(BLOCK))
 
 
-def _extents(fd: int, size: int):
-    """(start, end, is_data) pieces covering [0, size), in order."""
-    offset = 0
-    while offset < size:
+def kind_of(checksum: str | None) -> str:
+    """The kind a recorded checksum was made with; the current one for none (or unknown)."""
+    kind = (checksum or "").partition(":")[0]
+    return kind if kind in KINDS else BLOCKS
+
+
+@functools.lru_cache(maxsize=4)
+def _zero_digest(n: int) -> bytes:
+    return hashlib.sha256(_ZEROS[:n]).digest()
+
+
+def _extents(fd: int, start: int, end: int):
+    """(start, end, is_data) pieces covering [start, end), in order."""
+    offset = start
+    while offset < end:
         try:
             data = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data after offset: the rest is a hole
-                data = size
+                data = end
             elif e.errno == errno.EINVAL:  # no SEEK_DATA on this file system: all data
-                yield offset, size, True
+                yield offset, end, True
                 return
             else:
                 raise
-        data = min(data, size)
+        data = min(data, end)
         if data > offset:
             yield offset, data, False
-        if data >= size:
+        if data >= end:
             return
-        end = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        yield data, end, True
-        offset = end
+        stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, stop, True
+        offset = stop
 
 
-def sparse_sha256(fd: int, on_chunk=None, chunk: int = CHUNK) -> str:
-    """"sha256:<hex>" of the whole file open at ``fd``, reading only its data extents."""
-    size = os.fstat(fd).st_size
+class _Truncated(Exception):
+    """The file ended before its size said: what is not there hashes as nothing."""
+
+
+class BlockHasher:
+    """The ``sha256-4m`` checksum of the file open at ``fd``, taken a block at a time as far
+    as the caller says the bytes are final (`hash_until`)."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        self.pos = 0  # every block below pos is hashed
+        self.read = 0  # bytes read from storage so far
+        self._outer = hashlib.sha256()
+        self._buf = memoryview(bytearray(BLOCK))
+
+    @property
+    def finished(self) -> bool:
+        return self.pos >= self.size
+
+    def next_block_end(self) -> int:
+        return min(self.pos + BLOCK, self.size)
+
+    def hash_until(self, limit: int, on_chunk=None) -> None:
+        """Hash every block that ends at or below ``limit`` (the file's end ends a block)."""
+        while not self.finished and self.next_block_end() <= limit:
+            start, end = self.pos, self.next_block_end()
+            try:
+                n = self._block(start, end)
+            except _Truncated:
+                self.pos = self.size
+                return
+            self.pos = end
+            if on_chunk is not None:
+                on_chunk(end, n)
+
+    def _block(self, start: int, end: int) -> int:
+        pieces = list(_extents(self.fd, start, end))
+        if not any(is_data for _, _, is_data in pieces):
+            self._outer.update(_zero_digest(end - start))
+            return 0
+        inner, read = hashlib.sha256(), 0
+        for s, e, is_data in pieces:
+            if not is_data:
+                inner.update(_ZEROS[:e - s])
+                continue
+            view = self._buf[:e - s]
+            got = os.preadv(self.fd, [view], s)
+            inner.update(view[:max(got, 0)])
+            read += max(got, 0)
+            if got < e - s:
+                self._outer.update(inner.digest())
+                self.read += read
+                raise _Truncated()
+        self._outer.update(inner.digest())
+        self.read += read
+        return read
+
+    def hexdigest(self) -> str:
+        return f"{BLOCKS}:{self._outer.hexdigest()}"
+
+
+def _whole_sha256(fd: int, size: int, on_chunk=None) -> str:
     digest = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    for start, end, is_data in _extents(fd, size):
+    buf = memoryview(bytearray(BLOCK))
+    for start, end, is_data in _extents(fd, 0, size):
         pos = start
         while pos < end:
-            n = min(chunk, end - pos)
+            n = min(BLOCK, end - pos)
             if is_data:
-                got = os.preadv(fd, [view[:n]], pos)
+                got = os.preadv(fd, [buf[:n]], pos)
                 if got <= 0:  # truncated under us: what is not there hashes as nothing
-                    return _done(digest)
-                digest.update(view[:got])
+                    return f"{WHOLE}:{digest.hexdigest()}"
+                digest.update(buf[:got])
             else:
-                got = min(n, len(_ZEROS))
+                got = n
                 digest.update(_ZEROS[:got])
             pos += got
             if on_chunk is not None:
                 on_chunk(pos, got if is_data else 0)
-    return _done(digest)
+    return f"{WHOLE}:{digest.hexdigest()}"
 
 
-def _done(digest) -> str:
-    return PREFIX + digest.hexdigest()
+def fd_checksum(fd: int, on_chunk=None, kind: str = BLOCKS) -> str:
+    """The checksum of the whole file open at ``fd``, of the given kind."""
+    size = os.fstat(fd).st_size
+    if kind == WHOLE:
+        return _whole_sha256(fd, size, on_chunk)
+    hasher = BlockHasher(fd, size)
+    hasher.hash_until(size, on_chunk)
+    return hasher.hexdigest()
 
 
-def file_sha256(path: str, on_chunk=None) -> str:
+def file_checksum(path: str, on_chunk=None, kind: str = BLOCKS) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return sparse_sha256(fd, on_chunk)
+        return fd_checksum(fd, on_chunk, kind)
     finally:
         os.close(fd)
 
 
-def checksum_in_worker(ctx, path: str, rate: int = 0) -> str:
-    """file_sha256 from a worker: heartbeats, stops when asked (runtime.Stopped), and reads no
-    faster than ``rate`` bytes a second (0: unlimited)."""
-    began, read = time.monotonic(), 0
+def _read_error(e: OSError, what: str) -> OperationFailed:
+    return OperationFailed(f"reading {what} back failed: {e.strerror or e}",
+                           errno=errno.errorcode.get(e.errno, str(e.errno)))
 
-    def on_chunk(offset: int, n: int) -> None:
-        nonlocal read
-        read += n
-        ctx.check()
-        if rate and (ahead := read / rate - (time.monotonic() - began)) > 0:
-            ctx.wait(ahead)
 
-    try:
-        return file_sha256(path, on_chunk)
-    except OSError as e:
-        raise OperationFailed(f"reading {os.path.basename(path)} back failed: {e.strerror or e}",
-                              errno=errno.errorcode.get(e.errno, str(e.errno))) from e
+class Follower:
+    """Hashes a copy's destination in a thread, a block behind the copy, so that recording
+    its checksum costs no second pass over the data: when the copy ends, only the last
+    block or so is left to hash. The bytes are read back from the destination (from the
+    page cache, mostly), so the checksum is of what was written, not of what was meant.
+
+    ``advance(offset)`` says every byte below offset is written; `result()` waits for the
+    rest and returns the checksum; `cancel()` stops the thread. Hashing (pread, SHA-256)
+    releases the GIL, so it runs on another core than the copy's kernel calls.
+    """
+
+    def __init__(self, fd: int, size: int, written: int = 0):
+        self._hasher = BlockHasher(fd, size)
+        self._limit = written
+        self._cancelled = False
+        self._error: OSError | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="checksum", daemon=True)
+        self._thread.start()
+
+    def advance(self, offset: int) -> None:
+        with self._cond:
+            if offset > self._limit:
+                self._limit = offset
+                if offset >= self._hasher.next_block_end():
+                    self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._cancelled and self._hasher.next_block_end() > self._limit:
+                        self._cond.wait()
+                    if self._cancelled:
+                        return
+                    limit = self._limit
+                self._hasher.hash_until(limit)
+                if self._hasher.finished:
+                    return
+        except OSError as e:
+            self._error = e
+
+    def result(self, beat=lambda: None, what: str = "the destination") -> str:
+        """The checksum, once every block is hashed: advance(size) first. ``beat()`` is
+        called while waiting (heartbeats; it may raise to stop, see `cancel`)."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)
+            beat()
+        if self._error is not None:
+            raise _read_error(self._error, what)
+        if not self._hasher.finished:
+            raise OperationFailed(f"{what} was hashed only to offset {self._hasher.pos}")
+        return self._hasher.hexdigest()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify()
+        self._thread.join()

@@ -151,7 +151,7 @@ class Scrub:
             self.tick()
 
         try:
-            found = checksum.file_sha256(path, on_chunk)
+            found = checksum.file_checksum(path, on_chunk, checksum.kind_of(vol["checksum"]))
         except FileNotFoundError:
             found = None
         finally:

@@ -15,8 +15,7 @@ import time
 from agent import errors
 from agent.storage import lease
 from agent.storage.metadata import DomainDB
-from workers import copyengine
-from workers.checksum import checksum_in_worker
+from workers import checksum, copyengine
 from workers.ops.storage import holder, open_domain, volume_row
 from workers.runtime import Stopped
 
@@ -81,14 +80,8 @@ def copy(ctx, args):
         base = {"domainID": dst["domainID"], "imageID": dst["imageID"],
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
-        copy_cfg = ctx.settings.get("copy", {})
-        checksum = None
         try:
-            _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
-            if copy_cfg.get("record_checksum", True):  # so a scrub can tell if data changed
-                checksum = checksum_in_worker(
-                    ctx, dst_db.layout.volume_path(dst["imageID"], dst["volumeID"]),
-                    copy_cfg.get("max_bytes_per_second", 0))
+            checksum = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
         except errors.AgentError as exc:
             _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
@@ -114,7 +107,10 @@ def _record(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError, task
         print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
 
 
-def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> None:
+def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> str | None:
+    """Copy the data, durable, and return the destination's checksum (None when [copy]
+    record_checksum is off): hashed behind the copy as it goes, so a scrub can later tell
+    whether the data changed since, without a second pass over it now."""
     dst_db.layout.ensure_image_dir(dst["imageID"])
     dst_path = dst_db.layout.volume_path(dst["imageID"], dst["volumeID"])
     src_path = src_db.layout.volume_path(src["imageID"], src["volumeID"])
@@ -124,6 +120,7 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
     except BaseException:
         os.close(src_fd)
         raise
+    follower = None
     try:
         if fresh:  # whatever an earlier life left here is not ours: holes must stay holes
             os.ftruncate(dst_fd, 0)
@@ -144,8 +141,13 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
 
         copy_cfg = ctx.settings.get("copy", {})
         rate, began = copy_cfg.get("max_bytes_per_second", 0), time.monotonic()
+        # On a resume the bytes below `start` are an earlier life's: read back from disk.
+        if copy_cfg.get("record_checksum", True):
+            follower = checksum.Follower(dst_fd, size, written=start)
 
         def progress(offset: int) -> None:
+            if follower is not None:
+                follower.advance(offset)
             ctx.progress(100.0 * offset / size if size else 100.0)
             if rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
                 ahead = (offset - start) / rate - (time.monotonic() - began)
@@ -162,7 +164,13 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
         except copyengine.CopyStopped:
             raise Stopped() from None
         os.fsync(dst_fd)
+        if follower is None:
+            return None
+        follower.advance(size)
+        return follower.result(beat=ctx.check)
     finally:
+        if follower is not None:
+            follower.cancel()  # before the fd it reads is closed
         os.close(src_fd)
         os.close(dst_fd)
 
