@@ -42,13 +42,15 @@ DEFAULTS: dict[str, Any] = {
     # CURVE on the RPC and events sockets: the server's secret key file and a directory of
     # authorized clients' public key files (both, or neither). See agent/security.py.
     "security": {"server_secret_key": "", "authorized_keys_dir": ""},
+    # max_running: how many tasks the agent issues itself (recovered and retried copies,
+    # abandons) run at once; the rest wait, pending, in order (agent/backlog.py).
     "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
-                 "backoff_seconds": 1.0},
+                 "backoff_seconds": 1.0, "max_running": 4},
     # max_bytes_per_second: 0 is unlimited; a limit keeps copies from starving VMs' I/O.
     "copy": {"chunk_bytes": 64 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
              "checkpoint_seconds": 1.0, "max_bytes_per_second": 0,
-             # Read the destination back at completion and record its sha256, so a scrub
-             # can tell later whether its data changed; costs one read of the destination.
+             # Hash the destination behind the copy and record its checksum at completion,
+             # so a scrub can tell later whether its data changed (workers/checksum.py).
              "record_checksum": True},
     # A scrub reads every LEGAL volume of a domain; its reads are throttled (0: unlimited)
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
@@ -128,6 +130,7 @@ def _check(data: dict) -> None:
     if data["scrub"]["launcher"] not in SCRUB_LAUNCHERS:
         raise ConfigError(f"scrub.launcher must be one of {', '.join(SCRUB_LAUNCHERS)}")
     positive("recovery.max_attempts", data["recovery"]["max_attempts"], int)
+    positive("recovery.max_running", data["recovery"]["max_running"], int)
     if not isinstance(data["recovery"]["backoff_seconds"], (int, float)) or \
             data["recovery"]["backoff_seconds"] < 0:
         raise ConfigError("recovery.backoff_seconds must be a non-negative number")

@@ -62,12 +62,12 @@ def install(agent) -> None:
 def scan(agent, domain_id: str, startup: bool) -> None:
     job = api.WorkerJob("domain.scan", {"domainID": domain_id,
                                         "path": agent.domains.path(domain_id)})
-    _submit(agent, f"scan:{domain_id}", "Recovery.scan", job, startup=startup)
+    _submit(agent, f"scan:{domain_id}", "Recovery.scan", job, startup=startup, queued=False)
 
 
-def _submit(agent, task_id: str, method: str, job: api.WorkerJob, startup: bool = False):
+def _submit(agent, task_id: str, method: str, job: api.WorkerJob, **how):
     try:
-        return agent.submit(task_id, method, job, startup=startup)
+        return agent.submit(task_id, method, job, **how)
     except errors.TaskIdInUse:
         log.info("already_running", task_id=task_id)  # the same decision taken twice
         return None

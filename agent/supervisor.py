@@ -19,6 +19,7 @@ import zmq
 
 from agent import (api, errors, jsonrpc, logs, replies, sdnotify, security, startup, states,
                    transport)
+from agent.backlog import Backlog
 from agent.domains import Domains
 from agent.events import Publisher
 from agent.system import System, set_child_subreaper, write_atomic
@@ -54,6 +55,8 @@ class Agent:
         self.recovering = True
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
         self.end_hooks: dict[str, callable] = {}  # method -> called when a task of it ends
+        self.backlog = Backlog(config["recovery"]["max_running"])
+        self._starting_backlog = False
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
@@ -114,7 +117,9 @@ class Agent:
             sdnotify.notify("READY=1", f"STATUS=serving, boot {self.boot_id}")
             self.events.publish("Host.booted", {"host_id": self.config.host_id,
                                                 "pid": os.getpid()})
-            self.log.info("ready", seconds=round(self.system.monotonic() - self.started_at, 3))
+            self.log.info("ready", seconds=round(self.system.monotonic() - self.started_at, 3),
+                          waiting=self.backlog.waiting())
+            self._start_backlog()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -269,13 +274,31 @@ class Agent:
         # it too would let 10,000 retained records of Host.getCapabilities hold ~50 MB.
         task.result = None
 
-    def submit(self, task_id: str, method: str, job: api.WorkerJob, startup: bool = False):
-        """Start a task of the agent's own (recovery, retries): no client waits on it."""
+    def submit(self, task_id: str, method: str, job: api.WorkerJob, *, startup: bool = False,
+               queued: bool = True):
+        """A task of the agent's own (recovery, retries): no client waits on it. `queued`
+        ones wait in the backlog (agent/backlog.py) until READY and a free slot;
+        `startup` ones run at once and READY waits for them."""
         task = self.tasks.admit(task_id, method, limited=False)
         if startup:
             self.startup_jobs.add(task_id)
-        self.run_task(task, lambda *_: job, None)
+        if queued:
+            self.backlog.add(task, job)
+            self._start_backlog()
+        else:
+            self.run_task(task, lambda *_: job, None)
         return task
+
+    def _start_backlog(self) -> None:
+        if self.recovering or self._starting_backlog:
+            return  # not before READY; and a task ending while we start one changes nothing
+        self._starting_backlog = True
+        try:
+            while batch := self.backlog.take():
+                for task, job in batch:
+                    self.run_task(task, lambda *_, job=job: job, None)
+        finally:
+            self._starting_backlog = False
 
     # -- what happens to tasks ---------------------------------------------------------
 
@@ -313,12 +336,15 @@ class Agent:
         if task.id in self.startup_jobs:
             self.startup_jobs.discard(task.id)
             self._maybe_ready()
+        self._start_backlog()  # a slot may be free now
 
     def abort(self, task) -> None:
         self.tasks.transition(task, "abort")
         self._publish_state(task)
         if task.worker is not None:
             self.pool.terminate(task.worker, "abort")
+        elif self.backlog.discard(task):  # it never started: nothing to wait for
+            self.end(task, "fail")
 
     def _publish_state(self, task) -> None:
         self.events.publish("Task.state", {"task": task.record()})

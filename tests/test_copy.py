@@ -343,3 +343,69 @@ def test_a_retry_killed_before_it_owns_the_marker_is_retried_too(make_agent, sha
     wait_legal(agent, dst)
     assert sha256(volume_path(agent, dst)) == sha256(volume_path(agent, src))
     assert status(agent, dst)["generation"] == 2  # one takeover (the third attempt) + done
+
+
+def test_recovered_copies_wait_in_order_and_run_a_few_at_a_time(make_agent, shared):
+    """Start-up re-issues every leftover copy at once as a pending task, but starts them only
+    after READY and at most [recovery] max_running at a time; one still waiting can be
+    aborted, and it ends at once, its destination left as it was."""
+    agent = copy_agent(make_agent, shared, create=True,
+                       copy={**COPY, "max_bytes_per_second": 8 * MiB},
+                       recovery={**RECOVERY, "max_running": 2})
+    pairs = [(make_source(agent, shared[0], 32 * MiB, seed=i), dst_for(shared[0]))
+             for i in range(5)]
+    for i, (src, dst) in enumerate(pairs):
+        start_copy(agent, src, dst, task_id=f"c{i}")
+    wait_for(lambda: all(copied(agent, dst) > 0 for _, dst in pairs), 30,
+             what="a checkpoint of every copy")
+    agent.kill(signal.SIGKILL)
+    agent.reconfigure(storage={"domains": {shared[0]: shared[1]}},
+                      copy={"max_bytes_per_second": 16 * MiB})
+    agent.start()
+
+    def recovered():
+        return [t for t in agent.call("Task.getAll") if t["id"].startswith("recover:")]
+    first = recovered()
+    assert len(first) == 5 and {t["state"] for t in first} <= {"pending", "running"}
+    stats = agent.call("Host.getStats")
+    running = {w["taskID"] for w in stats["workers"] if w["op"] == "image.copy"}
+    assert len(running) <= 2 and stats["backlog"] >= 3, stats  # (the scan's may linger)
+    waiting = [t["id"] for t in first if t["id"] not in running]
+    victim = waiting[-1]  # behind at least two others that copy >= 16 MiB at 16 MiB/s each
+    record = agent.call("Task.abort", {"taskID": victim})
+    assert record["state"] == "aborted" and record["error"]["data"]["name"] == "TaskAborted"
+
+    most = []
+    def all_ended():
+        stats = agent.call("Host.getStats")
+        most.append(sum(w["op"] == "image.copy" for w in stats["workers"]))
+        return all(t["state"] not in ("pending", "running") for t in recovered())
+    wait_for(all_ended, 60, interval=0.05, what="every recovered copy to end")
+    assert max(most) <= 2, most
+    ends = {t["id"]: t["state"] for t in recovered()}
+    assert ends == {t["id"]: "aborted" if t["id"] == victim else "done" for t in first}
+    for src, dst in pairs:
+        if f"recover:{dst['volumeID']}:0" == victim:
+            st = status(agent, dst)
+            assert st["legality"] == "ILLEGAL" and st["copy"]["generation"] == 0
+        else:
+            wait_legal(agent, dst)
+            assert sha256(volume_path(agent, dst)) == sha256(volume_path(agent, src))
+    assert integrity(shared[1]) == "ok"
+
+
+def test_backlog_order_limit_and_discard():
+    from agent.backlog import Backlog
+
+    class T:
+        def __init__(self, name):
+            self.name, self.active = name, True
+    a, b, c, d = (T(n) for n in "abcd")
+    log = Backlog(2)
+    for t in (a, b, c, d):
+        log.add(t, t.name)
+    assert [job for _, job in log.take()] == ["a", "b"] and log.waiting() == 2
+    assert log.take() == []  # both slots taken
+    assert log.discard(c) and not log.discard(c) and not log.discard(a)
+    a.active = False  # ended: its slot is free
+    assert [job for _, job in log.take()] == ["d"] and log.waiting() == 0

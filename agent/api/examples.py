@@ -58,7 +58,8 @@ EXAMPLES: dict[str, dict] = {
                                            "pid": 28412}],
         "forkserver_pid": 28054,
         "tasks": {"pending": 0, "running": 1, "done": 24, "failed": 0, "aborting": 0,
-                  "aborted": 0}}},
+                  "aborted": 0},
+        "backlog": 0}},
     "Host.ping": {"params": None, "result": True},
     "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {
         "volumeID": DST_VOLUME, "state": "copying", "generation": 0, "copied": 0,

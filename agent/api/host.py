@@ -26,7 +26,9 @@ def get_stats(agent, params):
 
     Result: {cpu_percent, cpu_count, memory: {total, available, percent}, load: [1, 5, 15],
     uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id}, workers_running,
-    workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count}}.
+    workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count}, backlog: the
+    agent's own tasks (recovered and retried copies) pending for a free slot of
+    `[recovery] max_running`}.
     """
     vm = psutil.virtual_memory()
     me = psutil.Process()
@@ -44,6 +46,7 @@ def get_stats(agent, params):
                     for w in agent.pool.by_token.values()],
         "forkserver_pid": agent.pool.forkserver_pid,
         "tasks": agent.tasks.counts(),
+        "backlog": agent.backlog.waiting(),
     }
 
 

@@ -62,7 +62,9 @@ def status(ctx, args) -> int:
         ("memory", f"{output.size(mem.get('available'))} free of {output.size(mem.get('total'))}"
                    f" ({mem.get('percent')}% used)"),
         ("agent memory", output.size(agent.get("rss_bytes"))),
-        ("workers", stats.get("workers_running")),
+        ("workers", f"{stats.get('workers_running')}"
+                    + (f", {stats['backlog']} recovered copies waiting"
+                       if stats.get("backlog") else "")),
         ("tasks", ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
     ], "host"), crop=False)
     if not domains:
