@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
                  "backoff_seconds": 1.0, "max_running": 4},
     # max_bytes_per_second: 0 is unlimited; a limit keeps copies from starving VMs' I/O.
-    "copy": {"chunk_bytes": 64 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
+    "copy": {"chunk_bytes": 16 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
              "checkpoint_seconds": 1.0, "max_bytes_per_second": 0,
              # Hash the destination behind the copy and record its checksum at completion,
              # so a scrub can tell later whether its data changed (workers/checksum.py).

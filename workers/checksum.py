@@ -28,6 +28,9 @@ from agent.errors import OperationFailed
 
 MiB = 1 << 20
 BLOCK = 4 * MiB
+# Data is read in pieces small enough to stay in the CPU's cache between the read and the
+# hash: ~10% faster than reading a whole block at once, measured (docs/performance.md).
+READ = 256 * 1024
 BLOCKS, WHOLE = "sha256-4m", "sha256"
 KINDS = (BLOCKS, WHOLE)
 _ZEROS = memoryview(bytes(BLOCK))
@@ -81,7 +84,7 @@ class BlockHasher:
         self.pos = 0  # every block below pos is hashed
         self.read = 0  # bytes read from storage so far
         self._outer = hashlib.sha256()
-        self._buf = memoryview(bytearray(BLOCK))
+        self._buf = memoryview(bytearray(READ))
 
     @property
     def finished(self) -> bool:
@@ -113,14 +116,15 @@ class BlockHasher:
             if not is_data:
                 inner.update(_ZEROS[:e - s])
                 continue
-            view = self._buf[:e - s]
-            got = os.preadv(self.fd, [view], s)
-            inner.update(view[:max(got, 0)])
-            read += max(got, 0)
-            if got < e - s:
-                self._outer.update(inner.digest())
-                self.read += read
-                raise _Truncated()
+            for pos in range(s, e, READ):
+                view = self._buf[:min(READ, e - pos)]
+                got = max(os.preadv(self.fd, [view], pos), 0)
+                inner.update(view[:got])
+                read += got
+                if got < len(view):
+                    self._outer.update(inner.digest())
+                    self.read += read
+                    raise _Truncated()
         self._outer.update(inner.digest())
         self.read += read
         return read

@@ -163,7 +163,7 @@ def _checkpoint(checkpoint, offset: int) -> None:
 
 
 def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, progress,
-               should_stop, chunk: int = 64 * MiB, checkpoint_bytes: int = 256 * MiB,
+               should_stop, chunk: int = 16 * MiB, checkpoint_bytes: int = 256 * MiB,
                checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
     """Copy source bytes [start, size) to the same offsets of the destination.
 

@@ -158,7 +158,7 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
             copyengine.copy_range(
                 src_fd, dst_fd, start, size, checkpoint=checkpoint, progress=progress,
                 should_stop=ctx.stop_requested,
-                chunk=copy_cfg.get("chunk_bytes", 64 << 20),
+                chunk=copy_cfg.get("chunk_bytes", 16 << 20),
                 checkpoint_bytes=copy_cfg.get("checkpoint_bytes", 256 << 20),
                 checkpoint_seconds=copy_cfg.get("checkpoint_seconds", 1.0))
         except copyengine.CopyStopped:
