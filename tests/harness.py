@@ -169,6 +169,10 @@ class AgentProcess:
     def subscribe(self, *topics: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
+        # Made before start() to catch start-up's events (Image.recovered): a PUB drops what
+        # it sends before a subscriber has joined, so retry the connect every millisecond
+        # (100 ms by default), far less than the fork server takes to start its first worker.
+        sock.setsockopt(zmq.RECONNECT_IVL, 1)
         for t in topics or ("",):
             sock.setsockopt_string(zmq.SUBSCRIBE, t)
         sock.connect(self.events_endpoint)

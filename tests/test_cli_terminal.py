@@ -27,9 +27,12 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]")
 
 
 @pytest.fixture
-def copying(make_agent, workdir):
+def copying(make_agent, workdir, request):
+    """An agent with a 160 MiB source to copy, at 64 MiB/s unless the test asks for another
+    rate (indirect parametrization)."""
     domain_id = new_id()
-    agent = make_agent(copy=COPY)
+    agent = make_agent(copy={**COPY, "max_bytes_per_second": getattr(request, "param",
+                                                                     64 * MiB)})
     agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
     agent.domain = domain_id
     agent.src = make_source(agent, domain_id, 160 * MiB)
@@ -120,6 +123,9 @@ def tmux():
     t.kill()
 
 
+# Slow enough (10 s) that the copy is still running when the bar has shown and Ctrl-C
+# lands, however long the CLI takes to start on a loaded machine.
+@pytest.mark.parametrize("copying", [16 * MiB], indirect=True)
 def test_ctrl_c_detaches_without_aborting(copying, tmux):
     dst = dst_for(copying.domain)
     env = " ".join(f"{k}={v}" for k, v in {"HOSTAGENT_CLIENT_CONFIG": "/dev/null"}.items())
