@@ -105,8 +105,10 @@ def table(rows) -> str:
     for r in rows:
         j = r.to_json()
         base = "; ".join(f"{k}: {fmt(v['median'])}" for k, v in j["baselines"].items()) or "-"
+        paired = (r.extra or {}).get("paired_ratio")
+        paired = f"; paired {fmt(paired)}" if paired is not None else ""
         lines.append(f"| {r.key} | {r.title} | {fmt(j['project']['median'])} {r.unit} | {base} "
-                     f"| {fmt(r.ratio)} ({r.ratio_of}) | {r.goal} | {fmt(r.met)} |")
+                     f"| {fmt(r.ratio)} ({r.ratio_of}{paired}) | {r.goal} | {fmt(r.met)} |")
     return "\n".join(lines)
 
 

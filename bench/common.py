@@ -85,6 +85,14 @@ def ratio(a, b):
     return None if not a or not b else a / b
 
 
+def paired_ratio(a: list, b: list):
+    """The median of a[i] / b[i]: samples of one round ran back to back, so when the machine
+    drifts 2-3x between rounds (this VM's page cache and its host), each pair still shares
+    its conditions. Reported next to the ratio of medians, which decides `met`."""
+    pairs = [x / y for x, y in zip(a, b) if x and y]
+    return median(pairs) if pairs else None
+
+
 # -- scratch space and processes ------------------------------------------------------------
 
 class Scratch:
