@@ -4,7 +4,7 @@ import pytest
 
 from agent import __version__, api, states
 from agent.client import CallError
-from tests.harness import task_state, wait_for
+from tests.harness import wait_for
 
 
 def is_number(value) -> bool:
@@ -41,7 +41,10 @@ def test_stats_count_workers_and_tasks(agent):
     with pytest.raises(CallError):
         agent.call("Debug.sleep", {"seconds": 0, "fail": True}, id="bad")
     c.send("Debug.sleep", {"seconds": 60}, id="busy")
-    wait_for(lambda: task_state(agent, "busy") == "running")
+    # Polled with Task.getAll, which never fails: a Task.getStatus that came before the
+    # request would be a failed task (NoSuchTask) in the counts this test checks.
+    wait_for(lambda: any(t["id"] == "busy" and t["state"] == "running"
+                         for t in agent.call("Task.getAll", {"states": ["running"]})))
 
     # "ok" and "bad" have answered, but their processes are listed until they
     # are reaped: wait for that, which is the fact this test is about.
