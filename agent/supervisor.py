@@ -290,7 +290,7 @@ class Agent:
         return task
 
     def _start_backlog(self) -> None:
-        if self.recovering or self._starting_backlog:
+        if self.recovering or self._starting_backlog or not self.backlog.waiting():
             return  # not before READY; and a task ending while we start one changes nothing
         self._starting_backlog = True
         try:

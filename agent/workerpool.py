@@ -31,6 +31,7 @@ class Worker:
     pid: int | None = None
     hello: bool = False
     reported: bool = False  # its final message (result, error, stopped) arrived
+    reported_at: float = 0.0  # when: from then on it has nothing to do but exit
     kill_at: float | None = None  # when SIGKILL is due after a SIGTERM
     kill_reason: str | None = None  # "abort" or "timeout"
     exit: dict | None = field(default=None)
@@ -156,7 +157,7 @@ class WorkerPool:
         elif kind == "event":
             self.listener.worker_event(w, msg.get("topic"), msg.get("params") or {})
         elif kind in ("result", "error", "stopped"):
-            w.reported = True
+            w.reported, w.reported_at = True, self.system.monotonic()
             self.sock.send_multipart([frames[0], b'{"t":"ack"}'])
             if kind == "result":
                 self.listener.worker_succeeded(w, msg.get("result"))
@@ -195,7 +196,9 @@ class WorkerPool:
     def _due(self, w: Worker) -> float | None:
         if w.kill_at is not None:
             return w.kill_at
-        return None if w.reported else w.last_seen + w.deadline
+        if w.reported:  # its task has ended; it must be gone within the grace, say by SIGKILL
+            return w.reported_at + self.settings["kill_grace_seconds"]
+        return w.last_seen + w.deadline
 
     def next_deadline(self) -> float | None:
         """Seconds until some worker's deadline, for the loop's poll timeout (kills nothing)."""
@@ -208,6 +211,8 @@ class WorkerPool:
         now = self.system.monotonic()
         for w in self.by_token.values():
             w.last_seen = max(w.last_seen, now)
+            if w.reported:
+                w.reported_at = max(w.reported_at, now)
 
     def enforce_deadlines(self) -> None:
         """Kill silent workers and escalate SIGTERM to SIGKILL. Called only after the loop
@@ -218,9 +223,14 @@ class WorkerPool:
             due = self._due(w)
             if due is None or now < due:
                 continue
-            if w.kill_at is not None:
-                self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid)
-                self.system.kill(w.pid, signal.SIGKILL)
+            if w.kill_at is not None or w.reported:
+                # After a SIGTERM's grace; or a worker that reported but did not exit (found
+                # by the chaos suite: a copy worker SIGSTOPped between its result and its
+                # exit lingered for ever, since a reported worker had no deadline).
+                self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid,
+                                 reported=w.reported)
+                if w.pid is not None:
+                    self.system.kill(w.pid, signal.SIGKILL)
                 w.kill_at = now + 3600  # once; the reaper takes it from here
                 continue
             self.log.warning("worker_silent", task_id=w.task.id, worker_pid=w.pid,

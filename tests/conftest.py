@@ -10,7 +10,19 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=300,
                      help="inputs the bad-input fuzz test sends (CI's default is short)")
 
-from tests.harness import AgentProcess, cleanup_dir, short_tmpdir
+
+def pytest_collection_modifyitems(config, items):
+    """A long chaos or fuzz run gets a timeout that grows with its size (the default 120 s
+    is for CI's short ones): ~3 s a round and ~15 ms an input were measured, given 10x."""
+    budget = {"test_chaos": 30 * config.getoption("--chaos-iterations"),
+              "test_generated_messages": 0.15 * config.getoption("--fuzz-examples")}
+    for item in items:
+        seconds = budget.get(item.originalname)
+        if seconds and seconds > 120 and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(seconds))
+
+
+from tests.harness import AgentProcess, cleanup_dir, short_tmpdir  # noqa: E402
 
 
 @pytest.fixture

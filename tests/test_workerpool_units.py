@@ -76,13 +76,34 @@ def test_a_stalled_supervisor_does_not_blame_its_workers():
     assert pool.next_deadline() == 10.0
 
 
-def test_a_worker_that_reported_has_no_deadline():
+def test_a_worker_that_reported_must_exit_within_the_grace():
+    """Its task has ended: no heartbeat deadline any more, only the time to exit. One that
+    lingers (SIGSTOPped between its result and its exit, as the chaos suite did) gets
+    SIGKILL, once."""
     pool, system, _ = make_pool()
     w = add_worker(pool, system)
-    w.reported = True
-    system.now += 1000
+    system.now += 5
+    w.reported, w.reported_at = True, system.now
+    assert pool.next_deadline() == 2.0  # the grace, not what is left of the 10 s deadline
+    system.now += 1.9
     pool.enforce_deadlines()
-    assert system.signals == [] and pool.next_deadline() is None
+    assert system.signals == []
+    system.now += 0.2
+    pool.enforce_deadlines()
+    assert system.signals == [(42, signal.SIGKILL)]
+    system.now += 10
+    pool.enforce_deadlines()
+    assert system.signals == [(42, signal.SIGKILL)]  # once; the reaper takes it from there
+
+
+def test_a_stalled_supervisor_gives_a_reported_worker_its_grace_again():
+    pool, system, _ = make_pool()
+    w = add_worker(pool, system)
+    w.reported, w.reported_at = True, system.now
+    system.now += 60
+    pool.forgive_stall()
+    pool.enforce_deadlines()
+    assert system.signals == [] and pool.next_deadline() == 2.0
 
 
 def test_a_worker_never_forked_is_failed_at_its_deadline():
