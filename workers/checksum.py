@@ -5,9 +5,9 @@ A checksum is written "<kind>:<hex>". Two kinds:
 - ``sha256-4m`` (what is recorded now): the SHA-256 of the SHA-256 digests of the file's
   4 MiB blocks, in order (the last block may be shorter). A block that lies in a hole is
   never read and its digest is a constant computed once, so a mostly empty 1 TiB volume
-  costs 262,144 small updates, not 1 TiB of hashing. Holes read as zeros and are hashed as
-  zeros: a block of written zeros has the same digest as a hole, so the checksum is of the
-  bytes, never of how the file system lays them out. Blocks also let a copy hash its
+  costs 262,144 seeks and small updates, not 1 TiB of hashing. Holes read as zeros and are
+  hashed as zeros: a block of written zeros has the same digest as a hole, so the checksum
+  is of the bytes, never of how the file system lays them out. Blocks also let a copy hash its
   destination while it writes it (`Follower`), block by block behind the copy.
 - ``sha256`` (recorded by earlier versions): the SHA-256 of the whole file's bytes, holes
   hashed as zeros. Still verified: a scrub hashes a volume with the kind of its record.
@@ -82,7 +82,6 @@ class BlockHasher:
     def __init__(self, fd: int, size: int):
         self.fd, self.size = fd, size
         self.pos = 0  # every block below pos is hashed
-        self.read = 0  # bytes read from storage so far
         self._outer = hashlib.sha256()
         self._buf = memoryview(bytearray(READ))
 
@@ -123,10 +122,8 @@ class BlockHasher:
                 read += got
                 if got < len(view):
                     self._outer.update(inner.digest())
-                    self.read += read
                     raise _Truncated()
         self._outer.update(inner.digest())
-        self.read += read
         return read
 
     def hexdigest(self) -> str:
