@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import threading
+import time
 
 from agent.errors import OperationFailed
 
@@ -69,6 +70,10 @@ def _extents(fd: int, start: int, end: int):
         stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         yield data, stop, True
         offset = stop
+
+
+class _Cancelled(Exception):
+    """Follower.cancel() was called: stop between blocks."""
 
 
 class _Truncated(Exception):
@@ -182,14 +187,18 @@ class Follower:
     page cache, mostly), so the checksum is of what was written, not of what was meant.
 
     ``advance(offset)`` says every byte below offset is written; `result()` waits for the
-    rest and returns the checksum; `cancel()` stops the thread. Hashing (pread, SHA-256)
-    releases the GIL, so it runs on another core than the copy's kernel calls.
+    rest and returns the checksum; `cancel()` stops the thread within a block. Hashing
+    (pread, SHA-256) releases the GIL, so it runs on another core than the copy's kernel
+    calls. ``written`` bytes are there from the start (a resumed copy's prefix, read back
+    from disk): with ``rate`` (bytes a second, 0: unlimited) the thread reads no faster
+    than that, like the copy itself, so a resume does not burst the prefix off the disk.
     """
 
-    def __init__(self, fd: int, size: int, written: int = 0):
+    def __init__(self, fd: int, size: int, written: int = 0, rate: int = 0):
         self._hasher = BlockHasher(fd, size)
         self._limit = written
-        self._cancelled = False
+        self._rate = rate
+        self._cancelled = threading.Event()
         self._error: OSError | None = None
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="checksum", daemon=True)
@@ -203,17 +212,31 @@ class Follower:
                     self._cond.notify()
 
     def _run(self) -> None:
+        began, read = time.monotonic(), 0
+
+        def between_blocks(offset: int, n: int) -> None:
+            nonlocal read
+            read += n
+            ahead = read / self._rate - (time.monotonic() - began) if self._rate else 0
+            if ahead > 0:
+                self._cancelled.wait(ahead)  # ahead of the rate: wait, unless cancelled
+            if self._cancelled.is_set():
+                raise _Cancelled()
+
         try:
             while True:
                 with self._cond:
-                    while not self._cancelled and self._hasher.next_block_end() > self._limit:
+                    while not self._cancelled.is_set() and \
+                            self._hasher.next_block_end() > self._limit:
                         self._cond.wait()
-                    if self._cancelled:
+                    if self._cancelled.is_set():
                         return
                     limit = self._limit
-                self._hasher.hash_until(limit)
+                self._hasher.hash_until(limit, between_blocks)
                 if self._hasher.finished:
                     return
+        except _Cancelled:
+            return
         except OSError as e:
             self._error = e
 
@@ -231,6 +254,6 @@ class Follower:
 
     def cancel(self) -> None:
         with self._cond:
-            self._cancelled = True
+            self._cancelled.set()
             self._cond.notify()
         self._thread.join()

@@ -81,11 +81,11 @@ def copy(ctx, args):
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
         try:
-            checksum = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
+            digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
         except errors.AgentError as exc:
             _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
-        if not dst_db.complete_copy(dst["volumeID"], gen, checksum=checksum):
+        if not dst_db.complete_copy(dst["volumeID"], gen, checksum=digest):
             raise errors.GenerationMismatch("superseded before completion",
                                             volumeID=dst["volumeID"], generation=gen)
         dst_db.close()
@@ -141,9 +141,10 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
 
         copy_cfg = ctx.settings.get("copy", {})
         rate, began = copy_cfg.get("max_bytes_per_second", 0), time.monotonic()
-        # On a resume the bytes below `start` are an earlier life's: read back from disk.
+        # On a resume the bytes below `start` are an earlier life's: read back from disk,
+        # no faster than the copy may go.
         if copy_cfg.get("record_checksum", True):
-            follower = checksum.Follower(dst_fd, size, written=start)
+            follower = checksum.Follower(dst_fd, size, written=start, rate=rate)
 
         def progress(offset: int) -> None:
             if follower is not None:
