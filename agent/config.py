@@ -7,6 +7,7 @@ an endpoint expands to the run directory, so ipc endpoints can follow it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import tomllib
@@ -161,3 +162,35 @@ def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -
         data[section]["endpoints"] = [e.replace("{run_dir}", str(run_dir))
                                      for e in data[section]["endpoints"]]
     return Config(data)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def write(path: str | os.PathLike, data: dict) -> None:
+    """Write `data` as a config file `load` reads back (tomllib reads; nothing in the
+    standard library writes): for tests and benchmarks that make agents."""
+    out = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+
+    def table(prefix: str, mapping: dict) -> None:
+        out.append(f"[{prefix}]")
+        out.extend(f"{json.dumps(k) if '-' in k else k} = {_toml_value(v)}"
+                   for k, v in mapping.items() if not isinstance(v, dict))
+        for k, v in mapping.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}", v)
+
+    for key, value in data.items():
+        if isinstance(value, dict):
+            table(key, value)
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")

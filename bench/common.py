@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 import zmq
 
+from agent.config import write as write_config
+
 REPO = Path(__file__).resolve().parent.parent
 AGENT_REPO = REPO  # where agents are started from (python -m bench --agent-repo)
 MiB = 1 << 20
@@ -134,35 +136,6 @@ class Scratch:
 
 def python_module(scratch: Scratch, module: str, *args: str, **kw) -> subprocess.Popen:
     return scratch.spawn([sys.executable, "-m", module, *args], **kw)
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def write_config(path: Path, data: dict) -> None:
-    out: list[str] = [f"{k} = {_toml(v)}" for k, v in data.items() if not isinstance(v, dict)]
-
-    def table(prefix: str, mapping: dict) -> None:
-        out.append(f"[{prefix}]")
-        out.extend(f"{json.dumps(k) if '-' in k else k} = {_toml(v)}"
-                   for k, v in mapping.items() if not isinstance(v, dict))
-        for k, v in mapping.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}", v)
-
-    for key, value in data.items():
-        if isinstance(value, dict):
-            table(key, value)
-    path.write_text("\n".join(out) + "\n")
 
 
 class Agent:

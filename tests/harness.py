@@ -20,6 +20,7 @@ import psutil
 import zmq
 
 from agent.client import CallError, Client
+from agent.config import write as write_config  # noqa: F401  (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,37 +50,6 @@ def task_state(agent, task_id):
 def short_tmpdir(prefix: str = "ha-") -> Path:
     # ipc socket paths must stay under ~107 bytes: pytest's tmp_path is often longer.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def write_config(path: Path, data: dict) -> None:
-    lines, tables = [], []
-    for key, value in data.items():
-        (tables if isinstance(value, dict) else lines).append((key, value))
-    out = [f"{k} = {_toml(v)}" for k, v in lines]
-
-    def table(prefix, mapping):
-        simple = [(k, v) for k, v in mapping.items() if not isinstance(v, dict)]
-        out.append(f"[{prefix}]")
-        out.extend(f"{json.dumps(k) if '-' in k else k} = {_toml(v)}" for k, v in simple)
-        for k, v in mapping.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}", v)
-
-    for key, value in tables:
-        table(key, value)
-    path.write_text("\n".join(out) + "\n")
 
 
 class AgentProcess:

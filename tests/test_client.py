@@ -97,27 +97,36 @@ def test_typed_errors(agent):
     run(main())
 
 
+async def until(predicate, timeout: float = 10.0, what: str = ""):
+    """harness.wait_for for coroutines: await predicate() until it is true, polling."""
+    deadline = time.monotonic() + timeout
+    while not (value := await predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)  # the poll's interval, as in wait_for
+    return value
+
+
+async def state_of(c, task_id):
+    """The task's state, or None while the agent has not seen its request yet."""
+    try:
+        return (await c.call("Task.getStatus", {"taskID": task_id}))["state"]
+    except CallError as exc:
+        assert exc.name == "NoSuchTask", exc
+        return None
+
+
 async def begin(c, method, params, task_id):
     """Send a call in the background; return its future once the agent knows the task."""
     fut = asyncio.ensure_future(c.call(method, params, task_id=task_id))
-    for _ in range(500):
-        try:
-            await c.call("Task.getStatus", {"taskID": task_id})
-            return fut
-        except CallError:
-            await asyncio.sleep(0.01)
-    raise AssertionError(f"{task_id} never started")
+    await until(lambda: state_of(c, task_id), what=f"{task_id} to start")
+    return fut
 
 
 async def wait_running(c, task_id):
-    for _ in range(500):
-        try:
-            if (await c.call("Task.getStatus", {"taskID": task_id}))["state"] == "running":
-                return
-        except CallError:
-            pass
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{task_id} never ran")
+    async def running():
+        return await state_of(c, task_id) == "running"
+    await until(running, what=f"{task_id} to run")
 
 
 def test_timeout_when_nothing_listens(workdir):
