@@ -26,6 +26,7 @@ import threading
 import time
 
 from agent.errors import OperationFailed
+from workers.copyengine import next_extent
 
 MiB = 1 << 20
 BLOCK = 4 * MiB
@@ -52,23 +53,11 @@ def _extents(fd: int, start: int, end: int):
     """(start, end, is_data) pieces covering [start, end), in order."""
     offset = start
     while offset < end:
-        try:
-            data = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data after offset: the rest is a hole
-                data = end
-            elif e.errno == errno.EINVAL:  # no SEEK_DATA on this file system: all data
-                yield offset, end, True
-                return
-            else:
-                raise
-        data = min(data, end)
+        data, stop = next_extent(fd, offset, end)
         if data > offset:
             yield offset, data, False
-        if data >= end:
-            return
-        stop = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, stop, True
+        if data < stop:
+            yield data, stop, True
         offset = stop
 
 

@@ -107,7 +107,7 @@ class _Mover:
         return done
 
 
-def _next_extent(fd: int, offset: int, size: int) -> tuple[int, int]:
+def next_extent(fd: int, offset: int, size: int) -> tuple[int, int]:
     """The next data extent at or after ``offset``, clipped to ``size``; (size, size) if none."""
     try:
         data = os.lseek(fd, offset, os.SEEK_DATA)
@@ -183,7 +183,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     offset, saved_offset, saved_at = start, start, clock()
     while offset < size:
         with _os_errors(offset):
-            offset, extent_end = _next_extent(src_fd, offset, size)
+            offset, extent_end = next_extent(src_fd, offset, size)
         while offset < extent_end:
             if should_stop():
                 _durable(dst_fd, offset)
@@ -211,7 +211,7 @@ def sparse_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """The data extents of ``fd`` below ``size`` as (start, end) pairs."""
     extents, offset = [], 0
     while offset < size:
-        start, end = _next_extent(fd, offset, size)
+        start, end = next_extent(fd, offset, size)
         if start < end:
             extents.append((start, end))
         offset = end
