@@ -12,6 +12,7 @@ import uuid
 
 from agent.cli import output
 from agent.cli.output import UsageError
+from agent.errors import InvalidParams
 from agent.storage.ids import check_uuid
 
 PARTS = ("domainID", "imageID", "volumeID")
@@ -28,11 +29,16 @@ def parse_location(text: str, fill: bool = False) -> dict:
         if part == "new" and fill and name != "domainID":
             loc[name] = str(uuid.uuid4())
             continue
-        try:
-            loc[name] = check_uuid(part, name)
-        except Exception:
-            raise UsageError(f"{name} {part!r} in {text!r} is not a UUID") from None
+        loc[name] = _uuid_arg(part, name, f"{name} {part!r} in {text!r}")
     return loc
+
+
+def _uuid_arg(value: str, field: str, shown: str) -> str:
+    """A UUID from the command line, or a usage error that says which argument it was."""
+    try:
+        return check_uuid(value, field)
+    except InvalidParams:
+        raise UsageError(f"{shown} is not a UUID") from None
 
 
 def show_location(loc: dict) -> str:
@@ -108,44 +114,28 @@ def _print_domain(ctx, info: dict, title: str | None) -> None:
 
 
 def domain_create(ctx, args) -> int:
-    domain_id = args.id or str(uuid.uuid4())
-    try:
-        domain_id = check_uuid(domain_id, "domainID")
-    except Exception:
-        raise UsageError(f"--id {args.id!r} is not a UUID") from None
-    info = ctx.client.call("StorageDomain.create",
-                           {"domainID": domain_id, "path": os.path.abspath(args.path)})
-    if ctx.json:
-        output.emit_json(info)
-    else:
-        _print_domain(ctx, info, "domain created")
-    return output.OK
+    domain_id = _uuid_arg(args.id or str(uuid.uuid4()), "domainID", f"--id {args.id!r}")
+    return _show_domain(ctx, ctx.client.call("StorageDomain.create", {
+        "domainID": domain_id, "path": os.path.abspath(args.path)}), "domain created")
 
 
 def domain_attach(ctx, args) -> int:
-    try:
-        domain_id = check_uuid(args.domain, "domainID")
-    except Exception:
-        raise UsageError(f"{args.domain!r} is not a UUID") from None
-    info = ctx.client.call("StorageDomain.attach",
-                           {"domainID": domain_id, "path": os.path.abspath(args.path)})
-    if ctx.json:
-        output.emit_json(info)
-    else:
-        _print_domain(ctx, info, "domain attached")
-    return output.OK
+    domain_id = _uuid_arg(args.domain, "domainID", repr(args.domain))
+    return _show_domain(ctx, ctx.client.call("StorageDomain.attach", {
+        "domainID": domain_id, "path": os.path.abspath(args.path)}), "domain attached")
 
 
 def domain_info(ctx, args) -> int:
-    try:
-        domain_id = check_uuid(args.domain, "domainID")
-    except Exception:
-        raise UsageError(f"{args.domain!r} is not a UUID") from None
-    info = ctx.client.call("StorageDomain.getInfo", {"domainID": domain_id})
+    domain_id = _uuid_arg(args.domain, "domainID", repr(args.domain))
+    return _show_domain(ctx, ctx.client.call("StorageDomain.getInfo", {"domainID": domain_id}),
+                        None)
+
+
+def _show_domain(ctx, info: dict, title: str | None) -> int:
     if ctx.json:
         output.emit_json(info)
     else:
-        _print_domain(ctx, info, None)
+        _print_domain(ctx, info, title)
     return output.OK
 
 
