@@ -27,9 +27,16 @@ DEFAULTS: dict[str, Any] = {
         "max_message_bytes": 16 * 1024 * 1024,
         "max_active_tasks": 256,
         "max_batch_length": 1000,
+        # What a client that does not read its replies can cost (agent/replies.py): this
+        # many queued replies, and this many bytes of large ones.
+        "max_queued_replies": 1000,
+        "max_unread_reply_bytes": 64 * 1024 * 1024,
     },
     "events": {
         "endpoints": [f"tcp://127.0.0.1:{DEFAULT_EVENTS_PORT}", "ipc://{run_dir}/events.sock"],
+        # What a subscriber that does not read can cost (agent/events.py).
+        "max_queued": 10000,
+        "max_event_bytes": 16384,
     },
     "tasks": {"retain_seconds": 3600.0, "retain_max": 10000},
     "workers": {
@@ -112,7 +119,9 @@ def _check(data: dict) -> None:
         if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
             raise ConfigError(f"{path} must be a positive number")
 
-    for section, keys in {"rpc": ["max_message_bytes", "max_active_tasks", "max_batch_length"],
+    for section, keys in {"rpc": ["max_message_bytes", "max_active_tasks", "max_batch_length",
+                                  "max_queued_replies", "max_unread_reply_bytes"],
+                          "events": ["max_queued", "max_event_bytes"],
                           "tasks": ["retain_seconds", "retain_max"],
                           "workers": ["heartbeat_seconds", "deadline_seconds", "kill_grace_seconds"],
                           "copy": ["chunk_bytes", "checkpoint_bytes", "checkpoint_seconds"]}.items():

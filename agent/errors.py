@@ -179,10 +179,37 @@ class OperationLost(AgentError):
     code, name = 212, "OperationLost"
 
 
+class VolumeTruncated(AgentError):
+    """A volume's data file ends before its recorded size (cut behind the agent's back): read
+    as a hole it would pass for zeros, so a copy from it stops instead."""
+
+    code, name = 213, "VolumeTruncated"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 
     code, name = 1100, "ResourceExhausted"
+
+
+# errno values that mean "the path you gave is not usable here": the caller's input, not us.
+_PATH_ERRNOS = frozenset({"ENOENT", "ENOTDIR", "EACCES", "EPERM", "EROFS", "ENAMETOOLONG",
+                          "ELOOP", "EISDIR", "EEXIST", "EXDEV", "ENXIO", "ENODEV", "EINVAL"})
+
+
+def from_os_error(exc: OSError, what: str, param: str | None = None) -> AgentError:
+    """What an OSError of the world means to a client. Never InternalError (-32603 says the
+    agent has a bug, and engines retry it): a full disk is NoSpace; a file too large for the
+    file system, or a path the OS refuses, is InvalidParams naming `param` when the caller's
+    input chose it; anything else OperationFailed, with the errno."""
+    import errno as _errno
+    name = _errno.errorcode.get(exc.errno, str(exc.errno))
+    reason = exc.strerror or str(exc)
+    if name in ("ENOSPC", "EDQUOT"):
+        return NoSpace(f"{what}: {reason}", errno=name)
+    if param is not None and (name in _PATH_ERRNOS or name == "EFBIG"):
+        return InvalidParams(f"{param}: {what}: {reason}", param=param, errno=name)
+    return OperationFailed(f"{what}: {reason}", errno=name)
 
 
 BY_NAME: dict[str, type[AgentError]] = {

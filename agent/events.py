@@ -4,6 +4,12 @@ Each notification's params carry `seq`, rising by one per event in this life of 
 and `boot_id`, new at every start, so a subscriber can tell a gap from a restart. Publishing
 never blocks the agent: a subscriber too slow to keep up loses events past the high-water mark
 (and sees the gap in seq), the agent never waits for it.
+
+What a subscriber that never reads can cost: `[events] max_queued` events (ZMQ_SNDHWM), each
+at most `[events] max_event_bytes`. A Task.state event carries a worker's result only when it
+is small and never a query's answer (result_omitted: true); an event still too large goes out
+with its error's data cut to its name, and one that cannot be made to fit is dropped and
+counted (`oversized`, Host.getStats).
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ _LAST = int(zmq.NOBLOCK)
 
 class Publisher:
     def __init__(self, ctx: zmq.Context, endpoints: list[str], boot_id: str, hwm: int = 10000,
-                 guard=None):
+                 guard=None, max_bytes: int = 16384):
+        self.max_bytes = max_bytes
+        self.oversized = 0
         self.sock = ctx.socket(zmq.PUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
@@ -49,8 +57,13 @@ class Publisher:
                 "params": {**params, "seq": self.seq, "boot_id": self.boot_id}}
         try:
             data = jsonrpc.dumps(body)
-        except ValueError:  # NaN or Infinity somewhere: not JSON, sent as null, never a crash
+        except (TypeError, ValueError):  # NaN, Infinity, or worse: never a crash
             data = jsonrpc.dumps(_finite(body))
+        if len(data) > self.max_bytes:
+            data = jsonrpc.dumps(_trimmed(body))
+            if len(data) > self.max_bytes:
+                self.oversized += 1  # the seq it had is a gap subscribers can see
+                return
         try:
             self.sock.send(topic.encode(), _MORE)
             self.sock.send(data, _LAST)
@@ -61,10 +74,34 @@ class Publisher:
         self.sock.close(0)
 
 
+def fits(obj, limit: int) -> bool:
+    """Whether `obj` encodes to at most `limit` bytes of JSON."""
+    try:
+        return len(jsonrpc.dumps(obj)) <= limit
+    except (TypeError, ValueError):
+        return False
+
+
+def _trimmed(body: dict) -> dict:
+    """`body` with every error's data cut to its name and its message to 500 characters."""
+    def trim(obj):
+        if isinstance(obj, dict):
+            if isinstance(obj.get("data"), dict) and "code" in obj and "message" in obj:
+                return {"code": obj["code"], "message": str(obj["message"])[:500],
+                        "data": {"name": obj["data"].get("name")}}
+            return {k: trim(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [trim(v) for v in obj]
+        return obj
+    return _finite(trim(body))
+
+
 def _finite(obj):
     """`obj` with every float that JSON cannot carry (NaN, Infinity) replaced by None."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if obj is not None and not isinstance(obj, (dict, list, tuple, str, int, bool)):
+        return None  # nothing JSON can carry
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -79,6 +79,15 @@ def task_id_of(value: Any) -> str:
     return text
 
 
+def valid_id(value: Any) -> bool:
+    """Whether `value` may be echoed as a response's id (else the answer carries null)."""
+    try:
+        task_id_of(value)
+        return True
+    except errors.InvalidRequest:
+        return False
+
+
 def parse_request(obj: Any) -> Request:
     if not isinstance(obj, dict):
         raise BadRequest(errors.InvalidRequest("a request must be an object"))

@@ -11,6 +11,11 @@ abandoning. Task IDs the agent chooses, so an engine can recognise them:
 
 The generation is the marker's at the moment the decision was taken; the worker takes over
 only if it is still that, so two agents deciding the same thing resume a marker once.
+
+`max_attempts` bounds the copy's own failures (the marker's `failures`, each recorded with
+its reason in `errors`), not its take-overs (`attempts`): an agent that restarts, or a host
+that dies, is not a failure of the copy, and a copy resumed after any number of restarts
+still has all its tries.
 """
 
 from __future__ import annotations
@@ -35,28 +40,31 @@ def decide(marker: dict, *, policy: str, host_id: str, resume_foreign: bool,
         return "skip:foreign"
     if policy == "manual":
         return "leave"
-    if policy == "abandon" or marker["attempts"] >= max_attempts:
+    if policy == "abandon" or marker.get("failures", 0) >= max_attempts:
         return "abandon"
     if not source_attached:
         return "skip:source-not-attached"
     return policy  # resume or restart
 
 
-def after_failure(error_name: str | None, attempts: int, *, policy: str,
+def after_failure(error_name: str | None, failures: int, *, policy: str,
                   max_attempts: int) -> str:
-    """What to do when a copy task failed after it owned its marker: retry, abandon or leave."""
+    """What to do when a copy task failed after it owned its marker (``failures``: the
+    copy's failures, this one included): retry, abandon or leave."""
     if error_name not in RETRYABLE or policy == "manual":
         return "leave"
-    if policy == "abandon" or attempts >= max_attempts:
+    if policy == "abandon" or failures >= max_attempts:
         return "abandon"
     return "retry"
 
 
 def install(agent) -> None:
-    agent.end_hooks["Image.copy"] = lambda task: _copy_ended(agent, task)
-    agent.end_hooks["Recovery.scan"] = lambda task: _scan_ended(agent, task)
-    agent.end_hooks["StorageDomain.create"] = lambda task: _domain_ended(agent, task, False)
-    agent.end_hooks["StorageDomain.attach"] = lambda task: _domain_ended(agent, task, True)
+    agent.end_hooks["Image.copy"] = lambda *end: _copy_ended(agent, *end)
+    agent.end_hooks["Recovery.scan"] = lambda *end: _scan_ended(agent, *end)
+    agent.end_hooks["StorageDomain.create"] = lambda *end: _domain_ended(agent, *end,
+                                                                          rescan=False)
+    agent.end_hooks["StorageDomain.attach"] = lambda *end: _domain_ended(agent, *end,
+                                                                          rescan=True)
 
 
 def scan(agent, domain_id: str, startup: bool) -> None:
@@ -73,11 +81,16 @@ def _submit(agent, task_id: str, method: str, job: api.WorkerJob, **how):
         return None
 
 
-def _domain_ended(agent, task, rescan: bool) -> None:
-    if task.state == states.DONE:
-        agent.domains.attach(task.result["domainID"], task.result["path"])
-        if rescan:
-            scan(agent, task.result["domainID"], startup=False)
+def _domain_ended(agent, task, outcome: str, result, error, *, rescan: bool) -> None:
+    if task.job is None:
+        return  # refused before it reserved anything
+    try:
+        if outcome == states.DONE:
+            agent.domains.attach(result["domainID"], result["path"])
+    finally:
+        agent.domains.release(task.job.args["domainID"])
+    if outcome == states.DONE and rescan:
+        scan(agent, result["domainID"], startup=False)
 
 
 def _location(marker: dict, key: str) -> dict:
@@ -88,13 +101,13 @@ def _location(marker: dict, key: str) -> dict:
             "volumeID": marker["volume_id"]}
 
 
-def _scan_ended(agent, task) -> None:
-    if task.state != states.DONE:
-        log.error("scan_failed", task_id=task.id, error=task.error)
+def _scan_ended(agent, task, outcome: str, result, error) -> None:
+    if outcome != states.DONE:
+        log.error("scan_failed", task_id=task.id, error=error and error.to_json())
         return
     cfg = agent.config["recovery"]
-    domain_id = task.result["domainID"]
-    for marker in task.result["markers"]:
+    domain_id = result["domainID"]
+    for marker in result["markers"]:
         marker["domain_id"] = domain_id
         action = decide(marker, policy=cfg["copy_policy"], host_id=agent.config.host_id,
                         resume_foreign=cfg["resume_foreign"], max_attempts=cfg["max_attempts"],
@@ -105,7 +118,8 @@ def _scan_ended(agent, task) -> None:
         if action in ("resume", "restart"):
             started = _submit(agent, f"recover:{dst['volumeID']}:{gen}", "Image.copy",
                               copy_job(agent, src, dst, mode=action, expect_generation=gen,
-                                       attempt=marker["attempts"] + 1))
+                                       attempt=marker["attempts"] + 1,
+                                       failures=marker.get("failures", 0)))
         elif action == "abandon":
             started = _abandon(agent, dst, gen, None)
         agent.events.publish("Image.recovered", {
@@ -122,36 +136,41 @@ def _abandon(agent, dst: dict, gen: int, error: dict | None):
     return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon", job)
 
 
-def _copy_ended(agent, task) -> None:
+def _copy_ended(agent, task, outcome: str, result, error) -> None:
     """A copy that failed is retried, or abandoned, by policy: if it owned its marker, or if
     it was one the agent issued itself (a retry or recovery that died before taking over
     counts as an attempt too, so a copy never stalls and never loops without end)."""
-    if task.state != states.FAILED:
-        return
+    if outcome != states.FAILED or task.job is None:
+        return  # done, aborted, or refused before it had a job (src == dst, no domain, ...)
     args = task.job.args
     if isinstance(task.result, dict) and "generation" in task.result:
         attempts, gen = task.result["attempts"], task.result["generation"]
+        failures = task.result.get("failures", 0) + 1
     elif args.get("expect_generation") is not None:
         attempts, gen = args["attempt"], args["expect_generation"]
+        failures = args.get("failures", 0) + 1
     else:
         return  # a client's copy that never got going (LeaseHeld, CopyConflict, ...)
     cfg = agent.config["recovery"]
-    name = (task.error or {}).get("data", {}).get("name")
-    action = after_failure(name, attempts, policy=cfg["copy_policy"],
+    error = error.to_json() if error else {}
+    name = error.get("data", {}).get("name")
+    action = after_failure(name, failures, policy=cfg["copy_policy"],
                            max_attempts=cfg["max_attempts"])
     src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
     dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
-    log.info("copy_failed", task_id=task.id, error=name, attempts=attempts, action=action)
+    log.info("copy_failed", task_id=task.id, error=name, attempts=attempts, failures=failures,
+             action=action)
     # A worker that died could not record its own error in the marker: the next one does.
-    unrecorded = None if (task.error or {}).get("data", {}).get("recorded") else task.error
+    unrecorded = None if error.get("data", {}).get("recorded") else (error or None)
     if action == "retry":
         delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
         agent.call_later(delay, lambda: _submit(
             agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
             copy_job(agent, src, dst, mode="resume", expect_generation=gen,
-                     attempt=attempts + 1, previous_error=unrecorded)))
+                     attempt=attempts + 1, failures=failures, previous_error=unrecorded)))
     elif action == "abandon":
         started = _abandon(agent, dst, gen, unrecorded)
         agent.events.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
-                                            "attempts": attempts, "error": task.error,
+                                            "attempts": attempts, "failures": failures,
+                                            "error": error or None,
                                             "taskID": started.id if started else None})

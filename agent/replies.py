@@ -3,15 +3,92 @@
 A reply is a callable taking a response object (or None for a notification, which is never
 answered). A batch collects its members' responses and sends them as one array once every
 member has answered; a batch of only notifications sends nothing, as the spec requires.
+
+Replies a client does not read wait in libzmq's queue for it, so the queue is bounded:
+- at most `[rpc] max_queued_replies` replies per client (ZMQ_SNDHWM, with ROUTER_MANDATORY
+  so that one past the bound is dropped and counted, never queued);
+- replies over TRACKED_BYTES are sent zero-copy and tracked until libzmq has written them
+  to the client's connection: while a client's tracked, unwritten replies hold more than
+  `[rpc] max_unread_reply_bytes` (or all clients' hold more than four times that), its next
+  large reply is replaced by a small error, 1100 ResourceExhausted (data.reason
+  "unread-replies"), and counted. A client that reads gets every reply.
 """
 
 from __future__ import annotations
+
+import collections
+import ctypes
+import itertools
 
 import zmq
 
 from agent import errors, jsonrpc, logs
 
 log = logs.get(component="rpc")
+
+TRACKED_BYTES = 2048  # replies larger than this are tracked (most answers are far smaller)
+MAX_ROUTE_FRAMES = 7  # routing frames of a request: identity, delimiter, proxies' identities
+MAX_ROUTE_FRAME_BYTES = 256  # libzmq identities are at most 255 bytes
+
+
+class Ledger:
+    """Bytes of large replies queued for each client and not yet written to its connection."""
+
+    def __init__(self, per_peer: int):
+        self.per_peer = per_peer
+        self.total_limit = 4 * per_peer
+        self.queued: dict[bytes, collections.deque] = {}  # identity -> (tracker, size)
+        self.bytes: dict[bytes, int] = {}
+        self.total = 0
+        self.refused = 0  # large replies replaced by ResourceExhausted
+        self.dropped = 0  # replies dropped: client gone, or its queue at max_queued_replies
+        self.freed_since_trim = 0
+
+    def _settle(self, peer: bytes) -> None:
+        q = self.queued.get(peer)
+        while q and q[0][0].done:
+            _, size = q.popleft()
+            self.bytes[peer] -= size
+            self.total -= size
+            self.freed_since_trim += size
+        if not q:
+            self.queued.pop(peer, None)
+            self.bytes.pop(peer, None)
+
+    def admits(self, peer: bytes, size: int) -> bool:
+        self._settle(peer)
+        if self.bytes.get(peer, 0) + size > self.per_peer or self.total + size > self.total_limit:
+            self.refused += 1
+            return False
+        return True
+
+    def add(self, peer: bytes, tracker, size: int) -> None:
+        self.queued.setdefault(peer, collections.deque()).append((tracker, size))
+        self.bytes[peer] = self.bytes.get(peer, 0) + size
+        self.total += size
+
+    def sweep(self) -> None:
+        """Settle every client's written replies (those of clients gone too), and give a
+        large amount of freed memory back to the OS, which glibc does not do by itself."""
+        for peer in list(self.queued):
+            self._settle(peer)
+        if self.freed_since_trim >= 16 << 20:
+            self.freed_since_trim = 0
+            _trim()
+
+    def stats(self) -> dict:
+        return {"unread_reply_bytes": self.total, "clients_with_unread_replies": len(self.queued),
+                "replies_refused": self.refused, "replies_dropped": self.dropped}
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_unlogged = itertools.count()
 
 # Plain ints, and one send per frame: send_multipart and enum flags cost more than the send.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -21,11 +98,12 @@ _LAST = int(zmq.NOBLOCK)
 class Route:
     """The frames a message came with (identity, and the empty delimiter of a REQ client)."""
 
-    __slots__ = ("sock", "frames")
+    __slots__ = ("sock", "frames", "ledger")
 
-    def __init__(self, sock: zmq.Socket, frames: list[bytes]):
+    def __init__(self, sock: zmq.Socket, frames: list[bytes], ledger: Ledger):
         self.sock = sock
         self.frames = frames
+        self.ledger = ledger
 
     def send(self, payload) -> None:
         try:
@@ -38,13 +116,47 @@ class Route:
                                   for p in ids] if isinstance(payload, list)
                                  else jsonrpc.error_response(payload.get("id"),
                                                              errors.InternalError()))
+        peer = self.frames[0]
+        tracked = len(body) > TRACKED_BYTES
+        if tracked and not self.ledger.admits(peer, len(body)):
+            body = jsonrpc.dumps(_unread(payload, self.ledger.per_peer))
+            tracked = False
         try:
-            # ROUTER drops what it cannot route (a client gone, a full pipe): never blocks.
+            # Never blocks: a client gone, or one whose queue is full, loses this reply.
             for frame in self.frames:
                 self.sock.send(frame, _MORE)
-            self.sock.send(body, _LAST)
+            if tracked:
+                self.ledger.add(peer, self.sock.send(body, _LAST, copy=False, track=True),
+                                len(body))
+            else:
+                self.sock.send(body, _LAST)
         except zmq.ZMQError as exc:
-            log.warning("response_dropped", error=str(exc))
+            self.ledger.dropped += 1
+            if next(_unlogged) % 1000 == 0:  # a flood of them must not flood the log
+                log.warning("response_dropped", error=str(exc), dropped=self.ledger.dropped)
+
+
+def _unread(payload, limit: int):
+    """The small answer that replaces a large one a client has no room for."""
+    def refusal(p):
+        return jsonrpc.error_response(p.get("id") if isinstance(p, dict) else None,
+                                      errors.ResourceExhausted(
+                                          "this client's earlier replies are unread",
+                                          reason="unread-replies", limit=limit))
+    return [refusal(p) for p in payload] if isinstance(payload, list) else refusal(payload)
+
+
+def once(reply):
+    """`reply`, answering at most once: a request that crashed half-way through being served
+    may already have been answered, and a batch counts each member's answer exactly once."""
+    done = False
+
+    def answer(response):
+        nonlocal done
+        if not done:
+            done = True
+            reply(response)
+    return answer
 
 
 def single(route: Route):

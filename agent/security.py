@@ -17,6 +17,7 @@ NAME.key holds a public key, NAME.key_secret both.
 from __future__ import annotations
 
 import os
+import stat
 
 import zmq
 import zmq.auth
@@ -28,6 +29,42 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
 class ConfigError(Exception):
     pass
+
+
+def _owned_safely(path: str, st: os.stat_result) -> None:
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"security: {path} is owned by uid {st.st_uid}, neither us nor root")
+
+
+def check_modes(secret_key_file: str, authorized_keys_dir: str) -> None:
+    """Refuse to start with secrets others can read or keys others can plant, naming the
+    file, as ssh does (StrictModes): the server's secret key must be neither group- nor
+    world-accessible; the authorized keys' directory and every key in it must not be
+    group- or world-writable; all owned by us or root."""
+    try:
+        st = os.stat(secret_key_file)
+        _owned_safely(secret_key_file, st)
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"security: {secret_key_file} is accessible by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); it must be 0600: chmod 600 {secret_key_file}")
+        st = os.stat(authorized_keys_dir)
+        _owned_safely(authorized_keys_dir, st)
+        if st.st_mode & 0o022:
+            raise ConfigError(
+                f"security: {authorized_keys_dir} is writable by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}), so anyone could authorize a key: "
+                f"chmod go-w {authorized_keys_dir}")
+        for name in sorted(os.listdir(authorized_keys_dir)):
+            path = os.path.join(authorized_keys_dir, name)
+            if name.endswith(".key"):
+                st = os.stat(path)
+                _owned_safely(path, st)
+                if st.st_mode & 0o022:
+                    raise ConfigError(f"security: {path} is writable by others (mode "
+                                      f"{stat.S_IMODE(st.st_mode):04o}): chmod go-w {path}")
+    except OSError as exc:
+        raise ConfigError(f"security: {exc}") from None
 
 
 def load_authorized(directory: str) -> set[bytes]:
@@ -45,6 +82,7 @@ class Guard:
     """The server's keys and the ZAP handler; `protect` a socket before binding it."""
 
     def __init__(self, ctx: zmq.Context, secret_key_file: str, authorized_keys_dir: str):
+        check_modes(secret_key_file, authorized_keys_dir)
         try:
             self.public, self.secret = zmq.auth.load_certificate(secret_key_file)
             self.authorized = load_authorized(authorized_keys_dir)

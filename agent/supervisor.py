@@ -17,11 +17,11 @@ import uuid
 
 import zmq
 
-from agent import (api, errors, jsonrpc, logs, replies, sdnotify, security, startup, states,
-                   transport)
+from agent import (api, errors, jsonrpc, logs, peers, replies, sdnotify, security, startup,
+                   states, transport)
 from agent.backlog import Backlog
 from agent.domains import Domains
-from agent.events import Publisher
+from agent.events import Publisher, fits
 from agent.system import System, set_child_subreaper, write_atomic
 from agent.tasks import TaskTable
 from agent.workerpool import WorkerPool
@@ -29,6 +29,7 @@ from agent.workerpool import WorkerPool
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 PROGRESS_EVENT_INTERVAL = 0.1
+EVENT_RESULT_BYTES = 4096  # a Task.state event carries its task's result up to this size
 # What a worker (or an operation's process, agent/workerpool.py) may ask us to publish.
 WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
@@ -54,13 +55,15 @@ class Agent:
         self._timer_seq = itertools.count()
         self.recovering = True
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
-        self.end_hooks: dict[str, callable] = {}  # method -> called when a task of it ends
+        # method -> hook(task, new state, result, error), called as a task of it ends
+        self.end_hooks: dict[str, callable] = {}
         self.backlog = Backlog(config["recovery"]["max_running"])
         self._starting_backlog = False
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_next = 0.0
         self._last_turn = self.system.monotonic()
+        self.callback_errors = 0  # bugs the loop survived (each logged with its traceback)
 
     # -- start-up is recovery ----------------------------------------------------------
 
@@ -68,6 +71,10 @@ class Agent:
         run_dir = self.config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = startup.lock_run_dir(run_dir)
+        self.gate = peers.Gate(self.log, peers.raise_limit(), self.system.monotonic)
+        rcfg = self.config["rpc"]
+        self.ledger = replies.Ledger(rcfg["max_unread_reply_bytes"])
+        self.dropped_messages = 0  # RPC messages of too many or too large routing frames
         # Events first: subscribers that connect early get the most time to join before
         # Host.booted. (Creating a context is safe here: we never fork, we posix_spawn.)
         self.ctx = zmq.Context()
@@ -76,8 +83,9 @@ class Agent:
         self.guard = security.Guard(self.ctx, sec["server_secret_key"],
                                     sec["authorized_keys_dir"]) if sec["server_secret_key"] \
             else None
-        self.events = Publisher(self.ctx, self.config["events"]["endpoints"], self.boot_id,
-                                guard=self.guard)
+        ecfg = self.config["events"]
+        self.events = Publisher(self.ctx, ecfg["endpoints"], self.boot_id, guard=self.guard,
+                                hwm=ecfg["max_queued"], max_bytes=ecfg["max_event_bytes"])
         startup.kill_leftover_workers(run_dir, self.log)
         set_child_subreaper()
         # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
@@ -88,13 +96,20 @@ class Agent:
         self.pool.start_forkserver()
         self.rpc = self.ctx.socket(zmq.ROUTER)
         self.rpc.setsockopt(zmq.LINGER, 0)
-        self.rpc.setsockopt(zmq.MAXMSGSIZE, self.config["rpc"]["max_message_bytes"])
+        self.rpc.setsockopt(zmq.MAXMSGSIZE, rcfg["max_message_bytes"])
+        # A client that does not read holds at most this many replies; one more is dropped
+        # and counted (ROUTER_MANDATORY makes a full queue an error we see, not a silence).
+        self.rpc.setsockopt(zmq.SNDHWM, rcfg["max_queued_replies"])
+        self.rpc.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.guard:
             self.guard.protect(self.rpc)
-        rpc_endpoints = transport.bind_all(self.rpc, self.config["rpc"]["endpoints"])
+        rpc_endpoints = transport.bind_all(self.rpc, rcfg["endpoints"])
         self.pool.bind(self.ctx)
+        self.gate.watch(self.rpc, rpc_endpoints, pausable=True)
+        self.gate.watch(self.events.sock, self.events.endpoints, pausable=True)
+        self.gate.watch(self.pool.sock, [], pausable=False)
         self.poller = zmq.Poller()
-        for item in (self.rpc, self.pool.sock, self._wake_r):
+        for item in (self.rpc, self.pool.sock, self._wake_r, *self.gate.monitors):
             self.poller.register(item, zmq.POLLIN)
         if self.guard:
             self.poller.register(self.guard.zap, zmq.POLLIN)
@@ -134,7 +149,7 @@ class Agent:
     def _run_timers(self) -> float | None:
         now = self.system.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            heapq.heappop(self._timers)[2]()
+            self.guarded("timer", heapq.heappop(self._timers)[2])
         return self._timers[0][0] - now if self._timers else None
 
     def run_once(self, timeout: float) -> None:
@@ -156,15 +171,20 @@ class Agent:
                 except BlockingIOError:
                     break
         if self.guard and self.guard.zap in ready:
-            self.guard.answer()
+            self.guarded("zap", self.guard.answer)
         if self.pool.sock in ready:
             self._drain(self.pool.sock, self.pool.on_message, 4096)
         if self._control_fd in ready:
-            self.pool.on_control_readable()
+            self.guarded("forkserver", self.pool.on_control_readable)
         if self.rpc in ready:
-            self._drain(self.rpc, self._on_rpc_message, RPC_DRAIN)
-        self.pool.reap()
-        self.pool.enforce_deadlines()
+            self._drain_rpc()
+        for mon in self.gate.monitors:
+            if mon in ready:
+                self.guarded("monitor", self.gate.on_monitor, mon)
+        self.guarded("reap", self.pool.reap)
+        self.guarded("deadlines", self.pool.enforce_deadlines)
+        self.guarded("peers", self.gate.tick)
+        self.guarded("replies", self.ledger.sweep)
         self._watch_control()
         self._kick_watchdog()
         self._last_turn = self.system.monotonic()
@@ -179,14 +199,47 @@ class Agent:
             self._control_fd = self._control.fileno()
             self.poller.register(self._control_fd, zmq.POLLIN)
 
-    @staticmethod
-    def _drain(sock, handle, limit: int) -> None:
+    def _drain(self, sock, handle, limit: int) -> None:
         for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            self.guarded("message", handle, frames)
+
+    def _drain_rpc(self) -> None:
+        """Read up to RPC_DRAIN requests, frame by frame: frames past MAX_ROUTE_FRAMES + 1
+        are read and dropped at once, so one message of many frames never holds more than
+        a request's worth of memory (ZMQ_MAXMSGSIZE bounds each frame)."""
+        sock, limit = self.rpc, replies.MAX_ROUTE_FRAMES + 1
+        for _ in range(RPC_DRAIN):
+            try:
+                frames = [sock.recv(zmq.NOBLOCK)]
+            except zmq.Again:
+                return
+            extra = 0
+            while sock.rcvmore:
+                frame = sock.recv()
+                if len(frames) < limit:
+                    frames.append(frame)
+                else:
+                    extra += 1
+            if extra or any(len(f) > replies.MAX_ROUTE_FRAME_BYTES for f in frames[:-1]):
+                self.dropped_messages += 1  # not a request: no route worth keeping or answering
+                continue
+            self.guarded("message", self._on_rpc_message, frames)
+
+    def guarded(self, where: str, fn, *args) -> bool:
+        """Run one callback of the loop (a message, a timer, a reaped child). A bug in it is
+        logged and counted, and costs only what it was serving: the loop, and every other
+        task, goes on. False if it raised."""
+        try:
+            fn(*args)
+            return True
+        except Exception:
+            self.callback_errors += 1
+            self.log.exception("callback_crashed", where=where)
+            return False
 
     def _kick_watchdog(self) -> None:
         if self._watchdog:
@@ -200,7 +253,7 @@ class Agent:
     def _on_rpc_message(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             return
-        route = replies.Route(self.rpc, frames[:-1])
+        route = replies.Route(self.rpc, frames[:-1], self.ledger)
         body = frames[-1]
         try:
             payload = jsonrpc.loads(body)
@@ -224,6 +277,20 @@ class Agent:
         return not verb.debug_only or self.config["debug"]
 
     def dispatch(self, obj, reply) -> None:
+        """Serve one request object. Whatever goes wrong while serving it, it gets exactly
+        one answer (-32603 for a bug, logged with its traceback) and the agent goes on."""
+        reply = replies.once(reply)
+        try:
+            self._dispatch(obj, reply)
+        except Exception:
+            self.callback_errors += 1
+            self.log.exception("request_crashed")
+            request_id = obj.get("id") if isinstance(obj, dict) else None
+            reply(jsonrpc.error_response(
+                request_id if jsonrpc.valid_id(request_id) else None,
+                errors.InternalError("internal error")))
+
+    def _dispatch(self, obj, reply) -> None:
         try:
             req = jsonrpc.parse_request(obj)
         except jsonrpc.BadRequest as bad:
@@ -258,6 +325,10 @@ class Agent:
             outcome = handler(self, params)
             if isinstance(outcome, api.WorkerJob):
                 task.job = outcome
+                if not self.gate.spare_for_worker():
+                    raise errors.ResourceExhausted(
+                        "file descriptors are short: no worker can start now",
+                        reason="descriptors", limit=self.gate.limit)
                 task.worker = self.pool.spawn(task, outcome.op, outcome.args, outcome.deadline)
                 self._publish_state(task)
                 return
@@ -318,16 +389,31 @@ class Agent:
         if task.state == states.ABORTING and event == "fail":
             error = errors.TaskAborted("the task was aborted", cause=error.to_json() if error
                                        else None)
+        # The hook runs before the answer: what it makes durable (an attachment written to
+        # the run dir) must be on disk before a client is told, or a SIGKILL between the
+        # two leaves a client told "attached" and an agent that forgets it. It is told the
+        # state the task is about to take; if it fails, so does the task.
+        hook = self.end_hooks.get(task.method)
+        if hook:
+            failure = None
+            try:
+                ok = event == "succeed"
+                hook(task, states.next_state(task.state, event), result if ok else None,
+                     None if ok else error)
+            except errors.AgentError as exc:
+                failure = exc
+            except Exception:
+                self.callback_errors += 1
+                self.log.exception("end_hook_crashed", task_id=task.id, method=task.method)
+                failure = errors.InternalError("internal error")
+            if failure is not None and event == "succeed":  # a failure keeps its own error
+                event, result, error = "fail", None, failure
+                if task.state == states.ABORTING:
+                    error = errors.TaskAborted("the task was aborted", cause=failure.to_json())
         task.result = result if event == "succeed" else task.result
         task.error = error.to_json() if error else None
         reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
-        # The hook runs before the answer: what it makes durable (an attachment written to
-        # the run dir) must be on disk before a client is told, or a SIGKILL between the
-        # two leaves a client told "attached" and an agent that forgets it.
-        hook = self.end_hooks.get(task.method)
-        if hook:
-            hook(task)
         self.respond(task, result, error, reply=reply)
         self._publish_state(task)
         if task.job is not None or task.error is not None:  # a query that answered is no news
@@ -347,7 +433,14 @@ class Agent:
             self.end(task, "fail")
 
     def _publish_state(self, task) -> None:
-        self.events.publish("Task.state", {"task": task.record()})
+        record = task.record()
+        # A query's answer went to its caller; a worker's result rides along when it is
+        # small. Either way an event stays small (a subscriber that never reads holds up to
+        # [events] max_queued of them).
+        if record["result"] is not None and (task.job is None or not fits(
+                record["result"], EVENT_RESULT_BYTES)):
+            record["result"], record["result_omitted"] = None, True
+        self.events.publish("Task.state", {"task": record})
 
     # -- the pool's listener -----------------------------------------------------------
 

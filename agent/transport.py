@@ -11,9 +11,14 @@ import os
 
 import zmq
 
+# Connects waiting to be accepted, per listener: small, so a burst of connects is accepted a
+# few at a time and the agent sees each before the next (agent/peers.py).
+BACKLOG = 8
+
 
 def bind(sock: zmq.Socket, endpoint: str) -> str:
     """Bind one endpoint; returns the endpoint actually bound (a wildcard port resolved)."""
+    sock.setsockopt(zmq.BACKLOG, BACKLOG)
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)

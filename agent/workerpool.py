@@ -18,6 +18,7 @@ import zmq
 
 from agent import errors, logs
 from agent.system import describe_status
+from workers import protocol
 
 
 @dataclass(eq=False)
@@ -54,6 +55,9 @@ class WorkerPool:
         self._control_buf = b""
         self._seq = 0
         self.sock: zmq.Socket | None = None
+        self.key = protocol.new_key()  # signs operation processes' identities (this life only)
+        self.strangers = 0  # messages from identities we never handed out: dropped
+        self.misbehaved = 0  # workers stopped for breaking the protocol
 
     # -- the fork server ---------------------------------------------------------------
 
@@ -75,12 +79,12 @@ class WorkerPool:
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        transport.bind(self.sock, f"ipc://{self.run_dir}/workers.sock")
+        transport.bind(self.sock, protocol.endpoint(self.run_dir))
 
     def spawn(self, task, op: str, args: dict, deadline: float | None = None) -> Worker:
         self._seq += 1
         now = self.system.monotonic()
-        w = Worker(token=f"w{self._seq}", task=task, op=op, spawned=now, last_seen=now,
+        w = Worker(token=protocol.new_token(self._seq), task=task, op=op, spawned=now, last_seen=now,
                    deadline=deadline or self.settings["deadline_seconds"])
         self.by_token[w.token] = w
         request = {"token": w.token, "op": op, "args": args, "task_id": task.id,
@@ -130,54 +134,75 @@ class WorkerPool:
     # -- messages from workers ---------------------------------------------------------
 
     def on_message(self, frames: list[bytes]) -> None:
-        token = frames[0].decode(errors="replace")
-        if token.startswith("op:"):  # a process running an operation (a scrub): events only
+        identity = frames[0]
+        if identity.startswith(protocol.OPERATION_PREFIX):
             self._on_operation_message(frames)
             return
-        w = self.by_token.get(token)
-        if w is None or len(frames) != 2:
+        w = self.by_token.get(identity.decode("ascii", errors="replace"))
+        if w is None:
+            self.strangers += 1  # a forger, or a worker we have forgotten: nothing it says counts
             return
         w.last_seen = self.system.monotonic()
         try:
-            msg = json.loads(frames[1])
-            kind = msg["t"]
-        except (ValueError, KeyError, TypeError):
-            self.log.error("bad_worker_message", token=token)
-            return
+            if len(frames) != 2:
+                raise protocol.ProtocolError(f"{len(frames) - 1} frames")
+            self._on_worker_message(w, protocol.decode(frames[1]))
+        except protocol.ProtocolError as exc:
+            self._misbehaved(w, str(exc))
+        except Exception:  # our bug, while serving this worker: it costs the worker only
+            self._misbehaved(w, "its message could not be handled")
+            raise  # for the loop's guard to log and count
+
+    def _on_worker_message(self, w: Worker, msg: dict) -> None:
+        kind = msg["t"]
+        if w.reported:
+            raise protocol.ProtocolError(f"{kind!r} after its final report")
         if kind == "hello":
             w.hello = True
-            self._claim(w, int(msg["pid"]))
+            self._claim(w, msg["pid"])
             self.listener.worker_started(w)
-        elif kind == "beat":
-            pass
         elif kind == "progress":
-            self.listener.worker_progress(w, msg.get("progress"))
+            self.listener.worker_progress(w, msg["progress"])
         elif kind == "return":
             self.listener.worker_returned(w, msg.get("result"))
         elif kind == "event":
-            self.listener.worker_event(w, msg.get("topic"), msg.get("params") or {})
-        elif kind in ("result", "error", "stopped"):
+            self.listener.worker_event(w, msg["topic"], msg["params"])
+        elif kind in protocol.FINAL:
             w.reported, w.reported_at = True, self.system.monotonic()
-            self.sock.send_multipart([frames[0], b'{"t":"ack"}'])
+            self.sock.send_multipart([w.token.encode(), protocol.ACK])
             if kind == "result":
                 self.listener.worker_succeeded(w, msg.get("result"))
             elif kind == "error":
-                self.listener.worker_failed(w, errors.from_json(msg.get("error") or {}))
+                self.listener.worker_failed(w, errors.from_json(msg["error"]))
             else:
                 self.listener.worker_stopped(w)
 
+    def _misbehaved(self, w: Worker, why: str) -> None:
+        """A worker that broke the protocol is stopped; its task fails with why."""
+        self.misbehaved += 1
+        self.log.error("worker_misbehaved", task_id=w.task.id, worker_pid=w.pid, why=why)
+        if w.stop_error is None:
+            w.stop_error = errors.WorkerDied(f"the worker broke the worker protocol: {why}")
+        if w.kill_reason is None:
+            self.terminate(w, "protocol")
+
     def _on_operation_message(self, frames: list[bytes]) -> None:
         """An event from an operation's process (workers/scrubber.py), which is no worker of
-        ours: published as if from the task that started it, and nothing else is accepted."""
-        try:
-            msg = json.loads(frames[1]) if len(frames) == 2 else {}
-            if msg.get("t") != "event" or not isinstance(msg.get("params"), dict):
-                return
-        except (ValueError, AttributeError):
+        ours: published as if from the task that started it, and nothing else is accepted.
+        Its identity must carry the mac of this life's key (workers/protocol.py)."""
+        if protocol.operation_of(self.key, frames[0]) is None or len(frames) != 2:
+            self.strangers += 1
             return
-        task_id = msg.get("task_id") if isinstance(msg.get("task_id"), str) else None
-        sender = SimpleNamespace(task=SimpleNamespace(id=task_id))
-        self.listener.worker_event(sender, msg.get("topic"), msg["params"])
+        try:
+            msg = protocol.decode_operation_event(frames[1])
+        except protocol.ProtocolError as exc:
+            self.log.warning("bad_operation_message", why=str(exc))
+            return
+        sender = SimpleNamespace(task=SimpleNamespace(id=msg.get("task_id")))
+        self.listener.worker_event(sender, msg["topic"], msg["params"])
+
+    def operation_identity(self, operation_id: str) -> str:
+        return protocol.operation_identity(self.key, operation_id)
 
     # -- stopping and reaping ----------------------------------------------------------
 
@@ -185,7 +210,7 @@ class WorkerPool:
         """Ask a worker to stop: an abort message and SIGTERM now, SIGKILL after a grace."""
         w.kill_reason = w.kill_reason or reason
         if self.sock is not None:
-            self.sock.send_multipart([w.token.encode(), b'{"t":"abort"}'])
+            self.sock.send_multipart([w.token.encode(), protocol.ABORT])
         if w.pid is None:
             return  # done once its pid is known (_claim)
         self.system.kill(w.pid, signal.SIGTERM)
@@ -256,8 +281,10 @@ class WorkerPool:
     def _ended(self, w: Worker, status: int) -> None:
         w.exit = describe_status(status)
         self._forget(w)
+        code = w.exit.get("exit_code")
         how = (f"killed by {w.exit['signal']}" if "signal" in w.exit
-               else f"exited with code {w.exit['exit_code']}")
+               else f"exited with code {code}" + (f" ({protocol.EXIT_MEANINGS[code]})"
+                                                   if code in protocol.EXIT_MEANINGS else ""))
         if w.kill_reason == "timeout":
             err = errors.WorkerTimeout(f"worker silent past its deadline, {how}", **w.exit)
         else:

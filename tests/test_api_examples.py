@@ -80,5 +80,5 @@ def test_example_results_have_the_shape_of_real_answers(agent, workdir):
     # Image.getStatus while a copy runs carries the marker: its shape too.
     example_copy = EXAMPLES["Image.getStatus"]["result"]["copy"]
     marker_keys = {"source", "copied", "total", "percent", "state", "generation", "attempts",
-                   "errors", "started", "updated", "host_id", "task_id", "lease"}
+                   "failures", "errors", "started", "updated", "host_id", "task_id", "lease"}
     assert set(example_copy) == marker_keys

@@ -60,7 +60,7 @@ def test_copy_answers_before_the_data_is_there_and_ends_identical(make_agent, sh
     result = start_copy(agent, src, dst)
     # The response says: destination created, nothing copied yet, the task goes on.
     assert result == {"volumeID": dst["volumeID"], "state": "copying", "generation": 0,
-                      "copied": 0, "total": SIZE, "attempts": 1}
+                      "copied": 0, "total": SIZE, "attempts": 1, "failures": 0}
     rec = agent.call("Task.getStatus", {"taskID": "copy1"})
     assert rec["returned"] is True and rec["state"] in ("running", "done")
     mid = status(agent, dst)

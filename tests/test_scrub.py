@@ -432,10 +432,20 @@ def test_the_pool_takes_only_events_from_an_operation_process():
     import json as _json
     pool, _, listener = _pool()
     event = {"t": "event", "topic": "Operation.state", "task_id": "t1", "params": {"a": 1}}
-    for msg in (event, {**event, "t": "result"}, {**event, "params": "x"}, "not json"):
+    signed = pool.operation_identity(new_id()).encode()
+    for msg in (event, {**event, "t": "result"}, {**event, "params": "x"}, "not json",
+                {**event, "topic": "Image.copy"}, {**event, "topic": ["a", "list"]}):
         body = msg.encode() if isinstance(msg, str) else _json.dumps(msg).encode()
-        pool.on_message([b"op:" + new_id().encode(), body])
+        pool.on_message([signed, body])
+    # Unsigned, or signed for another operation, or by another life's key: dropped.
+    from agent.workerpool import WorkerPool
+    other = WorkerPool.__new__(WorkerPool)
+    other.key = b"k" * 32
+    for identity in (b"op:" + new_id().encode(), signed[:-1] + b"x",
+                     other.operation_identity(new_id()).encode()):
+        pool.on_message([identity, _json.dumps(event).encode()])
     assert listener.events == [("t1", "Operation.state", {"a": 1})]
+    assert pool.strangers == 3
 
 
 def test_an_adopted_scrub_reaped_earlier_never_ends_a_worker_that_reuses_its_pid():

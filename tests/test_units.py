@@ -255,11 +255,15 @@ def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
         (msg, json.loads((tmp_path / "attached.json").read_text())))
     agent.tasks.transition(task, "start")
     result = {"domainID": "5d0d0e5e-0000-4000-8000-000000000001", "path": str(tmp_path / "s")}
+    from agent.api import WorkerJob
+    agent.domains.reserve(result["domainID"], result["path"])  # as the handler does
+    task.job = WorkerJob("domain.create", dict(result))
     agent.end(task, "succeed", result)
     assert on_disk_when_told == [({"jsonrpc": "2.0", "id": "d1", "result": result},
                                   {result["domainID"]: result["path"]})]
     assert task.state == states.DONE and task.reply is None
     assert agent.events.published[-1][0] == "Task.state"
+    assert agent.domains.pending == {}  # the reservation ends with the task
 
 
 # -- configuration -----------------------------------------------------------------------

@@ -28,7 +28,8 @@ import hashlib
 import os
 import time
 
-from agent.errors import GenerationMismatch, InvalidParams, NoSpace, OperationFailed
+from agent.errors import (GenerationMismatch, InvalidParams, NoSpace, OperationFailed,
+                          VolumeTruncated)
 
 MiB = 1 << 20
 
@@ -193,8 +194,9 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
             with _os_errors(offset):
                 n = mover.copy(offset, min(chunk, extent_end - offset))
             if n <= 0:
-                raise OperationFailed(f"source ended at offset {offset}, before {size}",
-                                      offset=offset)
+                # End of file before the size is a short source, never a hole.
+                raise VolumeTruncated(f"the source's data ends at offset {offset}, before "
+                                      f"its size of {size}", offset=offset, size=size)
             cache.copied(offset, n, was_cached)
             offset += n
             progress(offset)

@@ -1,12 +1,9 @@
 """What a worker process runs: adopt the supervisor as parent, run one operation, report.
 
 Talks to the supervisor over a DEALER socket on ipc in the run dir, identity = its spawn
-token. Messages are single JSON frames with a type "t":
-  worker -> supervisor: hello, beat, progress, return (answer the request now, go on),
-                        event, result, error, stopped
-  supervisor -> worker: abort, ack (the final message arrived; the worker may exit)
-The worker waits for the ack before it exits, so the supervisor never mistakes a finished
-worker for a dead one because the exit was reaped before the result was read.
+token; the messages, identities and exit codes are workers/protocol.py's. The worker waits
+for the ack before it exits, so the supervisor never mistakes a finished worker for a dead
+one because the exit was reaped before the result was read.
 """
 
 from __future__ import annotations
@@ -21,9 +18,8 @@ import traceback
 import zmq
 
 from agent import errors, system
+from workers import protocol
 from workers import testseams  # here, so the fork server has it loaded for every worker
-
-ACK_TIMEOUT_MS = 10_000
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
 
 
@@ -73,7 +69,7 @@ class Context:
     def stop_requested(self) -> bool:
         if not self._stop:
             while self.sock.poll(0):
-                if json.loads(self.sock.recv()).get("t") == "abort":
+                if self.sock.recv() == protocol.ABORT:
                     self._stop = True
         return self._stop
 
@@ -106,11 +102,11 @@ def _adopt(supervisor_pid: int, intermediate: int | None = None) -> None:
         # Adopted by someone else (the supervisor is gone), or never: give up.
         elsewhere = intermediate is not None and ppid != intermediate
         if elsewhere or time.monotonic() > deadline:
-            os._exit(70)
+            os._exit(protocol.EXIT_NOT_ADOPTED)
         time.sleep(0.0002)
     system.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != supervisor_pid:  # it died between our check and prctl
-        os._exit(70)
+        os._exit(protocol.EXIT_NOT_ADOPTED)
 
 
 def prepare(supervisor_pid: int, intermediate: int | None = None):
@@ -138,7 +134,7 @@ def spare(fd: int, supervisor_pid: int, intermediate: int | None = None) -> None
     except BaseException:
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
-        os._exit(72)
+        os._exit(protocol.EXIT_RUNTIME_FAILED)
     main(request, supervisor_pid, prepared)
 
 
@@ -155,7 +151,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
                   file=sys.stderr)
         sock.setsockopt(zmq.IDENTITY, request["token"].encode())
         sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(f"ipc://{request['run_dir']}/workers.sock")
+        sock.connect(protocol.endpoint(request["run_dir"]))
         ctx = Context(sock, request)
         # SIGTERM asks for a stop, like the abort message; the op stops at its next check.
         signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_stop", True))
@@ -166,6 +162,9 @@ def main(request: dict, supervisor_pid: int, prepared=None,
             final = {"t": "stopped"}
         except errors.AgentError as exc:
             final = {"t": "error", "error": exc.to_json()}
+        except OSError as exc:  # the world refused (EIO, EACCES, ...): not a bug of ours
+            traceback.print_exc(file=sys.stderr)
+            final = {"t": "error", "error": errors.from_os_error(exc, request["op"]).to_json()}
         except Exception as exc:  # a bug: log it here, never send a traceback to a client
             traceback.print_exc(file=sys.stderr)
             err = errors.InternalError(f"{type(exc).__name__} in {request['op']}")
@@ -173,13 +172,13 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         ctx.send(final)
         # Acked: all we sent has arrived, so close and term have nothing to flush and the
         # context's threads end with the process (os._exit below). Else linger a last time.
-        if not sock.poll(ACK_TIMEOUT_MS):
-            code = 71
+        if not sock.poll(protocol.ACK_TIMEOUT_MS):
+            code = protocol.EXIT_NO_ACK
             sock.close()
             zctx.term()
     except BaseException:
         traceback.print_exc(file=sys.stderr)
-        code = 72
+        code = protocol.EXIT_RUNTIME_FAILED
     finally:
         sys.stderr.flush()
         os._exit(code)

@@ -15,7 +15,7 @@ which any host reads: STARTED with its pid when it begins, progress and the hear
 `updated` at most about once a second, then COMPLETED with {volumes_checked, recorded,
 skipped, bytes_read, mismatches}, STOPPED (a stop request, read at every progress write, or
 SIGTERM) with the partial result, or FAILED with the error. Operation.state events are a
-best-effort extra, sent to the agent's worker socket (identity op:<operationID>) and lost
+best-effort extra, sent to the agent's worker socket (identity op:<operationID>:<mac>, workers/protocol.py) and lost
 if no agent listens there.
 
 Reads are throttled to --max-bytes-per-second (0: unlimited; holes are never read, so they
@@ -37,7 +37,8 @@ import zmq
 from agent import errors, logs
 from agent.storage import operations
 from agent.storage.metadata import DomainDB
-from workers import checksum
+from workers import checksum, protocol
+from workers.protocol import EVENT_IDENTITY_ENV
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes (each one also reads stop requests)
 SLEEP_SLICE = 0.2  # a throttle sleep is cut in slices this long, so stops are seen promptly
@@ -59,15 +60,15 @@ class EventSender:
     fails at once (the event is lost, as documented) instead of piling up for a later one.
     """
 
-    def __init__(self, run_dir: str, operation_id: str, task_id: str | None):
+    def __init__(self, run_dir: str, identity: str, task_id: str | None):
         self.task_id = task_id
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, f"op:{operation_id}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, identity.encode())
         self.sock.setsockopt(zmq.SNDHWM, 16)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.LINGER, int(FINAL_EVENT_PATIENCE * 1000))
-        self.sock.connect(f"ipc://{run_dir}/workers.sock")
+        self.sock.connect(protocol.endpoint(run_dir))
 
     def send(self, params: dict, patience: float = 0.0) -> bool:
         data = json.dumps({"t": "event", "topic": "Operation.state", "task_id": self.task_id,
@@ -236,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     _ready(args.ready_fd)
     scrub = Scrub(ddb, args.operation_id, max(0, args.max_bytes_per_second), log)
     signal.signal(signal.SIGTERM, lambda *_: setattr(scrub, "signalled", True))
-    events = EventSender(args.run_dir, args.operation_id, args.task_id)
+    # The identity the agent that started us signed (workers/protocol.py); without it (a
+    # scrub started by hand) the agent drops our events, which are best effort anyway.
+    identity = os.environ.get(EVENT_IDENTITY_ENV) or f"op:{args.operation_id}:unsigned"
+    events = EventSender(args.run_dir, identity, args.task_id)
     log.info("scrub_started", pid=os.getpid())
     state, result, error, progress = "COMPLETED", None, None, None
     try:

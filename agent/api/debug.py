@@ -33,3 +33,46 @@ def crash(agent, params):
     Errors: -32603 InternalError, without a traceback; the agent logs the traceback.
     """
     raise RuntimeError("a deliberate bug, with a secret in its message: hunter2")
+
+
+FAULT_PLACES = ("hook", "timer", "listener")
+
+
+def _place(value: str) -> str:
+    if value not in FAULT_PLACES:
+        raise ValueError(f"must be one of {', '.join(FAULT_PLACES)}")
+    return value
+
+
+@verb("Debug.fault", Param("where", "str", check=_place,
+                           doc="hook: the next Debug.sleep's end hook; timer: a timer due "
+                               "now; listener: the next worker report the loop handles"),
+      debug_only=True)
+def fault(agent, params):
+    """Plant one bug in a callback of the supervisor's loop (the test seam for the rule that
+    a bug in one callback costs only what it was serving, never the agent).
+
+    hook: the next Debug.sleep task's end hook raises, so that task fails with -32603;
+    timer: a timer raises on the loop's next turn; listener: handling the next progress
+    report of a worker raises, so that worker is stopped and its task fails (WorkerDied).
+    Result: true. The agent logs each with its traceback and counts it
+    (Host.getStats agent.callback_errors).
+    """
+    def boom(*_):
+        raise RuntimeError(f"a planted bug in a {params['where']}")
+
+    if params["where"] == "hook":
+        def hook(*end):
+            agent.end_hooks.pop("Debug.sleep", None)
+            boom()
+        agent.end_hooks["Debug.sleep"] = hook
+    elif params["where"] == "timer":
+        agent.call_later(0, boom)
+    else:
+        real = agent.worker_progress
+
+        def once(*args):
+            agent.worker_progress = real
+            boom()
+        agent.worker_progress = once
+    return True

@@ -24,7 +24,7 @@ _LEASE = {"host_id": "host-a", "op": "copy", "pid": 28412, "since": 1767225600.5
 _RECORD = {"id": "copy-1", "method": "Image.copy", "state": "running", "progress": 42.5,
            "returned": True, "result": {"volumeID": DST_VOLUME, "state": "copying",
                                         "generation": 0, "copied": 0, "total": GiB,
-                                        "attempts": 1},
+                                        "attempts": 1, "failures": 0},
            "error": None, "created": 1767225600.1, "started": 1767225600.2, "ended": None}
 _DOMAIN_INFO = {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "capacity": 270553174016,
                 "free": 81832734720, "volumes": 3, "copies": 1}
@@ -40,6 +40,7 @@ def _error(code: int, name: str, message: str, **data) -> dict:
 
 EXAMPLES: dict[str, dict] = {
     "Debug.crash": {"params": None, "error": _error(-32603, "InternalError", "internal error")},
+    "Debug.fault": {"params": {"where": "timer"}, "result": True},
     "Debug.sleep": {"params": {"seconds": 0.5}, "result": {"slept": 0.5}},
     "Host.getCapabilities": {"params": None, "result": {
         "version": "0.1.0", "host_id": "host-a", "boot_id": BOOT,
@@ -53,22 +54,30 @@ EXAMPLES: dict[str, dict] = {
         "memory": {"total": 25276502016, "available": 24349573120, "percent": 3.7},
         "load": [0.52, 0.61, 0.58], "uptime_seconds": 3935.1,
         "agent": {"pid": 28039, "rss_bytes": 36237312, "uptime_seconds": 37.5,
-                  "boot_id": BOOT},
+                  "boot_id": BOOT, "callback_errors": 0},
         "workers_running": 1, "workers": [{"taskID": "copy-1", "op": "image.copy",
                                            "pid": 28412}],
         "forkserver_pid": 28054,
         "tasks": {"pending": 0, "running": 1, "done": 24, "failed": 0, "aborting": 0,
                   "aborted": 0},
-        "backlog": 0}},
+        "backlog": 0,
+        "limits": {
+            "descriptors": {"limit": 524288, "in_use": 31, "peers": 3, "listening": True,
+                            "pauses": 0, "refused_workers": 0},
+            "rpc": {"unread_reply_bytes": 0, "clients_with_unread_replies": 0,
+                    "replies_refused": 0, "replies_dropped": 0, "messages_dropped": 0},
+            "events": {"dropped": 0, "oversized": 0},
+            "workers": {"strangers": 0, "misbehaved": 0}}}},
     "Host.ping": {"params": None, "result": True},
     "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {
         "volumeID": DST_VOLUME, "state": "copying", "generation": 0, "copied": 0,
-        "total": GiB, "attempts": 1}},
+        "total": GiB, "attempts": 1, "failures": 0}},
     "Image.getStatus": {"params": DST, "result": {
         "domainID": DOMAIN, "imageID": DST_IMAGE, "volumeID": DST_VOLUME,
         "legality": "ILLEGAL", "generation": 0, "size": GiB,
         "copy": {"source": SRC, "copied": 456130560, "total": GiB, "percent": 42.48,
-                 "state": "copying", "generation": 0, "attempts": 1, "errors": [],
+                 "state": "copying", "generation": 0, "attempts": 1, "failures": 0,
+                 "errors": [],
                  "started": 1767225600.2, "updated": 1767225607.4, "host_id": "host-a",
                  "task_id": "copy-1", "lease": _LEASE}}},
     "StorageDomain.attach": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},

@@ -25,10 +25,14 @@ def get_stats(agent, params):
     """Host and agent statistics from psutil.
 
     Result: {cpu_percent, cpu_count, memory: {total, available, percent}, load: [1, 5, 15],
-    uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id}, workers_running,
-    workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count}, backlog: the
-    agent's own tasks (recovered and retried copies) pending for a free slot of
-    `[recovery] max_running`}.
+    uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id, callback_errors},
+    workers_running, workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count},
+    backlog: the agent's own tasks (recovered and retried copies) pending for a free slot of
+    `[recovery] max_running`, limits: what the agent refused or dropped to stay within its
+    bounds (docs/crash-model.md, "Bounds"): {descriptors: {limit, in_use, peers, listening,
+    pauses, refused_workers}, rpc: {unread_reply_bytes, clients_with_unread_replies,
+    replies_refused, replies_dropped, messages_dropped}, events: {dropped, oversized},
+    workers: {strangers, misbehaved}}}. callback_errors counts bugs the loop survived.
     """
     vm = psutil.virtual_memory()
     me = psutil.Process()
@@ -40,13 +44,19 @@ def get_stats(agent, params):
         "uptime_seconds": time.time() - psutil.boot_time(),
         "agent": {"pid": os.getpid(), "rss_bytes": me.memory_info().rss,
                   "uptime_seconds": agent.system.monotonic() - agent.started_at,
-                  "boot_id": agent.boot_id},
+                  "boot_id": agent.boot_id, "callback_errors": agent.callback_errors},
         "workers_running": agent.pool.running(),
         "workers": [{"taskID": w.task.id, "op": w.op, "pid": w.pid}
                     for w in agent.pool.by_token.values()],
         "forkserver_pid": agent.pool.forkserver_pid,
         "tasks": agent.tasks.counts(),
         "backlog": agent.backlog.waiting(),
+        "limits": {
+            "descriptors": agent.gate.stats(),
+            "rpc": {**agent.ledger.stats(), "messages_dropped": agent.dropped_messages},
+            "events": {"dropped": agent.events.dropped, "oversized": agent.events.oversized},
+            "workers": {"strangers": agent.pool.strangers, "misbehaved": agent.pool.misbehaved},
+        },
     }
 
 

@@ -26,14 +26,20 @@ def copy(agent, params):
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
     response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",
-    "attempts"}, while the data is still being copied; the task goes on until the destination
+    "attempts", "failures"}, while the data is still being copied; the task goes on until the destination
     is LEGAL, and its record's result is then {"volumeID", "state": "done", "generation",
     "copied", "total"}.
     Naming a destination that has a marker from the same source continues that copy from
-    its checkpoint, as a new task.
+    its checkpoint, as a new task. A copy is bound to the source volume it began from (its
+    creation token, generation and size), checked at every continue and before the commit:
+    a source deleted and re-created with the same IDs, resized, replaced or deleted is 205
+    CopyConflict (data.reason: size, source-replaced, source-gone), and a source whose data
+    ends before its size is 213 VolumeTruncated; the destination then stays ILLEGAL.
+    attempts counts take-overs; failures counts the copy's own failures, each with its
+    reason in the marker's errors ([recovery] max_attempts bounds failures, not restarts).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
-    LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict (a marker
-    from another source), 207 VolumeIllegal (source not LEGAL).
+    LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict, 207
+    VolumeIllegal (source not LEGAL), 213 VolumeTruncated, -32602 (src and dst the same).
     """
     if params["src"] == params["dst"]:
         raise errors.InvalidParams("src and dst are the same volume")
@@ -45,7 +51,8 @@ def get_status(agent, params):
     """The state of a volume and of any copy into it, read from storage (any host).
 
     Result: {domainID, imageID, volumeID, legality, generation, size, copy: null | {source,
-    copied, total, percent, state, generation, attempts, errors, started, updated, host_id,
+    copied, total, percent, state, generation, attempts, failures, errors, started, updated,
+    host_id,
     task_id, lease: {live, host_id, pid, task_id, op, since} | null}}.
     Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import uuid
 
-from agent import errors
 from agent.api import Param, WorkerJob, verb
 
 
@@ -15,10 +14,6 @@ def _abs_path(value: str) -> str:
     return os.path.normpath(value)
 
 
-def _not_attached(agent, domain_id: str) -> None:
-    if domain_id in agent.domains.paths:
-        raise errors.DomainExists(f"domain {domain_id} is already attached",
-                                  domainID=domain_id, path=agent.domains.paths[domain_id])
 
 
 @verb("StorageDomain.create", Param("domainID", "uuid"), Param("path", "str", check=_abs_path),
@@ -27,9 +22,11 @@ def create(agent, params):
     """Format an empty (or absent) directory as a new domain and attach it.
 
     Result: the domain's info (as StorageDomain.getInfo). Errors: 208 DomainExists (the
-    directory already holds a domain, or the ID is attached), -32602 (not empty, bad path).
+    directory already holds a domain; the ID or the path is attached, or a create or attach
+    of either is in progress), -32602 with data.param "path" (not empty, not a directory,
+    or a path the OS refuses: data.errno says why), 204 NoSpace.
     """
-    _not_attached(agent, params["domainID"])
+    agent.domains.reserve(params["domainID"], params["path"])  # released when the task ends
     return WorkerJob("domain.create", params)
 
 
@@ -40,9 +37,9 @@ def attach(agent, params):
 
     Its copy markers are then scanned and the recovery policy applied, as at start-up.
     Result: the domain's info. Errors: 200 NoSuchDomain (no domain with that ID there),
-    208 DomainExists (already attached).
+    208 DomainExists (the ID or the path is attached, or being created or attached).
     """
-    _not_attached(agent, params["domainID"])
+    agent.domains.reserve(params["domainID"], params["path"])  # released when the task ends
     return WorkerJob("domain.attach", params)
 
 
@@ -95,7 +92,8 @@ def start_scrub(agent, params):
     return WorkerJob("scrub.start", {
         "domainID": params["domainID"], "path": agent.domains.path(params["domainID"]),
         "operationID": operation_id, "max_bytes_per_second": scrub["max_bytes_per_second"],
-        "launcher": scrub["launcher"]})
+        "launcher": scrub["launcher"],
+        "event_identity": agent.pool.operation_identity(operation_id)})
 
 
 @verb("StorageDomain.getOperationStatuses", Param("domainID", "uuid"), worker=True)

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from agent import __version__
 from agent import config as configmod
 from agent.cli import basic, copying, output, settings, storage, views
 
@@ -72,8 +73,10 @@ def parser() -> argparse.ArgumentParser:
         prog="hostagent", description=__doc__.split("\n\n")[0],
         epilog=output.EXIT_CODES + "\n\n" + settings.__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    top.add_argument("--config", help="the agent's TOML config file (default: the embedded "
-                                      "default); clients take its endpoints")
+    config_help = ("the agent's TOML config file (default: the embedded default); clients "
+                   "take its endpoints")
+    top.add_argument("--config", help=config_help)
+    top.add_argument("--version", action="version", version=f"hostagent {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     basic.add_parsers(sub)
 
@@ -90,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
     copying.add_parsers(sub, common)
     views.add_parsers(sub, common)
     storage.add_parsers(sub, common)
+    # Global options are taken after the command too (`hostagent serve --config F`, as the
+    # systemd unit and people type it); SUPPRESS keeps one given before from being reset.
+    for command in set(sub.choices.values()):
+        command.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     return top
 
 

@@ -3,6 +3,8 @@
 A domain is one directory::
 
     <root>/metadata.db                        SQLite metadata (volumes, copy markers, domain row)
+    <root>/metadata.reserve                   room kept for a delete's journal on a full disk
+    <root>/.format.lock                       formatters take turns on it (never deleted)
     <root>/images/<imageID>/<volumeID>.raw    raw sparse data file
     <root>/leases/<volumeID>.lease            one lease file per volume
 

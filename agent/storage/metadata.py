@@ -10,6 +10,15 @@ Every change is ONE transaction opened with BEGIN IMMEDIATE: the write lock is t
 anything is read, so a read-modify-write never has to upgrade a read lock, which SQLite answers
 with an immediate SQLITE_BUSY whatever the busy timeout; a concurrent writer just waits.
 
+Every volume has a creation token (random, new at every create), so a volume deleted and
+re-created with the same IDs is a different volume; a copy marker records its source's
+token, generation and size, and a copy checks them at every continue and before it commits.
+
+A full disk. A write that finds no room is NoSpace (204), never a driver error. So that a
+full domain always has a way out, format leaves a reserve file (RESERVE_BYTES) beside the
+database: deleting a volume that finds no room for its journal gives the reserve back, deletes,
+and the reserve is made again once the volume's data is gone (workers/ops/storage.py).
+
 Generations are the fencing token. A copy marker and its volume carry the same generation;
 take_over() bumps both, and every later write by a copier names the generation it was given,
 so a superseded copier (a stale task, a host that lost its lease) writes nothing.
@@ -20,20 +29,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import errno
+import fcntl
 import sqlite3
 import time
 import urllib.parse
+import uuid
 
 import sqlite_utils
 
-from agent.errors import (DomainExists, GenerationMismatch, InvalidParams, NoSuchDomain,
-                          NoSuchVolume, OperationFailed, VolumeExists)
+from agent.errors import (AgentError, CopyConflict, DomainExists, GenerationMismatch,
+                          InvalidParams, NoSpace, NoSuchDomain, NoSuchVolume, OperationFailed,
+                          VolumeExists)
 from agent.storage.ids import check_uuid
 from agent.storage.layout import DB_NAME, IMAGES, LEASES, Layout, fsync_dir
 
-DOMAIN_VERSION = 1
+DOMAIN_VERSION = 2  # PRAGMA user_version; older domains are migrated when opened
 BUSY_TIMEOUT = 30.0
 MAX_ERRORS = 20
+RESERVE_NAME = "metadata.reserve"
+RESERVE_BYTES = 2 << 20  # room for a delete's journal on a full file system
+FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
 
 # Crash-point test seam. When a test sets this to a callable it is called with "commit:<op>"
 # right after every COMMIT, including those of a superseded call that changed nothing (op is
@@ -49,7 +65,7 @@ _SCHEMA = [
     """CREATE TABLE IF NOT EXISTS volumes (
         volume_id TEXT PRIMARY KEY, image_id TEXT NOT NULL, size INTEGER NOT NULL,
         legality TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
-        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL)""",
+        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT)""",
     "CREATE INDEX IF NOT EXISTS volumes_image_id ON volumes (image_id)",
     """CREATE TABLE IF NOT EXISTS copy_markers (
         volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
@@ -58,8 +74,16 @@ _SCHEMA = [
         host_id TEXT, task_id TEXT,
         state TEXT NOT NULL CHECK (state IN ('copying', 'abandoned')),
         attempts INTEGER NOT NULL DEFAULT 1, errors TEXT NOT NULL DEFAULT '[]',
-        started REAL, updated REAL)""",
+        started REAL, updated REAL, failures INTEGER NOT NULL DEFAULT 0,
+        src_generation INTEGER, src_token TEXT)""",
 ]
+
+# Version 1 -> 2: what version 2 added to a table, for domains formatted before it.
+_MIGRATIONS = {
+    "volumes": [("token", "TEXT")],
+    "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
+                     ("src_token", "TEXT")],
+}
 
 # Operations that outlive tasks (a scrub): one row each, written by the process that runs it
 # (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED
@@ -92,6 +116,25 @@ def _connect(path: str) -> sqlite_utils.Database:
         raise
 
 
+def _sqlite_error(op: str, e: sqlite3.Error) -> AgentError:
+    """What a driver error means to a client: a full disk is NoSpace, the rest OperationFailed
+    (locked beyond the busy timeout, an I/O error), never a driver exception."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "disk is full" in str(e):
+        return NoSpace(f"metadata {op}: no space left on the domain's file system",
+                       sqlite=type(e).__name__)
+    return OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__)
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def source_identity(row: dict) -> dict:
+    """What binds a copy to the source it started from: IDs alone survive a re-creation."""
+    return {"generation": row["generation"], "token": row["token"], "size": row["size"]}
+
+
 def _check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidParams("size must be a non-negative integer", field="size")
@@ -117,17 +160,41 @@ class DomainDB:
 
         The database is built as metadata.db.tmp and renamed into place, so metadata.db either
         does not exist or is complete; a format that crashed half-way may simply be re-run.
+        Formatters take turns (a lock file in root, held while formatting): of two formats of
+        one directory, the second finds the first's domain (DomainExists).
         """
         domain_id = check_uuid(domain_id, "domainID")
         layout = Layout(root)
+        try:
+            os.makedirs(layout.root, 0o755, exist_ok=True)
+        except FileExistsError:
+            raise InvalidParams("root is not a directory", field="root") from None
+        lock = os.open(os.path.join(layout.root, FORMAT_LOCK),
+                       os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX)  # a format takes milliseconds: wait our turn
+            cls._format_locked(layout, domain_id)
+        except sqlite3.Error as e:
+            raise _sqlite_error("format", e) from e
+        finally:
+            os.close(lock)
+        return cls.open(layout.root, domain_id)
+
+    @classmethod
+    def _format_locked(cls, layout: Layout, domain_id: str) -> None:
         if os.path.lexists(layout.db_path):
-            raise DomainExists("a domain already exists here", root=layout.root)
+            if os.path.isfile(layout.db_path) and not os.path.islink(layout.db_path) \
+                    and os.path.getsize(layout.db_path) == 0:
+                # Debris of a format that raced another before formats took a lock: an empty
+                # file is no domain, so it must not block this one.
+                os.unlink(layout.db_path)
+            else:
+                raise DomainExists("a domain already exists here", root=layout.root)
         tmp = layout.db_path + ".tmp"
-        leftovers = {IMAGES, LEASES, DB_NAME + ".tmp", DB_NAME + ".tmp-journal"}
+        leftovers = {IMAGES, LEASES, DB_NAME + ".tmp", DB_NAME + ".tmp-journal", FORMAT_LOCK,
+                     RESERVE_NAME}
         try:
             names = set(os.listdir(layout.root))
-        except FileNotFoundError:
-            names = set()
         except NotADirectoryError:
             raise InvalidParams("root is not a directory", field="root") from None
         # Only the debris of an earlier, interrupted format may be here.
@@ -139,6 +206,8 @@ class DomainDB:
                 os.unlink(name)
         os.makedirs(layout.images_dir, 0o755, exist_ok=True)
         os.makedirs(layout.leases_dir, 0o755, exist_ok=True)
+        if not ensure_reserve(layout.root):
+            raise NoSpace("no room for the domain's metadata reserve", root=layout.root)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
         self = cls(layout.root, _connect(tmp), domain_id)
         try:
@@ -147,11 +216,11 @@ class DomainDB:
                     self.db.execute(sql)
                 self.db.execute("INSERT INTO domain (id, version, created) VALUES (?, ?, ?)",
                                 [domain_id, DOMAIN_VERSION, time.time()])
+                self.db.execute(f"PRAGMA user_version = {DOMAIN_VERSION}")
         finally:
             self.db.close()
         os.rename(tmp, layout.db_path)
         fsync_dir(layout.root)
-        return cls.open(layout.root, domain_id)
 
     @classmethod
     def open(cls, root: str | os.PathLike, expect_domain_id: str | None = None) -> "DomainDB":
@@ -171,7 +240,33 @@ class DomainDB:
             db.close()
             raise NoSuchDomain("no such storage domain here", root=layout.root,
                                expected=expect_domain_id, found=row and row[0])
-        return cls(layout.root, db, row[0])
+        self = cls(layout.root, db, row[0])
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] < DOMAIN_VERSION:
+                self._migrate()
+        except BaseException:
+            db.close()
+            raise
+        return self
+
+    def _migrate(self) -> None:
+        """Bring a domain of an earlier version to this one, in one transaction (whoever
+        opens it first does it; the others find it done)."""
+        with self.tx("migrate") as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] >= DOMAIN_VERSION:
+                return
+            for table, columns in _MIGRATIONS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, decl in columns:
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            # Volumes made before tokens existed get one now: from here on a re-creation
+            # with the same IDs is told apart.
+            for (volume_id,) in db.execute("SELECT volume_id FROM volumes WHERE token IS NULL"
+                                           ).fetchall():
+                db.execute("UPDATE volumes SET token = ? WHERE volume_id = ?",
+                           [new_token(), volume_id])
+            db.execute(f"PRAGMA user_version = {DOMAIN_VERSION}")
 
     def close(self) -> None:
         self.db.close()
@@ -196,9 +291,7 @@ class DomainDB:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
-            # Locked beyond the busy timeout, disk I/O error, a full disk: say so as an
-            # agent error rather than leak a driver exception through the RPC layer.
-            raise OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__) from e
+            raise _sqlite_error(op, e) from e
         if _after_write_hook is not None:
             _after_write_hook(f"commit:{op}")
 
@@ -237,11 +330,23 @@ class DomainDB:
                 raise VolumeExists("volume exists", volume_id=volume_id)
             db["volumes"].insert({"volume_id": volume_id, "image_id": image_id, "size": size,
                                   "legality": "LEGAL", "generation": 0, "checksum": None,
-                                  "created": now, "updated": now})
+                                  "created": now, "updated": now, "token": new_token()})
         return self.get_volume(volume_id)
 
     def delete_volume(self, volume_id: str) -> None:
-        """Forget a volume and its copy marker (the data file is the caller's to remove)."""
+        """Forget a volume and its copy marker (the data file is the caller's to remove).
+
+        On a full file system the reserve is given back for the journal's room: deleting is
+        the way out of a full domain, so it must work there (ensure_reserve makes the
+        reserve again once the data is gone)."""
+        try:
+            self._delete_volume(volume_id)
+        except NoSpace:
+            if not release_reserve(self.layout.root):
+                raise
+            self._delete_volume(volume_id)
+
+    def _delete_volume(self, volume_id: str) -> None:
         volume_id = check_uuid(volume_id, "volumeID")
         with self.tx("delete_volume") as db:
             if self.get_volume(volume_id) is None:
@@ -250,12 +355,15 @@ class DomainDB:
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [volume_id])
 
     def begin_copy(self, dst_image: str, dst_volume: str, size: int, src: dict,
-                   host_id: str | None, task_id: str | None) -> dict:
+                   host_id: str | None, task_id: str | None,
+                   src_identity: dict | None = None) -> dict:
         """Create the destination ILLEGAL (generation 0) with its copy marker, in one tx.
 
-        VolumeExists if the destination exists: the caller decides continue-vs-conflict by
-        looking at get_marker() first.
+        ``src_identity`` (source_identity() of the source's row) binds the marker to the
+        source volume it copies. VolumeExists if the destination exists: the caller decides
+        continue-vs-conflict by looking at get_marker() first.
         """
+        ident = src_identity or {}
         dst_image = check_uuid(dst_image, "imageID")
         dst_volume = check_uuid(dst_volume, "volumeID")
         size = _check_size(size)
@@ -268,20 +376,26 @@ class DomainDB:
                 raise VolumeExists("volume exists", volume_id=dst_volume)
             db["volumes"].insert({"volume_id": dst_volume, "image_id": dst_image, "size": size,
                                   "legality": "ILLEGAL", "generation": 0, "checksum": None,
-                                  "created": now, "updated": now})
+                                  "created": now, "updated": now, "token": new_token()})
             db["copy_markers"].insert({
                 "volume_id": dst_volume, "image_id": dst_image, "src_domain": src_ids[0],
                 "src_image": src_ids[1], "src_volume": src_ids[2], "size": size, "copied": 0,
                 "generation": 0, "host_id": host_id, "task_id": task_id, "state": "copying",
-                "attempts": 1, "errors": "[]", "started": now, "updated": now})
+                "attempts": 1, "errors": "[]", "started": now, "updated": now, "failures": 0,
+                "src_generation": ident.get("generation"), "src_token": ident.get("token")})
             return self.get_marker(dst_volume)
 
     def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,
-                  expect_generation: int | None = None, restart: bool = False) -> dict:
+                  expect_generation: int | None = None, restart: bool = False,
+                  src_identity: dict | None = None) -> dict:
         """Make the caller the copier of ``volume_id``; returns the marker with its new generation.
 
         Bumps the generation of volume and marker (fencing off every earlier copier), records
         host and task, counts the attempt; ``restart`` also resets ``copied`` to 0.
+        ``src_identity`` is the source as the caller sees it now: CopyConflict if the marker
+        was bound to another (re-created, re-copied, resized) source; a marker made before
+        bindings existed is bound to it here. A client's continue (no expect_generation) is
+        a person's decision to try again: it starts a new count of failures.
         NoSuchVolume if the volume does not exist; GenerationMismatch if it has no marker (the
         copy is finished) or its generation is not ``expect_generation``.
         """
@@ -300,14 +414,21 @@ class DomainDB:
                 raise GenerationMismatch("copy generation changed", volume_id=volume_id,
                                          expected=expect_generation,
                                          generation=marker["generation"])
+            if src_identity is not None:
+                check_source(marker, src_identity)
+            ident = src_identity or {}
             gen, now = marker["generation"] + 1, time.time()
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [gen, now, volume_id])
             db.execute(
                 "UPDATE copy_markers SET generation = ?, host_id = ?, task_id = ?,"
                 " state = 'copying', attempts = attempts + 1, updated = ?,"
-                " copied = CASE WHEN ? THEN 0 ELSE copied END WHERE volume_id = ?",
-                [gen, host_id, task_id, now, bool(restart), volume_id])
+                " copied = CASE WHEN ? THEN 0 ELSE copied END,"
+                " failures = CASE WHEN ? THEN 0 ELSE failures END,"
+                " src_generation = COALESCE(src_generation, ?),"
+                " src_token = COALESCE(src_token, ?) WHERE volume_id = ?",
+                [gen, host_id, task_id, now, bool(restart), expect_generation is None,
+                 ident.get("generation"), ident.get("token"), volume_id])
             return self.get_marker(volume_id)
 
     def checkpoint(self, volume_id: str, generation: int, copied: int) -> bool:
@@ -332,14 +453,15 @@ class DomainDB:
             return True
 
     def record_error(self, volume_id: str, generation: int, error: dict) -> bool:
-        """Append ``error`` to the marker's error list (the last MAX_ERRORS are kept)."""
+        """Count a failure of the copy and append its ``error`` to the marker's error list
+        (the last MAX_ERRORS are kept): every failure counted has its reason recorded."""
         volume_id = check_uuid(volume_id, "volumeID")
         with self.tx("record_error") as db:
             marker = self.get_marker(volume_id, generation)
             if marker is None:
                 return False
             errors = (marker["errors"] + [error])[-MAX_ERRORS:]
-            db.execute("UPDATE copy_markers SET errors = ?, updated = ?"
+            db.execute("UPDATE copy_markers SET errors = ?, updated = ?, failures = failures + 1"
                        " WHERE volume_id = ? AND generation = ?",
                        [json.dumps(errors), time.time(), volume_id, generation])
             return True
@@ -352,3 +474,58 @@ class DomainDB:
                              " WHERE volume_id = ? AND generation = ?",
                              [time.time(), volume_id, generation])
             return cur.rowcount == 1
+
+
+def check_source(marker: dict, identity: dict) -> None:
+    """CopyConflict unless ``identity`` (source_identity() of the source now) is the source
+    the marker's copy started from. A marker made before bindings existed matches any."""
+    if marker["size"] != identity["size"]:
+        raise CopyConflict("the source's size changed since the copy began",
+                           volumeID=marker["volume_id"], reason="size",
+                           expected=marker["size"], found=identity["size"])
+    bound = (marker.get("src_token"), marker.get("src_generation"))
+    if bound[0] is not None and bound != (identity["token"], identity["generation"]):
+        raise CopyConflict("the source is not the volume the copy began from (deleted and "
+                           "re-created, or written by a copy, since)",
+                           volumeID=marker["volume_id"], reason="source-replaced")
+
+
+def ensure_reserve(root: str) -> bool:
+    """Make the domain's reserve file whole (RESERVE_BYTES, allocated); False if there is no
+    room for it now (a later call makes it)."""
+    path = os.path.join(root, RESERVE_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_blocks * 512 >= RESERVE_BYTES:
+            return True
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.ftruncate(fd, 0)  # a half-allocated reserve would promise room it lacks
+                return False
+            os.pwrite(fd, bytes(RESERVE_BYTES), 0)  # no fallocate here: write it
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def release_reserve(root: str) -> bool:
+    """Give the reserve's room back to the file system; False if there was none."""
+    path = os.path.join(root, RESERVE_NAME)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        had = os.fstat(fd).st_blocks > 0
+        os.ftruncate(fd, 0)
+        return had
+    finally:
+        os.close(fd)

@@ -14,7 +14,7 @@ import time
 
 from agent import errors
 from agent.storage import lease
-from agent.storage.metadata import DomainDB
+from agent.storage.metadata import DomainDB, check_source, source_identity
 from workers import checksum, copyengine
 from workers.ops.storage import holder, open_domain, volume_row
 from workers.runtime import Stopped
@@ -34,17 +34,20 @@ def _same_source(marker: dict, src: dict) -> bool:
         src["domainID"], src["imageID"], src["volumeID"])
 
 
-def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, size: int, args: dict) -> tuple:
+def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict) -> tuple:
     """Become the copier of dst: a new marker, or take over the existing one.
 
     Returns (marker, fresh). Under the lease, so nobody else is deciding the same thing.
+    The marker is bound to the source as it is now (source_identity): a continue from a
+    source deleted and re-created with the same IDs, or resized, is a CopyConflict.
     """
     row = dst_db.get_volume(dst["volumeID"])
+    identity = source_identity(src_row)
     if row is None:
         if args.get("expect_generation") is not None:  # a retry or recovery: copy went away
             raise errors.GenerationMismatch("the copy marker is gone", volumeID=dst["volumeID"])
-        marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], size, src, ctx.host_id,
-                                   ctx.task_id)
+        marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], src_row["size"], src,
+                                   ctx.host_id, ctx.task_id, src_identity=identity)
         return marker, True
     marker = dst_db.get_marker(dst["volumeID"])
     if marker is None:
@@ -61,9 +64,10 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, size: int, args: dict) -> 
                                           "volumeID": marker["src_volume"]})
     marker = dst_db.take_over(dst["volumeID"], ctx.host_id, ctx.task_id,
                               expect_generation=args.get("expect_generation"),
-                              restart=args.get("mode") == "restart")
-    if args.get("previous_error"):
+                              restart=args.get("mode") == "restart", src_identity=identity)
+    if args.get("previous_error"):  # a failure its worker could not record: counted now
         dst_db.record_error(dst["volumeID"], marker["generation"], args["previous_error"])
+        marker = dst_db.get_marker(dst["volumeID"])
     return marker, marker["copied"] == 0
 
 
@@ -72,16 +76,19 @@ def copy(ctx, args):
     dst_db = open_domain(dst)
     src_db = dst_db if src["domainID"] == dst["domainID"] else open_domain(src)
     with lease.acquire(dst_db.layout.lease_path(dst["volumeID"]), holder(ctx, "copy")):
-        size = _source(src_db, src)["size"]
-        marker, fresh = _own(dst_db, ctx, src, dst, size, args)
+        src_row = _source(src_db, src)
+        size = src_row["size"]
+        marker, fresh = _own(dst_db, ctx, src, dst, src_row, args)
         gen, start = marker["generation"], marker["copied"]
         ctx.returned({"volumeID": dst["volumeID"], "state": "copying", "generation": gen,
-                      "copied": start, "total": size, "attempts": marker["attempts"]})
+                      "copied": start, "total": size, "attempts": marker["attempts"],
+                      "failures": marker["failures"]})
         base = {"domainID": dst["domainID"], "imageID": dst["imageID"],
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
         try:
-            digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base)
+            digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
+                                marker)
         except errors.AgentError as exc:
             _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
@@ -107,7 +114,33 @@ def _record(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError, task
         print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
 
 
-def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> str | None:
+def _source_still(src_db: DomainDB, src: dict, src_fd: int, src_path: str, size: int,
+                  marker: dict) -> None:
+    """The source is still the one the copy is bound to, and its data is whole: its row
+    (token, generation, size), its data file (the one we read, not a replacement) and its
+    length. Checked before the first byte and before the commit, so a volume never turns
+    LEGAL with data from another source or with zeros where a short source ended."""
+    row = src_db.get_volume(src["volumeID"])
+    if row is None or row["legality"] != "LEGAL":
+        raise errors.CopyConflict("the source was deleted or changed during the copy",
+                                  volumeID=marker["volume_id"], reason="source-gone")
+    check_source(marker, source_identity(row))
+    st = os.fstat(src_fd)
+    try:
+        now = os.stat(src_path)
+    except FileNotFoundError:
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        raise errors.CopyConflict("the source's data file was replaced during the copy",
+                                  volumeID=marker["volume_id"], reason="source-replaced")
+    if st.st_size < size:
+        raise errors.VolumeTruncated(
+            f"the source's data ends at {st.st_size} bytes, before its size of {size}",
+            volumeID=src["volumeID"], size=size, data_bytes=st.st_size)
+
+
+def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
+               marker) -> str | None:
     """Copy the data, durable, and return the destination's checksum (None when [copy]
     record_checksum is off): hashed behind the copy as it goes, so a scrub can later tell
     whether the data changed since, without a second pass over it now."""
@@ -122,12 +155,13 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
         raise
     follower = None
     try:
+        _source_still(src_db, src, src_fd, src_path, size, marker)
         if fresh:  # whatever an earlier life left here is not ours: holes must stay holes
             os.ftruncate(dst_fd, 0)
         try:
             os.ftruncate(dst_fd, size)
         except OSError as exc:
-            raise errors.NoSpace(f"cannot size the destination: {exc.strerror}") from None
+            raise errors.from_os_error(exc, "cannot size the destination") from None
         last_event = [time.monotonic()]
 
         def checkpoint(offset: int) -> bool:
@@ -165,10 +199,12 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base) -> 
         except copyengine.CopyStopped:
             raise Stopped() from None
         os.fsync(dst_fd)
-        if follower is None:
-            return None
-        follower.advance(size)
-        return follower.result(beat=ctx.check)
+        digest = None
+        if follower is not None:
+            follower.advance(size)
+            digest = follower.result(beat=ctx.check)
+        _source_still(src_db, src, src_fd, src_path, size, marker)
+        return digest
     finally:
         if follower is not None:
             follower.cancel()  # before the fd it reads is closed
@@ -192,7 +228,8 @@ def status(ctx, args):
                 "copied": marker["copied"], "total": total,
                 "percent": round(100.0 * marker["copied"] / total, 2) if total else 100.0,
                 "state": marker["state"], "generation": marker["generation"],
-                "attempts": marker["attempts"], "errors": marker["errors"],
+                "attempts": marker["attempts"], "failures": marker["failures"],
+                "errors": marker["errors"],
                 "started": marker["started"], "updated": marker["updated"],
                 "host_id": marker["host_id"], "task_id": marker["task_id"],
                 "lease": probe,

@@ -18,6 +18,7 @@ import time
 from agent import errors
 from agent.storage import lease, operations
 from workers.ops.storage import holder, open_domain
+from workers.protocol import EVENT_IDENTITY_ENV
 
 READY_TIMEOUT = 30.0  # a scrub process that has not said it runs by then is killed
 # What the agent's service manager gave it, and no business of a process that outlives it.
@@ -58,11 +59,15 @@ def command(launcher: str, argv: list[str], operation_id: str) -> list[str]:
     return list(argv)
 
 
-def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+def _env(event_identity: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    if event_identity:  # in the environment, not argv: /proc/PID/cmdline is world-readable
+        env[EVENT_IDENTITY_ENV] = event_identity
+    return env
 
 
-def _launch(ctx, argv: list[str], lease_fd: int, operation_id: str, mode: str):
+def _launch(ctx, argv: list[str], lease_fd: int, operation_id: str, mode: str,
+            event_identity: str | None = None):
     """Start the scrub process; returns (pid, launcher) once it says it runs."""
     failures = []
     for launcher in launchers(mode):
@@ -71,7 +76,7 @@ def _launch(ctx, argv: list[str], lease_fd: int, operation_id: str, mode: str):
             proc = subprocess.Popen(
                 command(launcher, [*argv, "--ready-fd", str(ready_w)], operation_id),
                 pass_fds=(lease_fd, ready_w), start_new_session=True,
-                stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=_env())
+                stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(), env=_env(event_identity))
         except OSError as exc:
             os.close(ready_r)
             failures.append(f"{launcher}: {exc.strerror}")
@@ -132,7 +137,8 @@ def start(ctx, args):
                     "--host-id", ctx.host_id, "--task-id", ctx.task_id,
                     "--max-bytes-per-second", str(args["max_bytes_per_second"])]
             try:
-                pid, launcher = _launch(ctx, argv, lease_fd, operation_id, args["launcher"])
+                pid, launcher = _launch(ctx, argv, lease_fd, operation_id, args["launcher"],
+                                        args.get("event_identity"))
             except errors.AgentError as exc:
                 # We still hold the lease, so nobody runs it: it failed, say so on disk.
                 operations.finish(ddb, operation_id, "FAILED", error=exc.to_json())

@@ -9,7 +9,7 @@ import os
 from agent import errors
 from agent.storage import lease
 from agent.storage.layout import fsync_dir
-from agent.storage.metadata import DomainDB
+from agent.storage.metadata import DomainDB, ensure_reserve
 
 
 def holder(ctx, op: str) -> dict:
@@ -36,13 +36,27 @@ def volume_row(db: DomainDB, args: dict) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def _the_path_given():
+    """Errors about a domain's directory are about the `path` the client gave."""
+    try:
+        yield
+    except OSError as exc:
+        raise errors.from_os_error(exc, "cannot use the domain's directory", "path") from None
+    except errors.InvalidParams as exc:
+        if exc.data.get("field") == "root":
+            del exc.data["field"]
+            exc.data["param"] = "path"
+        raise
+
+
 def domain_create(ctx, args):
-    with DomainDB.format(args["path"], args["domainID"]) as db:
+    with _the_path_given(), DomainDB.format(args["path"], args["domainID"]) as db:
         return domain_info(db, args["path"])
 
 
 def domain_attach(ctx, args):
-    with open_domain(args) as db:
+    with _the_path_given(), open_domain(args) as db:
         return domain_info(db, args["path"])
 
 
@@ -81,7 +95,8 @@ def _create_volume(db: DomainDB, args: dict) -> None:
         os.ftruncate(fd, args["size"])
         os.fsync(fd)
     except OSError as exc:
-        raise errors.NoSpace(f"cannot size the volume: {exc.strerror}") from None
+        # EFBIG: larger than this file system allows: the size asked for, not a full disk.
+        raise errors.from_os_error(exc, "cannot size the volume", "size") from None
     finally:
         os.close(fd)
     fsync_dir(os.path.dirname(path))
@@ -100,6 +115,7 @@ def volume_delete(ctx, args):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         fsync_dir(os.path.dirname(path))
+        ensure_reserve(db.layout.root)  # given back if this delete needed it: room again now
         return {"volumeID": args["volumeID"], "deleted": True}
 
 
