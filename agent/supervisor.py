@@ -71,7 +71,7 @@ class Agent:
         run_dir = self.config.run_dir
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = startup.lock_run_dir(run_dir)
-        self.gate = peers.Gate(self.log, peers.raise_limit(), self.system.monotonic)
+        self.gate = peers.Gate(self.log, peers.raise_limit(self.log), self.system.monotonic)
         rcfg = self.config["rpc"]
         self.ledger = replies.Ledger(rcfg["max_unread_reply_bytes"])
         self.dropped_messages = 0  # RPC messages of too many or too large routing frames
@@ -105,12 +105,13 @@ class Agent:
             self.guard.protect(self.rpc)
         rpc_endpoints = transport.bind_all(self.rpc, rcfg["endpoints"])
         self.pool.bind(self.ctx)
-        self.gate.watch(self.rpc, rpc_endpoints, pausable=True)
-        self.gate.watch(self.events.sock, self.events.endpoints, pausable=True)
-        self.gate.watch(self.pool.sock, [], pausable=False)
+        self.gate.watch(self.rpc, rpc_endpoints)
+        self.gate.watch(self.events.sock, self.events.endpoints)
+        self.gate.watch(self.pool.sock, [self.pool.endpoint])
         self.poller = zmq.Poller()
         for item in (self.rpc, self.pool.sock, self._wake_r, *self.gate.monitors):
             self.poller.register(item, zmq.POLLIN)
+        self.gate.settle()
         if self.guard:
             self.poller.register(self.guard.zap, zmq.POLLIN)
         self._control = self._control_fd = None
@@ -223,9 +224,10 @@ class Agent:
                 if len(frames) < limit:
                     frames.append(frame)
                 else:
-                    extra += 1
+                    extra += len(frame) + 1
             if extra or any(len(f) > replies.MAX_ROUTE_FRAME_BYTES for f in frames[:-1]):
                 self.dropped_messages += 1  # not a request: no route worth keeping or answering
+                self.ledger.freed_since_trim += extra + sum(map(len, frames))
                 continue
             self.guarded("message", self._on_rpc_message, frames)
 

@@ -79,7 +79,7 @@ class WorkerPool:
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        transport.bind(self.sock, protocol.endpoint(self.run_dir))
+        self.endpoint = transport.bind(self.sock, protocol.endpoint(self.run_dir))
 
     def spawn(self, task, op: str, args: dict, deadline: float | None = None) -> Worker:
         self._seq += 1

@@ -9,6 +9,9 @@ def pytest_addoption(parser):
                     help="rounds of the chaos run (CI's default is short)")
     parser.addoption("--fuzz-examples", type=int, default=300,
                      help="inputs the bad-input fuzz test sends (CI's default is short)")
+    parser.addoption("--hostile-scale", type=int, default=1,
+                     help="how hard tests/hostile pushes (rounds, peers, messages); "
+                          "CI's default is 1, docs/reliability.md has a long run's")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -98,12 +98,20 @@ class AgentProcess:
     def events_endpoint(self) -> str:
         return f"ipc://{self.run_dir}/events.sock"
 
-    def start(self, wait: bool = True, env: dict | None = None) -> "AgentProcess":
+    def start(self, wait: bool = True, env: dict | None = None,
+              nofile: tuple[int, int] | None = None) -> "AgentProcess":
+        """`nofile`: the agent's (soft, hard) RLIMIT_NOFILE, as `ulimit -n` would set it."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = open(self.log_path, "ab")
+
+        def limits():
+            if nofile is not None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve"],
-            cwd=REPO, stdout=log, stderr=log, env={**self.env, **(env or {})})
+            cwd=REPO, stdout=log, stderr=log, env={**self.env, **(env or {})},
+            preexec_fn=limits if nofile else None)
         log.close()
         if wait:
             self.wait_ready()

@@ -1,0 +1,181 @@
+"""Classes 4, 9 and 10: domains under races, damaged run-dir files and paths the OS refuses.
+
+- Creates and attaches are exclusive per domain UUID and per path (in the agent), and
+  formatting is exclusive per directory (on storage, across agents): of racing requests one
+  wins, the others get 208 DomainExists, and what is on disk is one whole domain.
+- attached.json damaged in any way never stops start-up; good entries are kept.
+- A path the OS refuses, or a size the file system cannot hold, is the caller's -32602 with
+  data.param, never -32603 (an agent bug, which engines retry)."""
+
+import json
+import subprocess
+
+import pytest
+
+from agent.client import CallError
+from tests.harness import wait_for
+from tests.storage_flow import integrity, new_id
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def answers(agent, requests):
+    """Send every request at once (pipelined on one socket); their answers by id."""
+    c = agent.client(timeout=60)
+    for rid, (method, params) in requests.items():
+        c.send(method, params, id=rid)
+    got = {}
+    while len(got) < len(requests):
+        resp = c.recv(60)
+        got[resp["id"]] = resp
+    return got
+
+
+def outcome(resp):
+    return "ok" if "result" in resp else resp["error"]["data"]["name"]
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_one_uuid_at_many_paths_and_many_uuids_at_one_path(make_agent, workdir, rounds):
+    agent = make_agent()
+    for r in range(rounds):
+        uuid_ = new_id()
+        got = answers(agent, {f"p{r}-{i}": ("StorageDomain.create",
+                                            {"domainID": uuid_, "path": str(workdir / f"p{r}-{i}")})
+                              for i in range(6)})
+        kinds = sorted(outcome(a) for a in got.values())
+        assert kinds == ["DomainExists"] * 5 + ["ok"], got
+        formatted = [p for p in workdir.glob(f"p{r}-*") if (p / "metadata.db").exists()]
+        assert len(formatted) == 1  # no orphan the client was told exists
+
+        path = workdir / f"shared{r}"
+        got = answers(agent, {f"u{r}-{i}": ("StorageDomain.create",
+                                            {"domainID": new_id(), "path": str(path)})
+                              for i in range(6)})
+        kinds = sorted(outcome(a) for a in got.values())
+        assert kinds == ["DomainExists"] * 5 + ["ok"], got
+        winner = next(a["result"]["domainID"] for a in got.values() if "result" in a)
+        assert integrity(path) == "ok"
+        assert {d["domainID"] for d in agent.call("StorageDomain.list")} >= {winner}
+
+
+def test_two_agents_formatting_one_directory_take_turns(make_agent, workdir):
+    """Across agents (no shared memory) the format lock on storage decides: one domain,
+    whole, and the loser is told DomainExists, never an I/O error or -32603."""
+    a, b = make_agent("a"), make_agent("b")
+    for r in range(5):
+        path = str(workdir / f"race{r}")
+        ca, cb = a.client(timeout=60), b.client(timeout=60)
+        ida, idb = new_id(), new_id()
+        ca.send("StorageDomain.create", {"domainID": ida, "path": path}, id="x")
+        cb.send("StorageDomain.create", {"domainID": idb, "path": path}, id="x")
+        ra, rb = ca.recv(60), cb.recv(60)
+        assert sorted([outcome(ra), outcome(rb)]) in (["DomainExists", "ok"],
+                                                      ["InvalidParams", "ok"]), (ra, rb)
+        assert integrity(path) == "ok"
+        winner = ida if "result" in ra else idb
+        loser = b if winner == ida else a
+        # The directory holds the winner's domain, attachable by the other agent.
+        assert loser.call("StorageDomain.attach", {"domainID": winner, "path": path})
+
+
+def test_an_empty_metadata_file_left_by_an_old_race_can_be_formatted(make_agent, workdir):
+    agent = make_agent()
+    path = workdir / "debris"
+    path.mkdir()
+    (path / "metadata.db").touch()
+    info = agent.call("StorageDomain.create", {"domainID": new_id(), "path": str(path)})
+    assert integrity(path) == "ok" and info["volumes"] == 0
+
+
+DAMAGE = {
+    "array": b"[]",
+    "string": b'"attached"',
+    "number": b"42",
+    "truncated": b'{"5d0d0e5e-0000-4000-8000-0000000000',
+    "empty": b"",
+    "garbage": b"\xff\xfe\x00garbage",
+    "deep": b"[" * 100000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_attached_file_never_stops_start_up(make_agent, workdir, kind):
+    agent = make_agent(start=False)
+    agent.run_dir.mkdir(parents=True)
+    (agent.run_dir / "attached.json").write_bytes(DAMAGE[kind])
+    agent.start()
+    assert agent.call("StorageDomain.list") == []
+    assert (agent.run_dir / "attached.json.damaged").read_bytes() == DAMAGE[kind]
+    assert "attached_file_damaged" in agent.log()
+
+
+def test_bogus_entries_are_ignored_and_good_ones_kept(make_agent, workdir):
+    agent = make_agent()
+    good = new_id()
+    agent.call("StorageDomain.create", {"domainID": good, "path": str(workdir / "good")})
+    agent.kill()
+    entries = json.loads((agent.run_dir / "attached.json").read_text())
+    entries.update({"not-a-uuid": "/x", new_id(): "relative/path", new_id(): 7,
+                    new_id(): None, new_id(): ["/a"], "../../etc": "/etc"})
+    (agent.run_dir / "attached.json").write_text(json.dumps(entries))
+    agent.start()
+    assert [d["domainID"] for d in agent.call("StorageDomain.list")] == [good]
+    assert agent.log().count("attached_entry_ignored") >= 6
+
+
+@pytest.fixture
+def read_only_dir(workdir):
+    path = workdir / "ro"
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def hostile_paths(workdir, read_only_dir):
+    a_file = workdir / "a-file"
+    a_file.write_text("x")
+    return [
+        "/proc/hostagent-domain", "/proc/self/hostagent", "/proc/1/root/x",
+        "/sys/kernel/hostagent", "/sys/hostagent", "/dev/null/x", "/dev/full/x",
+        str(read_only_dir / "d"), str(read_only_dir), str(a_file), str(a_file / "sub"),
+        str(workdir / ("x" * 300)), "/" + "/".join(["y" * 200] * 30),
+        str(workdir / "nonempty-parent-is-a-file" / "x"),
+    ]
+
+
+def test_paths_the_os_refuses_are_the_callers_error(make_agent, workdir, read_only_dir):
+    agent = make_agent()
+    (workdir / "nonempty-parent-is-a-file").write_text("")
+    for path in hostile_paths(workdir, read_only_dir):
+        for method in ("StorageDomain.create", "StorageDomain.attach"):
+            with pytest.raises(CallError) as exc:
+                agent.call(method, {"domainID": new_id(), "path": path})
+                pytest.fail(f"{method} {path} succeeded")
+            err = exc.value
+            assert err.code != -32603, (method, path, err)
+            if err.code == -32602:
+                assert err.data.get("param") == "path", (method, path, err)
+            else:
+                assert err.name in ("NoSuchDomain", "DomainExists", "NoSpace"), (path, err)
+    assert agent.call("Host.getStats")["agent"]["callback_errors"] == 0
+
+
+def test_a_volume_larger_than_the_file_system_allows_names_the_size(make_agent, workdir):
+    agent = make_agent()
+    domain = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
+    loc = {"domainID": domain, "imageID": new_id(), "volumeID": new_id()}
+    with pytest.raises(CallError) as exc:  # ext4 holds files up to 16 TiB
+        agent.call("Volume.create", {**loc, "size": 1 << 50})
+    if exc.value.name == "NoSpace":
+        pytest.fail(f"a size the file system cannot hold is not a full disk: {exc.value}")
+    assert exc.value.code == -32602 and exc.value.data["param"] == "size", exc.value
+    assert exc.value.data["errno"] == "EFBIG"
+    with pytest.raises(CallError) as exc:  # and nothing was recorded
+        agent.call("Volume.getInfo", loc)
+    assert exc.value.name == "NoSuchVolume"

@@ -1,0 +1,64 @@
+"""Class 11: an agent's restart is not a failure of the copy it was running. A copy SIGKILLed
+with its agent more times than [recovery] max_attempts still resumes and ends LEGAL, with
+no failure counted; failures that are counted each record their reason."""
+
+import pytest
+
+from tests.harness import wait_for
+from tests.storage_flow import MiB, dst_for, make_source, new_id, sha256, status, volume_path
+
+pytestmark = pytest.mark.timeout(180)
+
+SIZE = 24 * MiB
+
+
+def test_restarts_do_not_use_up_a_copys_attempts(make_agent, workdir):
+    agent = make_agent(copy={"chunk_bytes": MiB, "checkpoint_bytes": MiB,
+                             "checkpoint_seconds": 0.05, "max_bytes_per_second": 8 * MiB},
+                       recovery={"copy_policy": "resume", "max_attempts": 2,
+                                 "backoff_seconds": 0.1})
+    domain = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
+    src = make_source(agent, domain, SIZE)
+    dst = dst_for(domain)
+    agent.call("Image.copy", {"src": src, "dst": dst})
+    seen = 0
+    for restart in range(4):  # twice max_attempts
+        # Kill it mid-copy, each time further along (the checkpoint moves on).
+        wait_for(lambda: (s := status(agent, dst))["copy"] and s["copy"]["copied"] > seen
+                 and s["copy"]["lease"] and s["copy"]["lease"]["live"], 60,
+                 what=f"the copy to make progress before kill {restart + 1}")
+        seen = status(agent, dst)["copy"]["copied"]
+        agent.kill()
+        agent.start()
+    final = wait_for(lambda: (s := status(agent, dst))["legality"] == "LEGAL" and s, 120,
+                     interval=0.1, what="the copy to end LEGAL")
+    assert final["copy"] is None
+    assert sha256(volume_path(agent, dst)) == sha256(volume_path(agent, src))
+
+
+def test_counted_failures_each_record_their_reason(make_agent, workdir):
+    """A copy that fails for real (its worker SIGKILLed while the agent lives) counts a
+    failure each time, recorded with its reason, and is abandoned after max_attempts."""
+    agent = make_agent(copy={"chunk_bytes": MiB, "checkpoint_bytes": MiB,
+                             "checkpoint_seconds": 0.05, "max_bytes_per_second": 4 * MiB},
+                       recovery={"copy_policy": "resume", "max_attempts": 2,
+                                 "backoff_seconds": 0.1})
+    domain = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
+    src = make_source(agent, domain, SIZE)
+    dst = dst_for(domain)
+    agent.call("Image.copy", {"src": src, "dst": dst})
+    import os
+    import signal
+    for kill in range(2):
+        holder = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "copying"
+                          and s["copy"]["lease"] and s["copy"]["lease"]["live"]
+                          and s["copy"]["failures"] == kill and s["copy"]["lease"], 60,
+                          what=f"a live copier after {kill} failures")
+        os.kill(holder["pid"], signal.SIGKILL)
+    st = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "abandoned" and s, 60,
+                  what="the copy abandoned after max_attempts failures")
+    assert st["copy"]["failures"] == 2
+    assert [e["data"]["name"] for e in st["copy"]["errors"]] == ["WorkerDied", "WorkerDied"]
+    assert st["legality"] == "ILLEGAL"
