@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
+import subprocess
 import uuid
+
+import pytest
 
 from agent.client import CallError
 from tests.harness import wait_for
@@ -99,3 +103,18 @@ def volume_path(agent, loc) -> str:
 
 def allocated(path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str, *options: str):
+    """A real small file system mounted at `path` for the block (skips where mounting is not
+    allowed): real ENOSPC, EROFS and so on, for tests of what the agent does with them."""
+    os.makedirs(path, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]),
+                            "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

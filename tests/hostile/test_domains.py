@@ -8,13 +8,11 @@
   data.param, never -32603 (an agent bug, which engines retry)."""
 
 import json
-import subprocess
 
 import pytest
 
 from agent.client import CallError
-from tests.harness import wait_for
-from tests.storage_flow import integrity, new_id
+from tests.storage_flow import integrity, new_id, tmpfs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,10 +33,9 @@ def outcome(resp):
     return "ok" if "result" in resp else resp["error"]["data"]["name"]
 
 
-@pytest.mark.parametrize("rounds", [3])
-def test_one_uuid_at_many_paths_and_many_uuids_at_one_path(make_agent, workdir, rounds):
+def test_one_uuid_at_many_paths_and_many_uuids_at_one_path(make_agent, workdir, scale):
     agent = make_agent()
-    for r in range(rounds):
+    for r in range(3 * scale):
         uuid_ = new_id()
         got = answers(agent, {f"p{r}-{i}": ("StorageDomain.create",
                                             {"domainID": uuid_, "path": str(workdir / f"p{r}-{i}")})
@@ -59,11 +56,11 @@ def test_one_uuid_at_many_paths_and_many_uuids_at_one_path(make_agent, workdir, 
         assert {d["domainID"] for d in agent.call("StorageDomain.list")} >= {winner}
 
 
-def test_two_agents_formatting_one_directory_take_turns(make_agent, workdir):
+def test_two_agents_formatting_one_directory_take_turns(make_agent, workdir, scale):
     """Across agents (no shared memory) the format lock on storage decides: one domain,
     whole, and the loser is told DomainExists, never an I/O error or -32603."""
     a, b = make_agent("a"), make_agent("b")
-    for r in range(5):
+    for r in range(5 * scale):
         path = str(workdir / f"race{r}")
         ca, cb = a.client(timeout=60), b.client(timeout=60)
         ida, idb = new_id(), new_id()
@@ -126,14 +123,8 @@ def test_bogus_entries_are_ignored_and_good_ones_kept(make_agent, workdir):
 
 @pytest.fixture
 def read_only_dir(workdir):
-    path = workdir / "ro"
-    path.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
+    with tmpfs(workdir / "ro", "1m", "ro") as path:
+        yield path
 
 
 def hostile_paths(workdir, read_only_dir):

@@ -6,27 +6,20 @@ domain works (the metadata reserve, agent/storage/metadata.py), gives the space 
 domain is usable again."""
 
 import os
-import subprocess
 
 import pytest
 
 from agent.client import CallError
 from tests.harness import task_state, wait_for
-from tests.storage_flow import MiB, dst_for, integrity, make_source, new_id, status
+from tests.storage_flow import MiB, dst_for, integrity, make_source, new_id, status, tmpfs
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def small_fs(workdir):
-    path = workdir / "small"
-    path.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)],
-                           capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
+    with tmpfs(workdir / "small", "24m") as path:
+        yield path
 
 
 def free_bytes(path) -> int:
@@ -34,9 +27,17 @@ def free_bytes(path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def deleted(agent, loc) -> bool:
+    try:
+        return agent.call("Volume.delete", loc)["deleted"]
+    except CallError as exc:
+        assert exc.name == "LeaseHeld", exc  # a retry is copying it (and will find no room)
+        return False
+
+
 @pytest.mark.parametrize("round_", range(2))
 def test_a_domain_that_fills_its_own_disk_always_has_a_way_out(make_agent, workdir, small_fs,
-                                                               round_):
+                                                               round_, scale):
     agent = make_agent(copy={"chunk_bytes": MiB, "checkpoint_bytes": MiB,
                              "checkpoint_seconds": 0.01},
                        recovery={"copy_policy": "resume", "max_attempts": 2,
@@ -69,9 +70,16 @@ def test_a_domain_that_fills_its_own_disk_always_has_a_way_out(make_agent, workd
     assert free_bytes(small_fs) >= empty - 2 * MiB  # the room is back, the reserve too
     assert os.path.getsize(small_fs / "metadata.reserve") > 0
     assert integrity(small_fs) == "ok"
-    # And the domain is usable: a copy that fits ends LEGAL.
+    # And the domain is usable: a copy that fits ends LEGAL; fill it again and again.
     fits = make_source(agent, big, 4 * MiB, seed=9)
     dst2 = dst_for(small)
     agent.call("Image.copy", {"src": fits, "dst": dst2})
     wait_for(lambda: status(agent, dst2)["legality"] == "LEGAL", 60)
+    for again in range(scale - 1):
+        dst3 = dst_for(small)
+        c.send("Image.copy", {"src": src, "dst": dst3}, id=f"again{again}")
+        wait_for(lambda: task_state(agent, f"again{again}") == "failed", 60)
+        wait_for(lambda: deleted(agent, dst3), 60, interval=0.2,
+                 what="the partial copy's delete, once no retry holds its lease")
+        assert free_bytes(small_fs) >= empty - 6 * MiB
     assert agent.call("Host.getStats")["agent"]["callback_errors"] == 0

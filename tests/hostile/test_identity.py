@@ -48,7 +48,7 @@ LIES = [
 ]
 
 
-def test_forged_workers_and_operations_are_not_heard(agent):
+def test_forged_workers_and_operations_are_not_heard(agent, scale):
     events = agent.subscribe("Image.copy", "Operation.state", "Task.state")
     c = agent.client()
     c.send("Debug.sleep", {"seconds": 2}, id="real")
@@ -56,7 +56,7 @@ def test_forged_workers_and_operations_are_not_heard(agent):
     identities = [b"w1", b"w2", b"w1-" + b"0" * 32, b"op:" + str(uuid.uuid4()).encode(),
                   b"op:" + str(uuid.uuid4()).encode() + b":" + b"0" * 32, b"op:", b"\xff"]
     for identity in identities:
-        forged(agent, identity, LIES)
+        forged(agent, identity, LIES * scale)
     # The real task ends as it would have: its worker's messages were never mixed up.
     got = events_until(events, lambda e: e["method"] == "Task.state"
                        and e["params"]["task"]["id"] == "real"

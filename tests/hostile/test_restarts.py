@@ -2,6 +2,9 @@
 with its agent more times than [recovery] max_attempts still resumes and ends LEGAL, with
 no failure counted; failures that are counted each record their reason."""
 
+import os
+import signal
+
 import pytest
 
 from tests.harness import wait_for
@@ -12,9 +15,10 @@ pytestmark = pytest.mark.timeout(180)
 SIZE = 24 * MiB
 
 
-def test_restarts_do_not_use_up_a_copys_attempts(make_agent, workdir):
+def slow_copy(make_agent, workdir, rate: int):
+    """An agent with max_attempts 2 and a copy of SIZE running at `rate` bytes a second."""
     agent = make_agent(copy={"chunk_bytes": MiB, "checkpoint_bytes": MiB,
-                             "checkpoint_seconds": 0.05, "max_bytes_per_second": 8 * MiB},
+                             "checkpoint_seconds": 0.05, "max_bytes_per_second": rate},
                        recovery={"copy_policy": "resume", "max_attempts": 2,
                                  "backoff_seconds": 0.1})
     domain = new_id()
@@ -22,6 +26,11 @@ def test_restarts_do_not_use_up_a_copys_attempts(make_agent, workdir):
     src = make_source(agent, domain, SIZE)
     dst = dst_for(domain)
     agent.call("Image.copy", {"src": src, "dst": dst})
+    return agent, src, dst
+
+
+def test_restarts_do_not_use_up_a_copys_attempts(make_agent, workdir):
+    agent, src, dst = slow_copy(make_agent, workdir, 8 * MiB)
     seen = 0
     for restart in range(4):  # twice max_attempts
         # Kill it mid-copy, each time further along (the checkpoint moves on).
@@ -40,17 +49,7 @@ def test_restarts_do_not_use_up_a_copys_attempts(make_agent, workdir):
 def test_counted_failures_each_record_their_reason(make_agent, workdir):
     """A copy that fails for real (its worker SIGKILLed while the agent lives) counts a
     failure each time, recorded with its reason, and is abandoned after max_attempts."""
-    agent = make_agent(copy={"chunk_bytes": MiB, "checkpoint_bytes": MiB,
-                             "checkpoint_seconds": 0.05, "max_bytes_per_second": 4 * MiB},
-                       recovery={"copy_policy": "resume", "max_attempts": 2,
-                                 "backoff_seconds": 0.1})
-    domain = new_id()
-    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
-    src = make_source(agent, domain, SIZE)
-    dst = dst_for(domain)
-    agent.call("Image.copy", {"src": src, "dst": dst})
-    import os
-    import signal
+    agent, src, dst = slow_copy(make_agent, workdir, 4 * MiB)
     for kill in range(2):
         holder = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "copying"
                           and s["copy"]["lease"] and s["copy"]["lease"]["live"]

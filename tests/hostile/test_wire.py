@@ -19,11 +19,6 @@ pytestmark = pytest.mark.timeout(300)
 MiB = 1 << 20
 
 
-@pytest.fixture
-def scale(request):
-    return request.config.getoption("--hostile-scale")
-
-
 def rss(agent) -> int:
     return psutil.Process(agent.pid).memory_info().rss
 
