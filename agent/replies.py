@@ -105,21 +105,16 @@ class Route:
         self.frames = frames
         self.ledger = ledger
 
-    def send(self, payload) -> None:
-        try:
-            body = jsonrpc.dumps(payload)
-        except (TypeError, ValueError):
-            # A result that is not JSON is our bug; the client still gets a proper answer.
-            log.error("unserializable_response")
-            ids = payload if isinstance(payload, list) else [payload]
-            body = jsonrpc.dumps([jsonrpc.error_response(p.get("id"), errors.InternalError())
-                                  for p in ids] if isinstance(payload, list)
-                                 else jsonrpc.error_response(payload.get("id"),
-                                                             errors.InternalError()))
+    def send(self, payload: dict) -> None:
+        """Send one response object."""
+        self.send_body(_encoded(payload), payload.get("id"))
+
+    def send_body(self, body: bytes, ids) -> None:
+        """Send an encoded response (`ids`: its id), or batch of them (`ids`: a list)."""
         peer = self.frames[0]
         tracked = len(body) > TRACKED_BYTES
         if tracked and not self.ledger.admits(peer, len(body)):
-            body = jsonrpc.dumps(_unread(payload, self.ledger.per_peer))
+            body = jsonrpc.dumps(_unread(ids, self.ledger.per_peer))
             tracked = False
         try:
             # Never blocks: a client gone, or one whose queue is full, loses this reply.
@@ -136,14 +131,12 @@ class Route:
                 log.warning("response_dropped", error=str(exc), dropped=self.ledger.dropped)
 
 
-def _unread(payload, limit: int):
+def _unread(ids, limit: int):
     """The small answer that replaces a large one a client has no room for."""
-    def refusal(p):
-        return jsonrpc.error_response(p.get("id") if isinstance(p, dict) else None,
-                                      errors.ResourceExhausted(
-                                          "this client's earlier replies are unread",
-                                          reason="unread-replies", limit=limit))
-    return [refusal(p) for p in payload] if isinstance(payload, list) else refusal(payload)
+    def refusal(id_):
+        return jsonrpc.error_response(id_, errors.ResourceExhausted(
+            "this client's earlier replies are unread", reason="unread-replies", limit=limit))
+    return [refusal(i) for i in ids] if isinstance(ids, list) else refusal(ids)
 
 
 def once(reply):
@@ -167,17 +160,41 @@ def single(route: Route):
 
 
 class Batch:
-    def __init__(self, route: Route, size: int):
+    """Members' answers, each kept encoded as it comes (never the objects a query built),
+    sent as one array once all have answered. An answer that would take the whole past
+    `limit` bytes is replaced by 1100 ResourceExhausted (data.reason "batch-too-large")."""
+
+    def __init__(self, route: Route, size: int, limit: int):
         self.route = route
         self.slots: list = [None] * size
+        self.ids: list = [None] * size
         self.waiting = size
+        self.limit = limit
+        self.bytes = 2
 
     def member(self, index: int):
         def reply(response):
-            self.slots[index] = response
+            if response is not None:
+                body = _encoded(response)
+                if self.bytes + len(body) + 1 > self.limit:
+                    body = jsonrpc.dumps(jsonrpc.error_response(
+                        response.get("id"), errors.ResourceExhausted(
+                            "the batch's answers would exceed max_message_bytes",
+                            reason="batch-too-large", limit=self.limit)))
+                self.bytes += len(body) + 1
+                self.slots[index], self.ids[index] = body, response.get("id")
             self.waiting -= 1
             if self.waiting == 0:
-                answers = [r for r in self.slots if r is not None]
-                if answers:
-                    self.route.send(answers)
+                answered = [i for i, b in enumerate(self.slots) if b is not None]
+                if answered:
+                    self.route.send_body(b"[" + b",".join(self.slots[i] for i in answered)
+                                         + b"]", [self.ids[i] for i in answered])
         return reply
+
+
+def _encoded(response: dict) -> bytes:
+    try:
+        return jsonrpc.dumps(response)
+    except (TypeError, ValueError):  # our bug; the client still gets a proper answer
+        log.error("unserializable_response")
+        return jsonrpc.dumps(jsonrpc.error_response(response.get("id"), errors.InternalError()))

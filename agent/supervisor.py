@@ -271,7 +271,7 @@ class Agent:
             route.send(jsonrpc.error_response(None, errors.InvalidRequest(
                 f"{why} is not a valid request", limit=limit)))
             return
-        batch = replies.Batch(route, len(payload))
+        batch = replies.Batch(route, len(payload), self.config["rpc"]["max_message_bytes"])
         for index, obj in enumerate(payload):
             self.dispatch(obj, batch.member(index))
 

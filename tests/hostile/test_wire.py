@@ -173,3 +173,25 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(make_agent):
     for sock in crowd:
         assert sock.poll(20000), agent.log()
         assert json.loads(sock.recv())["result"] is True
+
+
+def test_a_batch_answer_is_bounded_by_the_message_limit(make_agent):
+    """A batch of 1,000 Task.getAll (4,000 tasks retained: ~1 MB each) would be a 1 GB
+    answer held at once; its answers stay within max_message_bytes, the rest are refused
+    by name, and every member is answered."""
+    agent = make_agent(rpc={"endpoints": ["ipc://{run_dir}/rpc.sock"],
+                            "max_message_bytes": 8 * MiB})
+    retained_tasks(agent, 4000)
+    before = rss(agent)
+    sock = dealer(agent)
+    sock.send(json.dumps([{"jsonrpc": "2.0", "method": "Task.getAll", "id": i}
+                          for i in range(1000)]).encode())
+    assert sock.poll(120000)
+    body = sock.recv()
+    answers = json.loads(body)
+    assert len(body) <= 8 * MiB and len(answers) == 1000
+    full = [a for a in answers if "result" in a]
+    refused = [a for a in answers if "error" in a]
+    assert full and refused
+    assert {a["error"]["data"]["reason"] for a in refused} == {"batch-too-large"}
+    assert rss(agent) - before < 128 * MiB
