@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import errors
-from agent.tasks import MAX_ID_LENGTH
+MAX_ID_LENGTH = 128  # of a request's id, which names its task
 
 NO_ID = object()  # a notification: the request had no "id" member
 

@@ -20,8 +20,7 @@ still has all its tries.
 
 from __future__ import annotations
 
-from agent import api, errors, logs, states
-from agent.api.image import copy_job
+from agent import errors, jobs, logs, states
 
 log = logs.get(component="recovery")
 
@@ -58,22 +57,17 @@ def after_failure(error_name: str | None, failures: int, *, policy: str,
     return "retry"
 
 
-def install(agent) -> None:
-    agent.end_hooks["Image.copy"] = lambda *end: _copy_ended(agent, *end)
-    agent.end_hooks["Recovery.scan"] = lambda *end: _scan_ended(agent, *end)
-    agent.end_hooks["StorageDomain.create"] = lambda *end: _domain_ended(agent, *end,
-                                                                          rescan=False)
-    agent.end_hooks["StorageDomain.attach"] = lambda *end: _domain_ended(agent, *end,
-                                                                          rescan=True)
+def copy_job(agent, src: dict, dst: dict, **extra) -> jobs.WorkerJob:
+    """A copy whose failure is retried or abandoned by policy (_copy_ended)."""
+    return jobs.copy(agent.domains, src, dst, on_end=_copy_ended, **extra)
 
 
 def scan(agent, domain_id: str, startup: bool) -> None:
-    job = api.WorkerJob("domain.scan", {"domainID": domain_id,
-                                        "path": agent.domains.path(domain_id)})
+    job = jobs.scan(agent.domains, domain_id, on_end=_scan_ended)
     _submit(agent, f"scan:{domain_id}", "Recovery.scan", job, startup=startup, queued=False)
 
 
-def _submit(agent, task_id: str, method: str, job: api.WorkerJob, **how):
+def _submit(agent, task_id: str, method: str, job: jobs.WorkerJob, **how):
     try:
         return agent.submit(task_id, method, job, **how)
     except errors.TaskIdInUse:
@@ -81,15 +75,19 @@ def _submit(agent, task_id: str, method: str, job: api.WorkerJob, **how):
         return None
 
 
-def _domain_ended(agent, task, outcome: str, result, error, *, rescan: bool) -> None:
-    if task.job is None:
-        return  # refused before it reserved anything
+def domain_created(agent, task, outcome: str, result, error) -> None:
+    """A create's end: the domain is remembered as attached (before the client is told)."""
     try:
         if outcome == states.DONE:
             agent.domains.attach(result["domainID"], result["path"])
     finally:
         agent.domains.release(task.job.args["domainID"])
-    if outcome == states.DONE and rescan:
+
+
+def domain_attached(agent, task, outcome: str, result, error) -> None:
+    """An attach's end: remembered, then its copy markers scanned as at start-up."""
+    domain_created(agent, task, outcome, result, error)
+    if outcome == states.DONE:
         scan(agent, result["domainID"], startup=False)
 
 
@@ -131,17 +129,16 @@ def _scan_ended(agent, task, outcome: str, result, error) -> None:
 
 
 def _abandon(agent, dst: dict, gen: int, error: dict | None):
-    job = api.WorkerJob("image.abandon", {"dst": {**dst, "path": agent.domains.path(
-        dst["domainID"])}, "expect_generation": gen, "previous_error": error})
-    return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon", job)
+    return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon",
+                   jobs.abandon(agent.domains, dst, gen, error))
 
 
 def _copy_ended(agent, task, outcome: str, result, error) -> None:
     """A copy that failed is retried, or abandoned, by policy: if it owned its marker, or if
     it was one the agent issued itself (a retry or recovery that died before taking over
     counts as an attempt too, so a copy never stalls and never loops without end)."""
-    if outcome != states.FAILED or task.job is None:
-        return  # done, aborted, or refused before it had a job (src == dst, no domain, ...)
+    if outcome != states.FAILED:
+        return  # done, or aborted
     args = task.job.args
     if isinstance(task.result, dict) and "generation" in task.result:
         attempts, gen = task.result["attempts"], task.result["generation"]

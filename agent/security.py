@@ -120,18 +120,6 @@ class Guard:
                                      z85.encode(creds[0]) if ok else b"", b""])
 
 
-def make_client(sock: zmq.Socket, client_key_file: str, server_key_file: str) -> None:
-    """Make `sock` a CURVE client: our key pair (a .key_secret file) and the server's public
-    key (its .key file). Set before connect."""
-    public, secret = zmq.auth.load_certificate(client_key_file)
-    if not secret:
-        raise ConfigError(f"{client_key_file} holds no secret key")
-    server_public, _ = zmq.auth.load_certificate(server_key_file)
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
-
-
 def keygen(directory: str, name: str) -> tuple[str, str]:
     """Write NAME.key (public) and NAME.key_secret (0600) in `directory`."""
     os.makedirs(directory, mode=0o700, exist_ok=True)

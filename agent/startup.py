@@ -57,6 +57,5 @@ def read_text(path: str) -> str | None:
 
 
 def begin(agent) -> None:
-    recovery.install(agent)
     for domain_id in list(agent.domains.paths):
         recovery.scan(agent, domain_id, startup=True)

@@ -23,7 +23,7 @@ from agent.backlog import Backlog
 from agent.domains import Domains
 from agent.events import Publisher, fits
 from agent.system import System, set_child_subreaper, write_atomic
-from agent.tasks import TaskTable
+from agent.tasks import Full, IdInUse, TaskTable
 from agent.workerpool import WorkerPool
 
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
@@ -55,8 +55,6 @@ class Agent:
         self._timer_seq = itertools.count()
         self.recovering = True
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
-        # method -> hook(task, new state, result, error), called as a task of it ends
-        self.end_hooks: dict[str, callable] = {}
         self.backlog = Backlog(config["recovery"]["max_running"])
         self._starting_backlog = False
         self._notification_seq = 0
@@ -308,14 +306,24 @@ class Agent:
             if verb is None or not self.serves(verb):
                 raise errors.MethodNotFound(f"no method {req.method!r}", method=req.method)
             params = api.bind(verb, req.params)
-            task = self.tasks.admit(req.task_id or self._notification_id(), verb.name,
-                                    limited=verb.worker)
+            task = self.admit(req.task_id or self._notification_id(), verb.name,
+                              limited=verb.worker)
         except errors.AgentError as exc:
             if reply is not None:
                 reply(jsonrpc.error_response(req.id, exc))
             return
         task.reply, task.request_id = reply, req.id
         self.run_task(task, verb.handler, params)
+
+    def admit(self, task_id: str, method: str, limited: bool):
+        """A new task, or the agent error that says why not (nothing touched)."""
+        try:
+            return self.tasks.admit(task_id, method, limited=limited)
+        except IdInUse:
+            raise errors.TaskIdInUse(f"task {task_id!r} is active", taskID=task_id) from None
+        except Full as full:
+            raise errors.ResourceExhausted(f"{full.args[0]} tasks are active",
+                                           limit=full.args[0]) from None
 
     def _notification_id(self) -> str:
         self._notification_seq += 1
@@ -352,7 +360,7 @@ class Agent:
         """A task of the agent's own (recovery, retries): no client waits on it. `queued`
         ones wait in the backlog (agent/backlog.py) until READY and a free slot;
         `startup` ones run at once and READY waits for them."""
-        task = self.tasks.admit(task_id, method, limited=False)
+        task = self.admit(task_id, method, limited=False)
         if startup:
             self.startup_jobs.add(task_id)
         if queued:
@@ -395,13 +403,13 @@ class Agent:
         # the run dir) must be on disk before a client is told, or a SIGKILL between the
         # two leaves a client told "attached" and an agent that forgets it. It is told the
         # state the task is about to take; if it fails, so does the task.
-        hook = self.end_hooks.get(task.method)
+        hook = task.job.on_end if task.job is not None else None
         if hook:
             failure = None
             try:
                 ok = event == "succeed"
-                hook(task, states.next_state(task.state, event), result if ok else None,
-                     None if ok else error)
+                hook(self, task, states.next_state(task.state, event),
+                     result if ok else None, None if ok else error)
             except errors.AgentError as exc:
                 failure = exc
             except Exception:

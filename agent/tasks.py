@@ -13,9 +13,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agent import errors, states
+from agent import states
 
-MAX_ID_LENGTH = 128
+
+class IdInUse(Exception):
+    """A task with this ID is active."""
+
+
+class Full(Exception):
+    """max_active limited tasks are active."""
 
 
 @dataclass(eq=False)
@@ -70,12 +76,11 @@ class TaskTable:
         self.finished: OrderedDict[str, Task] = OrderedDict()
 
     def admit(self, task_id: str, method: str, *, limited: bool) -> Task:
-        """A new task under `task_id`, or TaskIdInUse / ResourceExhausted (nothing touched)."""
+        """A new task under `task_id`, or IdInUse / Full (nothing touched)."""
         if task_id in self.active:
-            raise errors.TaskIdInUse(f"task {task_id!r} is active", taskID=task_id)
+            raise IdInUse(task_id)
         if limited and self.limited_active >= self.max_active:
-            raise errors.ResourceExhausted(
-                f"{self.max_active} tasks are active", limit=self.max_active)
+            raise Full(self.max_active)
         self.finished.pop(task_id, None)  # reusing an ended ID replaces its record
         task = Task(id=task_id, method=method, created=self.wall(), limited=limited)
         self.active[task_id] = task

@@ -13,7 +13,8 @@ import pytest
 import zmq
 
 from agent.client import Client, Timeout, endpoints_of
-from agent.security import keygen, make_client
+from agent.client.curve import make_client
+from agent.security import keygen
 from tests.harness import REPO, recv_json, wait_for
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from agent import config as configmod
 from agent import errors, jsonrpc, states
-from agent.tasks import MAX_ID_LENGTH, TaskTable
+from agent.jsonrpc import MAX_ID_LENGTH
+from agent.tasks import Full, IdInUse, TaskTable
 
 # -- states ------------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ def test_id_in_use_while_active_then_reusable():
     clock = Clock()
     t = table(clock)
     first = t.admit("x", "Debug.sleep", limited=True)
-    with pytest.raises(errors.TaskIdInUse):
+    with pytest.raises(IdInUse):
         t.admit("x", "Host.ping", limited=False)
     assert t.get("x") is first and first.state == "pending"
     run_to(t, first, "start", "abort", "fail")
@@ -105,9 +106,9 @@ def test_resource_exhausted_only_for_limited_tasks():
     t = table(Clock(), max_active=2)
     a = t.admit("a", "Debug.sleep", limited=True)
     t.admit("b", "Debug.sleep", limited=True)
-    with pytest.raises(errors.ResourceExhausted) as err:
+    with pytest.raises(Full) as err:
         t.admit("c", "Debug.sleep", limited=True)
-    assert err.value.data["limit"] == 2
+    assert err.value.args == (2,)
     assert t.get("c") is None and t.limited_active == 2  # nothing touched
     for i in range(5):  # supervisor-only tasks are never refused for the limit
         t.admit(f"inline{i}", "Host.ping", limited=False)
@@ -247,7 +248,6 @@ def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
 
     agent = Agent(configmod.load(overrides={"run_dir": str(tmp_path), "host_id": "h"}))
     agent.events = Recorder()
-    recovery.install(agent)
     on_disk_when_told = []
     task = agent.tasks.admit("d1", "StorageDomain.create", limited=True)
     task.request_id = "d1"
@@ -255,9 +255,9 @@ def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
         (msg, json.loads((tmp_path / "attached.json").read_text())))
     agent.tasks.transition(task, "start")
     result = {"domainID": "5d0d0e5e-0000-4000-8000-000000000001", "path": str(tmp_path / "s")}
-    from agent.api import WorkerJob
+    from agent.jobs import WorkerJob
     agent.domains.reserve(result["domainID"], result["path"])  # as the handler does
-    task.job = WorkerJob("domain.create", dict(result))
+    task.job = WorkerJob("domain.create", dict(result), on_end=recovery.domain_created)
     agent.end(task, "succeed", result)
     assert on_disk_when_told == [({"jsonrpc": "2.0", "id": "d1", "result": result},
                                   {result["domainID"]: result["path"]})]

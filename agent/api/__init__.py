@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent import errors
+from agent.jobs import WorkerJob  # noqa: F401  (re-exported: handlers return it)
 
 NAMESPACES = ("host", "task", "debug", "storage_domain", "volume", "image")
 
@@ -27,15 +28,6 @@ class Param:
     default: Any = None
     doc: str = ""
     check: Callable[[Any], Any] | None = None  # extra validation; raises ValueError
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """Run `op` in a worker with `args`; `limited` counts it against max_active_tasks."""
-
-    op: str
-    args: dict
-    deadline: float | None = None
 
 
 @dataclass

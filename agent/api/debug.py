@@ -23,7 +23,11 @@ def sleep(agent, params):
 
     Result: {"slept": seconds}. Errors: 105 OperationFailed when fail is true.
     """
-    return WorkerJob("debug.sleep", params)
+    hook = _PLANTED.pop(id(agent), None)  # Debug.fault "hook"
+    return WorkerJob("debug.sleep", params, on_end=hook)
+
+
+_PLANTED: dict[int, callable] = {}  # agent -> the end hook planted for its next Debug.sleep
 
 
 @verb("Debug.crash", debug_only=True)
@@ -62,10 +66,7 @@ def fault(agent, params):
         raise RuntimeError(f"a planted bug in a {params['where']}")
 
     if params["where"] == "hook":
-        def hook(*end):
-            agent.end_hooks.pop("Debug.sleep", None)
-            boom()
-        agent.end_hooks["Debug.sleep"] = hook
+        _PLANTED[id(agent)] = boom
     elif params["where"] == "timer":
         agent.call_later(0, boom)
     else:

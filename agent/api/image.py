@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent import errors
+from agent import errors, recovery
 from agent.api import Param, WorkerJob, verb
 from agent.api.volume import VOLUME_PARAMS, located
 from agent.storage.ids import check_uuid
@@ -12,11 +12,6 @@ def _location(value: dict) -> dict:
     if set(value) != {"domainID", "imageID", "volumeID"}:
         raise ValueError("must be {domainID, imageID, volumeID}")
     return {k: check_uuid(value[k], k) for k in ("domainID", "imageID", "volumeID")}
-
-
-def copy_job(agent, src: dict, dst: dict, **extra) -> WorkerJob:
-    return WorkerJob("image.copy", {"src": located(agent, src), "dst": located(agent, dst),
-                                    **extra})
 
 
 @verb("Image.copy", Param("src", "object", check=_location), Param("dst", "object",
@@ -43,7 +38,7 @@ def copy(agent, params):
     """
     if params["src"] == params["dst"]:
         raise errors.InvalidParams("src and dst are the same volume")
-    return copy_job(agent, params["src"], params["dst"])
+    return recovery.copy_job(agent, params["src"], params["dst"])  # retried by policy
 
 
 @verb("Image.getStatus", *VOLUME_PARAMS, worker=True)

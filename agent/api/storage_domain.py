@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 
+from agent import recovery
 from agent.api import Param, WorkerJob, verb
 
 
@@ -27,7 +28,7 @@ def create(agent, params):
     or a path the OS refuses: data.errno says why), 204 NoSpace.
     """
     agent.domains.reserve(params["domainID"], params["path"])  # released when the task ends
-    return WorkerJob("domain.create", params)
+    return WorkerJob("domain.create", params, on_end=recovery.domain_created)
 
 
 @verb("StorageDomain.attach", Param("domainID", "uuid"), Param("path", "str", check=_abs_path),
@@ -40,7 +41,7 @@ def attach(agent, params):
     208 DomainExists (the ID or the path is attached, or being created or attached).
     """
     agent.domains.reserve(params["domainID"], params["path"])  # released when the task ends
-    return WorkerJob("domain.attach", params)
+    return WorkerJob("domain.attach", params, on_end=recovery.domain_attached)
 
 
 @verb("StorageDomain.getInfo", Param("domainID", "uuid"), worker=True)

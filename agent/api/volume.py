@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent import jobs
 from agent.api import Param, WorkerJob, verb
 
 VOLUME_PARAMS = (Param("domainID", "uuid"), Param("imageID", "uuid"), Param("volumeID", "uuid"))
@@ -15,7 +16,7 @@ def _size(value: int) -> int:
 
 def located(agent, params: dict) -> dict:
     """The params with the domain's path added: NoSuchDomain if it is not attached."""
-    return {**params, "path": agent.domains.path(params["domainID"])}
+    return jobs.located(agent.domains, params)
 
 
 @verb("Volume.create", *VOLUME_PARAMS, Param("size", "int", check=_size, doc="bytes"),

@@ -41,7 +41,7 @@ class Context:
 def run_for_people(args) -> int:
     """Run a command with a Context; every failure becomes a readable line and an exit code."""
     from agent.client import CallError, Timeout
-    from agent.security import ConfigError as KeyError_
+    from agent.client.curve import KeyFileError
 
     ctx = None
     try:
@@ -52,7 +52,7 @@ def run_for_people(args) -> int:
     except Timeout as exc:
         output.error(f"{exc}; is the agent running (at {ctx.settings.endpoint})?")
         return output.NO_ANSWER
-    except (output.UsageError, KeyError_, OSError) as exc:
+    except (output.UsageError, KeyFileError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `hostagent watch | head`: the reader left
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return output.OK

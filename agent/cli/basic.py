@@ -78,7 +78,7 @@ def cmd_events(args) -> int:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     if c:
-        from agent.security import make_client
+        from agent.client.curve import make_client
         make_client(sock, c, s)
     sock.connect(endpoint)
     for topic in args.topics or [""]:

@@ -11,7 +11,6 @@ Errors (protocol.py): CallError (code, message, data, name), Timeout, TaskFailed
 NeedsContinuing, TaskLost.
 """
 
-from agent import errors
 from agent.client.aio import AsyncClient
 from agent.client.blocking import BlockingClient, BlockingSubscription, Client
 from agent.client.protocol import (CallError, NeedsContinuing, TaskFailed, TaskLost, Timeout,
@@ -21,5 +20,4 @@ from agent.client.wait import Outcome, Progress
 
 __all__ = ["AsyncClient", "BlockingClient", "BlockingSubscription", "Client", "CallError",
            "Timeout", "TaskFailed", "NeedsContinuing", "TaskLost", "Event", "SeqTracker",
-           "Subscription", "Outcome", "Progress", "endpoints_of", "guess_events_endpoint",
-           "errors"]
+           "Subscription", "Outcome", "Progress", "endpoints_of", "guess_events_endpoint"]

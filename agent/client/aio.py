@@ -49,7 +49,7 @@ class AsyncClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         if self.keys:
-            from agent.security import make_client
+            from agent.client.curve import make_client
             make_client(self.sock, client_key, server_key)
         self.sock.connect(endpoint)
         self._pending: dict = {}  # id -> future of its response

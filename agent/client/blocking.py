@@ -32,7 +32,7 @@ class Client:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if client_key or server_key:
-            from agent.security import make_client
+            from agent.client.curve import make_client
             make_client(self.sock, client_key, server_key)
         self.sock.connect(endpoint)
         self.timeout = timeout

@@ -100,7 +100,7 @@ class Subscription:
         if rcvhwm is not None:
             self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         if keys:
-            from agent.security import make_client
+            from agent.client.curve import make_client
             make_client(self.sock, keys["client_key"], keys["server_key"])
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(endpoint)
