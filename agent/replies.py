@@ -9,9 +9,10 @@ Replies a client does not read wait in libzmq's queue for it, so the queue is bo
   so that one past the bound is dropped and counted, never queued);
 - replies over TRACKED_BYTES are sent zero-copy and tracked until libzmq has written them
   to the client's connection: while a client's tracked, unwritten replies hold more than
-  `[rpc] max_unread_reply_bytes` (or all clients' hold more than four times that), its next
-  large reply is replaced by a small error, 1100 ResourceExhausted (data.reason
-  "unread-replies"), and counted. A client that reads gets every reply.
+  `[rpc] max_unread_reply_bytes` (or, for a client with any unwritten, all clients' hold
+  more than four times that), its next large reply is replaced by a small error, 1100
+  ResourceExhausted (data.reason "unread-replies"), and counted. A client that reads gets
+  every reply.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ class Ledger:
             self.bytes.pop(peer, None)
 
     def admits(self, peer: bytes, size: int) -> bool:
+        """Whether a large reply of `size` may be queued for `peer`. The all-clients bound
+        holds back clients that leave replies unread, never one that has read all of its
+        own (else a few hogs would starve every reader)."""
         self._settle(peer)
-        if self.bytes.get(peer, 0) + size > self.per_peer or self.total + size > self.total_limit:
+        mine = self.bytes.get(peer, 0)
+        if mine + size > self.per_peer or (mine and self.total + size > self.total_limit):
             self.refused += 1
             return False
         return True
