@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "copy": {"chunk_bytes": 16 * 1024 * 1024, "checkpoint_bytes": 256 * 1024 * 1024,
              "checkpoint_seconds": 1.0, "max_bytes_per_second": 0,
              # Hash the destination behind the copy and record its checksum at completion,
-             # so a scrub can tell later whether its data changed (workers/checksum.py).
+             # so a scrub can tell later whether its data changed (agent/storage/checksum.py).
              "record_checksum": True},
     # A scrub reads every LEGAL volume of a domain; its reads are throttled (0: unlimited)
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run

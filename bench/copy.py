@@ -26,7 +26,7 @@ import uuid
 
 from bench.common import (MiB, Events, Rpc, Row, Scratch, alternate, evict, median,
                           paired_ratio, ratio, task_done, wait_subscribed, warm)
-from workers.copyengine import sparse_extents
+from agent.storage.copyengine import sparse_extents
 
 ROWS = ("copy_cold", "copy_warm", "sparse")
 NOSUM = "Image.copy, record_checksum=false"

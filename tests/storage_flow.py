@@ -31,7 +31,7 @@ def sha256(path) -> str:
 
 def block_checksum(path) -> str:
     """The "sha256-4m" checksum by its definition, reading every byte: the SHA-256 of the
-    SHA-256 digests of the file's 4 MiB blocks (an oracle for workers/checksum.py)."""
+    SHA-256 digests of the file's 4 MiB blocks (an oracle for agent/storage/checksum.py)."""
     outer = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(4 * MiB):

@@ -21,8 +21,8 @@ from agent.errors import OperationFailed
 from tests.harness import events_until, wait_for
 from tests.storage_flow import (MiB, block_checksum, dst_for, make_source, new_id,
                                 recorded_checksum, sha256, volume_path, wait_legal)
-from workers import checksum
-from workers.copyengine import sparse_extents
+from agent.storage import checksum
+from agent.storage.copyengine import sparse_extents
 from workers.ops import scrub as scrubops
 
 SLOW = 6 * MiB  # bytes a second: the scrub below takes about 9 s

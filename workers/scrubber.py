@@ -37,7 +37,8 @@ import zmq
 from agent import errors, logs
 from agent.storage import operations
 from agent.storage.metadata import DomainDB
-from workers import checksum, protocol
+from agent.storage import checksum
+from workers import protocol
 from workers.protocol import EVENT_IDENTITY_ENV
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes (each one also reads stop requests)
@@ -208,7 +209,7 @@ def _ready(fd: int | None) -> None:
         os.close(fd)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv):
     parser = argparse.ArgumentParser(prog="hostagent-scrubber")
     parser.add_argument("--domain-path", required=True)
     parser.add_argument("--domain-id", required=True)
@@ -219,8 +220,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-id")
     parser.add_argument("--task-id")
     parser.add_argument("--max-bytes-per-second", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def _run(scrub: Scrub, log) -> tuple:
+    """(state, result, error, progress) of the scrub, however it ended; None if another
+    process decided its fate meanwhile (its row is no longer ours to write)."""
+    try:
+        return "COMPLETED", scrub.run(), None, 100.0
+    except _Stop:
+        return "STOPPED", scrub.result, None, None
+    except _Lost:
+        log.warning("operation_ended_elsewhere")
+        return None
+    except errors.AgentError as exc:
+        return "FAILED", scrub.result, exc.to_json(), None
+    except Exception as exc:  # a bug: logged here, named in the row
+        traceback.print_exc(file=sys.stderr)
+        return "FAILED", scrub.result, errors.InternalError(
+            f"{type(exc).__name__} in the scrub process").to_json(), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
     logs.setup()
     log = logs.get(component="scrub", operation_id=args.operation_id, domain_id=args.domain_id)
     if args.ready_fd is not None:
@@ -242,23 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     identity = os.environ.get(EVENT_IDENTITY_ENV) or f"op:{args.operation_id}:unsigned"
     events = EventSender(args.run_dir, identity, args.task_id)
     log.info("scrub_started", pid=os.getpid())
-    state, result, error, progress = "COMPLETED", None, None, None
-    try:
-        result, progress = scrub.run(), 100.0
-    except _Stop:
-        state, result = "STOPPED", scrub.result
-    except _Lost:
-        log.warning("operation_ended_elsewhere")
+    ended = _run(scrub, log)
+    if ended is None:
         events.close()
         return 4
-    except errors.AgentError as exc:
-        state, error = "FAILED", exc.to_json()
-    except Exception as exc:  # a bug: logged here, named in the row
-        traceback.print_exc(file=sys.stderr)
-        state, error = "FAILED", errors.InternalError(
-            f"{type(exc).__name__} in the scrub process").to_json()
-    if state == "FAILED":
-        result = scrub.result
+    state, result, error, progress = ended
     code = 0
     try:
         operations.finish(ddb, args.operation_id, state, result=result, error=error,

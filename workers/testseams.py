@@ -29,7 +29,7 @@ def install_from_env() -> dict | None:
         return None
     spec = json.loads(raw)
     from agent.storage import metadata
-    from workers import copyengine
+    from agent.storage import copyengine
 
     if "crash_after_writes" in spec:
         left = [int(spec["crash_after_writes"])]

@@ -17,7 +17,7 @@ token, generation and size, and a copy checks them at every continue and before 
 A full disk. A write that finds no room is NoSpace (204), never a driver error. So that a
 full domain always has a way out, format leaves a reserve file (RESERVE_BYTES) beside the
 database: deleting a volume that finds no room for its journal gives the reserve back, deletes,
-and the reserve is made again once the volume's data is gone (workers/ops/storage.py).
+and the reserve is made again once the volume's data is gone (agent/storage/volumes.py).
 
 Generations are the fencing token. A copy marker and its volume carry the same generation;
 take_over() bumps both, and every later write by a copier names the generation it was given,

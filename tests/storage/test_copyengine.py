@@ -10,8 +10,8 @@ import random
 import pytest
 
 from agent.errors import GenerationMismatch, NoSpace, OperationFailed
-from workers import copyengine
-from workers.copyengine import MiB, CopyStopped, copy_range, sha256_file, sparse_extents
+from agent.storage import copyengine
+from agent.storage.copyengine import MiB, CopyStopped, copy_range, sha256_file, sparse_extents
 
 
 def make_file(path, size, islands=None, seed=1):

@@ -13,10 +13,10 @@ import sys
 import time
 
 from agent import errors
-from agent.storage import lease
+from agent.storage import checksum, copyengine, leases
 from agent.storage.metadata import DomainDB, check_source, source_identity
-from workers import checksum, copyengine
-from workers.ops.storage import holder, open_domain, volume_row
+from agent.storage.volumes import open_domain, volume_row
+from workers.ops.volume import holder
 from workers.runtime import Stopped
 
 EVENT_INTERVAL = 1.0
@@ -75,7 +75,7 @@ def copy(ctx, args):
     src, dst = args["src"], args["dst"]
     dst_db = open_domain(dst)
     src_db = dst_db if src["domainID"] == dst["domainID"] else open_domain(src)
-    with lease.acquire(dst_db.layout.lease_path(dst["volumeID"]), holder(ctx, "copy")):
+    with leases.for_domain(dst_db).acquire(dst["volumeID"], holder(ctx, "copy")):
         src_row = _source(src_db, src)
         size = src_row["size"]
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args)
@@ -139,63 +139,82 @@ def _source_still(src_db: DomainDB, src: dict, src_fd: int, src_path: str, size:
             volumeID=src["volumeID"], size=size, data_bytes=st.st_size)
 
 
+class _Reporter:
+    """What a copy says as it goes: checkpoints (with an Image.copy event about once a
+    second), progress, the checksum follower told where the copy is, and the rate limit."""
+
+    def __init__(self, ctx, dst_db: DomainDB, volume_id: str, gen: int, size: int,
+                 start: int, base: dict, follower, rate: int):
+        self.ctx, self.dst_db, self.volume_id, self.gen = ctx, dst_db, volume_id, gen
+        self.size, self.start, self.base = size, start, base
+        self.follower, self.rate = follower, rate
+        self.began = self.last_event = time.monotonic()
+
+    def checkpoint(self, offset: int) -> bool:
+        ok = self.dst_db.checkpoint(self.volume_id, self.gen, offset)
+        now = time.monotonic()
+        if ok and now - self.last_event >= EVENT_INTERVAL:
+            self.last_event = now
+            self.ctx.event("Image.copy", {**self.base, "state": "copying", "copied": offset,
+                                          "percent": round(100.0 * offset / self.size, 2)})
+        return ok
+
+    def progress(self, offset: int) -> None:
+        if self.follower is not None:
+            self.follower.advance(offset)
+        self.ctx.progress(100.0 * offset / self.size if self.size else 100.0)
+        if self.rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
+            ahead = (offset - self.start) / self.rate - (time.monotonic() - self.began)
+            if ahead > 0:
+                self.ctx.pause(ahead)
+
+
+def _open_pair(src_path: str, dst_path: str) -> tuple[int, int]:
+    src_fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return src_fd, os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        os.close(src_fd)
+        raise
+
+
+def _size_destination(dst_fd: int, size: int, fresh: bool) -> None:
+    if fresh:  # whatever an earlier life left here is not ours: holes must stay holes
+        os.ftruncate(dst_fd, 0)
+    try:
+        os.ftruncate(dst_fd, size)
+    except OSError as exc:
+        raise errors.from_os_error(exc, "cannot size the destination") from None
+
+
 def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
                marker) -> str | None:
     """Copy the data, durable, and return the destination's checksum (None when [copy]
     record_checksum is off): hashed behind the copy as it goes, so a scrub can later tell
     whether the data changed since, without a second pass over it now."""
     dst_db.layout.ensure_image_dir(dst["imageID"])
-    dst_path = dst_db.layout.volume_path(dst["imageID"], dst["volumeID"])
     src_path = src_db.layout.volume_path(src["imageID"], src["volumeID"])
-    src_fd = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        dst_fd = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except BaseException:
-        os.close(src_fd)
-        raise
+    src_fd, dst_fd = _open_pair(src_path,
+                                dst_db.layout.volume_path(dst["imageID"], dst["volumeID"]))
     follower = None
     try:
         _source_still(src_db, src, src_fd, src_path, size, marker)
-        if fresh:  # whatever an earlier life left here is not ours: holes must stay holes
-            os.ftruncate(dst_fd, 0)
-        try:
-            os.ftruncate(dst_fd, size)
-        except OSError as exc:
-            raise errors.from_os_error(exc, "cannot size the destination") from None
-        last_event = [time.monotonic()]
-
-        def checkpoint(offset: int) -> bool:
-            ok = dst_db.checkpoint(dst["volumeID"], gen, offset)
-            now = time.monotonic()
-            if ok and now - last_event[0] >= EVENT_INTERVAL:
-                last_event[0] = now
-                ctx.event("Image.copy", {**base, "state": "copying", "copied": offset,
-                                         "percent": round(100.0 * offset / size, 2)})
-            return ok
-
-        copy_cfg = ctx.settings.get("copy", {})
-        rate, began = copy_cfg.get("max_bytes_per_second", 0), time.monotonic()
+        _size_destination(dst_fd, size, fresh)
+        cfg = ctx.settings.get("copy", {})
+        rate = cfg.get("max_bytes_per_second", 0)
         # On a resume the bytes below `start` are an earlier life's: read back from disk,
         # no faster than the copy may go.
-        if copy_cfg.get("record_checksum", True):
+        if cfg.get("record_checksum", True):
             follower = checksum.Follower(dst_fd, size, written=start, rate=rate)
-
-        def progress(offset: int) -> None:
-            if follower is not None:
-                follower.advance(offset)
-            ctx.progress(100.0 * offset / size if size else 100.0)
-            if rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
-                ahead = (offset - start) / rate - (time.monotonic() - began)
-                if ahead > 0:
-                    ctx.pause(ahead)
-
+        report = _Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, follower,
+                           rate)
         try:
             copyengine.copy_range(
-                src_fd, dst_fd, start, size, checkpoint=checkpoint, progress=progress,
-                should_stop=ctx.stop_requested,
-                chunk=copy_cfg.get("chunk_bytes", 16 << 20),
-                checkpoint_bytes=copy_cfg.get("checkpoint_bytes", 256 << 20),
-                checkpoint_seconds=copy_cfg.get("checkpoint_seconds", 1.0))
+                src_fd, dst_fd, start, size, checkpoint=report.checkpoint,
+                progress=report.progress, should_stop=ctx.stop_requested,
+                chunk=cfg.get("chunk_bytes", 16 << 20),
+                checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
+                checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
         except copyengine.CopyStopped:
             raise Stopped() from None
         os.fsync(dst_fd)
@@ -220,7 +239,7 @@ def status(ctx, args):
                "volumeID": row["volume_id"], "legality": row["legality"],
                "generation": row["generation"], "size": row["size"], "copy": None}
         if marker is not None:
-            probe = lease.probe(db.layout.lease_path(args["volumeID"]))
+            probe = leases.for_domain(db).probe(args["volumeID"])
             total = marker["size"] or 0
             out["copy"] = {
                 "source": {"domainID": marker["src_domain"], "imageID": marker["src_image"],
@@ -242,7 +261,7 @@ def abandon(ctx, args):
     ILLEGAL with its marker, state 'abandoned', until someone continues or deletes it."""
     dst = args["dst"]
     with open_domain(dst) as db, \
-            lease.acquire(db.layout.lease_path(dst["volumeID"]), holder(ctx, "abandon")):
+            leases.for_domain(db).acquire(dst["volumeID"], holder(ctx, "abandon")):
         gen = args["expect_generation"]
         if args.get("previous_error"):
             db.record_error(dst["volumeID"], gen, args["previous_error"])

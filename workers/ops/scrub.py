@@ -17,7 +17,8 @@ import time
 
 from agent import errors
 from agent.storage import lease, operations
-from workers.ops.storage import holder, open_domain
+from agent.storage.volumes import open_domain
+from workers.ops.volume import holder
 from workers.protocol import EVENT_IDENTITY_ENV
 
 READY_TIMEOUT = 30.0  # a scrub process that has not said it runs by then is killed

@@ -26,7 +26,7 @@ import threading
 import time
 
 from agent.errors import OperationFailed
-from workers.copyengine import next_extent
+from agent.storage.copyengine import next_extent
 
 MiB = 1 << 20
 BLOCK = 4 * MiB

@@ -16,7 +16,7 @@ Page-cache advice (_Cache): each chunk written is handed to writeback at once
 writes while the next chunk is read and a checkpoint's fdatasync finds little left to do; the
 source's pages are dropped once copied unless they were cached before, so a cold source does
 not grow the page cache by its whole size. The destination's pages are kept: the copy's
-checksum (workers/checksum.py Follower) reads them right behind the copy. Measured in
+checksum (agent/storage/checksum.py Follower) reads them right behind the copy. Measured in
 docs/performance.md.
 """
 
