@@ -17,20 +17,20 @@ import uuid
 
 import zmq
 
-from agent import (api, errors, jsonrpc, logs, peers, replies, sdnotify, security, startup,
-                   states, transport)
+from agent import (api, errors, intake, jsonrpc, logs, outcomes, peers, replies, sdnotify,
+                   security, startup, states, transport)
 from agent.backlog import Backlog
 from agent.domains import Domains
 from agent.events import Publisher, fits
 from agent.system import System, set_child_subreaper, write_atomic
 from agent.tasks import Full, IdInUse, TaskTable
-from agent.workerpool import WorkerPool
+from agent.workertable import WorkerTable
 
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 PROGRESS_EVENT_INTERVAL = 0.1
 EVENT_RESULT_BYTES = 4096  # a Task.state event carries its task's result up to this size
-# What a worker (or an operation's process, agent/workerpool.py) may ask us to publish.
+# What a worker (or an operation's process, agent/workertable.py) may ask us to publish.
 WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
 
@@ -49,7 +49,7 @@ class Agent:
         tcfg, rcfg = config["tasks"], config["rpc"]
         self.tasks = TaskTable(retain_seconds=tcfg["retain_seconds"], retain_max=tcfg["retain_max"],
                                max_active=rcfg["max_active_tasks"], wall=self.system.wall)
-        self.pool = WorkerPool(config, self.system, self)
+        self.workers = WorkerTable(config, self.system, self)
         self.domains = Domains(config)
         self._timers: list = []  # heap of (due, seq, fn): backoffs of retried copies
         self._timer_seq = itertools.count()
@@ -91,7 +91,7 @@ class Agent:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        self.pool.start_forkserver()
+        self.workers.start_forkserver()
         self.rpc = self.ctx.socket(zmq.ROUTER)
         self.rpc.setsockopt(zmq.LINGER, 0)
         self.rpc.setsockopt(zmq.MAXMSGSIZE, rcfg["max_message_bytes"])
@@ -102,12 +102,12 @@ class Agent:
         if self.guard:
             self.guard.protect(self.rpc)
         rpc_endpoints = transport.bind_all(self.rpc, rcfg["endpoints"])
-        self.pool.bind(self.ctx)
+        self.workers.bind(self.ctx)
         self.gate.watch(self.rpc, rpc_endpoints)
         self.gate.watch(self.events.sock, self.events.endpoints)
-        self.gate.watch(self.pool.sock, [self.pool.endpoint])
+        self.gate.watch(self.workers.sock, [self.workers.endpoint])
         self.poller = zmq.Poller()
-        for item in (self.rpc, self.pool.sock, self._wake_r, *self.gate.monitors):
+        for item in (self.rpc, self.workers.sock, self._wake_r, *self.gate.monitors):
             self.poller.register(item, zmq.POLLIN)
         self.gate.settle()
         if self.guard:
@@ -152,7 +152,17 @@ class Agent:
         return self._timers[0][0] - now if self._timers else None
 
     def run_once(self, timeout: float) -> None:
-        for due in (self.pool.next_deadline(), self._run_timers()):
+        """One turn of the loop, in its phases: poll, read (requests, workers' reports, the
+        fork server, monitors: each message dispatched, its task moved and published as it
+        is handled), reap (children, deadlines), and the housekeeping of the bounds."""
+        ready = self._poll(timeout)
+        self._read(ready)
+        self._reap()
+        self._housekeep()
+        self._last_turn = self.system.monotonic()
+
+    def _poll(self, timeout: float) -> dict:
+        for due in (self.workers.next_deadline(), self._run_timers()):
             if due is not None:
                 timeout = min(timeout, due)
         if self._watchdog:
@@ -161,7 +171,7 @@ class Agent:
         now = self.system.monotonic()
         if now - self._last_turn > timeout + STALL_GRACE:
             self.log.warning("supervisor_stalled", seconds=round(now - self._last_turn, 3))
-            self.pool.forgive_stall()
+            self.workers.forgive_stall()
         if self._wake_r in ready:
             while True:
                 try:
@@ -169,32 +179,40 @@ class Agent:
                         break
                 except BlockingIOError:
                     break
+        return ready
+
+    def _read(self, ready: dict) -> None:
         if self.guard and self.guard.zap in ready:
             self.guarded("zap", self.guard.answer)
-        if self.pool.sock in ready:
-            self._drain(self.pool.sock, self.pool.on_message, 4096)
+        if self.workers.sock in ready:
+            self._drain(self.workers.sock, self.workers.on_message, 4096)
         if self._control_fd in ready:
-            self.guarded("forkserver", self.pool.on_control_readable)
+            self.guarded("forkserver", self.workers.on_control_readable)
         if self.rpc in ready:
-            self._drain_rpc()
+            intake.drain(self, RPC_DRAIN)
         for mon in self.gate.monitors:
             if mon in ready:
                 self.guarded("monitor", self.gate.on_monitor, mon)
-        self.guarded("reap", self.pool.reap)
-        self.guarded("deadlines", self.pool.enforce_deadlines)
+
+    def _reap(self) -> None:
+        self.guarded("reap", self.workers.reap)
+        # Only after every pending message was read: a supervisor that was itself stopped
+        # (SIGSTOP) never mistakes queued heartbeats for silence.
+        self.guarded("deadlines", self.workers.enforce_deadlines)
+
+    def _housekeep(self) -> None:
         self.guarded("peers", self.gate.tick)
         self.guarded("replies", self.ledger.sweep)
         self._watch_control()
         self._kick_watchdog()
-        self._last_turn = self.system.monotonic()
 
     def _watch_control(self) -> None:
         """Poll the fork server's control socket, a new one after a fork server restart."""
         # pyzmq reports a plain socket by its fd number, so that is what we register.
-        if self._control is not self.pool.control:
+        if self._control is not self.workers.control:
             if self._control_fd is not None:
                 self.poller.unregister(self._control_fd)
-            self._control = self.pool.control
+            self._control = self.workers.control
             self._control_fd = self._control.fileno()
             self.poller.register(self._control_fd, zmq.POLLIN)
 
@@ -205,29 +223,6 @@ class Agent:
             except zmq.Again:
                 return
             self.guarded("message", handle, frames)
-
-    def _drain_rpc(self) -> None:
-        """Read up to RPC_DRAIN requests, frame by frame: frames past MAX_ROUTE_FRAMES + 1
-        are read and dropped at once, so one message of many frames never holds more than
-        a request's worth of memory (ZMQ_MAXMSGSIZE bounds each frame)."""
-        sock, limit = self.rpc, replies.MAX_ROUTE_FRAMES + 1
-        for _ in range(RPC_DRAIN):
-            try:
-                frames = [sock.recv(zmq.NOBLOCK)]
-            except zmq.Again:
-                return
-            extra = 0
-            while sock.rcvmore:
-                frame = sock.recv()
-                if len(frames) < limit:
-                    frames.append(frame)
-                else:
-                    extra += len(frame) + 1
-            if extra or any(len(f) > replies.MAX_ROUTE_FRAME_BYTES for f in frames[:-1]):
-                self.dropped_messages += 1  # not a request: no route worth keeping or answering
-                self.ledger.freed_since_trim += extra + sum(map(len, frames))
-                continue
-            self.guarded("message", self._on_rpc_message, frames)
 
     def guarded(self, where: str, fn, *args) -> bool:
         """Run one callback of the loop (a message, a timer, a reaped child). A bug in it is
@@ -248,72 +243,10 @@ class Agent:
                 sdnotify.notify("WATCHDOG=1")
                 self._watchdog_next = now + self._watchdog / 2
 
-    # -- requests ----------------------------------------------------------------------
-
-    def _on_rpc_message(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
-            return
-        route = replies.Route(self.rpc, frames[:-1], self.ledger)
-        body = frames[-1]
-        try:
-            payload = jsonrpc.loads(body)
-        except errors.ParseError as exc:
-            route.send(jsonrpc.error_response(None, exc))
-            return
-        if not isinstance(payload, list):
-            self.dispatch(payload, replies.single(route))
-            return
-        limit = self.config["rpc"]["max_batch_length"]
-        if not payload or len(payload) > limit:
-            why = "an empty batch" if not payload else f"a batch of more than {limit} requests"
-            route.send(jsonrpc.error_response(None, errors.InvalidRequest(
-                f"{why} is not a valid request", limit=limit)))
-            return
-        batch = replies.Batch(route, len(payload), self.config["rpc"]["max_message_bytes"])
-        for index, obj in enumerate(payload):
-            self.dispatch(obj, batch.member(index))
+    # -- requests (read and dispatched by agent/intake.py) --------------------------------
 
     def serves(self, verb: api.Verb) -> bool:
         return not verb.debug_only or self.config["debug"]
-
-    def dispatch(self, obj, reply) -> None:
-        """Serve one request object. Whatever goes wrong while serving it, it gets exactly
-        one answer (-32603 for a bug, logged with its traceback) and the agent goes on."""
-        reply = replies.once(reply)
-        try:
-            self._dispatch(obj, reply)
-        except Exception:
-            self.callback_errors += 1
-            self.log.exception("request_crashed")
-            request_id = obj.get("id") if isinstance(obj, dict) else None
-            reply(jsonrpc.error_response(
-                request_id if jsonrpc.valid_id(request_id) else None,
-                errors.InternalError("internal error")))
-
-    def _dispatch(self, obj, reply) -> None:
-        try:
-            req = jsonrpc.parse_request(obj)
-        except jsonrpc.BadRequest as bad:
-            reply(jsonrpc.error_response(bad.id, bad.error))
-            return
-        if req.is_notification:  # never answered; its work (if any) is a task of our naming
-            reply(None)
-            reply = None
-        try:
-            if self.recovering:
-                raise errors.RecoveryInProgress("the agent is starting up")
-            verb = self.verbs.get(req.method)
-            if verb is None or not self.serves(verb):
-                raise errors.MethodNotFound(f"no method {req.method!r}", method=req.method)
-            params = api.bind(verb, req.params)
-            task = self.admit(req.task_id or self._notification_id(), verb.name,
-                              limited=verb.worker)
-        except errors.AgentError as exc:
-            if reply is not None:
-                reply(jsonrpc.error_response(req.id, exc))
-            return
-        task.reply, task.request_id = reply, req.id
-        self.run_task(task, verb.handler, params)
 
     def admit(self, task_id: str, method: str, limited: bool):
         """A new task, or the agent error that says why not (nothing touched)."""
@@ -325,7 +258,8 @@ class Agent:
             raise errors.ResourceExhausted(f"{full.args[0]} tasks are active",
                                            limit=full.args[0]) from None
 
-    def _notification_id(self) -> str:
+    def notification_id(self) -> str:
+        """A task ID of our naming, for a notification's work."""
         self._notification_seq += 1
         return f"notification:{self.boot_id[:8]}:{self._notification_seq}"
 
@@ -339,7 +273,7 @@ class Agent:
                     raise errors.ResourceExhausted(
                         "file descriptors are short: no worker can start now",
                         reason="descriptors", limit=self.gate.limit)
-                task.worker = self.pool.spawn(task, outcome.op, outcome.args, outcome.deadline)
+                task.worker = self.workers.spawn(task, outcome.op, outcome.args, outcome.deadline)
                 self._publish_state(task)
                 return
         except errors.AgentError as exc:
@@ -396,9 +330,8 @@ class Agent:
     def end(self, task, event: str, result=None, error: errors.AgentError | None = None) -> None:
         if not task.active:
             return
-        if task.state == states.ABORTING and event == "fail":
-            error = errors.TaskAborted("the task was aborted", cause=error.to_json() if error
-                                       else None)
+        if event == "fail":
+            error = outcomes.final(task.state, error)
         # The hook runs before the answer: what it makes durable (an attachment written to
         # the run dir) must be on disk before a client is told, or a SIGKILL between the
         # two leaves a client told "attached" and an agent that forgets it. It is told the
@@ -417,9 +350,7 @@ class Agent:
                 self.log.exception("end_hook_crashed", task_id=task.id, method=task.method)
                 failure = errors.InternalError("internal error")
             if failure is not None and event == "succeed":  # a failure keeps its own error
-                event, result, error = "fail", None, failure
-                if task.state == states.ABORTING:
-                    error = errors.TaskAborted("the task was aborted", cause=failure.to_json())
+                event, result, error = "fail", None, outcomes.final(task.state, failure)
         task.result = result if event == "succeed" else task.result
         task.error = error.to_json() if error else None
         reply = task.reply  # the transition drops it: an ended task holds no socket route
@@ -438,7 +369,7 @@ class Agent:
         self.tasks.transition(task, "abort")
         self._publish_state(task)
         if task.worker is not None:
-            self.pool.terminate(task.worker, "abort")
+            self.workers.terminate(task.worker, "abort")
         elif self.backlog.discard(task):  # it never started: nothing to wait for
             self.end(task, "fail")
 
@@ -452,7 +383,7 @@ class Agent:
             record["result"], record["result_omitted"] = None, True
         self.events.publish("Task.state", {"task": record})
 
-    # -- the pool's listener -----------------------------------------------------------
+    # -- the worker table's listener--------------------------------------------------------
 
     def worker_started(self, w) -> None:
         if w.task.state == states.PENDING:
@@ -484,19 +415,14 @@ class Agent:
         self.end(w.task, "succeed", result=result)
 
     def worker_failed(self, w, error: errors.AgentError) -> None:
-        if w.task.state == states.ABORTING:
-            w.stop_error = error  # aborted once the worker is gone, not before
+        if outcomes.defers(w.task.state):
+            w.stop_error = error
         else:
             self.end(w.task, "fail", error=error)
 
     def worker_stopped(self, w) -> None:
         """It stopped when asked; the task ends when the process is gone (worker_gone)."""
-        if w.kill_reason == "timeout":
-            w.stop_error = errors.WorkerTimeout(
-                "worker silent past its deadline, stopped on SIGTERM", signal="SIGTERM")
-        elif w.kill_reason is None:
-            w.stop_error = errors.WorkerDied(
-                "the worker stopped on SIGTERM from outside the agent", signal="SIGTERM")
+        w.stop_error = w.stop_error or outcomes.stopped(w.kill_reason)
 
     def worker_gone(self, w, error: errors.AgentError) -> None:
         """The worker's process has been reaped (or never existed)."""

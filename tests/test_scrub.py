@@ -417,7 +417,7 @@ class _Listener:
 
 
 def _pool():
-    from agent.workerpool import WorkerPool
+    from agent.workertable import WorkerTable
 
     class Config(dict):
         run_dir, host_id = "/nonexistent", "h"
@@ -425,7 +425,7 @@ def _pool():
     system, listener = _System(), _Listener()
     config = Config(workers={"deadline_seconds": 10.0, "kill_grace_seconds": 2.0,
                              "heartbeat_seconds": 1.0}, copy={})
-    return WorkerPool(config, system, listener), system, listener
+    return WorkerTable(config, system, listener), system, listener
 
 
 def test_the_pool_takes_only_events_from_an_operation_process():
@@ -438,8 +438,8 @@ def test_the_pool_takes_only_events_from_an_operation_process():
         body = msg.encode() if isinstance(msg, str) else _json.dumps(msg).encode()
         pool.on_message([signed, body])
     # Unsigned, or signed for another operation, or by another life's key: dropped.
-    from agent.workerpool import WorkerPool
-    other = WorkerPool.__new__(WorkerPool)
+    from agent.workertable import WorkerTable
+    other = WorkerTable.__new__(WorkerTable)
     other.key = b"k" * 32
     for identity in (b"op:" + new_id().encode(), signed[:-1] + b"x",
                      other.operation_identity(new_id()).encode()):
@@ -451,7 +451,7 @@ def test_the_pool_takes_only_events_from_an_operation_process():
 def test_an_adopted_scrub_reaped_earlier_never_ends_a_worker_that_reuses_its_pid():
     from types import SimpleNamespace
 
-    from agent.workerpool import Worker
+    from agent.workertable import Worker
     pool, system, listener = _pool()
     system.exits = [(4242, 0)]  # a scrub the supervisor adopted, and reaped
     pool.reap()

@@ -45,17 +45,17 @@ def get_stats(agent, params):
         "agent": {"pid": os.getpid(), "rss_bytes": me.memory_info().rss,
                   "uptime_seconds": agent.system.monotonic() - agent.started_at,
                   "boot_id": agent.boot_id, "callback_errors": agent.callback_errors},
-        "workers_running": agent.pool.running(),
+        "workers_running": agent.workers.running(),
         "workers": [{"taskID": w.task.id, "op": w.op, "pid": w.pid}
-                    for w in agent.pool.by_token.values()],
-        "forkserver_pid": agent.pool.forkserver_pid,
+                    for w in agent.workers.by_token.values()],
+        "forkserver_pid": agent.workers.forkserver_pid,
         "tasks": agent.tasks.counts(),
         "backlog": agent.backlog.waiting(),
         "limits": {
             "descriptors": agent.gate.stats(),
             "rpc": {**agent.ledger.stats(), "messages_dropped": agent.dropped_messages},
             "events": {"dropped": agent.events.dropped, "oversized": agent.events.oversized},
-            "workers": {"strangers": agent.pool.strangers, "misbehaved": agent.pool.misbehaved},
+            "workers": {"strangers": agent.workers.strangers, "misbehaved": agent.workers.misbehaved},
         },
     }
 

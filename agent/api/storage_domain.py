@@ -94,7 +94,7 @@ def start_scrub(agent, params):
         "domainID": params["domainID"], "path": agent.domains.path(params["domainID"]),
         "operationID": operation_id, "max_bytes_per_second": scrub["max_bytes_per_second"],
         "launcher": scrub["launcher"],
-        "event_identity": agent.pool.operation_identity(operation_id)})
+        "event_identity": agent.workers.operation_identity(operation_id)})
 
 
 @verb("StorageDomain.getOperationStatuses", Param("domainID", "uuid"), worker=True)

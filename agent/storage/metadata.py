@@ -19,36 +19,29 @@ full domain always has a way out, format leaves a reserve file (RESERVE_BYTES) b
 database: deleting a volume that finds no room for its journal gives the reserve back, deletes,
 and the reserve is made again once the volume's data is gone (agent/storage/volumes.py).
 
-Generations are the fencing token. A copy marker and its volume carry the same generation;
-take_over() bumps both, and every later write by a copier names the generation it was given,
-so a superseded copier (a stale task, a host that lost its lease) writes nothing.
+Copy markers and their generations, the fencing token: agent/storage/markers.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import errno
 import fcntl
 import sqlite3
 import time
 import urllib.parse
-import uuid
 
 import sqlite_utils
 
-from agent.errors import (AgentError, CopyConflict, DomainExists, GenerationMismatch,
-                          InvalidParams, NoSpace, NoSuchDomain, NoSuchVolume, OperationFailed,
-                          VolumeExists)
+from agent.errors import (AgentError, DomainExists, InvalidParams, NoSpace, NoSuchDomain,
+                          NoSuchVolume, OperationFailed, VolumeExists)
 from agent.storage.ids import check_uuid
 from agent.storage.layout import DB_NAME, IMAGES, LEASES, Layout, fsync_dir
+from agent.storage.markers import Markers, new_token, size_checked
+from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
+from agent.storage.schema import DOMAIN_VERSION, MIGRATIONS, SCHEMA
 
-DOMAIN_VERSION = 2  # PRAGMA user_version; older domains are migrated when opened
 BUSY_TIMEOUT = 30.0
-MAX_ERRORS = 20
-RESERVE_NAME = "metadata.reserve"
-RESERVE_BYTES = 2 << 20  # room for a delete's journal on a full file system
 FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
 
 # Crash-point test seam. When a test sets this to a callable it is called with "commit:<op>"
@@ -58,48 +51,7 @@ FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
 # exact state. Never set outside tests.
 _after_write_hook = None
 
-# copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
-# however many volumes the domain holds.
-_SCHEMA = [
-    "CREATE TABLE IF NOT EXISTS domain (id TEXT PRIMARY KEY, version INTEGER, created REAL)",
-    """CREATE TABLE IF NOT EXISTS volumes (
-        volume_id TEXT PRIMARY KEY, image_id TEXT NOT NULL, size INTEGER NOT NULL,
-        legality TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
-        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT)""",
-    "CREATE INDEX IF NOT EXISTS volumes_image_id ON volumes (image_id)",
-    """CREATE TABLE IF NOT EXISTS copy_markers (
-        volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
-        image_id TEXT NOT NULL, src_domain TEXT, src_image TEXT, src_volume TEXT,
-        size INTEGER, copied INTEGER NOT NULL, generation INTEGER NOT NULL,
-        host_id TEXT, task_id TEXT,
-        state TEXT NOT NULL CHECK (state IN ('copying', 'abandoned')),
-        attempts INTEGER NOT NULL DEFAULT 1, errors TEXT NOT NULL DEFAULT '[]',
-        started REAL, updated REAL, failures INTEGER NOT NULL DEFAULT 0,
-        src_generation INTEGER, src_token TEXT)""",
-]
 
-# Version 1 -> 2: what version 2 added to a table, for domains formatted before it.
-_MIGRATIONS = {
-    "volumes": [("token", "TEXT")],
-    "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
-                     ("src_token", "TEXT")],
-}
-
-# Operations that outlive tasks (a scrub): one row each, written by the process that runs it
-# (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED
-# row reads as when its operation lease is free. Domains formatted before this table existed
-# get it on their first operation (operations.ensure_schema).
-OPERATIONS_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS operations (
-        operation_id TEXT PRIMARY KEY, type TEXT NOT NULL,
-        state TEXT NOT NULL
-            CHECK (state IN ('NOT_STARTED', 'STARTED', 'COMPLETED', 'FAILED', 'STOPPED')),
-        progress REAL NOT NULL DEFAULT 0, host_id TEXT, task_id TEXT, pid INTEGER,
-        started REAL, updated REAL, ended REAL, stop_requested REAL,
-        result TEXT, error TEXT)""",
-    "CREATE INDEX IF NOT EXISTS operations_started ON operations (started)",
-]
-_SCHEMA += OPERATIONS_SCHEMA
 
 
 def _connect(path: str) -> sqlite_utils.Database:
@@ -126,29 +78,7 @@ def _sqlite_error(op: str, e: sqlite3.Error) -> AgentError:
     return OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__)
 
 
-def new_token() -> str:
-    return uuid.uuid4().hex
-
-
-def source_identity(row: dict) -> dict:
-    """What binds a copy to the source it started from: IDs alone survive a re-creation."""
-    return {"generation": row["generation"], "token": row["token"], "size": row["size"]}
-
-
-def _check_size(size) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise InvalidParams("size must be a non-negative integer", field="size")
-    return size
-
-
-def _marker(row: dict | None) -> dict | None:
-    if row is not None:
-        row = dict(row)
-        row["errors"] = json.loads(row["errors"])
-    return row
-
-
-class DomainDB:
+class DomainDB(Markers):
     def __init__(self, root: str, db: sqlite_utils.Database, domain_id: str):
         self.layout = Layout(root)
         self.db = db
@@ -212,7 +142,7 @@ class DomainDB:
         self = cls(layout.root, _connect(tmp), domain_id)
         try:
             with self.tx("format"):
-                for sql in _SCHEMA:
+                for sql in SCHEMA:
                     self.db.execute(sql)
                 self.db.execute("INSERT INTO domain (id, version, created) VALUES (?, ?, ?)",
                                 [domain_id, DOMAIN_VERSION, time.time()])
@@ -255,7 +185,7 @@ class DomainDB:
         with self.tx("migrate") as db:
             if db.execute("PRAGMA user_version").fetchone()[0] >= DOMAIN_VERSION:
                 return
-            for table, columns in _MIGRATIONS.items():
+            for table, columns in MIGRATIONS.items():
                 have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 for name, decl in columns:
                     if name not in have:
@@ -307,23 +237,11 @@ class DomainDB:
         rows = list(self.db.query("SELECT * FROM volumes WHERE volume_id = ?", [volume_id]))
         return rows[0] if rows else None
 
-    def get_marker(self, volume_id: str, generation: int | None = None) -> dict | None:
-        """The copy marker of ``volume_id`` (of that ``generation``, if given), or None."""
-        sql = "SELECT * FROM copy_markers WHERE volume_id = ?"
-        args = [check_uuid(volume_id, "volumeID")]
-        if generation is not None:
-            sql, args = sql + " AND generation = ?", args + [generation]
-        rows = list(self.db.query(sql, args))
-        return _marker(rows[0]) if rows else None
-
-    def list_markers(self) -> list[dict]:
-        return [_marker(r) for r in self.db.query("SELECT * FROM copy_markers ORDER BY started")]
-
     def create_volume(self, image_id: str, volume_id: str, size: int) -> dict:
         """Record a new LEGAL volume of generation 0. VolumeExists if the id is taken."""
         image_id = check_uuid(image_id, "imageID")
         volume_id = check_uuid(volume_id, "volumeID")
-        size = _check_size(size)
+        size = size_checked(size)
         now = time.time()
         with self.tx("create_volume") as db:
             if self.get_volume(volume_id) is not None:
@@ -353,179 +271,3 @@ class DomainDB:
                 raise NoSuchVolume("no such volume", volume_id=volume_id)
             db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [volume_id])
-
-    def begin_copy(self, dst_image: str, dst_volume: str, size: int, src: dict,
-                   host_id: str | None, task_id: str | None,
-                   src_identity: dict | None = None) -> dict:
-        """Create the destination ILLEGAL (generation 0) with its copy marker, in one tx.
-
-        ``src_identity`` (source_identity() of the source's row) binds the marker to the
-        source volume it copies. VolumeExists if the destination exists: the caller decides
-        continue-vs-conflict by looking at get_marker() first.
-        """
-        ident = src_identity or {}
-        dst_image = check_uuid(dst_image, "imageID")
-        dst_volume = check_uuid(dst_volume, "volumeID")
-        size = _check_size(size)
-        if not isinstance(src, dict):
-            raise InvalidParams("src must be an object", field="src")
-        src_ids = [check_uuid(src.get(k), f"src.{k}") for k in ("domainID", "imageID", "volumeID")]
-        now = time.time()
-        with self.tx("begin_copy") as db:
-            if self.get_volume(dst_volume) is not None:
-                raise VolumeExists("volume exists", volume_id=dst_volume)
-            db["volumes"].insert({"volume_id": dst_volume, "image_id": dst_image, "size": size,
-                                  "legality": "ILLEGAL", "generation": 0, "checksum": None,
-                                  "created": now, "updated": now, "token": new_token()})
-            db["copy_markers"].insert({
-                "volume_id": dst_volume, "image_id": dst_image, "src_domain": src_ids[0],
-                "src_image": src_ids[1], "src_volume": src_ids[2], "size": size, "copied": 0,
-                "generation": 0, "host_id": host_id, "task_id": task_id, "state": "copying",
-                "attempts": 1, "errors": "[]", "started": now, "updated": now, "failures": 0,
-                "src_generation": ident.get("generation"), "src_token": ident.get("token")})
-            return self.get_marker(dst_volume)
-
-    def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,
-                  expect_generation: int | None = None, restart: bool = False,
-                  src_identity: dict | None = None) -> dict:
-        """Make the caller the copier of ``volume_id``; returns the marker with its new generation.
-
-        Bumps the generation of volume and marker (fencing off every earlier copier), records
-        host and task, counts the attempt; ``restart`` also resets ``copied`` to 0.
-        ``src_identity`` is the source as the caller sees it now: CopyConflict if the marker
-        was bound to another (re-created, re-copied, resized) source; a marker made before
-        bindings existed is bound to it here. A client's continue (no expect_generation) is
-        a person's decision to try again: it starts a new count of failures.
-        NoSuchVolume if the volume does not exist; GenerationMismatch if it has no marker (the
-        copy is finished) or its generation is not ``expect_generation``.
-        """
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("take_over") as db:
-            marker = self.get_marker(volume_id)
-            if marker is None:
-                volume = self.get_volume(volume_id)
-                if volume is None:
-                    raise NoSuchVolume("no such volume", volume_id=volume_id)
-                raise GenerationMismatch("volume has no copy in progress", volume_id=volume_id,
-                                         expected=expect_generation,
-                                         generation=volume["generation"],
-                                         legality=volume["legality"])
-            if expect_generation is not None and marker["generation"] != expect_generation:
-                raise GenerationMismatch("copy generation changed", volume_id=volume_id,
-                                         expected=expect_generation,
-                                         generation=marker["generation"])
-            if src_identity is not None:
-                check_source(marker, src_identity)
-            ident = src_identity or {}
-            gen, now = marker["generation"] + 1, time.time()
-            db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
-                       [gen, now, volume_id])
-            db.execute(
-                "UPDATE copy_markers SET generation = ?, host_id = ?, task_id = ?,"
-                " state = 'copying', attempts = attempts + 1, updated = ?,"
-                " copied = CASE WHEN ? THEN 0 ELSE copied END,"
-                " failures = CASE WHEN ? THEN 0 ELSE failures END,"
-                " src_generation = COALESCE(src_generation, ?),"
-                " src_token = COALESCE(src_token, ?) WHERE volume_id = ?",
-                [gen, host_id, task_id, now, bool(restart), expect_generation is None,
-                 ident.get("generation"), ident.get("token"), volume_id])
-            return self.get_marker(volume_id)
-
-    def checkpoint(self, volume_id: str, generation: int, copied: int) -> bool:
-        """Record that ``copied`` bytes are durable; False (nothing written) if superseded."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("checkpoint") as db:
-            cur = db.execute("UPDATE copy_markers SET copied = ?, updated = ?"
-                             " WHERE volume_id = ? AND generation = ?",
-                             [copied, time.time(), volume_id, generation])
-            return cur.rowcount == 1
-
-    def complete_copy(self, volume_id: str, generation: int, checksum: str | None = None) -> bool:
-        """Volume LEGAL with generation+1 and marker gone, in one tx; False if superseded."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("complete_copy") as db:
-            if self.get_marker(volume_id, generation) is None:
-                return False
-            db.execute("UPDATE volumes SET legality = 'LEGAL', generation = ?, checksum = ?,"
-                       " updated = ? WHERE volume_id = ?",
-                       [generation + 1, checksum, time.time(), volume_id])
-            db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
-            return True
-
-    def record_error(self, volume_id: str, generation: int, error: dict) -> bool:
-        """Count a failure of the copy and append its ``error`` to the marker's error list
-        (the last MAX_ERRORS are kept): every failure counted has its reason recorded."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("record_error") as db:
-            marker = self.get_marker(volume_id, generation)
-            if marker is None:
-                return False
-            errors = (marker["errors"] + [error])[-MAX_ERRORS:]
-            db.execute("UPDATE copy_markers SET errors = ?, updated = ?, failures = failures + 1"
-                       " WHERE volume_id = ? AND generation = ?",
-                       [json.dumps(errors), time.time(), volume_id, generation])
-            return True
-
-    def abandon(self, volume_id: str, generation: int) -> bool:
-        """Mark the copy abandoned (kept for a later take_over); False if superseded."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("abandon") as db:
-            cur = db.execute("UPDATE copy_markers SET state = 'abandoned', updated = ?"
-                             " WHERE volume_id = ? AND generation = ?",
-                             [time.time(), volume_id, generation])
-            return cur.rowcount == 1
-
-
-def check_source(marker: dict, identity: dict) -> None:
-    """CopyConflict unless ``identity`` (source_identity() of the source now) is the source
-    the marker's copy started from. A marker made before bindings existed matches any."""
-    if marker["size"] != identity["size"]:
-        raise CopyConflict("the source's size changed since the copy began",
-                           volumeID=marker["volume_id"], reason="size",
-                           expected=marker["size"], found=identity["size"])
-    bound = (marker.get("src_token"), marker.get("src_generation"))
-    if bound[0] is not None and bound != (identity["token"], identity["generation"]):
-        raise CopyConflict("the source is not the volume the copy began from (deleted and "
-                           "re-created, or written by a copy, since)",
-                           volumeID=marker["volume_id"], reason="source-replaced")
-
-
-def ensure_reserve(root: str) -> bool:
-    """Make the domain's reserve file whole (RESERVE_BYTES, allocated); False if there is no
-    room for it now (a later call makes it)."""
-    path = os.path.join(root, RESERVE_NAME)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError:
-        return False
-    try:
-        if os.fstat(fd).st_blocks * 512 >= RESERVE_BYTES:
-            return True
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_BYTES)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                os.ftruncate(fd, 0)  # a half-allocated reserve would promise room it lacks
-                return False
-            os.pwrite(fd, bytes(RESERVE_BYTES), 0)  # no fallocate here: write it
-        os.fsync(fd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def release_reserve(root: str) -> bool:
-    """Give the reserve's room back to the file system; False if there was none."""
-    path = os.path.join(root, RESERVE_NAME)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        had = os.fstat(fd).st_blocks > 0
-        os.ftruncate(fd, 0)
-        return had
-    finally:
-        os.close(fd)

@@ -29,7 +29,8 @@ import time
 from agent import errors
 from agent.storage import lease
 from agent.storage.ids import check_uuid
-from agent.storage.metadata import OPERATIONS_SCHEMA, DomainDB
+from agent.storage.metadata import DomainDB
+from agent.storage.schema import OPERATIONS_SCHEMA
 
 TYPES = ("scrub",)
 STATES = ("NOT_STARTED", "STARTED", "COMPLETED", "FAILED", "STOPPED", "UNKNOWN")

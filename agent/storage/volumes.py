@@ -18,7 +18,8 @@ import os
 
 from agent import errors
 from agent.storage import leases, raw
-from agent.storage.metadata import DomainDB, ensure_reserve
+from agent.storage.metadata import DomainDB
+from agent.storage.reserve import ensure_reserve
 
 FORMATS = {raw.NAME: raw}
 

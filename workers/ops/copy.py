@@ -14,7 +14,8 @@ import time
 
 from agent import errors
 from agent.storage import checksum, copyengine, leases
-from agent.storage.metadata import DomainDB, check_source, source_identity
+from agent.storage.markers import check_source, source_identity
+from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
 from workers.ops.volume import holder
 from workers.runtime import Stopped

@@ -4,7 +4,7 @@ no processes, so every edge can be shown exactly."""
 import signal
 from types import SimpleNamespace
 
-from agent.workerpool import Worker, WorkerPool
+from agent.workertable import Worker, WorkerTable
 
 
 class FakeSystem:
@@ -37,7 +37,7 @@ def make_pool():
     config = Config(workers={"deadline_seconds": 10.0, "kill_grace_seconds": 2.0,
                              "heartbeat_seconds": 1.0}, copy={})
     system, listener = FakeSystem(), Listener()
-    return WorkerPool(config, system, listener), system, listener
+    return WorkerTable(config, system, listener), system, listener
 
 
 def add_worker(pool, system, pid=42):

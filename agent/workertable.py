@@ -1,22 +1,22 @@
-"""The supervisor's side of workers: the fork server, the worker socket, deadlines, reaping.
+"""The supervisor's table of workers: who each is, what each says, when each must go.
 
-The pool decides nothing about tasks: it tells its listener (the supervisor) what happened
+The table decides nothing about tasks: it tells its listener (the supervisor) what happened
 to a worker (started, reported, returned, finished, died) and the listener moves the task.
+It reads the workers' messages (workers/protocol.py), enforces their deadlines (silent past
+its deadline: SIGTERM, then SIGKILL; reported but not gone within the grace: SIGKILL), and
+reaps every child, expected or not. Workers come from the fork server (agent/forkclient.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import zmq
 
 from agent import errors, logs
+from agent.forkclient import ForkClient
 from agent.system import describe_status
 from workers import protocol
 
@@ -39,7 +39,7 @@ class Worker:
     stop_error: object = None  # what to fail the task with once the process is gone
 
 
-class WorkerPool:
+class WorkerTable:
     def __init__(self, config, system, listener):
         self.run_dir = config.run_dir
         self.settings = dict(config["workers"]) | {"copy": dict(config["copy"])}
@@ -50,9 +50,7 @@ class WorkerPool:
         self.by_token: dict[str, Worker] = {}
         self.by_pid: dict[int, Worker] = {}
         self.unclaimed: dict[int, tuple] = {}  # pid -> (status, reaped at): whose, unknown
-        self.forkserver_pid: int | None = None
-        self.control: socket.socket | None = None
-        self._control_buf = b""
+        self.fork = ForkClient(self.run_dir, self.log)
         self._seq = 0
         self.sock: zmq.Socket | None = None
         self.key = protocol.new_key()  # signs operation processes' identities (this life only)
@@ -61,18 +59,16 @@ class WorkerPool:
 
     # -- the fork server ---------------------------------------------------------------
 
+    @property
+    def forkserver_pid(self) -> int | None:
+        return self.fork.pid
+
+    @property
+    def control(self):
+        return self.fork.control
+
     def start_forkserver(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [sys.executable, "-m", "workers.forkserver", "--supervisor-pid", str(os.getpid()),
-                "--run-dir", str(self.run_dir)]
-        self.forkserver_pid = os.posix_spawn(
-            sys.executable, argv, os.environ,
-            file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
-        theirs.close()
-        ours.settimeout(5.0)  # sends only; reads happen when the poller says readable
-        self.control = ours
-        self._control_buf = b""
-        self.log.info("forkserver_started", forkserver_pid=self.forkserver_pid)
+        self.fork.start()
 
     def bind(self, ctx: zmq.Context) -> None:
         from agent import transport
@@ -91,7 +87,7 @@ class WorkerPool:
                    "host_id": self.host_id, "run_dir": str(self.run_dir),
                    "settings": self.settings}
         try:
-            self.control.sendall(json.dumps(request).encode() + b"\n")
+            self.fork.request(request)
         except OSError as exc:
             self.log.error("forkserver_unreachable", error=str(exc))
             self._forget(w)
@@ -99,16 +95,7 @@ class WorkerPool:
         return w
 
     def on_control_readable(self) -> None:
-        try:
-            data = self.control.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        if not data:  # the fork server is gone; its exit is handled when reaped
-            return
-        self._control_buf += data
-        *lines, self._control_buf = self._control_buf.split(b"\n")
-        for line in lines:
-            reply = json.loads(line)
+        for reply in self.fork.replies():
             w = self.by_token.get(reply["token"])
             if w is None:
                 continue
@@ -293,7 +280,7 @@ class WorkerPool:
 
     def _forkserver_died(self, status: int) -> None:
         self.log.error("forkserver_died", **describe_status(status))
-        self.control.close()
+        self.fork.died()
         for w in [w for w in self.by_token.values() if w.pid is None]:
             self._forget(w)
             self.listener.worker_gone(w, errors.WorkerDied("the fork server died"))

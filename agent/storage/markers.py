@@ -1,0 +1,193 @@
+"""Copy markers: the state of copies in progress, in a domain's metadata (DomainDB's part).
+
+A marker and its ILLEGAL destination carry one generation, the fencing token: take_over()
+bumps both, and every later write by a copier names the generation it was given, so a
+superseded copier (a stale task, a host that lost its lease) writes nothing. A marker is
+bound to the source it copies (source_identity: the source's creation token, generation and
+size), so a volume never turns LEGAL with data of a source re-created under the same IDs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from agent.errors import (CopyConflict, GenerationMismatch, InvalidParams, NoSuchVolume,
+                          VolumeExists)
+from agent.storage.ids import check_uuid
+
+MAX_ERRORS = 20
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def source_identity(row: dict) -> dict:
+    """What binds a copy to the source it started from: IDs alone survive a re-creation."""
+    return {"generation": row["generation"], "token": row["token"], "size": row["size"]}
+
+
+def _marker(row: dict | None) -> dict | None:
+    if row is not None:
+        row = dict(row)
+        row["errors"] = json.loads(row["errors"])
+    return row
+
+
+def size_checked(size) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidParams("size must be a non-negative integer", field="size")
+    return size
+
+
+class Markers:
+    """DomainDB's copy-marker methods (it provides tx, db, get_volume)."""
+
+    def get_marker(self, volume_id: str, generation: int | None = None) -> dict | None:
+        """The copy marker of ``volume_id`` (of that ``generation``, if given), or None."""
+        sql = "SELECT * FROM copy_markers WHERE volume_id = ?"
+        args = [check_uuid(volume_id, "volumeID")]
+        if generation is not None:
+            sql, args = sql + " AND generation = ?", args + [generation]
+        rows = list(self.db.query(sql, args))
+        return _marker(rows[0]) if rows else None
+
+    def list_markers(self) -> list[dict]:
+        return [_marker(r) for r in self.db.query("SELECT * FROM copy_markers ORDER BY started")]
+
+    def begin_copy(self, dst_image: str, dst_volume: str, size: int, src: dict,
+                   host_id: str | None, task_id: str | None,
+                   src_identity: dict | None = None) -> dict:
+        """Create the destination ILLEGAL (generation 0) with its copy marker, in one tx.
+
+        ``src_identity`` (source_identity() of the source's row) binds the marker to the
+        source volume it copies. VolumeExists if the destination exists: the caller decides
+        continue-vs-conflict by looking at get_marker() first.
+        """
+        ident = src_identity or {}
+        dst_image = check_uuid(dst_image, "imageID")
+        dst_volume = check_uuid(dst_volume, "volumeID")
+        size = size_checked(size)
+        if not isinstance(src, dict):
+            raise InvalidParams("src must be an object", field="src")
+        src_ids = [check_uuid(src.get(k), f"src.{k}") for k in ("domainID", "imageID", "volumeID")]
+        now = time.time()
+        with self.tx("begin_copy") as db:
+            if self.get_volume(dst_volume) is not None:
+                raise VolumeExists("volume exists", volume_id=dst_volume)
+            db["volumes"].insert({"volume_id": dst_volume, "image_id": dst_image, "size": size,
+                                  "legality": "ILLEGAL", "generation": 0, "checksum": None,
+                                  "created": now, "updated": now, "token": new_token()})
+            db["copy_markers"].insert({
+                "volume_id": dst_volume, "image_id": dst_image, "src_domain": src_ids[0],
+                "src_image": src_ids[1], "src_volume": src_ids[2], "size": size, "copied": 0,
+                "generation": 0, "host_id": host_id, "task_id": task_id, "state": "copying",
+                "attempts": 1, "errors": "[]", "started": now, "updated": now, "failures": 0,
+                "src_generation": ident.get("generation"), "src_token": ident.get("token")})
+            return self.get_marker(dst_volume)
+
+    def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,
+                  expect_generation: int | None = None, restart: bool = False,
+                  src_identity: dict | None = None) -> dict:
+        """Make the caller the copier of ``volume_id``; returns the marker with its new generation.
+
+        Bumps the generation of volume and marker (fencing off every earlier copier), records
+        host and task, counts the attempt; ``restart`` also resets ``copied`` to 0.
+        ``src_identity`` is the source as the caller sees it now: CopyConflict if the marker
+        was bound to another (re-created, re-copied, resized) source; a marker made before
+        bindings existed is bound to it here. A client's continue (no expect_generation) is
+        a person's decision to try again: it starts a new count of failures.
+        NoSuchVolume if the volume does not exist; GenerationMismatch if it has no marker (the
+        copy is finished) or its generation is not ``expect_generation``.
+        """
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("take_over") as db:
+            marker = self.get_marker(volume_id)
+            if marker is None:
+                volume = self.get_volume(volume_id)
+                if volume is None:
+                    raise NoSuchVolume("no such volume", volume_id=volume_id)
+                raise GenerationMismatch("volume has no copy in progress", volume_id=volume_id,
+                                         expected=expect_generation,
+                                         generation=volume["generation"],
+                                         legality=volume["legality"])
+            if expect_generation is not None and marker["generation"] != expect_generation:
+                raise GenerationMismatch("copy generation changed", volume_id=volume_id,
+                                         expected=expect_generation,
+                                         generation=marker["generation"])
+            if src_identity is not None:
+                check_source(marker, src_identity)
+            ident = src_identity or {}
+            gen, now = marker["generation"] + 1, time.time()
+            db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
+                       [gen, now, volume_id])
+            db.execute(
+                "UPDATE copy_markers SET generation = ?, host_id = ?, task_id = ?,"
+                " state = 'copying', attempts = attempts + 1, updated = ?,"
+                " copied = CASE WHEN ? THEN 0 ELSE copied END,"
+                " failures = CASE WHEN ? THEN 0 ELSE failures END,"
+                " src_generation = COALESCE(src_generation, ?),"
+                " src_token = COALESCE(src_token, ?) WHERE volume_id = ?",
+                [gen, host_id, task_id, now, bool(restart), expect_generation is None,
+                 ident.get("generation"), ident.get("token"), volume_id])
+            return self.get_marker(volume_id)
+
+    def checkpoint(self, volume_id: str, generation: int, copied: int) -> bool:
+        """Record that ``copied`` bytes are durable; False (nothing written) if superseded."""
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("checkpoint") as db:
+            cur = db.execute("UPDATE copy_markers SET copied = ?, updated = ?"
+                             " WHERE volume_id = ? AND generation = ?",
+                             [copied, time.time(), volume_id, generation])
+            return cur.rowcount == 1
+
+    def complete_copy(self, volume_id: str, generation: int, checksum: str | None = None) -> bool:
+        """Volume LEGAL with generation+1 and marker gone, in one tx; False if superseded."""
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("complete_copy") as db:
+            if self.get_marker(volume_id, generation) is None:
+                return False
+            db.execute("UPDATE volumes SET legality = 'LEGAL', generation = ?, checksum = ?,"
+                       " updated = ? WHERE volume_id = ?",
+                       [generation + 1, checksum, time.time(), volume_id])
+            db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
+            return True
+
+    def record_error(self, volume_id: str, generation: int, error: dict) -> bool:
+        """Count a failure of the copy and append its ``error`` to the marker's error list
+        (the last MAX_ERRORS are kept): every failure counted has its reason recorded."""
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("record_error") as db:
+            marker = self.get_marker(volume_id, generation)
+            if marker is None:
+                return False
+            errors = (marker["errors"] + [error])[-MAX_ERRORS:]
+            db.execute("UPDATE copy_markers SET errors = ?, updated = ?, failures = failures + 1"
+                       " WHERE volume_id = ? AND generation = ?",
+                       [json.dumps(errors), time.time(), volume_id, generation])
+            return True
+
+    def abandon(self, volume_id: str, generation: int) -> bool:
+        """Mark the copy abandoned (kept for a later take_over); False if superseded."""
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("abandon") as db:
+            cur = db.execute("UPDATE copy_markers SET state = 'abandoned', updated = ?"
+                             " WHERE volume_id = ? AND generation = ?",
+                             [time.time(), volume_id, generation])
+            return cur.rowcount == 1
+
+
+def check_source(marker: dict, identity: dict) -> None:
+    """CopyConflict unless ``identity`` (source_identity() of the source now) is the source
+    the marker's copy started from. A marker made before bindings existed matches any."""
+    if marker["size"] != identity["size"]:
+        raise CopyConflict("the source's size changed since the copy began",
+                           volumeID=marker["volume_id"], reason="size",
+                           expected=marker["size"], found=identity["size"])
+    bound = (marker.get("src_token"), marker.get("src_generation"))
+    if bound[0] is not None and bound != (identity["token"], identity["generation"]):
+        raise CopyConflict("the source is not the volume the copy began from (deleted and "
+                           "re-created, or written by a copy, since)",
+                           volumeID=marker["volume_id"], reason="source-replaced")

@@ -1,0 +1,51 @@
+"""A domain's metadata schema, and what each version added (for domains made before it).
+
+Version 2 gave volumes a creation token and copy markers their source's identity and a count
+of failures. `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
+one in one transaction (agent/storage/metadata.py).
+"""
+
+DOMAIN_VERSION = 2
+
+# copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
+# however many volumes the domain holds.
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS domain (id TEXT PRIMARY KEY, version INTEGER, created REAL)",
+    """CREATE TABLE IF NOT EXISTS volumes (
+        volume_id TEXT PRIMARY KEY, image_id TEXT NOT NULL, size INTEGER NOT NULL,
+        legality TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
+        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT)""",
+    "CREATE INDEX IF NOT EXISTS volumes_image_id ON volumes (image_id)",
+    """CREATE TABLE IF NOT EXISTS copy_markers (
+        volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
+        image_id TEXT NOT NULL, src_domain TEXT, src_image TEXT, src_volume TEXT,
+        size INTEGER, copied INTEGER NOT NULL, generation INTEGER NOT NULL,
+        host_id TEXT, task_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('copying', 'abandoned')),
+        attempts INTEGER NOT NULL DEFAULT 1, errors TEXT NOT NULL DEFAULT '[]',
+        started REAL, updated REAL, failures INTEGER NOT NULL DEFAULT 0,
+        src_generation INTEGER, src_token TEXT)""",
+]
+
+# Version 1 -> 2: what version 2 added to a table, for domains formatted before it.
+MIGRATIONS = {
+    "volumes": [("token", "TEXT")],
+    "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
+                     ("src_token", "TEXT")],
+}
+
+# Operations that outlive tasks (a scrub): one row each, written by the process that runs it
+# (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED
+# row reads as when its operation lease is free. Domains formatted before this table existed
+# get it on their first operation (operations.ensure_schema).
+OPERATIONS_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS operations (
+        operation_id TEXT PRIMARY KEY, type TEXT NOT NULL,
+        state TEXT NOT NULL
+            CHECK (state IN ('NOT_STARTED', 'STARTED', 'COMPLETED', 'FAILED', 'STOPPED')),
+        progress REAL NOT NULL DEFAULT 0, host_id TEXT, task_id TEXT, pid INTEGER,
+        started REAL, updated REAL, ended REAL, stop_requested REAL,
+        result TEXT, error TEXT)""",
+    "CREATE INDEX IF NOT EXISTS operations_started ON operations (started)",
+]
+SCHEMA += OPERATIONS_SCHEMA
