@@ -23,7 +23,7 @@ from tests.storage_flow import (MiB, block_checksum, dst_for, make_source, new_i
                                 recorded_checksum, sha256, volume_path, wait_legal)
 from agent.storage import checksum
 from agent.storage.copyengine import sparse_extents
-from workers.ops import scrub as scrubops
+from workers.ops import operation as scrubops
 
 SLOW = 6 * MiB  # bytes a second: the scrub below takes about 9 s
 CRAWL = 1 * MiB  # a scrub that runs until it is stopped or killed

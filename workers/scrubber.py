@@ -2,7 +2,7 @@
 
     python -m workers.scrubber --domain-path P --domain-id D --operation-id O --lease-fd N ...
 
-Started by the StorageDomain.startScrub worker (workers/ops/scrub.py), it is NOT a worker of
+Started by the StorageDomain.startScrub worker (workers/ops/operation.py), it is NOT a worker of
 the supervisor: a fresh interpreter in a session of its own, with no parent-death signal, so
 it keeps running when the agent is killed or restarted (its command line never names
 workers.forkserver, which is what start-up kills). It inherits, as --lease-fd, a descriptor of

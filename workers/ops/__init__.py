@@ -16,9 +16,9 @@ OPS = {
     "image.copy": "workers.ops.copy:copy",
     "image.status": "workers.ops.copy:status",
     "image.abandon": "workers.ops.copy:abandon",
-    "scrub.start": "workers.ops.scrub:start",
-    "operation.statuses": "workers.ops.scrub:statuses",
-    "operation.stop": "workers.ops.scrub:stop",
+    "scrub.start": "workers.ops.operation:start",
+    "operation.statuses": "workers.ops.operation:statuses",
+    "operation.stop": "workers.ops.operation:stop",
 }
 
 
