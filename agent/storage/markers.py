@@ -13,8 +13,7 @@ import json
 import time
 import uuid
 
-from agent.errors import (CopyConflict, GenerationMismatch, InvalidParams, NoSuchVolume,
-                          VolumeExists)
+from agent.errors import CopyConflict, GenerationMismatch, InvalidParams, NoSuchVolume
 from agent.storage.ids import check_uuid
 
 MAX_ERRORS = 20
@@ -43,7 +42,7 @@ def size_checked(size) -> int:
 
 
 class Markers:
-    """DomainDB's copy-marker methods (it provides tx, db, get_volume)."""
+    """DomainDB's copy-marker methods (it provides tx, db, get_volume, insert_volume)."""
 
     def get_marker(self, volume_id: str, generation: int | None = None) -> dict | None:
         """The copy marker of ``volume_id`` (of that ``generation``, if given), or None."""
@@ -73,13 +72,8 @@ class Markers:
         if not isinstance(src, dict):
             raise InvalidParams("src must be an object", field="src")
         src_ids = [check_uuid(src.get(k), f"src.{k}") for k in ("domainID", "imageID", "volumeID")]
-        now = time.time()
         with self.tx("begin_copy") as db:
-            if self.get_volume(dst_volume) is not None:
-                raise VolumeExists("volume exists", volume_id=dst_volume)
-            db["volumes"].insert({"volume_id": dst_volume, "image_id": dst_image, "size": size,
-                                  "legality": "ILLEGAL", "generation": 0, "checksum": None,
-                                  "created": now, "updated": now, "token": new_token()})
+            now = self.insert_volume(db, dst_image, dst_volume, size, "ILLEGAL")
             db["copy_markers"].insert({
                 "volume_id": dst_volume, "image_id": dst_image, "src_domain": src_ids[0],
                 "src_image": src_ids[1], "src_volume": src_ids[2], "size": size, "copied": 0,

@@ -242,14 +242,21 @@ class DomainDB(Markers):
         image_id = check_uuid(image_id, "imageID")
         volume_id = check_uuid(volume_id, "volumeID")
         size = size_checked(size)
-        now = time.time()
         with self.tx("create_volume") as db:
-            if self.get_volume(volume_id) is not None:
-                raise VolumeExists("volume exists", volume_id=volume_id)
-            db["volumes"].insert({"volume_id": volume_id, "image_id": image_id, "size": size,
-                                  "legality": "LEGAL", "generation": 0, "checksum": None,
-                                  "created": now, "updated": now, "token": new_token()})
+            self.insert_volume(db, image_id, volume_id, size, "LEGAL")
         return self.get_volume(volume_id)
+
+    def insert_volume(self, db, image_id: str, volume_id: str, size: int,
+                      legality: str) -> float:
+        """A new volume's row (inside a tx): generation 0 and a fresh creation token.
+        VolumeExists if the ID is taken. Returns its creation time."""
+        if self.get_volume(volume_id) is not None:
+            raise VolumeExists("volume exists", volume_id=volume_id)
+        now = time.time()
+        db["volumes"].insert({"volume_id": volume_id, "image_id": image_id, "size": size,
+                              "legality": legality, "generation": 0, "checksum": None,
+                              "created": now, "updated": now, "token": new_token()})
+        return now
 
     def delete_volume(self, volume_id: str) -> None:
         """Forget a volume and its copy marker (the data file is the caller's to remove).
