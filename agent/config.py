@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
              "record_checksum": True},
     # A scrub reads every LEGAL volume of a domain; its reads are throttled (0: unlimited)
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
-    # (how the scrub process is started so that it outlives the agent; see workers/ops/operation.py).
+    # (how the scrub process is started so that it outlives the agent: workers/ops/operation.py).
     "scrub": {"max_bytes_per_second": 64 * 1024 * 1024, "launcher": "auto"},
 }
 

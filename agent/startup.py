@@ -11,8 +11,9 @@ import fcntl
 import os
 
 import psutil
+import zmq
 
-from agent import recovery
+from agent import recovery, transport
 
 
 class StartupError(Exception):
@@ -54,6 +55,20 @@ def read_text(path: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def rpc_socket(ctx: zmq.Context, rcfg: dict, guard) -> tuple[zmq.Socket, list[str]]:
+    """The RPC ROUTER, bound: its frames bounded (max_message_bytes), and a client that does
+    not read holding at most max_queued_replies replies (one more is dropped and counted:
+    ROUTER_MANDATORY makes a full queue an error we see, not a silence)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, rcfg["max_message_bytes"])
+    sock.setsockopt(zmq.SNDHWM, rcfg["max_queued_replies"])
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if guard:
+        guard.protect(sock)
+    return sock, transport.bind_all(sock, rcfg["endpoints"])
 
 
 def begin(agent) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import os
 import signal
 import uuid
@@ -18,20 +17,18 @@ import uuid
 import zmq
 
 from agent import (api, errors, intake, jsonrpc, logs, outcomes, peers, replies, sdnotify,
-                   security, startup, states, transport)
+                   security, startup, states)
 from agent.backlog import Backlog
 from agent.domains import Domains
 from agent.events import Publisher, fits
 from agent.system import System, set_child_subreaper, write_atomic
 from agent.tasks import Full, IdInUse, TaskTable
+from agent.reports import Reports
 from agent.workertable import WorkerTable
 
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
-PROGRESS_EVENT_INTERVAL = 0.1
 EVENT_RESULT_BYTES = 4096  # a Task.state event carries its task's result up to this size
-# What a worker (or an operation's process, agent/workertable.py) may ask us to publish.
-WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
 
 StartupError = startup.StartupError
@@ -49,7 +46,7 @@ class Agent:
         tcfg, rcfg = config["tasks"], config["rpc"]
         self.tasks = TaskTable(retain_seconds=tcfg["retain_seconds"], retain_max=tcfg["retain_max"],
                                max_active=rcfg["max_active_tasks"], wall=self.system.wall)
-        self.workers = WorkerTable(config, self.system, self)
+        self.workers = WorkerTable(config, self.system, Reports(self))
         self.domains = Domains(config)
         self._timers: list = []  # heap of (due, seq, fn): backoffs of retried copies
         self._timer_seq = itertools.count()
@@ -92,26 +89,16 @@ class Agent:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         self.workers.start_forkserver()
-        self.rpc = self.ctx.socket(zmq.ROUTER)
-        self.rpc.setsockopt(zmq.LINGER, 0)
-        self.rpc.setsockopt(zmq.MAXMSGSIZE, rcfg["max_message_bytes"])
-        # A client that does not read holds at most this many replies; one more is dropped
-        # and counted (ROUTER_MANDATORY makes a full queue an error we see, not a silence).
-        self.rpc.setsockopt(zmq.SNDHWM, rcfg["max_queued_replies"])
-        self.rpc.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.guard:
-            self.guard.protect(self.rpc)
-        rpc_endpoints = transport.bind_all(self.rpc, rcfg["endpoints"])
+        self.rpc, rpc_endpoints = startup.rpc_socket(self.ctx, rcfg, self.guard)
         self.workers.bind(self.ctx)
         self.gate.watch(self.rpc, rpc_endpoints)
         self.gate.watch(self.events.sock, self.events.endpoints)
         self.gate.watch(self.workers.sock, [self.workers.endpoint])
         self.poller = zmq.Poller()
-        for item in (self.rpc, self.workers.sock, self._wake_r, *self.gate.monitors):
+        for item in (self.rpc, self.workers.sock, self._wake_r, *self.gate.monitors,
+                     *([self.guard.zap] if self.guard else [])):
             self.poller.register(item, zmq.POLLIN)
         self.gate.settle()
-        if self.guard:
-            self.poller.register(self.guard.zap, zmq.POLLIN)
         self._control = self._control_fd = None
         self._watch_control()
         write_atomic(run_dir / "endpoints.json", {
@@ -274,7 +261,7 @@ class Agent:
                         "file descriptors are short: no worker can start now",
                         reason="descriptors", limit=self.gate.limit)
                 task.worker = self.workers.spawn(task, outcome.op, outcome.args, outcome.deadline)
-                self._publish_state(task)
+                self.publish_state(task)
                 return
         except errors.AgentError as exc:
             self.end(task, "fail", error=exc)
@@ -356,7 +343,7 @@ class Agent:
         reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
         self.respond(task, result, error, reply=reply)
-        self._publish_state(task)
+        self.publish_state(task)
         if task.job is not None or task.error is not None:  # a query that answered is no news
             self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
                           error=task.error and task.error["data"]["name"])
@@ -367,13 +354,13 @@ class Agent:
 
     def abort(self, task) -> None:
         self.tasks.transition(task, "abort")
-        self._publish_state(task)
+        self.publish_state(task)
         if task.worker is not None:
             self.workers.terminate(task.worker, "abort")
         elif self.backlog.discard(task):  # it never started: nothing to wait for
             self.end(task, "fail")
 
-    def _publish_state(self, task) -> None:
+    def publish_state(self, task) -> None:
         record = task.record()
         # A query's answer went to its caller; a worker's result rides along when it is
         # small. Either way an event stays small (a subscriber that never reads holds up to
@@ -382,53 +369,3 @@ class Agent:
                 record["result"], EVENT_RESULT_BYTES)):
             record["result"], record["result_omitted"] = None, True
         self.events.publish("Task.state", {"task": record})
-
-    # -- the worker table's listener--------------------------------------------------------
-
-    def worker_started(self, w) -> None:
-        if w.task.state == states.PENDING:
-            self.tasks.transition(w.task, "start")
-            self._publish_state(w.task)
-
-    def worker_progress(self, w, progress) -> None:
-        task = w.task
-        if not isinstance(progress, (int, float)) or not math.isfinite(progress) \
-                or not task.active:
-            return  # a worker's NaN must never reach a record a client will read
-        task.progress = progress
-        now = self.system.monotonic()
-        if now - task.last_progress_event >= PROGRESS_EVENT_INTERVAL or progress >= 100:
-            task.last_progress_event = now
-            self.events.publish("Task.progress", {"taskID": task.id, "progress": progress})
-
-    def worker_returned(self, w, result) -> None:
-        w.task.result = result
-        self.respond(w.task, result)
-
-    def worker_event(self, w, topic, params) -> None:
-        if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
-            self.events.publish(topic, {**params, "taskID": w.task.id})
-
-    def worker_succeeded(self, w, result) -> None:
-        if w.task.progress is not None:
-            w.task.progress = 100.0
-        self.end(w.task, "succeed", result=result)
-
-    def worker_failed(self, w, error: errors.AgentError) -> None:
-        if outcomes.defers(w.task.state):
-            w.stop_error = error
-        else:
-            self.end(w.task, "fail", error=error)
-
-    def worker_stopped(self, w) -> None:
-        """It stopped when asked; the task ends when the process is gone (worker_gone)."""
-        w.stop_error = w.stop_error or outcomes.stopped(w.kill_reason)
-
-    def worker_gone(self, w, error: errors.AgentError) -> None:
-        """The worker's process has been reaped (or never existed)."""
-        if not w.task.active:
-            return  # it reported its outcome, and that ended the task already
-        error = w.stop_error or error
-        self.log.warning("worker_gone", task_id=w.task.id, method=w.task.method,
-                         worker_pid=w.pid, error=error.message)
-        self.end(w.task, "fail", error=error)

@@ -80,8 +80,8 @@ class WorkerTable:
     def spawn(self, task, op: str, args: dict, deadline: float | None = None) -> Worker:
         self._seq += 1
         now = self.system.monotonic()
-        w = Worker(token=protocol.new_token(self._seq), task=task, op=op, spawned=now, last_seen=now,
-                   deadline=deadline or self.settings["deadline_seconds"])
+        w = Worker(token=protocol.new_token(self._seq), task=task, op=op, spawned=now,
+                   last_seen=now, deadline=deadline or self.settings["deadline_seconds"])
         self.by_token[w.token] = w
         request = {"token": w.token, "op": op, "args": args, "task_id": task.id,
                    "host_id": self.host_id, "run_dir": str(self.run_dir),

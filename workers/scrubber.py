@@ -15,8 +15,8 @@ which any host reads: STARTED with its pid when it begins, progress and the hear
 `updated` at most about once a second, then COMPLETED with {volumes_checked, recorded,
 skipped, bytes_read, mismatches}, STOPPED (a stop request, read at every progress write, or
 SIGTERM) with the partial result, or FAILED with the error. Operation.state events are a
-best-effort extra, sent to the agent's worker socket (identity op:<operationID>:<mac>, workers/protocol.py) and lost
-if no agent listens there.
+best-effort extra, sent to the agent's worker socket (identity op:<operationID>:<mac>,
+workers/protocol.py) and lost if no agent listens there.
 
 Reads are throttled to --max-bytes-per-second (0: unlimited; holes are never read, so they
 cost nothing against the budget).

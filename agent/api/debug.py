@@ -70,10 +70,11 @@ def fault(agent, params):
     elif params["where"] == "timer":
         agent.call_later(0, boom)
     else:
-        real = agent.worker_progress
+        reports = agent.workers.listener
+        real = reports.worker_progress
 
         def once(*args):
-            agent.worker_progress = real
+            reports.worker_progress = real
             boom()
-        agent.worker_progress = once
+        reports.worker_progress = once
     return True

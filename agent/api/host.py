@@ -55,7 +55,8 @@ def get_stats(agent, params):
             "descriptors": agent.gate.stats(),
             "rpc": {**agent.ledger.stats(), "messages_dropped": agent.dropped_messages},
             "events": {"dropped": agent.events.dropped, "oversized": agent.events.oversized},
-            "workers": {"strangers": agent.workers.strangers, "misbehaved": agent.workers.misbehaved},
+            "workers": {"strangers": agent.workers.strangers,
+                        "misbehaved": agent.workers.misbehaved},
         },
     }
 

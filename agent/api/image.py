@@ -21,9 +21,9 @@ def copy(agent, params):
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
     response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",
-    "attempts", "failures"}, while the data is still being copied; the task goes on until the destination
-    is LEGAL, and its record's result is then {"volumeID", "state": "done", "generation",
-    "copied", "total"}.
+    "attempts", "failures"}, while the data is still being copied; the task goes on until the
+    destination is LEGAL, and its record's result is then {"volumeID", "state": "done",
+    "generation", "copied", "total"}.
     Naming a destination that has a marker from the same source continues that copy from
     its checkpoint, as a new task. A copy is bound to the source volume it began from (its
     creation token, generation and size), checked at every continue and before the commit:

@@ -1,0 +1,70 @@
+"""What a worker's reports do to its task: the worker table's listener.
+
+The table (agent/workertable.py) decides nothing about tasks; it tells this listener what
+happened to a worker, and this moves the task (agent/outcomes.py decides what one that did
+not succeed ends with) and publishes what subscribers should hear.
+"""
+
+from __future__ import annotations
+
+import math
+
+from agent import errors, outcomes, states
+
+PROGRESS_EVENT_INTERVAL = 0.1
+# What a worker (or an operation's process, agent/workertable.py) may ask us to publish.
+WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
+
+
+class Reports:
+    def __init__(self, agent):
+        self.agent = agent
+
+    def worker_started(self, w) -> None:
+        if w.task.state == states.PENDING:
+            self.agent.tasks.transition(w.task, "start")
+            self.agent.publish_state(w.task)
+
+    def worker_progress(self, w, progress) -> None:
+        task = w.task
+        if not isinstance(progress, (int, float)) or not math.isfinite(progress) \
+                or not task.active:
+            return  # a worker's NaN must never reach a record a client will read
+        task.progress = progress
+        now = self.agent.system.monotonic()
+        if now - task.last_progress_event >= PROGRESS_EVENT_INTERVAL or progress >= 100:
+            task.last_progress_event = now
+            self.agent.events.publish("Task.progress",
+                                      {"taskID": task.id, "progress": progress})
+
+    def worker_returned(self, w, result) -> None:
+        w.task.result = result
+        self.agent.respond(w.task, result)
+
+    def worker_event(self, w, topic, params) -> None:
+        if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
+            self.agent.events.publish(topic, {**params, "taskID": w.task.id})
+
+    def worker_succeeded(self, w, result) -> None:
+        if w.task.progress is not None:
+            w.task.progress = 100.0
+        self.agent.end(w.task, "succeed", result=result)
+
+    def worker_failed(self, w, error: errors.AgentError) -> None:
+        if outcomes.defers(w.task.state):
+            w.stop_error = error
+        else:
+            self.agent.end(w.task, "fail", error=error)
+
+    def worker_stopped(self, w) -> None:
+        """It stopped when asked; the task ends when the process is gone (worker_gone)."""
+        w.stop_error = w.stop_error or outcomes.stopped(w.kill_reason)
+
+    def worker_gone(self, w, error: errors.AgentError) -> None:
+        """The worker's process has been reaped (or never existed)."""
+        if not w.task.active:
+            return  # it reported its outcome, and that ended the task already
+        error = w.stop_error or error
+        self.agent.log.warning("worker_gone", task_id=w.task.id, method=w.task.method,
+                         worker_pid=w.pid, error=error.message)
+        self.agent.end(w.task, "fail", error=error)
