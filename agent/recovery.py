@@ -120,7 +120,7 @@ def _scan_ended(agent, task, outcome: str, result, error) -> None:
                                        failures=marker.get("failures", 0)))
         elif action == "abandon":
             started = _abandon(agent, dst, gen, None)
-        agent.events.publish("Image.recovered", {
+        agent.publish("Image.recovered", {
             **dst, "generation": gen, "copied": marker["copied"], "total": marker["size"],
             "marker_host_id": marker["host_id"], "policy": cfg["copy_policy"],
             "action": action, "taskID": started.id if started else None})
@@ -167,7 +167,7 @@ def _copy_ended(agent, task, outcome: str, result, error) -> None:
                      attempt=attempts + 1, failures=failures, previous_error=unrecorded)))
     elif action == "abandon":
         started = _abandon(agent, dst, gen, unrecorded)
-        agent.events.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
+        agent.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
                                             "attempts": attempts, "failures": failures,
                                             "error": error or None,
                                             "taskID": started.id if started else None})

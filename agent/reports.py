@@ -17,15 +17,45 @@ WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
 
 
 class Reports:
+    """Each report is queued as it is read (agent.later) and applied in the loop's
+    transition phase, in the order they came; a bug while applying one costs that worker."""
+
     def __init__(self, agent):
         self.agent = agent
 
-    def worker_started(self, w) -> None:
+    # What the worker table calls, as it reads: each queues its report.
+    def worker_started(self, w):
+        self.agent.later(self._started, w)
+
+    def worker_progress(self, w, progress):
+        self.agent.later(self._progress, w, progress)
+
+    def worker_returned(self, w, result):
+        self.agent.later(self._returned, w, result)
+
+    def worker_event(self, w, topic, params):
+        self.agent.later(self._event, w, topic, params)
+
+    def worker_succeeded(self, w, result):
+        self.agent.later(self._succeeded, w, result)
+
+    def worker_failed(self, w, error):
+        self.agent.later(self._failed, w, error)
+
+    def worker_stopped(self, w):
+        self.agent.later(self._stopped, w)
+
+    def worker_gone(self, w, error):
+        self.agent.later(self._gone, w, error)
+
+    # What each does to its task, in the transition phase.
+
+    def _started(self, w) -> None:
         if w.task.state == states.PENDING:
             self.agent.tasks.transition(w.task, "start")
             self.agent.publish_state(w.task)
 
-    def worker_progress(self, w, progress) -> None:
+    def _progress(self, w, progress) -> None:
         task = w.task
         if not isinstance(progress, (int, float)) or not math.isfinite(progress) \
                 or not task.active:
@@ -34,33 +64,33 @@ class Reports:
         now = self.agent.system.monotonic()
         if now - task.last_progress_event >= PROGRESS_EVENT_INTERVAL or progress >= 100:
             task.last_progress_event = now
-            self.agent.events.publish("Task.progress",
+            self.agent.publish("Task.progress",
                                       {"taskID": task.id, "progress": progress})
 
-    def worker_returned(self, w, result) -> None:
+    def _returned(self, w, result) -> None:
         w.task.result = result
         self.agent.respond(w.task, result)
 
-    def worker_event(self, w, topic, params) -> None:
+    def _event(self, w, topic, params) -> None:
         if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
-            self.agent.events.publish(topic, {**params, "taskID": w.task.id})
+            self.agent.publish(topic, {**params, "taskID": w.task.id})
 
-    def worker_succeeded(self, w, result) -> None:
+    def _succeeded(self, w, result) -> None:
         if w.task.progress is not None:
             w.task.progress = 100.0
         self.agent.end(w.task, "succeed", result=result)
 
-    def worker_failed(self, w, error: errors.AgentError) -> None:
+    def _failed(self, w, error: errors.AgentError) -> None:
         if outcomes.defers(w.task.state):
             w.stop_error = error
         else:
             self.agent.end(w.task, "fail", error=error)
 
-    def worker_stopped(self, w) -> None:
+    def _stopped(self, w) -> None:
         """It stopped when asked; the task ends when the process is gone (worker_gone)."""
         w.stop_error = w.stop_error or outcomes.stopped(w.kill_reason)
 
-    def worker_gone(self, w, error: errors.AgentError) -> None:
+    def _gone(self, w, error: errors.AgentError) -> None:
         """The worker's process has been reaped (or never existed)."""
         if not w.task.active:
             return  # it reported its outcome, and that ended the task already

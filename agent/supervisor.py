@@ -1,13 +1,17 @@
 """The supervisor: one loop that owns everything.
 
-`run_once` polls the sockets, dispatches requests, reads workers' reports, reaps children,
-enforces deadlines and publishes events; `run` repeats it. Signal handlers only wake the loop
+`run_once` is the loop's phases: poll the sockets; read (requests are dispatched as they
+come: admitted, answered inline or handed to a worker, aborted; workers' reports are
+queued); reap children and enforce deadlines (their consequences queued too); transition
+(each queued report moves its task: start, return, end); publish (the turn's events go
+out); housekeep (the bounds). `run` repeats it. Signal handlers only wake the loop
 (set_wakeup_fd); they do nothing else. There is no stop path: SIGTERM and SIGKILL leave the
 same state behind, and start-up (`start`) is the only recovery there is.
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -59,6 +63,8 @@ class Agent:
         self._watchdog_next = 0.0
         self._last_turn = self.system.monotonic()
         self.callback_errors = 0  # bugs the loop survived (each logged with its traceback)
+        self._transitions: collections.deque = collections.deque()  # (fn, worker, args)
+        self._outbox: list[tuple[str, dict]] = []  # this turn's events
 
     # -- start-up is recovery ----------------------------------------------------------
 
@@ -111,12 +117,14 @@ class Agent:
         startup.begin(self)  # storage recovery: re-issue leftover work found on disk
         self._last_turn = self.system.monotonic()
         self._maybe_ready()
+        self._transition()
+        self.flush()
 
     def _maybe_ready(self) -> None:
         if self.recovering and not self.startup_jobs:
             self.recovering = False
             sdnotify.notify("READY=1", f"STATUS=serving, boot {self.boot_id}")
-            self.events.publish("Host.booted", {"host_id": self.config.host_id,
+            self.publish("Host.booted", {"host_id": self.config.host_id,
                                                 "pid": os.getpid()})
             self.log.info("ready", seconds=round(self.system.monotonic() - self.started_at, 3),
                           waiting=self.backlog.waiting())
@@ -145,6 +153,8 @@ class Agent:
         ready = self._poll(timeout)
         self._read(ready)
         self._reap()
+        self._transition()
+        self.flush()
         self._housekeep()
         self._last_turn = self.system.monotonic()
 
@@ -186,6 +196,27 @@ class Agent:
         # Only after every pending message was read: a supervisor that was itself stopped
         # (SIGSTOP) never mistakes queued heartbeats for silence.
         self.guarded("deadlines", self.workers.enforce_deadlines)
+
+    def later(self, fn, w, *args) -> None:
+        """A worker's report, applied in the transition phase (in the order they came)."""
+        self._transitions.append((fn, w, args))
+
+    def _transition(self) -> None:
+        while self._transitions:
+            fn, w, args = self._transitions.popleft()
+            if not self.guarded("transition", fn, w, *args):
+                self.workers.broke(w, "its report could not be handled")
+
+    def publish(self, topic: str, params: dict) -> None:
+        """An event, sent in this turn's publish phase (in the order published)."""
+        self._outbox.append((topic, params))
+
+    def flush(self) -> None:
+        """The publish phase: this turn's events go out (bounded: a turn reads at most
+        RPC_DRAIN requests and 4,096 worker messages)."""
+        outbox, self._outbox = self._outbox, []
+        for topic, params in outbox:
+            self.events.publish(topic, params)
 
     def _housekeep(self) -> None:
         self.guarded("peers", self.gate.tick)
@@ -368,4 +399,4 @@ class Agent:
         if record["result"] is not None and (task.job is None or not fits(
                 record["result"], EVENT_RESULT_BYTES)):
             record["result"], record["result_omitted"] = None, True
-        self.events.publish("Task.state", {"task": record})
+        self.publish("Task.state", {"task": record})

@@ -164,6 +164,12 @@ class WorkerTable:
             else:
                 self.listener.worker_stopped(w)
 
+    def broke(self, w, why: str) -> None:
+        """A worker whose report our loop could not handle: it goes, its task fails. (An
+        operation's process is no worker of ours: nothing to stop.)"""
+        if self.by_token.get(getattr(w, "token", None)) is w:
+            self._misbehaved(w, why)
+
     def _misbehaved(self, w: Worker, why: str) -> None:
         """A worker that broke the protocol is stopped; its task fails with why."""
         self.misbehaved += 1

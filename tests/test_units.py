@@ -259,6 +259,7 @@ def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
     agent.domains.reserve(result["domainID"], result["path"])  # as the handler does
     task.job = WorkerJob("domain.create", dict(result), on_end=recovery.domain_created)
     agent.end(task, "succeed", result)
+    agent.flush()
     assert on_disk_when_told == [({"jsonrpc": "2.0", "id": "d1", "result": result},
                                   {result["domainID"]: result["path"]})]
     assert task.state == states.DONE and task.reply is None

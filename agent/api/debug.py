@@ -71,10 +71,10 @@ def fault(agent, params):
         agent.call_later(0, boom)
     else:
         reports = agent.workers.listener
-        real = reports.worker_progress
+        real = reports._progress  # applied in the loop's transition phase
 
         def once(*args):
-            reports.worker_progress = real
+            reports._progress = real
             boom()
-        reports.worker_progress = once
+        reports._progress = once
     return True
