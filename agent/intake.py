@@ -11,29 +11,42 @@ import zmq
 
 from agent import api, errors, jsonrpc, replies
 
+# Plain ints, and the socket's own methods: this is the path of every request, and pyzmq's
+# attribute options (sock.rcvmore) cost more than the recv.
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_MOST = replies.MAX_ROUTE_FRAMES + 1
+
 
 def drain(agent, limit: int) -> None:
     """Read up to `limit` requests, frame by frame: frames past MAX_ROUTE_FRAMES + 1 are
     read and dropped at once, so one message of many frames never holds more than a
     request's worth of memory (ZMQ_MAXMSGSIZE bounds each frame)."""
-    sock, most = agent.rpc, replies.MAX_ROUTE_FRAMES + 1
+    recv, more = agent.rpc.recv, agent.rpc.getsockopt
     for _ in range(limit):
         try:
-            frames = [sock.recv(zmq.NOBLOCK)]
+            frames = [recv(_NOBLOCK)]
         except zmq.Again:
             return
         extra = 0
-        while sock.rcvmore:
-            frame = sock.recv()
-            if len(frames) < most:
+        while more(_RCVMORE):
+            frame = recv()
+            if len(frames) < _MOST:
                 frames.append(frame)
             else:
                 extra += len(frame) + 1
-        if extra or any(len(f) > replies.MAX_ROUTE_FRAME_BYTES for f in frames[:-1]):
+        if extra or _long_route(frames):
             agent.dropped_messages += 1  # not a request: no route worth keeping or answering
-            agent.ledger.freed_since_trim += extra + sum(map(len, frames))
+            agent.ledger.freed(extra + sum(map(len, frames)))
             continue
         agent.guarded("message", on_message, agent, frames)
+
+
+def _long_route(frames: list[bytes]) -> bool:
+    for i in range(len(frames) - 1):
+        if len(frames[i]) > replies.MAX_ROUTE_FRAME_BYTES:
+            return True
+    return False
 
 
 def on_message(agent, frames: list[bytes]) -> None:

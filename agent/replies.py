@@ -73,10 +73,15 @@ class Ledger:
         self.total += size
 
     def sweep(self) -> None:
-        """Settle every client's written replies (those of clients gone too), and give a
-        large amount of freed memory back to the OS, which glibc does not do by itself."""
+        """Settle every client's written replies (those of clients gone too)."""
         for peer in list(self.queued):
             self._settle(peer)
+        self.freed(0)
+
+    def freed(self, size: int) -> None:
+        """`size` bytes the agent held are free: once a large amount is, give it back to
+        the OS, which glibc does not do by itself."""
+        self.freed_since_trim += size
         if self.freed_since_trim >= 16 << 20:
             self.freed_since_trim = 0
             _trim()

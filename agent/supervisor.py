@@ -202,10 +202,14 @@ class Agent:
         self._transitions.append((fn, w, args))
 
     def _transition(self) -> None:
-        while self._transitions:
+        while self._transitions:  # (every turn: nothing to do is one test)
             fn, w, args = self._transitions.popleft()
             if not self.guarded("transition", fn, w, *args):
                 self.workers.broke(w, "its report could not be handled")
+
+    def _bounds(self) -> None:
+        self.gate.tick()
+        self.ledger.sweep()
 
     def publish(self, topic: str, params: dict) -> None:
         """An event, sent in this turn's publish phase (in the order published)."""
@@ -219,8 +223,8 @@ class Agent:
             self.events.publish(topic, params)
 
     def _housekeep(self) -> None:
-        self.guarded("peers", self.gate.tick)
-        self.guarded("replies", self.ledger.sweep)
+        if self.gate.paused or self.ledger.queued:  # most turns: nothing to look after
+            self.guarded("bounds", self._bounds)
         self._watch_control()
         self._kick_watchdog()
 
