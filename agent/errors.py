@@ -186,6 +186,13 @@ class VolumeTruncated(AgentError):
     code, name = 213, "VolumeTruncated"
 
 
+class DomainUnusable(AgentError):
+    """The directory holds a domain this agent cannot use: its metadata is damaged, not a
+    hostagent schema, or of a newer version (data.reason says which); nothing was written."""
+
+    code, name = 214, "DomainUnusable"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

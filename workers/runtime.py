@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 import traceback
@@ -165,6 +166,11 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         except OSError as exc:  # the world refused (EIO, EACCES, ...): not a bug of ours
             traceback.print_exc(file=sys.stderr)
             final = {"t": "error", "error": errors.from_os_error(exc, request["op"]).to_json()}
+        except sqlite3.Error as exc:  # a domain's metadata we cannot use: not a bug of ours
+            traceback.print_exc(file=sys.stderr)
+            err = errors.OperationFailed(f"{request['op']}: metadata: {exc}",
+                                         sqlite=type(exc).__name__)
+            final = {"t": "error", "error": err.to_json()}
         except Exception as exc:  # a bug: log it here, never send a traceback to a client
             traceback.print_exc(file=sys.stderr)
             err = errors.InternalError(f"{type(exc).__name__} in {request['op']}")

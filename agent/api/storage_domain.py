@@ -38,7 +38,9 @@ def attach(agent, params):
 
     Its copy markers are then scanned and the recovery policy applied, as at start-up.
     Result: the domain's info. Errors: 200 NoSuchDomain (no domain with that ID there),
-    208 DomainExists (the ID or the path is attached, or being created or attached).
+    208 DomainExists (the ID or the path is attached, or being created or attached), 214
+    DomainUnusable (its metadata is damaged, not a hostagent schema, or of a newer version:
+    data.reason; nothing is written). A domain of an older schema is brought to this one.
     """
     agent.domains.reserve(params["domainID"], params["path"])  # released when the task ends
     return WorkerJob("domain.attach", params, on_end=recovery.domain_attached)

@@ -33,13 +33,13 @@ import urllib.parse
 
 import sqlite_utils
 
-from agent.errors import (AgentError, DomainExists, InvalidParams, NoSpace, NoSuchDomain,
-                          NoSuchVolume, OperationFailed, VolumeExists)
+from agent.errors import (AgentError, DomainExists, DomainUnusable, InvalidParams, NoSpace,
+                          NoSuchDomain, NoSuchVolume, OperationFailed, VolumeExists)
 from agent.storage.ids import check_uuid
 from agent.storage.layout import DB_NAME, IMAGES, LEASES, Layout, fsync_dir
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
-from agent.storage.schema import DOMAIN_VERSION, MIGRATIONS, SCHEMA
+from agent.storage.schema import DOMAIN_VERSION, MIGRATIONS, REQUIRED, SCHEMA
 
 BUSY_TIMEOUT = 30.0
 FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
@@ -172,12 +172,35 @@ class DomainDB(Markers):
                                expected=expect_domain_id, found=row and row[0])
         self = cls(layout.root, db, row[0])
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] < DOMAIN_VERSION:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > DOMAIN_VERSION:
+                raise DomainUnusable("the domain was made by a newer version of the agent",
+                                     root=layout.root, reason="newer-version",
+                                     version=version, supported=DOMAIN_VERSION)
+            if version < DOMAIN_VERSION:
+                self._check_schema(set(MIGRATIONS))  # what migrating leaves alone
                 self._migrate()
+            self._check_schema()
         except BaseException:
             db.close()
             raise
         return self
+
+    def _check_schema(self, exempt: set = frozenset()) -> None:
+        """DomainUnusable unless every table this version uses is a table with its columns
+        (`exempt`: the columns a migration is about to add are not required yet)."""
+        tables = {r[0] for r in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, columns in REQUIRED.items():
+            if table not in tables:
+                raise DomainUnusable(f"the domain's metadata has no {table} table",
+                                     root=self.layout.root, reason="damaged", table=table)
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            added = {name for name, _ in MIGRATIONS.get(table, ())} if table in exempt else set()
+            missing = sorted(columns - have - added)
+            if missing:
+                raise DomainUnusable(f"the domain's {table} table lacks {', '.join(missing)}",
+                                     root=self.layout.root, reason="damaged", table=table)
 
     def _migrate(self) -> None:
         """Bring a domain of an earlier version to this one, in one transaction (whoever

@@ -7,6 +7,18 @@ one in one transaction (agent/storage/metadata.py).
 
 DOMAIN_VERSION = 2
 
+# The tables (not views) and columns this version reads and writes; a domain without them is
+# damaged or not ours, whatever its version says.
+REQUIRED = {
+    "domain": {"id", "version", "created"},
+    "volumes": {"volume_id", "image_id", "size", "legality", "generation", "checksum",
+                "created", "updated", "token"},
+    "copy_markers": {"volume_id", "image_id", "src_domain", "src_image", "src_volume", "size",
+                     "copied", "generation", "host_id", "task_id", "state", "attempts",
+                     "errors", "started", "updated", "failures", "src_generation",
+                     "src_token"},
+}
+
 # copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
 # however many volumes the domain holds.
 SCHEMA = [

@@ -170,3 +170,33 @@ def test_a_volume_larger_than_the_file_system_allows_names_the_size(make_agent, 
     with pytest.raises(CallError) as exc:  # and nothing was recorded
         agent.call("Volume.getInfo", loc)
     assert exc.value.name == "NoSuchVolume"
+
+
+HOSTILE_SCHEMAS = {
+    "no-volumes-table": [],
+    "wrong-columns": ["CREATE TABLE volumes (x TEXT)", "CREATE TABLE copy_markers (y TEXT)",
+                      "PRAGMA user_version = 2"],
+    "a-view-as-volumes": ["CREATE VIEW volumes AS SELECT 1 AS volume_id",
+                          "PRAGMA user_version = 2"],
+    "newer-version": ["PRAGMA user_version = 99"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_SCHEMAS))
+def test_a_domain_whose_metadata_is_not_ours_is_refused_by_name(agent, workdir, kind):
+    """A metadata.db with a domain row but damaged, foreign or newer tables: 214
+    DomainUnusable, never -32603, and the agent attaches nothing."""
+    import sqlite3
+    path, domain = workdir / kind, new_id()
+    path.mkdir()
+    db = sqlite3.connect(path / "metadata.db")
+    db.execute("CREATE TABLE domain (id TEXT PRIMARY KEY, version INTEGER, created REAL)")
+    db.execute("INSERT INTO domain VALUES (?, 2, 0)", [domain])
+    for sql in HOSTILE_SCHEMAS[kind]:
+        db.execute(sql)
+    db.commit()
+    db.close()
+    with pytest.raises(CallError) as exc:
+        agent.call("StorageDomain.attach", {"domainID": domain, "path": str(path)})
+    assert exc.value.code == 214 and exc.value.name == "DomainUnusable", exc.value
+    assert agent.call("StorageDomain.list") == []
