@@ -16,6 +16,7 @@ from agent import api, errors, jsonrpc, replies
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _MOST = replies.MAX_ROUTE_FRAMES + 1
+ECHO_MAX = 256  # characters of an unknown method's name said back
 
 
 def drain(agent, limit: int) -> None:
@@ -101,7 +102,8 @@ def _serve(agent, obj, reply) -> None:
             raise errors.RecoveryInProgress("the agent is starting up")
         verb = agent.verbs.get(req.method)
         if verb is None or not agent.serves(verb):
-            raise errors.MethodNotFound(f"no method {req.method!r}", method=req.method)
+            name = req.method[:ECHO_MAX]  # an answer never grows with what a peer sends
+            raise errors.MethodNotFound(f"no method {name!r}", method=name)
         params = api.bind(verb, req.params)
         task = agent.admit(req.task_id or agent.notification_id(), verb.name,
                            limited=verb.worker)

@@ -199,3 +199,12 @@ def test_a_batch_answer_is_bounded_by_the_message_limit(make_agent):
     assert full and refused
     assert {a["error"]["data"]["reason"] for a in refused} == {"batch-too-large"}
     assert rss(agent) - before < 128 * MiB
+
+
+def test_an_unknown_methods_name_is_not_echoed_in_full(agent):
+    sock = dealer(agent)
+    sock.send(json.dumps({"jsonrpc": "2.0", "method": "x" * (4 * MiB), "id": 1}).encode())
+    assert sock.poll(10000)
+    body = sock.recv()
+    answer = json.loads(body)
+    assert answer["error"]["code"] == -32601 and len(body) < 2048
