@@ -72,8 +72,13 @@ def fault(agent, params):
     else:
         reports = agent.workers.listener
         real = reports._progress  # applied in the loop's transition phase
+        fired = []
 
         def once(*args):
+            # Reports queued in one turn each hold this function: only the first fails.
+            if fired:
+                return real(*args)
+            fired.append(True)
             reports._progress = real
             boom()
         reports._progress = once
