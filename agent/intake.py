@@ -17,14 +17,21 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _MOST = replies.MAX_ROUTE_FRAMES + 1
 ECHO_MAX = 256  # characters of an unknown method's name said back
+TURN_BUDGET = 0.05  # seconds of requests served in one turn of the loop
 
 
-def drain(agent, limit: int) -> None:
-    """Read up to `limit` requests, frame by frame: frames past MAX_ROUTE_FRAMES + 1 are
-    read and dropped at once, so one message of many frames never holds more than a
-    request's worth of memory (ZMQ_MAXMSGSIZE bounds each frame)."""
+def drain(agent, limit: int, budget: float = TURN_BUDGET) -> None:
+    """Read up to `limit` requests, and for at most `budget` seconds (what is left waits for
+    the next turn: the loop, its workers and its timers are never starved by one client's
+    expensive queries), frame by frame: frames past MAX_ROUTE_FRAMES + 1 are read and
+    dropped at once, so one message of many frames never holds more than a request's worth
+    of memory (ZMQ_MAXMSGSIZE bounds each frame)."""
     recv, more = agent.rpc.recv, agent.rpc.getsockopt
+    clock = agent.system.monotonic
+    until = clock() + budget
     for _ in range(limit):
+        if clock() > until:
+            return
         try:
             frames = [recv(_NOBLOCK)]
         except zmq.Again:
@@ -71,7 +78,10 @@ def on_message(agent, frames: list[bytes]) -> None:
         return
     batch = replies.Batch(route, len(payload), rpc["max_message_bytes"])
     for index, obj in enumerate(payload):
-        dispatch(agent, obj, batch.member(index))
+        if batch.full:  # no answer would fit: refuse the rest without serving them
+            batch.refuse(index, obj)
+        else:
+            dispatch(agent, obj, batch.member(index))
 
 
 def dispatch(agent, obj, reply) -> None:

@@ -181,16 +181,15 @@ class Batch:
         self.waiting = size
         self.limit = limit
         self.bytes = 2
+        self.full = False  # the answer has no room left for another result
 
     def member(self, index: int):
         def reply(response):
             if response is not None:
                 body = _encoded(response)
                 if self.bytes + len(body) + 1 > self.limit:
-                    body = jsonrpc.dumps(jsonrpc.error_response(
-                        response.get("id"), errors.ResourceExhausted(
-                            "the batch's answers would exceed max_message_bytes",
-                            reason="batch-too-large", limit=self.limit)))
+                    self.full = True
+                    body = jsonrpc.dumps(self._refusal(response.get("id")))
                 self.bytes += len(body) + 1
                 self.slots[index], self.ids[index] = body, response.get("id")
             self.waiting -= 1
@@ -200,6 +199,18 @@ class Batch:
                     self.route.send_body(b"[" + b",".join(self.slots[i] for i in answered)
                                          + b"]", [self.ids[i] for i in answered])
         return reply
+
+
+    def _refusal(self, id_) -> dict:
+        return jsonrpc.error_response(id_, errors.ResourceExhausted(
+            "the batch's answers would exceed max_message_bytes", reason="batch-too-large",
+            limit=self.limit))
+
+    def refuse(self, index: int, obj) -> None:
+        """Answer a member without serving it (a notification gets nothing, as ever)."""
+        is_request = isinstance(obj, dict) and "id" in obj
+        id_ = obj["id"] if is_request and jsonrpc.valid_id(obj["id"]) else None
+        self.member(index)(self._refusal(id_) if is_request else None)
 
 
 def _encoded(response: dict) -> bytes:
