@@ -91,6 +91,7 @@ class Gate:
         self.resume_at = self.pause_at + RESUME_HEADROOM
         self._ipc: list[str] = []  # socket files of pausable ipc listeners
         self._tcp: list[tuple[zmq.Socket, str]] = []
+        self._unbound: list[tuple[zmq.Socket, str]] = []  # TCP endpoints a pause let go
         self.monitors: list[zmq.Socket] = []
         self.paused = False
         self.pauses = 0  # times new peers were refused for want of descriptors
@@ -153,6 +154,7 @@ class Gate:
         for sock, ep in self._tcp:
             try:
                 sock.unbind(ep)
+                self._unbound.append((sock, ep))
             except zmq.ZMQError:
                 pass
 
@@ -162,17 +164,19 @@ class Gate:
                 os.rename(path + PAUSED, path)
             except OSError:
                 pass
-        for sock, ep in self._tcp:
+        while self._unbound:  # each bound again once; one taken meanwhile is tried next time
+            sock, ep = self._unbound[0]
             try:
                 transport.bind(sock, ep)
-            except zmq.ZMQError as exc:  # taken meanwhile: say so, try again next time
+            except zmq.ZMQError as exc:
                 self.log.error("rebind_failed", endpoint=ep, error=str(exc))
                 return
+            self._unbound.pop(0)
         self.paused = False
 
     def tick(self) -> None:
-        """Called every loop turn: while paused, look again now and then (no peer may be
-        disconnecting to wake us)."""
+        """Called by the loop's housekeeping while paused: look again now and then (no peer
+        may be disconnecting to wake us)."""
         if self.paused and self.clock() >= self._next_check:
             self.check()
 

@@ -168,6 +168,6 @@ def _copy_ended(agent, task, outcome: str, result, error) -> None:
     elif action == "abandon":
         started = _abandon(agent, dst, gen, unrecorded)
         agent.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
-                                            "attempts": attempts, "failures": failures,
-                                            "error": error or None,
-                                            "taskID": started.id if started else None})
+                                     "attempts": attempts, "failures": failures,
+                                     "error": error or None,
+                                     "taskID": started.id if started else None})

@@ -51,7 +51,7 @@ class Ledger:
             _, size = q.popleft()
             self.bytes[peer] -= size
             self.total -= size
-            self.freed_since_trim += size
+            self.freed(size)
         if not q:
             self.queued.pop(peer, None)
             self.bytes.pop(peer, None)
@@ -76,7 +76,6 @@ class Ledger:
         """Settle every client's written replies (those of clients gone too)."""
         for peer in list(self.queued):
             self._settle(peer)
-        self.freed(0)
 
     def freed(self, size: int) -> None:
         """`size` bytes the agent held are free: once a large amount is, give it back to

@@ -147,9 +147,8 @@ class Agent:
         return self._timers[0][0] - now if self._timers else None
 
     def run_once(self, timeout: float) -> None:
-        """One turn of the loop, in its phases: poll, read (requests, workers' reports, the
-        fork server, monitors: each message dispatched, its task moved and published as it
-        is handled), reap (children, deadlines), and the housekeeping of the bounds."""
+        """One turn of the loop, in its phases (see the module's docstring): poll, read,
+        reap, transition, publish, housekeep."""
         ready = self._poll(timeout)
         self._read(ready)
         self._reap()

@@ -212,3 +212,49 @@ def test_an_unknown_methods_name_is_not_echoed_in_full(agent):
     body = sock.recv()
     answer = json.loads(body)
     assert answer["error"]["code"] == -32601 and len(body) < 2048
+
+
+def test_listening_resumes_even_after_a_port_was_taken_meanwhile():
+    """A pause lets TCP endpoints go; if one is taken while paused, resuming tries again
+    later, and binds each endpoint exactly once (not those already bound again)."""
+    from types import SimpleNamespace
+
+    from agent import peers
+
+    ctx = zmq.Context()
+    sock, thief = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    gate = None
+    try:
+        a = sock.bind_to_random_port("tcp://127.0.0.1")
+        b = sock.bind_to_random_port("tcp://127.0.0.1")
+        eps = [f"tcp://127.0.0.1:{a}", f"tcp://127.0.0.1:{b}"]
+        logged = []
+        gate = peers.Gate(SimpleNamespace(warning=lambda *a, **k: logged.append(a),
+                                          info=lambda *a, **k: None,
+                                          error=lambda *a, **k: logged.append(a)),
+                          limit=1 << 20, clock=lambda: 0.0)
+        gate.watch(sock, eps)
+        gate._pause()
+
+        def taken():  # unbind is asynchronous in libzmq: the port is free a moment later
+            try:
+                thief.bind(eps[1])
+                return True
+            except zmq.ZMQError:
+                return False
+        wait_for(taken, 10, what="the paused port to be free for another socket")
+        gate._resume()
+        assert gate.paused and ("rebind_failed",) in logged
+        thief.unbind(eps[1])
+
+        def resumed():
+            gate._resume()
+            return not gate.paused
+        wait_for(resumed, 10, what="listening again once the port is free")
+        assert gate._unbound == [] and logged.count(("rebind_failed",)) >= 1
+    finally:
+        for mon in gate.monitors if gate else ():
+            mon.close(0)
+        sock.close(0)
+        thief.close(0)
+        ctx.term()
