@@ -193,6 +193,21 @@ class DomainUnusable(AgentError):
     code, name = 214, "DomainUnusable"
 
 
+class VolumeHasChildren(AgentError):
+    """The volume is a parent in its image's chain (snapshots are layered on it): it cannot be
+    deleted, and a snapshot is taken of the chain's leaf only (data.children names them)."""
+
+    code, name = 215, "VolumeHasChildren"
+
+
+class ImageInvalid(AgentError):
+    """qemu's tools refused a volume's image, or the agent refused to open it: corrupt, an
+    unsupported feature, a backing chain that is not whole or names a file outside its image
+    (data.reason; data.tool and data.detail carry the tool's own message)."""
+
+    code, name = 216, "ImageInvalid"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

@@ -107,6 +107,8 @@ def _scan_ended(agent, task, outcome: str, result, error) -> None:
     domain_id = result["domainID"]
     for marker in result["markers"]:
         marker["domain_id"] = domain_id
+        if marker.get("kind") == "chain" and marker.get("has_children"):
+            continue  # a chain's inner layer: the copy recovered from its leaf's marker does it
         action = decide(marker, policy=cfg["copy_policy"], host_id=agent.config.host_id,
                         resume_foreign=cfg["resume_foreign"], max_attempts=cfg["max_attempts"],
                         source_attached=marker["src_domain"] in agent.domains.paths)
@@ -115,7 +117,7 @@ def _scan_ended(agent, task, outcome: str, result, error) -> None:
         started = None
         if action in ("resume", "restart"):
             started = _submit(agent, f"recover:{dst['volumeID']}:{gen}", "Image.copy",
-                              copy_job(agent, src, dst, mode=action, expect_generation=gen,
+                              copy_job(agent, src, dst, recover=action, expect_generation=gen,
                                        attempt=marker["attempts"] + 1,
                                        failures=marker.get("failures", 0)))
         elif action == "abandon":
@@ -163,7 +165,7 @@ def _copy_ended(agent, task, outcome: str, result, error) -> None:
         delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
         agent.call_later(delay, lambda: _submit(
             agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
-            copy_job(agent, src, dst, mode="resume", expect_generation=gen,
+            copy_job(agent, src, dst, recover="resume", expect_generation=gen,
                      attempt=attempts + 1, failures=failures, previous_error=unrecorded)))
     elif action == "abandon":
         started = _abandon(agent, dst, gen, unrecorded)

@@ -14,10 +14,36 @@ def _location(value: dict) -> dict:
     return {k: check_uuid(value[k], k) for k in ("domainID", "imageID", "volumeID")}
 
 
+def _one_of(*allowed):
+    def check(value):
+        if value not in allowed:
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return value
+    return check
+
+
 @verb("Image.copy", Param("src", "object", check=_location), Param("dst", "object",
-      check=_location), worker=True, events=("Task.state", "Task.progress", "Image.copy"))
+      check=_location),
+      Param("mode", "str", required=False, check=_one_of("collapse", "chain"),
+            doc="collapse (default): the source's guest view into one volume; chain: every "
+                "volume of its chain, same structure"),
+      Param("format", "str", required=False, check=_one_of("raw", "cow"),
+            doc="collapse only: the destination's format (default: the source's)"),
+      worker=True, events=("Task.state", "Task.progress", "Image.copy"))
 def copy(agent, params):
     """Copy a volume's data to a destination volume that outlives this task.
+
+    Two modes. collapse (the default): the guest-visible content of the source and its
+    whole backing chain into one destination volume of the format asked for (raw or cow;
+    default: the source's). chain: every volume of the source's chain, up to and including
+    the source, into the destination image with the same structure, each copy's backing
+    file its parent's copy; each destination layer has its own marker and resumes on its
+    own; the layers keep the source's volume IDs when dst.volumeID is the source's (a move
+    to another domain), else they are derived from dst.volumeID (result "chain", base
+    first). Raw to raw of a lone volume is a kernel copy; every other copy goes through
+    qemu-nbd and libnbd, holes and zeros kept, checkpointed after a flush. A continued copy
+    keeps the mode and format it began with (205 CopyConflict reason "kind" if another is
+    asked).
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
     response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",
@@ -34,11 +60,17 @@ def copy(agent, params):
     reason in the marker's errors ([recovery] max_attempts bounds failures, not restarts).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
     LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict, 207
-    VolumeIllegal (source not LEGAL), 213 VolumeTruncated, -32602 (src and dst the same).
+    VolumeIllegal (source not LEGAL), 213 VolumeTruncated, 216 ImageInvalid (qemu refused
+    the source's chain: corrupt, unsupported, not whole, or a backing file outside its
+    image), -32602 (src and dst the same; a format with mode chain).
     """
     if params["src"] == params["dst"]:
         raise errors.InvalidParams("src and dst are the same volume")
-    return recovery.copy_job(agent, params["src"], params["dst"])  # retried by policy
+    if params["mode"] == "chain" and params["format"] is not None:
+        raise errors.InvalidParams("a chain copy keeps each layer's format", param="format")
+    extra = {k: v for k, v in (("kind", params["mode"]), ("format", params["format"]))
+             if v is not None}
+    return recovery.copy_job(agent, params["src"], params["dst"], **extra)  # retried
 
 
 @verb("Image.getStatus", *VOLUME_PARAMS, worker=True)
@@ -52,3 +84,15 @@ def get_status(agent, params):
     Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("image.status", located(agent, params))
+
+
+@verb("Image.getInfo", Param("domainID", "uuid"), Param("imageID", "uuid"), worker=True)
+def get_info(agent, params):
+    """An image's volumes in chain order, base first, each as Volume.getInfo shows it
+    (without its lease).
+
+    Result: {domainID, imageID, chain: [volume, ...] | null, chains: [[volume, ...]]}
+    (chain is the one chain of a linear image; chains lists every leaf's chain).
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume (no volume in the image).
+    """
+    return WorkerJob("image.info", located(agent, params))

@@ -1,8 +1,9 @@
-"""Volume: raw sparse volumes in a domain, each with its own lease."""
+"""Volume: raw and qcow2 (cow) volumes in a domain, snapshots layered on an image's leaf,
+each volume with its own lease."""
 
 from __future__ import annotations
 
-from agent import jobs
+from agent import errors, jobs
 from agent.api import Param, WorkerJob, verb
 
 VOLUME_PARAMS = (Param("domainID", "uuid"), Param("imageID", "uuid"), Param("volumeID", "uuid"))
@@ -14,19 +15,53 @@ def _size(value: int) -> int:
     return value
 
 
+def _one_of(*allowed: str):
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return value
+    return check
+
+
 def located(agent, params: dict) -> dict:
     """The params with the domain's path added: NoSuchDomain if it is not attached."""
     return jobs.located(agent.domains, params)
 
 
-@verb("Volume.create", *VOLUME_PARAMS, Param("size", "int", check=_size, doc="bytes"),
+@verb("Volume.create", *VOLUME_PARAMS,
+      Param("size", "int", required=False, check=_size,
+            doc="bytes (virtual size); a snapshot's defaults to its parent's"),
+      Param("format", "str", required=False, check=_one_of("raw", "cow"),
+            doc="raw (default) or cow (qcow2, compat 1.1); a snapshot is always cow"),
+      Param("preallocation", "str", required=False, default="sparse",
+            check=_one_of("sparse", "preallocated"),
+            doc="sparse (default), or preallocated: fallocate for raw, qcow2 metadata"),
+      Param("parentVolumeID", "uuid", required=False,
+            doc="make a snapshot: a cow volume layered on this volume, the image's leaf"),
       worker=True)
 def create(agent, params):
-    """Create a sparse raw volume, LEGAL, generation 0, under its lease.
+    """Create a volume, LEGAL, generation 0, under its lease: raw or cow, sparse or
+    preallocated, or a snapshot of the image's leaf (parentVolumeID, same image).
 
-    Result: the volume's info. Errors: 200 NoSuchDomain, 202 VolumeExists, 203 LeaseHeld,
-    204 NoSpace.
+    A snapshot is a qcow2 whose backing file is its parent's file, named relative to the
+    image directory, with the parent's format recorded; from then on the parent is an
+    internal, read-only layer of the chain: it cannot be deleted (215 VolumeHasChildren)
+    or snapshotted again. Result: the volume's info (as Volume.getInfo).
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume (parent), 202 VolumeExists, 203 LeaseHeld,
+    204 NoSpace, 207 VolumeIllegal (parent not LEGAL), 215 VolumeHasChildren (the parent
+    is not the leaf), 216 ImageInvalid (qemu-img refused), -32602 (a raw snapshot, a size
+    smaller than the parent's, no size for a new volume).
     """
+    params = dict(params)
+    if params["parentVolumeID"] is None:
+        params.pop("parentVolumeID")
+        if params["size"] is None:
+            raise errors.InvalidParams("missing param 'size'", param="size")
+        params["format"] = params["format"] or "raw"
+    else:
+        if params["format"] == "raw":
+            raise errors.InvalidParams("a snapshot is a cow volume", param="format")
+        params["format"] = "cow"
     return WorkerJob("volume.create", located(agent, params))
 
 
@@ -35,17 +70,21 @@ def delete(agent, params):
     """Delete a volume (metadata first, then its data), under its lease.
 
     A copy in progress holds the destination's lease, so deleting it answers LeaseHeld;
-    abort the copy first. Result: {"volumeID": ..., "deleted": true}.
-    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld.
+    abort the copy first. A volume with snapshots layered on it is refused: delete the
+    chain from its leaf down. Result: {"volumeID": ..., "deleted": true}.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld, 215 VolumeHasChildren.
     """
     return WorkerJob("volume.delete", located(agent, params))
 
 
 @verb("Volume.getInfo", *VOLUME_PARAMS, worker=True)
 def get_info(agent, params):
-    """A volume's size, legality, generation, lease holder and data path.
+    """A volume's format, sizes, legality, generation, place in its chain, lease holder and
+    data path.
 
-    Result: {domainID, imageID, volumeID, size, legality, generation, path, lease: null |
+    Result: {domainID, imageID, volumeID, format (raw | cow), size (virtual, bytes),
+    allocated (bytes on disk), legality, generation, parent (volumeID | null), children
+    ([volumeID]), leaf (no children: the layer a guest writes), path, lease: null |
     {live, host_id, pid, task_id, op, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("volume.info", located(agent, params))

@@ -18,6 +18,7 @@ storage, 0 for a hole): the caller throttles, heartbeats and stops from there.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -246,3 +247,92 @@ class Follower:
             self._cancelled.set()
             self._cond.notify()
         self._thread.join()
+
+
+class StreamHasher:
+    """The ``sha256-4m`` checksum of bytes handed over in order (`data`, `zeros`), for data
+    that is not a local file: an image read through qemu. The same value as BlockHasher's
+    for the same guest-visible bytes, so a raw and a qcow2 copy of one disk record one
+    checksum."""
+
+    def __init__(self, size: int):
+        self.size, self.pos = size, 0
+        self._outer = hashlib.sha256()
+        self._inner = None  # the current block's hash, once it has data (else all zeros)
+
+    def _room(self) -> int:
+        return BLOCK - self.pos % BLOCK
+
+    def _advance(self, n: int) -> None:
+        self.pos += n
+        if self.pos % BLOCK == 0 or self.pos == self.size:
+            start = self.pos - (self.pos % BLOCK or BLOCK)
+            if self._inner is None:
+                self._outer.update(_zero_digest(self.pos - start))
+            else:
+                self._outer.update(self._inner.digest())
+            self._inner = None
+
+    def data(self, view) -> None:
+        view = memoryview(view)
+        while len(view):
+            n = min(len(view), self._room())
+            if self._inner is None:
+                self._inner = hashlib.sha256(_ZEROS[:self.pos % BLOCK])
+            self._inner.update(view[:n])
+            self._advance(n)
+            view = view[n:]
+
+    def zeros(self, n: int) -> None:
+        while n:
+            k = min(n, self._room())
+            if self._inner is not None:
+                self._inner.update(_ZEROS[:k])
+            self._advance(k)
+            n -= k
+
+    def hexdigest(self) -> str:
+        if self.pos != self.size:
+            raise OperationFailed(f"hashed {self.pos} of {self.size} bytes")
+        return f"{BLOCKS}:{self._outer.hexdigest()}"
+
+
+class StreamFollower:
+    """A StreamHasher on a thread of its own, fed through a bounded queue: hashing (which
+    releases the GIL) runs beside the copy's I/O instead of between it."""
+
+    def __init__(self, size: int, depth: int = 8):
+        import queue
+        self._hasher = StreamHasher(size)
+        self._queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="checksum", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, int):
+                self._hasher.zeros(item)
+            else:
+                self._hasher.data(item)
+
+    def data(self, view) -> None:
+        self._queue.put(view)
+
+    def zeros(self, n: int) -> None:
+        self._queue.put(n)
+
+    def result(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._hasher.hexdigest()
+
+    def cancel(self) -> None:
+        if self._thread.is_alive():
+            while True:  # make room for the end marker: the queue may be full
+                try:
+                    self._queue.put_nowait(None)
+                    break
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        self._queue.get_nowait()
+            self._thread.join()

@@ -5,7 +5,9 @@ A domain is one directory::
     <root>/metadata.db                        SQLite metadata (volumes, copy markers, domain row)
     <root>/metadata.reserve                   room kept for a delete's journal on a full disk
     <root>/.format.lock                       formatters take turns on it (never deleted)
-    <root>/images/<imageID>/<volumeID>.raw    raw sparse data file
+    <root>/images/<imageID>/<volumeID>.raw    raw data file (sparse unless preallocated)
+    <root>/images/<imageID>/<volumeID>.qcow2  qcow2 data file (format cow); a snapshot's
+                                              backing file is its parent, named relative
     <root>/leases/<volumeID>.lease            one lease file per volume
 
 Ids go through check_uuid before they touch a path, and a path that is a symlink or resolves
@@ -26,6 +28,7 @@ from agent.storage.ids import check_uuid
 DB_NAME = "metadata.db"
 IMAGES = "images"
 LEASES = "leases"
+SUFFIXES = {"raw": ".raw", "cow": ".qcow2"}  # a volume's data file, by its format
 
 
 def fsync_dir(path: str) -> None:
@@ -62,9 +65,9 @@ class Layout:
         image_id = check_uuid(image_id, "imageID")
         return self._confined(os.path.join(self.images_dir, image_id), "imageID")
 
-    def volume_path(self, image_id: str, volume_id: str) -> str:
+    def volume_path(self, image_id: str, volume_id: str, fmt: str = "raw") -> str:
         volume_id = check_uuid(volume_id, "volumeID")
-        path = os.path.join(self.image_dir(image_id), volume_id + ".raw")
+        path = os.path.join(self.image_dir(image_id), volume_id + SUFFIXES[fmt])
         return self._confined(path, "volumeID")
 
     def lease_path(self, volume_id: str) -> str:

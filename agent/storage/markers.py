@@ -58,29 +58,45 @@ class Markers:
 
     def begin_copy(self, dst_image: str, dst_volume: str, size: int, src: dict,
                    host_id: str | None, task_id: str | None,
-                   src_identity: dict | None = None) -> dict:
+                   src_identity: dict | None = None, fmt: str = "raw",
+                   kind: str = "collapse") -> dict:
         """Create the destination ILLEGAL (generation 0) with its copy marker, in one tx.
 
         ``src_identity`` (source_identity() of the source's row) binds the marker to the
         source volume it copies. VolumeExists if the destination exists: the caller decides
         continue-vs-conflict by looking at get_marker() first.
         """
-        ident = src_identity or {}
-        dst_image = check_uuid(dst_image, "imageID")
-        dst_volume = check_uuid(dst_volume, "volumeID")
-        size = size_checked(size)
-        if not isinstance(src, dict):
-            raise InvalidParams("src must be an object", field="src")
-        src_ids = [check_uuid(src.get(k), f"src.{k}") for k in ("domainID", "imageID", "volumeID")]
+        return self.begin_chain([{"imageID": dst_image, "volumeID": dst_volume, "size": size,
+                                  "src": src, "src_identity": src_identity, "format": fmt,
+                                  "parent_id": None, "kind": kind}], host_id, task_id)[0]
+
+    def begin_chain(self, layers: list[dict], host_id: str | None,
+                    task_id: str | None) -> list[dict]:
+        """Create every destination of ``layers`` (base first: {imageID, volumeID, size, src,
+        src_identity, format, parent_id, kind}) ILLEGAL with its marker, in ONE tx: a chain
+        copy's answer names volumes that all exist, and a crash leaves all or none."""
+        rows = []
+        for layer in layers:
+            src = layer["src"]
+            if not isinstance(src, dict):
+                raise InvalidParams("src must be an object", field="src")
+            rows.append((check_uuid(layer["imageID"], "imageID"),
+                         check_uuid(layer["volumeID"], "volumeID"), size_checked(layer["size"]),
+                         [check_uuid(src.get(k), f"src.{k}")
+                          for k in ("domainID", "imageID", "volumeID")], layer))
         with self.tx("begin_copy") as db:
-            now = self.insert_volume(db, dst_image, dst_volume, size, "ILLEGAL")
-            db["copy_markers"].insert({
-                "volume_id": dst_volume, "image_id": dst_image, "src_domain": src_ids[0],
-                "src_image": src_ids[1], "src_volume": src_ids[2], "size": size, "copied": 0,
-                "generation": 0, "host_id": host_id, "task_id": task_id, "state": "copying",
-                "attempts": 1, "errors": "[]", "started": now, "updated": now, "failures": 0,
-                "src_generation": ident.get("generation"), "src_token": ident.get("token")})
-            return self.get_marker(dst_volume)
+            for image, volume, size, src_ids, layer in rows:
+                ident = layer.get("src_identity") or {}
+                now = self.insert_volume(db, image, volume, size, "ILLEGAL",
+                                         layer.get("format", "raw"), layer.get("parent_id"))
+                db["copy_markers"].insert({
+                    "volume_id": volume, "image_id": image, "src_domain": src_ids[0],
+                    "src_image": src_ids[1], "src_volume": src_ids[2], "size": size,
+                    "copied": 0, "generation": 0, "host_id": host_id, "task_id": task_id,
+                    "state": "copying", "attempts": 1, "errors": "[]", "started": now,
+                    "updated": now, "failures": 0, "src_generation": ident.get("generation"),
+                    "src_token": ident.get("token"), "kind": layer.get("kind", "collapse")})
+            return [self.get_marker(volume) for _, volume, _, _, _ in rows]
 
     def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,
                   expect_generation: int | None = None, restart: bool = False,

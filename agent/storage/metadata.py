@@ -33,13 +33,14 @@ import urllib.parse
 
 import sqlite_utils
 
-from agent.errors import (AgentError, DomainExists, DomainUnusable, InvalidParams, NoSpace,
-                          NoSuchDomain, NoSuchVolume, OperationFailed, VolumeExists)
+from agent.errors import (AgentError, DomainExists, DomainUnusable, ImageInvalid, InvalidParams,
+                          NoSpace, NoSuchDomain, NoSuchVolume, OperationFailed, VolumeExists,
+                          VolumeHasChildren, VolumeIllegal)
 from agent.storage.ids import check_uuid
 from agent.storage.layout import DB_NAME, IMAGES, LEASES, Layout, fsync_dir
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
-from agent.storage.schema import DOMAIN_VERSION, MIGRATIONS, REQUIRED, SCHEMA
+from agent.storage.schema import DOMAIN_VERSION, MIGRATION_INDEXES, MIGRATIONS, REQUIRED, SCHEMA
 
 BUSY_TIMEOUT = 30.0
 FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
@@ -213,6 +214,8 @@ class DomainDB(Markers):
                 for name, decl in columns:
                     if name not in have:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+            for sql in MIGRATION_INDEXES:
+                db.execute(sql)
             # Volumes made before tokens existed get one now: from here on a re-creation
             # with the same IDs is told apart.
             for (volume_id,) in db.execute("SELECT volume_id FROM volumes WHERE token IS NULL"
@@ -260,17 +263,21 @@ class DomainDB(Markers):
         rows = list(self.db.query("SELECT * FROM volumes WHERE volume_id = ?", [volume_id]))
         return rows[0] if rows else None
 
-    def create_volume(self, image_id: str, volume_id: str, size: int) -> dict:
-        """Record a new LEGAL volume of generation 0. VolumeExists if the id is taken."""
+    def create_volume(self, image_id: str, volume_id: str, size: int, fmt: str = "raw",
+                      parent_id: str | None = None) -> dict:
+        """Record a new LEGAL volume of generation 0. VolumeExists if the id is taken; with
+        a parent, the parent must be the LEGAL leaf of the same image (chains are linear)."""
         image_id = check_uuid(image_id, "imageID")
         volume_id = check_uuid(volume_id, "volumeID")
         size = size_checked(size)
         with self.tx("create_volume") as db:
-            self.insert_volume(db, image_id, volume_id, size, "LEGAL")
+            if parent_id is not None:
+                self.check_new_parent(image_id, parent_id, size)
+            self.insert_volume(db, image_id, volume_id, size, "LEGAL", fmt, parent_id)
         return self.get_volume(volume_id)
 
     def insert_volume(self, db, image_id: str, volume_id: str, size: int,
-                      legality: str) -> float:
+                      legality: str, fmt: str = "raw", parent_id: str | None = None) -> float:
         """A new volume's row (inside a tx): generation 0 and a fresh creation token.
         VolumeExists if the ID is taken. Returns its creation time."""
         if self.get_volume(volume_id) is not None:
@@ -278,8 +285,57 @@ class DomainDB(Markers):
         now = time.time()
         db["volumes"].insert({"volume_id": volume_id, "image_id": image_id, "size": size,
                               "legality": legality, "generation": 0, "checksum": None,
-                              "created": now, "updated": now, "token": new_token()})
+                              "created": now, "updated": now, "token": new_token(),
+                              "format": fmt, "parent_id": parent_id})
         return now
+
+    def check_new_parent(self, image_id: str, parent_id: str, size: int) -> dict:
+        """The parent a new snapshot may be layered on (inside a tx): a LEGAL volume of the
+        same image, no copy in progress, no child yet, no larger than the snapshot."""
+        parent = self.get_volume(parent_id)
+        if parent is None or parent["image_id"] != image_id:
+            raise NoSuchVolume("no such parent volume in this image", volumeID=parent_id,
+                               imageID=image_id)
+        if parent["legality"] != "LEGAL" or self.get_marker(parent_id) is not None:
+            raise VolumeIllegal("the parent volume is not LEGAL", volumeID=parent_id)
+        children = self.children(parent_id)
+        if children:
+            raise VolumeHasChildren("the parent already has a snapshot: snapshots are taken "
+                                    "of the chain's leaf", volumeID=parent_id,
+                                    children=children)
+        if size < parent["size"]:
+            raise InvalidParams("a snapshot cannot be smaller than its parent", field="size",
+                                parent_size=parent["size"])
+        return parent
+
+    def children(self, volume_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT volume_id FROM volumes WHERE parent_id = ? ORDER BY created",
+            [volume_id])]
+
+    def chain(self, volume_id: str) -> list[dict]:
+        """The volume and its ancestors, base first. ImageInvalid if a parent is missing or
+        in another image, or the links loop (metadata damaged behind the agent's back)."""
+        rows, seen = [], set()
+        row = self.get_volume(volume_id)
+        while row is not None:
+            if row["volume_id"] in seen or (rows and row["image_id"] != rows[-1]["image_id"]):
+                raise ImageInvalid("the volume's chain loops or leaves its image",
+                                   volumeID=volume_id, reason="chain")
+            seen.add(row["volume_id"])
+            rows.append(row)
+            if row["parent_id"] is None:
+                return rows[::-1]
+            parent = self.get_volume(row["parent_id"])
+            if parent is None:
+                raise ImageInvalid("a volume of the chain is missing", volumeID=volume_id,
+                                   missing=row["parent_id"], reason="chain")
+            row = parent
+        raise NoSuchVolume("no such volume", volume_id=volume_id)
+
+    def image_volumes(self, image_id: str) -> list[dict]:
+        return list(self.db.query("SELECT * FROM volumes WHERE image_id = ? ORDER BY created",
+                                  [check_uuid(image_id, "imageID")]))
 
     def delete_volume(self, volume_id: str) -> None:
         """Forget a volume and its copy marker (the data file is the caller's to remove).
@@ -299,5 +355,9 @@ class DomainDB(Markers):
         with self.tx("delete_volume") as db:
             if self.get_volume(volume_id) is None:
                 raise NoSuchVolume("no such volume", volume_id=volume_id)
+            children = self.children(volume_id)
+            if children:
+                raise VolumeHasChildren("the volume has snapshots layered on it: delete them "
+                                        "first", volumeID=volume_id, children=children)
             db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [volume_id])

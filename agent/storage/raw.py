@@ -1,7 +1,7 @@
-"""The raw format: a volume's data is a sparse file of exactly its size.
+"""The raw format: a volume's data is a file of exactly its size, sparse or preallocated.
 
 A format answers for a volume's data file: what it is called, how it is made and how it
-goes. A second format (qcow2, through qemu's tools) is one more module with these names.
+goes (the other one is agent/storage/cow.py).
 """
 
 from __future__ import annotations
@@ -10,17 +10,20 @@ import contextlib
 import os
 
 from agent import errors
-from agent.storage.layout import fsync_dir
+from agent.storage.layout import SUFFIXES, fsync_dir
 
 NAME = "raw"
-SUFFIX = ".raw"
+SUFFIX = SUFFIXES[NAME]
 
 
-def create(path: str, size: int) -> None:
-    """A sparse data file of `size` bytes, durable (file and directory entry) on return."""
+def create(path: str, size: int, preallocation: str = "sparse", **_) -> None:
+    """A data file of `size` bytes (allocated with fallocate if preallocated), durable (file
+    and directory entry) on return."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, size)
+        if preallocation == "preallocated" and size:
+            os.posix_fallocate(fd, 0, size)
         os.fsync(fd)
     except OSError as exc:
         # EFBIG: larger than this file system allows: the size asked for, not a full disk.

@@ -1,22 +1,24 @@
 """A domain's metadata schema, and what each version added (for domains made before it).
 
 Version 2 gave volumes a creation token and copy markers their source's identity and a count
-of failures. `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
+of failures. Version 3 gave volumes a format (raw, or cow: qcow2) and a parent (the volume a
+snapshot is layered on, in the same image), and copy markers the kind of copy (collapse: the
+source's guest view into one volume; chain: one layer of a chain copied onto its parent's copy). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
 one in one transaction (agent/storage/metadata.py).
 """
 
-DOMAIN_VERSION = 2
+DOMAIN_VERSION = 3
 
 # The tables (not views) and columns this version reads and writes; a domain without them is
 # damaged or not ours, whatever its version says.
 REQUIRED = {
     "domain": {"id", "version", "created"},
     "volumes": {"volume_id", "image_id", "size", "legality", "generation", "checksum",
-                "created", "updated", "token"},
+                "created", "updated", "token", "format", "parent_id"},
     "copy_markers": {"volume_id", "image_id", "src_domain", "src_image", "src_volume", "size",
                      "copied", "generation", "host_id", "task_id", "state", "attempts",
                      "errors", "started", "updated", "failures", "src_generation",
-                     "src_token"},
+                     "src_token", "kind"},
 }
 
 # copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
@@ -26,8 +28,10 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS volumes (
         volume_id TEXT PRIMARY KEY, image_id TEXT NOT NULL, size INTEGER NOT NULL,
         legality TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
-        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT)""",
+        generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT,
+        format TEXT NOT NULL DEFAULT 'raw', parent_id TEXT)""",
     "CREATE INDEX IF NOT EXISTS volumes_image_id ON volumes (image_id)",
+    "CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",
     """CREATE TABLE IF NOT EXISTS copy_markers (
         volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
         image_id TEXT NOT NULL, src_domain TEXT, src_image TEXT, src_volume TEXT,
@@ -36,15 +40,19 @@ SCHEMA = [
         state TEXT NOT NULL CHECK (state IN ('copying', 'abandoned')),
         attempts INTEGER NOT NULL DEFAULT 1, errors TEXT NOT NULL DEFAULT '[]',
         started REAL, updated REAL, failures INTEGER NOT NULL DEFAULT 0,
-        src_generation INTEGER, src_token TEXT)""",
+        src_generation INTEGER, src_token TEXT, kind TEXT NOT NULL DEFAULT 'collapse')""",
 ]
 
-# Version 1 -> 2: what version 2 added to a table, for domains formatted before it.
+# What versions 2 and 3 added to a table, for domains formatted before them (a migration adds
+# whichever columns are missing, so a version 1 domain goes to 3 in one step).
 MIGRATIONS = {
-    "volumes": [("token", "TEXT")],
+    "volumes": [("token", "TEXT"), ("format", "TEXT NOT NULL DEFAULT 'raw'"),
+                ("parent_id", "TEXT")],
     "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
-                     ("src_token", "TEXT")],
+                     ("src_token", "TEXT"), ("kind", "TEXT NOT NULL DEFAULT 'collapse'")],
 }
+# Indexes a migration makes once the columns exist.
+MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)"]
 
 # Operations that outlive tasks (a scrub): one row each, written by the process that runs it
 # (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED

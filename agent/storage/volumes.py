@@ -9,7 +9,8 @@ keeps a crash harmless:
   never a named volume without data); the lease file stays (deleting a lock file someone
   may have open is how two processes end up "holding" one lease).
 Both under the volume's lease (agent/storage/leases.py); the data file is the format's
-(agent/storage/raw.py).
+(agent/storage/raw.py, agent/storage/cow.py). A snapshot (a cow volume with a parent) is
+layered on its image's leaf; a volume with children cannot be deleted (VolumeHasChildren).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import leases, raw
+from agent.storage import cow, leases, raw
 from agent.storage.metadata import DomainDB
 from agent.storage.reserve import ensure_reserve
 
-FORMATS = {raw.NAME: raw}
+FORMATS = {raw.NAME: raw, cow.NAME: cow}
 
 
 def holder(host_id: str, task_id: str, op: str) -> dict:
@@ -47,6 +48,7 @@ def markers_with_leases(db: DomainDB, beat=lambda: None) -> list[dict]:
     for m in markers:
         beat()
         m["lease_live"] = bool((manager.probe(m["volume_id"]) or {}).get("live"))
+        m["has_children"] = bool(db.children(m["volume_id"]))
     return markers
 
 
@@ -59,29 +61,77 @@ def volume_row(db: DomainDB, args: dict) -> dict:
     return row
 
 
-def create(db: DomainDB, args: dict, who: dict) -> dict:
+def path_of(db: DomainDB, row: dict) -> str:
+    return db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+
+
+def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
+    fmt, parent_id = args.get("format", "raw"), args.get("parentVolumeID")
     with leases.for_domain(db).acquire(args["volumeID"], who):
         if db.get_volume(args["volumeID"]) is not None:
             raise errors.VolumeExists("volume exists", volumeID=args["volumeID"])
+        parent, size = None, args.get("size")
+        if parent_id is not None:  # checked again in the row's transaction, which decides
+            if size is None:
+                size = (db.get_volume(parent_id) or {}).get("size", 0)
+            parent = db.check_new_parent(args["imageID"], parent_id, size)
         db.layout.ensure_image_dir(args["imageID"])
-        raw.create(db.layout.volume_path(args["imageID"], args["volumeID"]), args["size"])
-        db.create_volume(args["imageID"], args["volumeID"], args["size"])
+        path = db.layout.volume_path(args["imageID"], args["volumeID"], fmt)
+        FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
+                            parent=parent, beat=beat)
+        try:
+            db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id)
+        except errors.AgentError:
+            FORMATS[fmt].remove(path)  # lost a race (a sibling snapshot, a deleted parent)
+            raise
     return info(db, args)
 
 
 def delete(db: DomainDB, args: dict, who: dict) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
-        volume_row(db, args)
+        row = volume_row(db, args)
         db.delete_volume(args["volumeID"])
-        raw.remove(db.layout.volume_path(args["imageID"], args["volumeID"]))
+        FORMATS[row["format"]].remove(path_of(db, row))
         ensure_reserve(db.layout.root)  # given back if this delete needed it: room again now
         return {"volumeID": args["volumeID"], "deleted": True}
 
 
-def info(db: DomainDB, args: dict) -> dict:
-    row = volume_row(db, args)
-    probe = leases.for_domain(db).probe(args["volumeID"])
+def allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def describe(db: DomainDB, row: dict) -> dict:
+    """A volume as Volume.getInfo and Image.getInfo show it."""
+    children = db.children(row["volume_id"])
+    path = path_of(db, row)
     return {"domainID": db.domain_id, "imageID": row["image_id"], "volumeID": row["volume_id"],
-            "size": row["size"], "legality": row["legality"], "generation": row["generation"],
-            "path": db.layout.volume_path(row["image_id"], row["volume_id"]),
-            "lease": probe if probe and probe.get("host_id") else None}
+            "format": row["format"], "size": row["size"], "allocated": allocated(path),
+            "legality": row["legality"], "generation": row["generation"],
+            "parent": row["parent_id"], "children": children, "leaf": not children,
+            "path": path}
+
+
+def info(db: DomainDB, args: dict) -> dict:
+    out = describe(db, volume_row(db, args))
+    probe = leases.for_domain(db).probe(args["volumeID"])
+    out["lease"] = probe if probe and probe.get("host_id") else None
+    return out
+
+
+def image_info(db: DomainDB, args: dict) -> dict:
+    """An image's volumes as chains, base first (a linear chain has one)."""
+    rows = db.image_volumes(args["imageID"])
+    if not rows:
+        raise errors.NoSuchVolume("no volumes in this image", domainID=args["domainID"],
+                                  imageID=args["imageID"])
+    ids = {r["volume_id"] for r in rows}
+    leaves = [r for r in rows if not db.children(r["volume_id"])]
+    chains = []
+    for leaf in leaves:
+        chain = [describe(db, r) for r in db.chain(leaf["volume_id"]) if r["volume_id"] in ids]
+        chains.append(chain)
+    return {"domainID": db.domain_id, "imageID": args["imageID"],
+            "chain": chains[0] if len(chains) == 1 else None, "chains": chains}

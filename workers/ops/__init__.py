@@ -13,6 +13,7 @@ OPS = {
     "volume.create": "workers.ops.volume:create",
     "volume.delete": "workers.ops.volume:delete",
     "volume.info": "workers.ops.volume:info",
+    "image.info": "workers.ops.volume:image_info",
     "image.copy": "workers.ops.copy:copy",
     "image.status": "workers.ops.copy:status",
     "image.abandon": "workers.ops.copy:abandon",

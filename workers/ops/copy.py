@@ -9,19 +9,16 @@ generation this worker took over with, so a superseded worker writes nothing.
 from __future__ import annotations
 
 import os
-import sys
-import time
 
 from agent import errors
 from agent.storage import checksum, copyengine, leases
 from agent.storage.markers import check_source, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
+from workers.ops import chaincopy, qemucopy
+from workers.ops.reporter import Reporter, record_error
 from workers.ops.volume import holder
 from workers.runtime import Stopped
-
-EVENT_INTERVAL = 1.0
-
 
 def _source(src_db: DomainDB, src: dict) -> dict:
     row = volume_row(src_db, src)
@@ -35,7 +32,8 @@ def _same_source(marker: dict, src: dict) -> bool:
         src["domainID"], src["imageID"], src["volumeID"])
 
 
-def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict) -> tuple:
+def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
+         fmt: str = "raw") -> tuple:
     """Become the copier of dst: a new marker, or take over the existing one.
 
     Returns (marker, fresh). Under the lease, so nobody else is deciding the same thing.
@@ -48,7 +46,7 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict)
         if args.get("expect_generation") is not None:  # a retry or recovery: copy went away
             raise errors.GenerationMismatch("the copy marker is gone", volumeID=dst["volumeID"])
         marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], src_row["size"], src,
-                                   ctx.host_id, ctx.task_id, src_identity=identity)
+                                   ctx.host_id, ctx.task_id, src_identity=identity, fmt=fmt)
         return marker, True
     marker = dst_db.get_marker(dst["volumeID"])
     if marker is None:
@@ -65,11 +63,25 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict)
                                           "volumeID": marker["src_volume"]})
     marker = dst_db.take_over(dst["volumeID"], ctx.host_id, ctx.task_id,
                               expect_generation=args.get("expect_generation"),
-                              restart=args.get("mode") == "restart", src_identity=identity)
+                              restart=args.get("recover") == "restart", src_identity=identity)
     if args.get("previous_error"):  # a failure its worker could not record: counted now
         dst_db.record_error(dst["volumeID"], marker["generation"], args["previous_error"])
         marker = dst_db.get_marker(dst["volumeID"])
     return marker, marker["copied"] == 0
+
+
+def _kind(dst_db: DomainDB, dst: dict, src_db: DomainDB, src_row: dict, args: dict) -> str:
+    """collapse or chain: what the caller asked (by default chain for a lone volume, which
+    is the same copy, collapse otherwise), or what the copy being continued is."""
+    marker = dst_db.get_marker(dst["volumeID"])
+    asked = args.get("kind")
+    if marker is not None:
+        if asked is not None and asked != marker["kind"]:
+            raise errors.CopyConflict(f"the destination has a {marker['kind']} copy in "
+                                      "progress", volumeID=dst["volumeID"], reason="kind",
+                                      kind=marker["kind"])
+        return marker["kind"]
+    return asked or "collapse"
 
 
 def copy(ctx, args):
@@ -78,8 +90,13 @@ def copy(ctx, args):
     src_db = dst_db if src["domainID"] == dst["domainID"] else open_domain(src)
     with leases.for_domain(dst_db).acquire(dst["volumeID"], holder(ctx, "copy")):
         src_row = _source(src_db, src)
+        if _kind(dst_db, dst, src_db, src_row, args) == "chain":
+            return chaincopy.copy_chain(ctx, args, src_db, dst_db, src_row)
         size = src_row["size"]
-        marker, fresh = _own(dst_db, ctx, src, dst, src_row, args)
+        src_rows = src_db.chain(src["volumeID"])
+        marker, fresh = _own(dst_db, ctx, src, dst, src_row, args,
+                             fmt=args.get("format") or src_row["format"])
+        dst_db.layout.ensure_image_dir(dst["imageID"])
         gen, start = marker["generation"], marker["copied"]
         ctx.returned({"volumeID": dst["volumeID"], "state": "copying", "generation": gen,
                       "copied": start, "total": size, "attempts": marker["attempts"],
@@ -88,10 +105,21 @@ def copy(ctx, args):
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
         try:
-            digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
-                                marker)
+            dst_row = dst_db.get_volume(dst["volumeID"])
+            if len(src_rows) == 1 and src_row["format"] == dst_row["format"] == "raw":
+                digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh,
+                                    base, marker)
+            else:
+                _source_row_still(src_db, src, marker)
+                report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, None,
+                                   ctx.settings.get("copy", {}).get("max_bytes_per_second", 0))
+                digest, _ = qemucopy.move(
+                    ctx, src_db=src_db, src_rows=src_rows, dst_db=dst_db, dst_rows=[dst_row],
+                    start=start, fresh=fresh, layer=False, report=report,
+                    record=ctx.settings.get("copy", {}).get("record_checksum", True))
+                _source_row_still(src_db, src, marker)
         except errors.AgentError as exc:
-            _record(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
+            record_error(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise
         if not dst_db.complete_copy(dst["volumeID"], gen, checksum=digest):
             raise errors.GenerationMismatch("superseded before completion",
@@ -104,15 +132,13 @@ def copy(ctx, args):
             "copied": size, "total": size}
 
 
-def _record(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError, task_id) -> None:
-    """Keep the error in the marker, if the metadata can still be written (a full disk may
-    hold the metadata too); mark it recorded so a retry does not record it again."""
-    try:
-        if db.record_error(volume_id, gen, {**exc.to_json(), "time": time.time(),
-                                            "task_id": task_id}):
-            exc.data["recorded"] = True
-    except errors.AgentError as meta:
-        print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
+def _source_row_still(src_db: DomainDB, src: dict, marker: dict) -> None:
+    """The source's row is still the one the copy is bound to (token, generation, size)."""
+    row = src_db.get_volume(src["volumeID"])
+    if row is None or row["legality"] != "LEGAL":
+        raise errors.CopyConflict("the source was deleted or changed during the copy",
+                                  volumeID=marker["volume_id"], reason="source-gone")
+    check_source(marker, source_identity(row))
 
 
 def _source_still(src_db: DomainDB, src: dict, src_fd: int, src_path: str, size: int,
@@ -121,11 +147,7 @@ def _source_still(src_db: DomainDB, src: dict, src_fd: int, src_path: str, size:
     (token, generation, size), its data file (the one we read, not a replacement) and its
     length. Checked before the first byte and before the commit, so a volume never turns
     LEGAL with data from another source or with zeros where a short source ended."""
-    row = src_db.get_volume(src["volumeID"])
-    if row is None or row["legality"] != "LEGAL":
-        raise errors.CopyConflict("the source was deleted or changed during the copy",
-                                  volumeID=marker["volume_id"], reason="source-gone")
-    check_source(marker, source_identity(row))
+    _source_row_still(src_db, src, marker)
     st = os.fstat(src_fd)
     try:
         now = os.stat(src_path)
@@ -138,36 +160,6 @@ def _source_still(src_db: DomainDB, src: dict, src_fd: int, src_path: str, size:
         raise errors.VolumeTruncated(
             f"the source's data ends at {st.st_size} bytes, before its size of {size}",
             volumeID=src["volumeID"], size=size, data_bytes=st.st_size)
-
-
-class _Reporter:
-    """What a copy says as it goes: checkpoints (with an Image.copy event about once a
-    second), progress, the checksum follower told where the copy is, and the rate limit."""
-
-    def __init__(self, ctx, dst_db: DomainDB, volume_id: str, gen: int, size: int,
-                 start: int, base: dict, follower, rate: int):
-        self.ctx, self.dst_db, self.volume_id, self.gen = ctx, dst_db, volume_id, gen
-        self.size, self.start, self.base = size, start, base
-        self.follower, self.rate = follower, rate
-        self.began = self.last_event = time.monotonic()
-
-    def checkpoint(self, offset: int) -> bool:
-        ok = self.dst_db.checkpoint(self.volume_id, self.gen, offset)
-        now = time.monotonic()
-        if ok and now - self.last_event >= EVENT_INTERVAL:
-            self.last_event = now
-            self.ctx.event("Image.copy", {**self.base, "state": "copying", "copied": offset,
-                                          "percent": round(100.0 * offset / self.size, 2)})
-        return ok
-
-    def progress(self, offset: int) -> None:
-        if self.follower is not None:
-            self.follower.advance(offset)
-        self.ctx.progress(100.0 * offset / self.size if self.size else 100.0)
-        if self.rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
-            ahead = (offset - self.start) / self.rate - (time.monotonic() - self.began)
-            if ahead > 0:
-                self.ctx.pause(ahead)
 
 
 def _open_pair(src_path: str, dst_path: str) -> tuple[int, int]:
@@ -193,7 +185,6 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
     """Copy the data, durable, and return the destination's checksum (None when [copy]
     record_checksum is off): hashed behind the copy as it goes, so a scrub can later tell
     whether the data changed since, without a second pass over it now."""
-    dst_db.layout.ensure_image_dir(dst["imageID"])
     src_path = src_db.layout.volume_path(src["imageID"], src["volumeID"])
     src_fd, dst_fd = _open_pair(src_path,
                                 dst_db.layout.volume_path(dst["imageID"], dst["volumeID"]))
@@ -207,7 +198,7 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
         # no faster than the copy may go.
         if cfg.get("record_checksum", True):
             follower = checksum.Follower(dst_fd, size, written=start, rate=rate)
-        report = _Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, follower,
+        report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, follower,
                            rate)
         try:
             copyengine.copy_range(

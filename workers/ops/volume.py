@@ -11,7 +11,7 @@ def holder(ctx, op: str) -> dict:
 
 def create(ctx, args):
     with volumes.open_domain(args) as db:
-        return volumes.create(db, args, holder(ctx, "create"))
+        return volumes.create(db, args, holder(ctx, "create"), beat=ctx.beat)
 
 
 def delete(ctx, args):
@@ -22,3 +22,8 @@ def delete(ctx, args):
 def info(ctx, args):
     with volumes.open_domain(args) as db:
         return volumes.info(db, args)
+
+
+def image_info(ctx, args):
+    with volumes.open_domain(args) as db:
+        return volumes.image_info(db, args)

@@ -1,0 +1,229 @@
+"""The data mover of an image copy through qemu: NBD from a source export to a destination
+export, holes and zeros by block status, several requests in flight.
+
+What each range of the source becomes (`plan`), from NBD block status:
+- collapse (the guest view of a chain into one volume): data is read and written; a zero or
+  unallocated range is not written to a fresh destination, and becomes a write-zeroes (which
+  may punch a hole) over a destination an earlier life may have written;
+- layer (one layer of a chain onto its parent's copy, qemu:allocation-depth): only what the
+  layer itself holds is written (its zeros too: they hide the backing's data); the rest is
+  left unallocated so the destination's backing shows through, and read only to be hashed.
+Every range is handed to the checksum in order, so the checksum is of the guest view.
+
+The ordering rule of agent/storage/copyengine.py holds: a checkpoint is recorded only after
+an NBD flush of the destination has returned with every write below it completed.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import time
+
+from agent.errors import GenerationMismatch
+from agent.storage.copyengine import CopyStopped
+from agent.storage.exports import DEPTH, nbd_error
+
+MiB = 1 << 20
+STATUS_MAX = 1 << 30  # bytes asked of one block status request
+ZERO_MAX = 1 << 30    # bytes of one write-zeroes request
+DATA, READ, ZERO, HOLE = "data", "read", "zero", "hole"
+
+
+def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, int]]:
+    """Block status from offset: [(start, end, flags, depth)], covering at least one byte."""
+    found = {}
+
+    def extent(context, start, entries, err):
+        runs, pos = [], start
+        for i in range(0, len(entries), 2):
+            runs.append((pos, pos + entries[i], entries[i + 1]))
+            pos += entries[i]
+        found[context] = runs
+        return 0
+
+    h.block_status(min(end - offset, STATUS_MAX), offset, extent)
+    base = found.get("base:allocation") or [(offset, end, 0)]  # no answer: all data
+    deep = (found.get(DEPTH) or [(offset, end, 1)]) if depth else [(offset, end, 1)]
+    stop = min(base[-1][1], deep[-1][1], end)
+    cuts = sorted({offset, stop} | {e for _, e, _ in base + deep if offset < e < stop})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        flags = next(f for s, e, f in base if s <= a < e)
+        level = next(f for s, e, f in deep if s <= a < e)
+        out.append((a, b, flags, level))
+    return out
+
+
+def plan(h, start: int, end: int, *, layer: bool, fresh: bool):
+    """(offset, length, kind) pieces covering [start, end), merged, in order."""
+    pending = None
+    offset = start
+    while offset < end:
+        for a, b, flags, level in _status(h, offset, end, layer):
+            zero = bool(flags & 2)
+            if layer and level != 1:
+                kind = HOLE if zero else READ
+            elif zero:
+                kind = ZERO if (layer or not fresh) else HOLE
+            else:
+                kind = DATA
+            if pending and pending[2] == kind and pending[0] + pending[1] == a:
+                pending = (pending[0], pending[1] + b - a, kind)
+            else:
+                if pending:
+                    yield pending
+                pending = (a, b - a, kind)
+            offset = b
+    if pending:
+        yield pending
+
+
+def _pieces(src_h, start: int, size: int, layer: bool, fresh: bool, chunk: int):
+    for offset, length, kind in plan(src_h, start, size, layer=layer, fresh=fresh):
+        step = ZERO_MAX if kind in (ZERO, HOLE) else chunk
+        for pos in range(offset, offset + length, step):
+            yield pos, min(step, offset + length - pos), kind
+
+
+class _Piece:
+    __slots__ = ("offset", "length", "kind", "buf", "view", "read", "write")
+
+    def __init__(self, offset, length, kind):
+        self.offset, self.length, self.kind = offset, length, kind
+        self.buf = self.view = self.read = self.write = None
+
+
+class _Loop:
+    """Two libnbd handles driven by one poll loop, commands tracked by cookie."""
+
+    def __init__(self, src_h, dst_h):
+        self.src, self.dst = src_h, dst_h
+
+    def step(self, timeout_ms: int = 1000) -> None:
+        import nbd
+        poller, handles = select.poll(), {}
+        for h in (self.src, self.dst):
+            if h.aio_in_flight() == 0:
+                continue
+            d = h.aio_get_direction()
+            events = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
+                     (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+            handles[h.aio_get_fd()] = h
+            poller.register(h.aio_get_fd(), events)
+        if not handles:
+            return
+        for fd, revents in poller.poll(timeout_ms):
+            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                handles[fd].aio_notify_read()
+            elif revents & select.POLLOUT:
+                handles[fd].aio_notify_write()
+
+
+def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, hasher,
+               checkpoint, progress, should_stop, chunk: int = 4 * MiB,
+               max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
+               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+    """Copy guest bytes [start, size) from the `src` export to the `dst` export.
+
+    `hasher` (data(view), zeros(n)) gets every byte of [start, size) in order, or None.
+    checkpoint(offset) -> bool after a flush (False: superseded, GenerationMismatch);
+    should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
+    NoSpace or OperationFailed on the exports' errors.
+    """
+    import nbd
+    loop = _Loop(src.h, dst.h)
+    pieces = _pieces(src.h, start, size, layer, fresh, chunk)
+    queue: collections.deque[_Piece] = collections.deque()
+    done = saved = start
+    saved_at = clock()
+    spare: list[bytearray] = []
+    exhausted = False
+
+    def issue(piece: _Piece) -> None:
+        if piece.kind in (DATA, READ):
+            piece.view = spare.pop() if spare else bytearray(chunk)  # pieces are <= chunk
+            piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
+            piece.read = src.h.aio_pread(piece.buf, piece.offset)
+        elif piece.kind == ZERO:
+            piece.write = dst.h.aio_zero(piece.length, piece.offset)
+
+    def finish(piece: _Piece) -> None:
+        nonlocal done
+        if hasher is not None:
+            if piece.view is not None:
+                hasher.data(bytes(memoryview(piece.view)[:piece.length]))
+            else:
+                hasher.zeros(piece.length)
+        if piece.view is not None and len(spare) < max_in_flight:
+            spare.append(piece.view)
+        done = piece.offset + piece.length
+        progress(done)
+
+    def drain_and_flush(at: int) -> None:
+        while queue:
+            advance()
+        try:
+            dst.h.flush()
+        except nbd.Error as exc:
+            raise nbd_error(exc, "flushing the destination", at, dst.log()) from None
+
+    def advance() -> None:
+        try:
+            loop.step()
+            for piece in queue:
+                if piece.read is not None and src.h.aio_command_completed(piece.read):
+                    piece.read = None
+                    if piece.kind == DATA:
+                        piece.write = dst.h.aio_pwrite(piece.buf, piece.offset)
+            while queue and queue[0].read is None and (
+                    queue[0].write is None or dst.h.aio_command_completed(queue[0].write)):
+                queue[0].write = None
+                finish(queue.popleft())
+        except nbd.Error as exc:
+            at = queue[0].offset if queue else done
+            raise nbd_error(exc, "copying through qemu-nbd", at, src.log() + dst.log()) \
+                from None
+
+    while True:
+        while not exhausted and len(queue) < max_in_flight:
+            piece = next(pieces, None)
+            if piece is None:
+                exhausted = True
+                break
+            queue.append(_Piece(*piece))
+            issue(queue[-1])
+        if not queue:
+            break
+        advance()
+        if should_stop():
+            drain_and_flush(done)
+            if not checkpoint(done):
+                raise GenerationMismatch("copy superseded by a newer generation", offset=done)
+            raise CopyStopped(done)
+        if done - saved >= checkpoint_bytes or clock() - saved_at >= checkpoint_seconds:
+            drain_and_flush(done)
+            if not checkpoint(done):
+                raise GenerationMismatch("copy superseded by a newer generation", offset=done)
+            saved, saved_at = done, clock()
+    drain_and_flush(done)
+    return done
+
+
+def hash_prefix(exp, end: int, hasher, beat=lambda: None) -> None:
+    """Hand the first `end` guest bytes of an export to `hasher` (a resumed copy's prefix,
+    written by an earlier life: read back, so the checksum is of what is there)."""
+    import nbd
+    offset = 0
+    try:
+        for pos, length, kind in plan(exp.h, 0, end, layer=False, fresh=True):
+            for at in range(pos, pos + length, 8 * MiB):
+                n = min(8 * MiB, pos + length - at)
+                if kind == DATA:
+                    hasher.data(exp.h.pread(n, at))
+                else:
+                    hasher.zeros(n)
+                offset = at + n
+                beat()
+    except nbd.Error as exc:
+        raise nbd_error(exc, "reading the destination back", offset, exp.log()) from None

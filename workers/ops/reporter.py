@@ -1,0 +1,55 @@
+"""What a copy reports as it goes (progress, checkpoints, events) and records when it fails."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from agent import errors
+from agent.storage.metadata import DomainDB
+
+EVENT_INTERVAL = 1.0
+
+
+def record_error(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError, task_id) -> None:
+    """Keep the error in the marker, if the metadata can still be written (a full disk may
+    hold the metadata too); mark it recorded so a retry does not record it again."""
+    try:
+        if db.record_error(volume_id, gen, {**exc.to_json(), "time": time.time(),
+                                            "task_id": task_id}):
+            exc.data["recorded"] = True
+    except errors.AgentError as meta:
+        print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
+
+
+class Reporter:
+    """What a copy says as it goes: checkpoints (with an Image.copy event about once a
+    second), progress, the checksum follower told where the copy is, and the rate limit.
+    ``share`` (layer index, layers): a chain copy's progress counts every layer."""
+
+    def __init__(self, ctx, dst_db: DomainDB, volume_id: str, gen: int, size: int,
+                 start: int, base: dict, follower, rate: int, share: tuple = (0, 1)):
+        self.ctx, self.dst_db, self.volume_id, self.gen = ctx, dst_db, volume_id, gen
+        self.size, self.start, self.base = size, start, base
+        self.follower, self.rate, self.share = follower, rate, share
+        self.began = self.last_event = time.monotonic()
+
+    def checkpoint(self, offset: int) -> bool:
+        ok = self.dst_db.checkpoint(self.volume_id, self.gen, offset)
+        now = time.monotonic()
+        if ok and now - self.last_event >= EVENT_INTERVAL:
+            self.last_event = now
+            self.ctx.event("Image.copy", {**self.base, "state": "copying", "copied": offset,
+                                          "percent": round(100.0 * offset / self.size, 2)})
+        return ok
+
+    def progress(self, offset: int) -> None:
+        if self.follower is not None:
+            self.follower.advance(offset)
+        done, layers = self.share
+        fraction = offset / self.size if self.size else 1.0
+        self.ctx.progress(100.0 * (done + fraction) / layers)
+        if self.rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
+            ahead = (offset - self.start) / self.rate - (time.monotonic() - self.began)
+            if ahead > 0:
+                self.ctx.pause(ahead)
