@@ -55,8 +55,9 @@ def test_example_results_have_the_shape_of_real_answers(agent, workdir):
         return real[name]
     call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
     src = make_source(agent, domain_id, 4 * MiB)
-    call("Volume.create", {**dst_for(domain_id), "size": MiB})
+    call("Volume.create", {**dst_for(domain_id), "size": MiB, "format": "cow"})
     call("Volume.getInfo", src)
+    call("Image.getInfo", {"domainID": domain_id, "imageID": src["imageID"]})
     call("StorageDomain.getInfo", {"domainID": domain_id})
     call("StorageDomain.list", None)
     dst = dst_for(domain_id)

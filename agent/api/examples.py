@@ -26,6 +26,13 @@ _RECORD = {"id": "copy-1", "method": "Image.copy", "state": "running", "progress
                                         "generation": 0, "copied": 0, "total": GiB,
                                         "attempts": 1, "failures": 0},
            "error": None, "created": 1767225600.1, "started": 1767225600.2, "ended": None}
+_VOLUME = {**SRC, "format": "raw", "size": GiB, "allocated": 536870912, "legality": "LEGAL",
+           "generation": 0, "parent": None, "children": [], "leaf": True,
+           "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.raw"}
+_SNAPSHOT = "4c5d6e7f-8091-4a2b-9c3d-4e5f60718293"
+_CHAIN = [{**_VOLUME, "children": [_SNAPSHOT], "leaf": False},
+          {**_VOLUME, "volumeID": _SNAPSHOT, "format": "cow", "allocated": 10682368,
+           "parent": VOLUME, "path": f"/srv/hostagent/domain1/images/{IMAGE}/{_SNAPSHOT}.qcow2"}]
 _DOMAIN_INFO = {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "capacity": 270553174016,
                 "free": 81832734720, "volumes": 3, "copies": 1}
 _OPERATION = {"domainID": DOMAIN, "operationID": OPERATION, "type": "scrub",
@@ -72,6 +79,8 @@ EXAMPLES: dict[str, dict] = {
     "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {
         "volumeID": DST_VOLUME, "state": "copying", "generation": 0, "copied": 0,
         "total": GiB, "attempts": 1, "failures": 0}},
+    "Image.getInfo": {"params": {"domainID": DOMAIN, "imageID": IMAGE}, "result": {
+        "domainID": DOMAIN, "imageID": IMAGE, "chain": _CHAIN, "chains": [_CHAIN]}},
     "Image.getStatus": {"params": DST, "result": {
         "domainID": DOMAIN, "imageID": DST_IMAGE, "volumeID": DST_VOLUME,
         "legality": "ILLEGAL", "generation": 0, "size": GiB,
@@ -98,12 +107,10 @@ EXAMPLES: dict[str, dict] = {
     "Task.abort": {"params": {"taskID": "copy-1"}, "result": {**_RECORD, "state": "aborting"}},
     "Task.getAll": {"params": {"states": ["running"]}, "result": [_RECORD]},
     "Task.getStatus": {"params": {"taskID": "copy-1"}, "result": _RECORD},
-    "Volume.create": {"params": {**SRC, "size": GiB}, "result": {
-        **SRC, "size": GiB, "legality": "LEGAL", "generation": 0,
-        "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.raw",
+    "Volume.create": {"params": {**SRC, "size": GiB, "format": "cow"}, "result": {
+        **_VOLUME, "format": "cow", "allocated": 196608,
+        "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.qcow2",
         "lease": {**_LEASE, "op": "create", "task_id": "1", "live": False}}},
     "Volume.delete": {"params": SRC, "result": {"volumeID": VOLUME, "deleted": True}},
-    "Volume.getInfo": {"params": SRC, "result": {
-        **SRC, "size": GiB, "legality": "LEGAL", "generation": 1,
-        "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.raw", "lease": None}},
+    "Volume.getInfo": {"params": SRC, "result": {**_VOLUME, "generation": 1, "lease": None}},
 }

@@ -120,6 +120,74 @@ class _Loop:
                 handles[fd].aio_notify_write()
 
 
+class _Copier:
+    """One copy's pipeline: pieces read from the source, written to the destination, handed
+    to the checksum in order; `done` is the end of the pieces whose writes all completed."""
+
+    def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int):
+        self.src, self.dst, self.hasher, self.progress = src, dst, hasher, progress
+        self.loop = _Loop(src.h, dst.h)
+        self.queue: collections.deque[_Piece] = collections.deque()
+        self.done = start
+        self.chunk, self.max_in_flight = chunk, max_in_flight
+        self.spare: list[bytearray] = []
+
+    def issue(self, piece: _Piece) -> None:
+        import nbd
+        self.queue.append(piece)
+        if piece.kind in (DATA, READ):
+            piece.view = self.spare.pop() if self.spare else bytearray(self.chunk)
+            piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
+            piece.read = self.src.h.aio_pread(piece.buf, piece.offset)
+        elif piece.kind == ZERO:
+            piece.write = self.dst.h.aio_zero(piece.length, piece.offset)
+
+    def _finish(self, piece: _Piece) -> None:
+        if self.hasher is not None:
+            if piece.view is not None:
+                self.hasher.data(bytes(memoryview(piece.view)[:piece.length]))
+            else:
+                self.hasher.zeros(piece.length)
+        if piece.view is not None and len(self.spare) < self.max_in_flight:
+            self.spare.append(piece.view)
+        self.done = piece.offset + piece.length
+        self.progress(self.done)
+
+    def advance(self) -> None:
+        """One turn of the loop: reads that completed become writes (data) or are done
+        (read only); pieces done at the head of the queue are finished, in order."""
+        import nbd
+        queue = self.queue
+        try:
+            self.loop.step()
+            for piece in queue:
+                if piece.read is not None and self.src.h.aio_command_completed(piece.read):
+                    piece.read = None
+                    if piece.kind == DATA:
+                        piece.write = self.dst.h.aio_pwrite(piece.buf, piece.offset)
+            while queue and queue[0].read is None and (
+                    queue[0].write is None or self.dst.h.aio_command_completed(queue[0].write)):
+                queue[0].write = None
+                self._finish(queue.popleft())
+        except nbd.Error as exc:
+            at = queue[0].offset if queue else self.done
+            raise nbd_error(exc, "copying through qemu-nbd", at,
+                            self.src.log() + self.dst.log()) from None
+
+    def durable(self, checkpoint) -> None:
+        """Every piece issued written, the destination flushed, then the checkpoint."""
+        import nbd
+        while self.queue:
+            self.advance()
+        try:
+            self.dst.h.flush()
+        except nbd.Error as exc:
+            raise nbd_error(exc, "flushing the destination", self.done, self.dst.log()) \
+                from None
+        if checkpoint is not None and not checkpoint(self.done):
+            raise GenerationMismatch("copy superseded by a newer generation", offset=self.done)
+
+
 def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, hasher,
                checkpoint, progress, should_stop, chunk: int = 4 * MiB,
                max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
@@ -131,83 +199,23 @@ def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, has
     should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
     NoSpace or OperationFailed on the exports' errors.
     """
-    import nbd
-    loop = _Loop(src.h, dst.h)
+    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight)
     pieces = _pieces(src.h, start, size, layer, fresh, chunk)
-    queue: collections.deque[_Piece] = collections.deque()
-    done = saved = start
-    saved_at = clock()
-    spare: list[bytearray] = []
-    exhausted = False
-
-    def issue(piece: _Piece) -> None:
-        if piece.kind in (DATA, READ):
-            piece.view = spare.pop() if spare else bytearray(chunk)  # pieces are <= chunk
-            piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
-            piece.read = src.h.aio_pread(piece.buf, piece.offset)
-        elif piece.kind == ZERO:
-            piece.write = dst.h.aio_zero(piece.length, piece.offset)
-
-    def finish(piece: _Piece) -> None:
-        nonlocal done
-        if hasher is not None:
-            if piece.view is not None:
-                hasher.data(bytes(memoryview(piece.view)[:piece.length]))
-            else:
-                hasher.zeros(piece.length)
-        if piece.view is not None and len(spare) < max_in_flight:
-            spare.append(piece.view)
-        done = piece.offset + piece.length
-        progress(done)
-
-    def drain_and_flush(at: int) -> None:
-        while queue:
-            advance()
-        try:
-            dst.h.flush()
-        except nbd.Error as exc:
-            raise nbd_error(exc, "flushing the destination", at, dst.log()) from None
-
-    def advance() -> None:
-        try:
-            loop.step()
-            for piece in queue:
-                if piece.read is not None and src.h.aio_command_completed(piece.read):
-                    piece.read = None
-                    if piece.kind == DATA:
-                        piece.write = dst.h.aio_pwrite(piece.buf, piece.offset)
-            while queue and queue[0].read is None and (
-                    queue[0].write is None or dst.h.aio_command_completed(queue[0].write)):
-                queue[0].write = None
-                finish(queue.popleft())
-        except nbd.Error as exc:
-            at = queue[0].offset if queue else done
-            raise nbd_error(exc, "copying through qemu-nbd", at, src.log() + dst.log()) \
-                from None
-
-    while True:
-        while not exhausted and len(queue) < max_in_flight:
+    saved, saved_at = start, clock()
+    piece = next(pieces, None)
+    while piece is not None or copier.queue:
+        while piece is not None and len(copier.queue) < max_in_flight:
+            copier.issue(_Piece(*piece))
             piece = next(pieces, None)
-            if piece is None:
-                exhausted = True
-                break
-            queue.append(_Piece(*piece))
-            issue(queue[-1])
-        if not queue:
-            break
-        advance()
+        copier.advance()
         if should_stop():
-            drain_and_flush(done)
-            if not checkpoint(done):
-                raise GenerationMismatch("copy superseded by a newer generation", offset=done)
-            raise CopyStopped(done)
-        if done - saved >= checkpoint_bytes or clock() - saved_at >= checkpoint_seconds:
-            drain_and_flush(done)
-            if not checkpoint(done):
-                raise GenerationMismatch("copy superseded by a newer generation", offset=done)
-            saved, saved_at = done, clock()
-    drain_and_flush(done)
-    return done
+            copier.durable(checkpoint)
+            raise CopyStopped(copier.done)
+        if copier.done - saved >= checkpoint_bytes or clock() - saved_at >= checkpoint_seconds:
+            copier.durable(checkpoint)
+            saved, saved_at = copier.done, clock()
+    copier.durable(None)
+    return copier.done
 
 
 def hash_prefix(exp, end: int, hasher, beat=lambda: None) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import uuid
 
 from agent import errors
-from agent.storage import leases
+from agent.storage import chain, leases
 from agent.storage.markers import source_identity
 from agent.storage.metadata import DomainDB
 from workers.ops import qemucopy
@@ -120,6 +120,7 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
         if row["legality"] != "LEGAL":
             raise errors.VolumeIllegal("a volume of the source's chain is not LEGAL",
                                        volumeID=row["volume_id"])
+    chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
     ids = layer_ids(dst["volumeID"], src_rows)
     with contextlib.ExitStack() as held:
         manager = leases.for_domain(dst_db)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import checksum, copyengine, leases
+from agent.storage import chain, checksum, copyengine, leases
 from agent.storage.markers import check_source, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
@@ -71,8 +71,8 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
 
 
 def _kind(dst_db: DomainDB, dst: dict, src_db: DomainDB, src_row: dict, args: dict) -> str:
-    """collapse or chain: what the caller asked (by default chain for a lone volume, which
-    is the same copy, collapse otherwise), or what the copy being continued is."""
+    """collapse or chain: what the copy being continued is, else what the caller asked
+    (collapse by default)."""
     marker = dst_db.get_marker(dst["volumeID"])
     asked = args.get("kind")
     if marker is not None:
@@ -94,6 +94,7 @@ def copy(ctx, args):
             return chaincopy.copy_chain(ctx, args, src_db, dst_db, src_row)
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
+        chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args,
                              fmt=args.get("format") or src_row["format"])
         dst_db.layout.ensure_image_dir(dst["imageID"])

@@ -1,0 +1,117 @@
+"""Copies of qcow2 chains through qemu-nbd and libnbd: collapsed to raw and to qcow2, and
+copied as a chain, equal to the source's guest view, thin, and with one checksum."""
+
+import subprocess
+
+import pytest
+
+from tests.images.chains import (check, compare, make_chain, map_allocated, needs_qemu,
+                                 qemu_nbd_under)
+from tests.harness import wait_for
+from tests.storage_flow import MiB, new_id, recorded_checksum, wait_legal
+
+pytestmark = needs_qemu
+
+
+@pytest.fixture
+def agent(make_agent, workdir):
+    agent = make_agent()
+    agent.domain_id, agent.root = new_id(), str(workdir / "dom")
+    agent.call("StorageDomain.create", {"domainID": agent.domain_id, "path": agent.root})
+    return agent
+
+
+def ids(v):
+    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
+
+
+def run_copy(agent, src, task_id, **how):
+    dst = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    answer = agent.client().call("Image.copy", {"src": ids(src), "dst": dst, **how},
+                                 id=task_id)
+    assert answer["state"] == "copying"
+    wait_legal(agent, dst)
+    return dst, answer
+
+
+@pytest.mark.parametrize("base_format", ["raw", "cow"])
+def test_a_three_volume_chain_collapses_and_copies_equal_to_its_guest_view(agent,
+                                                                           base_format):
+    chain = make_chain(agent, agent.domain_id, base_format=base_format, layers=3)
+    leaf = chain[-1]
+    sums = set()
+    for fmt in ("raw", "cow"):
+        dst, _ = run_copy(agent, leaf, f"collapse-{fmt}", format=fmt)
+        info = agent.call("Volume.getInfo", dst)
+        assert info["format"] == fmt and info["parent"] is None
+        same = compare(leaf["path"], "cow", info["path"], fmt)
+        assert same.returncode == 0, same.stdout + same.stderr
+        if fmt == "cow":
+            assert check(info["path"])["check-errors"] == 0
+        sums.add(recorded_checksum(agent.root, dst["volumeID"]))
+    dst, answer = run_copy(agent, leaf, "chain", mode="chain")
+    assert answer["kind"] == "chain" and answer["chain"][-1] == dst["volumeID"]
+    image = agent.call("Image.getInfo", {"domainID": agent.domain_id,
+                                         "imageID": dst["imageID"]})["chain"]
+    assert [v["volumeID"] for v in image] == answer["chain"]
+    assert [v["format"] for v in image] == [v["format"] for v in chain]
+    assert all(v["legality"] == "LEGAL" for v in image)
+    for copy, source in zip(image, chain):  # every layer: same guest view, whole chain
+        same = compare(source["path"], source["format"], copy["path"], copy["format"])
+        assert same.returncode == 0, same.stdout + same.stderr
+        if copy["format"] == "cow":
+            assert check(copy["path"])["check-errors"] == 0
+    sums.add(recorded_checksum(agent.root, dst["volumeID"]))
+    # The checksum is of the guest view: raw, qcow2 and the chain's leaf record one value.
+    assert len(sums) == 1 and None not in sums
+    assert qemu_nbd_under(agent.root) == []
+
+
+def test_copies_stay_as_thin_as_the_source(agent):
+    """Unallocated ranges of a sparse source stay unallocated in every kind of copy; a chain
+    copy's layers hold only what their source layers hold."""
+    chain = make_chain(agent, agent.domain_id, size=256 * MiB, base_format="cow", layers=3)
+    guest = sum(e["length"] for e in _guest_map(chain[-1]["path"]))
+    for fmt in ("raw", "cow"):
+        dst, _ = run_copy(agent, chain[-1], f"thin-{fmt}", format=fmt)
+        info = agent.call("Volume.getInfo", dst)
+        assert info["allocated"] <= guest + 4 * MiB, (fmt, info["allocated"], guest)
+    dst, answer = run_copy(agent, chain[-1], "thin-chain", mode="chain")
+    image = agent.call("Image.getInfo", {"domainID": agent.domain_id,
+                                         "imageID": dst["imageID"]})["chain"]
+    for copy, source in zip(image, chain):
+        own = {(e["start"], e["length"]) for e in map_allocated(copy["path"], "cow")}
+        theirs = {(e["start"], e["length"]) for e in map_allocated(source["path"], "cow")}
+        assert _covered(own) <= _covered(theirs), copy["volumeID"]
+
+
+def _guest_map(path):
+    import json
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", path],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return [e for e in json.loads(out) if e["data"]]
+
+
+def _covered(extents) -> set:
+    """The 64 KiB clusters a set of (start, length) extents covers."""
+    return {c for s, n in extents for c in range(s // 65536, (s + n + 65535) // 65536)}
+
+
+def test_a_copy_that_fails_in_qemu_leaves_no_qemu_nbd_and_a_named_error(agent):
+    """A chain whose base's data file is gone under it: qemu-nbd cannot open the chain.
+    The failure is named (never -32603) and recorded in the marker; no qemu-nbd is left."""
+    chain = make_chain(agent, agent.domain_id, layers=2)
+    import os
+    os.unlink(chain[0]["path"])
+    dst = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    try:
+        agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst}, id="broken")
+    except Exception as exc:  # refused before the answer is fine too, if named
+        assert getattr(exc, "code", None) not in (None, -32603), exc
+        return
+    status = wait_for(lambda: (s := agent.call("Image.getStatus", dst))["copy"]["errors"]
+                      and s, timeout=30, what="the copy's error recorded")
+    error = status["copy"]["errors"][0]
+    assert error["code"] != -32603 and error["data"]["name"] in (
+        "CopyConflict", "ImageInvalid", "OperationFailed"), error
+    assert qemu_nbd_under(agent.root) == []

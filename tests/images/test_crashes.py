@@ -1,0 +1,166 @@
+"""Crashes in the middle of qcow2 copies: the worker or the agent SIGKILLed. The copy resumes
+from its checkpoint on the same qcow2, ends equal to its source, qemu-img check finds no
+corruption, and no qemu-nbd of the dead life is left.
+
+Copies are rate-limited ([copy] max_bytes_per_second) so a kill lands mid-copy whatever the
+machine's speed; the tests wait on facts (a checkpoint recorded, a pid gone), never on time.
+"""
+
+import signal
+
+import psutil
+import pytest
+
+from tests.harness import events_until, task_state, wait_for
+from tests.images.chains import check, compare, make_chain, needs_qemu, qemu_nbd_under
+from tests.storage_flow import MiB, new_id, wait_legal
+
+pytestmark = needs_qemu
+
+SIZE = 128 * MiB
+COPY = {"checkpoint_bytes": 8 * MiB, "checkpoint_seconds": 0.1,
+        "max_bytes_per_second": 32 * MiB}
+RECOVERY = {"backoff_seconds": 0.1}
+
+
+def ids(v):
+    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
+
+
+@pytest.fixture
+def domain(workdir):
+    return new_id(), str(workdir / "dom")
+
+
+def start_agent(make_agent, domain):
+    agent = make_agent(copy=COPY, recovery=RECOVERY)
+    agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
+    return agent
+
+
+def worker_of(agent, task_id) -> psutil.Process:
+    def find():
+        for w in agent.call("Host.getStats")["workers"]:
+            if w["taskID"] == task_id and w["pid"]:
+                return psutil.Process(w["pid"])
+    return wait_for(find, what=f"the worker of {task_id}")
+
+
+def exports_of(worker: psutil.Process) -> list[psutil.Process]:
+    """The worker's qemu-nbd children, once both are running (source and destination)."""
+    def two():
+        kids = [p for p in worker.children() if p.name() == "qemu-nbd"]
+        return kids if len(kids) == 2 else None
+    return wait_for(two, what="the copy's two qemu-nbd exports")
+
+
+def checkpointed(agent, dst, above=0):
+    def past():
+        try:
+            st = agent.call("Image.getStatus", dst)
+        except Exception:
+            return None
+        return st["copy"] and st["copy"]["copied"] > above and st["copy"]["copied"]
+    return wait_for(past, timeout=60, what="a checkpoint past the start")
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def gone(procs):
+    wait_for(lambda: not any(alive(p) for p in procs), timeout=15,
+             what="the dead life's processes gone")
+
+
+def resumed_from(events, volume_id) -> int:
+    """The offset the next life of the copy started from (its "started" event)."""
+    found = events_until(events, lambda e: e["params"].get("volumeID") == volume_id
+                         and e["params"].get("state") == "started", timeout=60)
+    return found[-1]["params"]["copied"]
+
+
+@pytest.mark.parametrize("fmt", ["cow", "raw"])
+def test_a_killed_worker_resumes_a_collapse_from_its_checkpoint(make_agent, domain, fmt):
+    agent = start_agent(make_agent, domain)
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3)
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    events = agent.subscribe("Image.copy")
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": fmt},
+                        id="c1")
+    assert resumed_from(events, dst["volumeID"]) == 0  # the first life's start
+    worker = worker_of(agent, "c1")
+    nbds = exports_of(worker)
+    at = checkpointed(agent, dst)
+    worker.kill()
+    gone([worker, *nbds])
+    assert resumed_from(events, dst["volumeID"]) >= at > 0
+    wait_legal(agent, dst)
+    info = agent.call("Volume.getInfo", dst)
+    same = compare(chain[-1]["path"], "cow", info["path"], fmt)
+    assert same.returncode == 0, same.stdout
+    if fmt == "cow":
+        assert check(info["path"])["check-errors"] == 0
+    assert qemu_nbd_under(domain[1]) == []
+
+
+def test_a_killed_agent_leaves_no_qemu_nbd_and_its_copy_resumes_at_start_up(make_agent,
+                                                                            domain):
+    agent = start_agent(make_agent, domain)
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3)
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": "cow"},
+                        id="c1")
+    worker = worker_of(agent, "c1")
+    nbds = exports_of(worker)
+    at = checkpointed(agent, dst)
+    agent.kill(signal.SIGKILL)
+    gone([worker, *nbds])
+    assert qemu_nbd_under(domain[1]) == []
+    agent.start()  # the same host again: its recovery policy resumes the copy
+    again = agent
+    wait_legal(again, dst)
+    info = again.call("Volume.getInfo", dst)
+    assert compare(chain[-1]["path"], "cow", info["path"], "cow").returncode == 0
+    assert check(info["path"])["check-errors"] == 0
+    status = again.call("Image.getStatus", dst)
+    assert status["legality"] == "LEGAL" and status["generation"] >= 2
+    assert at > 0
+
+
+def test_a_continued_chain_copy_resumes_each_layer(make_agent, domain):
+    """Killed while its middle layer copies: the client's continue skips the LEGAL base and
+    resumes the middle layer from its own checkpoint, then copies the leaf."""
+    agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})  # no retry: the client
+    agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3)
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    events = agent.subscribe("Image.copy")
+    answer = agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst,
+                                                "mode": "chain"}, id="c1")
+    base, middle, leaf = answer["chain"]
+    worker = worker_of(agent, "c1")
+    middle_loc = {**dst, "volumeID": middle}
+    at = checkpointed(agent, middle_loc)
+    assert agent.call("Image.getStatus", {**dst, "volumeID": base})["legality"] == "LEGAL"
+    worker.kill()
+    gone([worker])
+    wait_for(lambda: task_state(agent, "c1") == "failed", what="the first copy failed")
+    events_until(events, lambda e: e["params"].get("volumeID") == middle
+                 and e["params"].get("state") == "started", timeout=5)  # the first life's
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "mode": "chain"},
+                        id="c2")
+    assert resumed_from(events, middle) >= at > 0
+    wait_legal(agent, dst)
+    image = agent.call("Image.getInfo", {"domainID": domain[0],
+                                         "imageID": dst["imageID"]})["chain"]
+    assert [v["volumeID"] for v in image] == [base, middle, leaf]
+    for copy, source in zip(image, chain):
+        assert compare(source["path"], source["format"], copy["path"],
+                       copy["format"]).returncode == 0
+        if copy["format"] == "cow":
+            assert check(copy["path"])["check-errors"] == 0
+    assert qemu_nbd_under(domain[1]) == []

@@ -1,0 +1,130 @@
+"""qcow2 volumes and snapshot chains, made and described by the agent, checked with qemu-img."""
+
+import os
+import subprocess
+
+import pytest
+
+from agent.client import CallError
+from tests.images.chains import header, make_chain, needs_qemu, qemu_io
+from tests.storage_flow import MiB, new_id
+
+pytestmark = needs_qemu
+
+
+@pytest.fixture
+def agent(make_agent, workdir):
+    agent = make_agent()
+    agent.domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": agent.domain_id,
+                                        "path": str(workdir / "dom")})
+    return agent
+
+
+def _loc(agent, image=None):
+    return {"domainID": agent.domain_id, "imageID": image or new_id(), "volumeID": new_id()}
+
+
+@pytest.mark.parametrize("fmt", ["raw", "cow"])
+def test_formats_and_preallocation_are_what_the_metadata_and_qemu_say(agent, fmt):
+    sparse = agent.call("Volume.create", {**_loc(agent), "size": 32 * MiB, "format": fmt})
+    full = agent.call("Volume.create", {**_loc(agent), "size": 32 * MiB, "format": fmt,
+                                        "preallocation": "preallocated"})
+    for info in (sparse, full):
+        assert info["format"] == fmt and info["size"] == 32 * MiB and info["leaf"]
+        head = header(info["path"], fmt)
+        assert head["virtual-size"] == 32 * MiB
+        if fmt == "cow":
+            assert head["format-specific"]["data"]["compat"] == "1.1"
+    assert sparse["allocated"] < full["allocated"]
+    if fmt == "raw":
+        assert full["allocated"] >= 32 * MiB
+    # Today's call (no format) is still a sparse raw volume.
+    plain = agent.call("Volume.create", {**_loc(agent), "size": MiB})
+    assert plain["format"] == "raw" and plain["path"].endswith(".raw")
+
+
+def test_a_snapshot_chain_is_linked_relative_and_read_only_below_its_leaf(agent):
+    chain = make_chain(agent, agent.domain_id, layers=3)
+    infos = [agent.call("Volume.getInfo", {k: v[k] for k in ("domainID", "imageID",
+                                                             "volumeID")}) for v in chain]
+    assert [i["parent"] for i in infos] == [None, chain[0]["volumeID"], chain[1]["volumeID"]]
+    assert [i["children"] for i in infos] == [[chain[1]["volumeID"]], [chain[2]["volumeID"]],
+                                              []]
+    assert [i["leaf"] for i in infos] == [False, False, True]
+    for i in (1, 2):
+        head = header(infos[i]["path"], "cow")
+        assert head["backing-filename"] == os.path.basename(infos[i - 1]["path"])
+        assert head["backing-filename-format"] == ("raw" if i == 1 else "qcow2")
+    listed = agent.call("Image.getInfo", {"domainID": agent.domain_id,
+                                          "imageID": chain[0]["imageID"]})
+    assert [v["volumeID"] for v in listed["chain"]] == [v["volumeID"] for v in chain]
+
+    ids = lambda v: {k: v[k] for k in ("domainID", "imageID", "volumeID")}  # noqa: E731
+    with pytest.raises(CallError) as exc:
+        agent.call("Volume.delete", ids(chain[0]))
+    assert exc.value.code == 215 and exc.value.data["children"] == [chain[1]["volumeID"]]
+    with pytest.raises(CallError) as exc:  # snapshots are taken of the leaf only
+        agent.call("Volume.create", {**_loc(agent, chain[0]["imageID"]),
+                                     "parentVolumeID": chain[1]["volumeID"]})
+    assert exc.value.code == 215
+    with pytest.raises(CallError) as exc:
+        agent.call("Volume.create", {**_loc(agent, chain[0]["imageID"]), "format": "raw",
+                                     "parentVolumeID": chain[2]["volumeID"]})
+    assert exc.value.code == -32602
+    with pytest.raises(CallError) as exc:  # the parent must be in the same image
+        agent.call("Volume.create", {**_loc(agent), "parentVolumeID": chain[2]["volumeID"]})
+    assert exc.value.code == 201
+    for v in reversed(chain):  # from the leaf down, each delete is allowed
+        agent.call("Volume.delete", ids(v))
+        assert not os.path.exists(v["path"])
+
+
+def _rebase_unsafe(path: str, backing: str) -> None:
+    """What a hostile or broken writer can do to a header: name any backing file."""
+    subprocess.run(["qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", backing,
+                    path], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("backing", ["/etc/hostname", "../{image}/x.raw", "sub/x.raw",
+                                     "{sibling}"])
+def test_a_backing_file_outside_the_image_is_refused_before_qemu_opens_it(agent, backing,
+                                                                          workdir):
+    chain = make_chain(agent, agent.domain_id, layers=2)
+    sibling = os.path.basename(agent.call("Volume.create", {
+        **_loc(agent, chain[0]["imageID"]), "size": 64 * MiB})["path"])
+    _rebase_unsafe(chain[1]["path"], backing.format(image=new_id(), sibling=sibling))
+    src = {k: chain[1][k] for k in ("domainID", "imageID", "volumeID")}
+    for mode in ("collapse", "chain"):
+        dst = _loc(agent)
+        with pytest.raises(CallError) as exc:
+            agent.call("Image.copy", {"src": src, "dst": dst, "mode": mode})
+        assert exc.value.code == 216, exc.value
+        assert exc.value.data["reason"] in ("backing-outside", "chain")
+        if "/" in backing:
+            assert exc.value.data["reason"] == "backing-outside"
+
+
+def test_a_raw_volume_holding_a_qcow2_header_stays_raw(agent, workdir):
+    """The format-probing hole: a guest writes a qcow2 header (naming a host file as its
+    backing) into its raw disk. Every copy must copy the raw bytes, never follow it."""
+    loc = _loc(agent)
+    info = agent.call("Volume.create", {**loc, "size": 16 * MiB})
+    planted = str(workdir / "planted.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F",
+                    "raw", planted, str(16 * MiB)], check=True, timeout=60)
+    with open(planted, "rb") as f, open(info["path"], "r+b") as raw:
+        raw.write(f.read())
+    qemu_io(info["path"], "raw", f"write -P 9 {8 * MiB} {MiB}")
+    for fmt in ("raw", "cow"):
+        dst = _loc(agent)
+        agent.client().call("Image.copy", {"src": loc, "dst": dst, "format": fmt},
+                            id=f"probe-{fmt}")
+        from tests.storage_flow import wait_legal
+        wait_legal(agent, dst)
+        out = agent.call("Volume.getInfo", dst)
+        assert out["format"] == fmt
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F",
+                               {"raw": "raw", "cow": "qcow2"}[fmt], info["path"],
+                               out["path"]], capture_output=True, text=True, timeout=60)
+        assert same.returncode == 0, same.stdout + same.stderr
