@@ -37,7 +37,7 @@ import zmq
 from agent import errors, logs
 from agent.storage import operations
 from agent.storage.metadata import DomainDB
-from agent.storage import checksum
+from agent.storage import checksum, imagecopy
 from workers import protocol
 from workers.protocol import EVENT_IDENTITY_ENV
 
@@ -144,7 +144,8 @@ class Scrub:
 
     def check_volume(self, vol: dict) -> None:
         base = self.done
-        path = self.ddb.layout.volume_path(vol["image_id"], vol["volume_id"])
+        path = self.ddb.layout.volume_path(vol["image_id"], vol["volume_id"],
+                                           vol.get("format", "raw"))
 
         def on_chunk(offset: int, read: int) -> None:
             self.result["bytes_read"] += read
@@ -153,9 +154,15 @@ class Scrub:
             self.tick()
 
         try:
-            found = checksum.file_checksum(path, on_chunk, checksum.kind_of(vol["checksum"]))
+            if vol.get("format", "raw") == "raw":
+                found = checksum.file_checksum(path, on_chunk, checksum.kind_of(vol["checksum"]))
+            else:  # a qcow2 is read through qemu: its guest view, as its copy hashed it
+                found = imagecopy.guest_checksum(self.ddb, vol, on_chunk)
         except FileNotFoundError:
             found = None
+        except errors.AgentError as exc:
+            self._mismatch(vol, None, exc.message)
+            return
         finally:
             self.done = base
         if found is None:

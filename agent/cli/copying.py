@@ -157,10 +157,12 @@ def copy(ctx, args) -> int:
     src = parse_location(args.src)
     dst = parse_location(args.dst, fill=True)
     task_id = args.id or f"copy-{uuid.uuid4().hex[:8]}"
+    how = {"mode": args.mode, "format": args.format}
     if not args.wait:
-        return started(ctx, ctx.client.copy_image(src, dst, wait=False, task_id=task_id), dst)
+        return started(ctx, ctx.client.copy_image(src, dst, wait=False, task_id=task_id,
+                                                  **how), dst)
     return follow(ctx, lambda cb: ctx.client.copy_image(
-        src, dst, True, task_id=task_id, on_progress=cb, **_wait_options(args)),
+        src, dst, True, task_id=task_id, on_progress=cb, **how, **_wait_options(args)),
         task_id, dst, f"copy {dst['volumeID'][:8]}")
 
 
@@ -213,6 +215,11 @@ def add_parsers(sub, common) -> None:
                                               "parts get fresh UUIDs")
     p.add_argument("--wait", action="store_true", help="follow the copy to its end")
     p.add_argument("--id", help="the task ID (default: copy-<random>)")
+    p.add_argument("--mode", choices=("collapse", "chain"),
+                   help="collapse (default): SRC's guest view into one volume; chain: every "
+                        "volume of SRC's chain, same structure")
+    p.add_argument("--format", choices=("raw", "cow"),
+                   help="a collapse's destination format (default: the source's)")
     p.set_defaults(func=copy)
     p = sub.add_parser("continue", parents=[common, waiting],
                        help="continue a copy from its last checkpoint")

@@ -48,6 +48,11 @@ def show_location(loc: dict) -> str:
 def _print_volume(ctx, info: dict, title: str) -> None:
     pairs = [("volume", show_location(info)), ("size", f"{output.size(info.get('size'))} "
                                                        f"({info.get('size')} bytes)"),
+             *([("format", info["format"]),
+                ("allocated", output.size(info.get("allocated"))),
+                ("parent", info.get("parent") or "none (a base)"),
+                ("children", ", ".join(info.get("children") or []) or "none (the leaf)")]
+               if "format" in info else []),
              ("legality", output.styled(info.get("legality"))),
              ("generation", info.get("generation"))]
     if "path" in info:
@@ -74,7 +79,14 @@ def _print_volume(ctx, info: dict, title: str) -> None:
 
 def volume_create(ctx, args) -> int:
     loc = parse_location(args.location, fill=True)
-    info = ctx.client.call("Volume.create", {**loc, "size": output.parse_size(args.size)})
+    params = {**loc, "preallocation": args.preallocation}
+    if args.size is not None:
+        params["size"] = output.parse_size(args.size)
+    if args.format:
+        params["format"] = args.format
+    if args.parent:
+        params["parentVolumeID"] = _uuid_arg(args.parent, "parentVolumeID", "--parent")
+    info = ctx.client.call("Volume.create", params)
     if ctx.json:
         output.emit_json(info)
     else:
@@ -154,10 +166,16 @@ def domain_list(ctx, args) -> int:
 def add_parsers(sub, common) -> None:
     p = sub.add_parser("volume", help="create, delete or inspect a volume")
     vsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = vsub.add_parser("create", parents=[common], help="create a sparse volume")
+    q = vsub.add_parser("create", parents=[common],
+                        help="create a volume (raw or cow), or a snapshot of an image's leaf")
     q.add_argument("location", metavar="DOMAIN[/IMAGE[/VOLUME]]",
                    help="where; left-out or `new` parts get fresh UUIDs")
-    q.add_argument("size", help="bytes, or with a binary unit: 512M, 1G")
+    q.add_argument("size", nargs="?", help="bytes, or with a binary unit: 512M, 1G "
+                                           "(a snapshot: its parent's by default)")
+    q.add_argument("--format", choices=("raw", "cow"), help="raw (default) or cow (qcow2)")
+    q.add_argument("--preallocation", choices=("sparse", "preallocated"), default="sparse")
+    q.add_argument("--parent", metavar="VOLUME",
+                   help="make a snapshot layered on this volume (the image's leaf)")
     q.set_defaults(func=volume_create)
     q = vsub.add_parser("delete", parents=[common], help="delete a volume")
     q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")

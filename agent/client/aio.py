@@ -184,14 +184,18 @@ class AsyncClient:
                                     on_progress=on_progress, subscription=subscription)
 
     async def copy_image(self, src: dict, dst: dict, wait: bool = True, *, task_id=None,
-                         on_progress=None, **wait_options):
-        """Copy volume `src` to a new volume `dst` (each {domainID, imageID, volumeID}).
+                         on_progress=None, mode: str | None = None, format: str | None = None,
+                         **wait_options):
+        """Copy volume `src` to a new volume `dst` (each {domainID, imageID, volumeID});
+        `mode` collapse or chain and `format` raw or cow as Image.copy takes them.
 
         wait=False: the agent's first answer once the destination exists (ILLEGAL, with its
         marker) and the data is being copied, plus its taskID. wait=True: the Outcome once
         the destination is LEGAL, followed as in wait_task, across agent restarts; raises
         TaskFailed, NeedsContinuing or TaskLost (see Outcome.raise_for_state) otherwise."""
-        return await self._start_copy(src, dst, wait, task_id, on_progress, wait_options)
+        how = {k: v for k, v in (("mode", mode), ("format", format)) if v is not None}
+        return await self._start_copy(src, dst, wait, task_id, on_progress, wait_options,
+                                      how=how)
 
     async def continue_copy(self, dst: dict, src: dict | None = None, wait: bool = True, *,
                             task_id=None, on_progress=None, **wait_options):
@@ -218,12 +222,13 @@ class AsyncClient:
                                       follow_held=True)
 
     async def _start_copy(self, src, dst, wait, task_id, on_progress, wait_options,
-                          follow_held: bool = False):
+                          follow_held: bool = False, how: dict | None = None):
         task_id = self.new_id() if task_id is None else task_id
         sub = self.subscribe() if wait else None  # before the call: no event is missed
         try:
             try:
-                first = await self.call("Image.copy", {"src": src, "dst": dst}, task_id=task_id)
+                first = await self.call("Image.copy", {"src": src, "dst": dst, **(how or {})},
+                                        task_id=task_id)
             except CallError as exc:
                 if not (wait and follow_held and exc.name == "LeaseHeld"):
                     raise

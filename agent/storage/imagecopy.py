@@ -218,7 +218,20 @@ def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, has
     return copier.done
 
 
-def hash_prefix(exp, end: int, hasher, beat=lambda: None) -> None:
+def guest_checksum(db, row: dict, on_chunk=None) -> str:
+    """The checksum of a volume's guest view, its chain read through qemu (a scrub of a
+    qcow2): the same value a copy records, whatever the format."""
+    from agent.storage import chain, checksum, exports, qemu
+    rows = db.chain(row["volume_id"])
+    chain.check_headers(db.layout, rows)
+    path = db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+    hasher = checksum.StreamHasher(row["size"])
+    with exports.export(chain.image_opts(db.layout, rows, direct=qemu.direct_io(path))) as exp:
+        hash_prefix(exp, row["size"], hasher, on_chunk=on_chunk)
+    return hasher.hexdigest()
+
+
+def hash_prefix(exp, end: int, hasher, beat=lambda: None, on_chunk=None) -> None:
     """Hand the first `end` guest bytes of an export to `hasher` (a resumed copy's prefix,
     written by an earlier life: read back, so the checksum is of what is there)."""
     import nbd
@@ -233,5 +246,7 @@ def hash_prefix(exp, end: int, hasher, beat=lambda: None) -> None:
                     hasher.zeros(n)
                 offset = at + n
                 beat()
+                if on_chunk is not None:
+                    on_chunk(offset, n if kind == DATA else 0)
     except nbd.Error as exc:
         raise nbd_error(exc, "reading the destination back", offset, exp.log()) from None

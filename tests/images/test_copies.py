@@ -115,3 +115,20 @@ def test_a_copy_that_fails_in_qemu_leaves_no_qemu_nbd_and_a_named_error(agent):
     assert error["code"] != -32603 and error["data"]["name"] in (
         "CopyConflict", "ImageInvalid", "OperationFailed"), error
     assert qemu_nbd_under(agent.root) == []
+
+
+def test_a_scrub_reads_a_qcow2_through_qemu_and_agrees_with_its_copy(agent):
+    from tests.images.chains import qemu_io
+    from tests.test_scrub import start_scrub, wait_state
+    chain = make_chain(agent, agent.domain_id, layers=2)
+    dst, _ = run_copy(agent, chain[-1], "to-cow", format="cow")
+    copy = agent.call("Volume.getInfo", dst)
+    op = start_scrub(agent, agent.domain_id)
+    result = wait_state(agent, agent.domain_id, op["operationID"], "COMPLETED", "FAILED")
+    assert result["state"] == "COMPLETED" and result["result"]["mismatches"] == []
+    assert result["result"]["volumes_checked"] == 3  # base, snapshot, copy
+    qemu_io(copy["path"], "cow", f"write -P 77 {MiB} 4096")  # one guest write, behind us
+    op = start_scrub(agent, agent.domain_id)
+    result = wait_state(agent, agent.domain_id, op["operationID"], "COMPLETED", "FAILED")
+    assert [m["volumeID"] for m in result["result"]["mismatches"]] == [dst["volumeID"]]
+    assert qemu_nbd_under(agent.root) == []
