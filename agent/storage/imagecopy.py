@@ -144,11 +144,11 @@ class _Copier:
 
     def _finish(self, piece: _Piece) -> None:
         if self.hasher is not None:
-            if piece.view is not None:
-                self.hasher.data(bytes(memoryview(piece.view)[:piece.length]))
+            if piece.view is not None:  # the hasher owns the buffer from here: not reused
+                self.hasher.data(memoryview(piece.view)[:piece.length])
             else:
                 self.hasher.zeros(piece.length)
-        if piece.view is not None and len(self.spare) < self.max_in_flight:
+        elif piece.view is not None and len(self.spare) < self.max_in_flight:
             self.spare.append(piece.view)
         self.done = piece.offset + piece.length
         self.progress(self.done)

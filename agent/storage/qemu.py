@@ -32,7 +32,10 @@ def _child_setup(listen_fd: int | None):
     def setup() -> None:  # in the child, between fork and exec: async-signal-safe calls only
         system.set_parent_death_signal(signal.SIGKILL)
         if listen_fd is not None:  # systemd socket activation: the socket is fd 3
-            os.dup2(listen_fd, 3)
+            if listen_fd == 3:  # dup2 onto itself keeps close-on-exec
+                os.set_inheritable(3, True)
+            else:
+                os.dup2(listen_fd, 3)
             os.putenv("LISTEN_PID", str(os.getpid()))
             os.putenv("LISTEN_FDS", "1")
     return setup

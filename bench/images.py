@@ -1,0 +1,133 @@
+"""qcow2 chains: Image.copy collapsing a chain (2 GiB virtual, about half allocated, a base
+and two snapshots) to raw and to qcow2, against `qemu-img convert -p -t none -T none` (VDSM's
+command) and `nbdcopy` on the same chain, in the same run.
+
+Every side ends with its copy on disk: Image.copy flushes before it reports done;
+qemu-img convert with -t none writes O_DIRECT and flushes at its end; nbdcopy is given the
+destination through qemu-nbd with cache=none and flushes (--flush). Image.copy runs with the
+default configuration: resumable (checkpointed) and recording its checksum.
+
+  qcow2_raw  the chain collapsed to raw
+  qcow2_cow  the chain collapsed to qcow2
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import uuid
+
+from bench.common import MiB, Row, Scratch, alternate, evict, median, paired_ratio, ratio
+from bench.copy import Domain, _mibs
+
+ROWS = ("qcow2_raw", "qcow2_cow")
+DRIVER = {"raw": "raw", "cow": "qcow2"}
+
+
+def _qemu_io(path: str, fmt: str, *commands: str) -> None:
+    args = ["qemu-io", "-f", DRIVER[fmt]]
+    for c in commands:
+        args += ["-c", c]
+    subprocess.run(args + [path], check=True, stdout=subprocess.DEVNULL)
+
+
+def make_chain(dom: Domain, size: int) -> tuple[dict, list[str]]:
+    """A base and two snapshots, together about half of `size` allocated: the base holds
+    a quarter, each snapshot an eighth of its own (partly over the base's data)."""
+    image = str(uuid.uuid4())
+    paths, parent = [], None
+    for i in range(3):
+        loc = dom.loc(image, str(uuid.uuid4()))
+        params = {**loc, "format": "cow"}
+        params.update({"size": size} if parent is None else {"parentVolumeID": parent})
+        dom.rpc.call("Volume.create", params)
+        path = dom.rpc.call("Volume.getInfo", loc)["path"]
+        stride = 16 * MiB
+        writes = []
+        for k, off in enumerate(range(0, size, stride)):
+            if i == 0 and k % 2 == 0:  # the base: every other 16 MiB (half of it) ...
+                writes.append(f"write -P {k % 250 + 1} {off} {stride // 2}")
+            if i > 0 and k % 4 == i:  # ... the snapshots: an eighth each, new and over
+                writes.append(f"write -P {(k + i) % 250 + 1} {off + stride // 4} "
+                              f"{stride // 2}")
+        for j in range(0, len(writes), 64):
+            _qemu_io(path, "cow", *writes[j:j + 64])
+        paths.append(path)
+        parent = loc["volumeID"]
+    return loc, paths
+
+
+def _timed(argv: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def run(opts) -> list[Row]:
+    wanted = [r for r in ROWS if r in opts.only]
+    if not wanted:
+        return []
+    rows = []
+    data = tempfile.mkdtemp(prefix="hab-images-", dir=opts.data_dir)
+    with Scratch() as s:
+        try:
+            agent = s.agent("images").start()
+            dom = Domain(agent, os.path.join(data, "domain"))
+            src, paths = make_chain(dom, opts.qcow2)
+            for key in wanted:
+                rows.append(_row(opts, dom, src, paths, data, "raw" if key == "qcow2_raw"
+                                 else "cow"))
+        finally:
+            subprocess.run(["rm", "-rf", data], check=False)
+    return rows
+
+
+def _row(opts, dom: Domain, src: dict, paths: list[str], data: str, fmt: str) -> Row:
+    size = opts.qcow2
+    out = os.path.join(data, "baseline." + DRIVER[fmt])
+    leaf = paths[-1]
+
+    def cold():
+        for p in paths:
+            evict(p)
+
+    def ours():
+        cold()
+        dst = {**src, "imageID": str(uuid.uuid4()), "volumeID": str(uuid.uuid4())}
+        t = time.perf_counter()
+        task = dom.rpc.send("Image.copy", {"src": src, "dst": dst, "format": fmt})
+        from bench.common import task_done
+        dom.events.until(task_done(task), timeout=3600)
+        seconds = time.perf_counter() - t
+        dom.rpc.call("Volume.delete", dst)
+        return _mibs(size, seconds)
+
+    def convert():
+        cold()
+        seconds = _timed(["qemu-img", "convert", "-p", "-t", "none", "-T", "none", "-f",
+                          "qcow2", "-O", DRIVER[fmt], leaf, out])
+        os.unlink(out)
+        return _mibs(size, seconds)
+
+    def nbdcopy():
+        cold()
+        subprocess.run(["qemu-img", "create", "-q", "-f", DRIVER[fmt], out, str(size)],
+                       check=True)
+        seconds = _timed(["nbdcopy", "--flush", "--",
+                          "[", "qemu-nbd", "-r", "-f", "qcow2", "--cache=none", leaf, "]",
+                          "[", "qemu-nbd", "-f", DRIVER[fmt], "--cache=none", out, "]"])
+        os.unlink(out)
+        return _mibs(size, seconds)
+
+    a, b, c = alternate(opts.repeats, ours, convert, nbdcopy)
+    r = ratio(median(a), median(b))
+    return Row(key=f"qcow2_{fmt}", title=f"qcow2 chain {size // MiB} MiB virtual, half "
+               f"allocated, collapsed to {DRIVER[fmt]}", unit="MiB/s (virtual size)",
+               project=a, baselines={"qemu-img convert -t none -T none": b, "nbdcopy": c},
+               ratio=r, ratio_of="Image.copy / qemu-img convert",
+               goal=">= 1.0x qemu-img convert, resumable, checksum on",
+               met=r is not None and r >= 1.0,
+               extra={"paired_ratio": paired_ratio(a, b),
+                      "ratio_to_nbdcopy": ratio(median(a), median(c)), "bytes": size})
