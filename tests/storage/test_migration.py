@@ -57,7 +57,12 @@ def test_a_schema_1_domain_is_migrated_when_opened(v1_domain):
         assert db.db.execute("PRAGMA user_version").fetchone()[0] == DOMAIN_VERSION
         source = db.get_volume(src)
         assert source["token"] and db.get_volume(dst)["token"] != source["token"]
+        # Version 3: volumes made before formats existed are raw and have no parent; copies
+        # in progress are collapse copies.
+        assert (source["format"], source["parent_id"]) == ("raw", None)
+        assert db.chain(src) == [source] and db.children(src) == []
         marker = db.get_marker(dst)
+        assert marker["kind"] == "collapse"
         assert (marker["copied"], marker["generation"], marker["attempts"], marker["failures"],
                 marker["src_token"]) == (1024, 3, 2, 0, None)
         # Its next take-over binds it to the source as it is then; a continue from another
