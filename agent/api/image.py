@@ -42,8 +42,8 @@ def copy(agent, params):
     to another domain), else they are derived from dst.volumeID (result "chain", base
     first). Raw to raw of a lone volume is a kernel copy; every other copy goes through
     qemu-nbd and libnbd, holes and zeros kept, checkpointed after a flush. A continued copy
-    keeps the mode and format it began with (205 CopyConflict reason "kind" if another is
-    asked).
+    keeps the mode and format it began with (205 CopyConflict, data.reason "kind" or
+    "format", if another is asked).
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
     response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",

@@ -77,8 +77,12 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
             parent = db.check_new_parent(args["imageID"], parent_id, size)
         db.layout.ensure_image_dir(args["imageID"])
         path = db.layout.volume_path(args["imageID"], args["volumeID"], fmt)
-        FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
-                            parent=parent, beat=beat)
+        try:
+            FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
+                                parent=parent, beat=beat)
+        except errors.AgentError:
+            FORMATS[fmt].remove(path)  # a preallocation cut short must not keep its space
+            raise
         try:
             db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id)
         except errors.AgentError:

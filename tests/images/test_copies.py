@@ -132,3 +132,29 @@ def test_a_scrub_reads_a_qcow2_through_qemu_and_agrees_with_its_copy(agent):
     result = wait_state(agent, agent.domain_id, op["operationID"], "COMPLETED", "FAILED")
     assert [m["volumeID"] for m in result["result"]["mismatches"]] == [dst["volumeID"]]
     assert qemu_nbd_under(agent.root) == []
+
+
+def test_a_continue_keeps_the_copys_mode_and_format(make_agent, workdir):
+    """A stopped copy is continued as what it began as: asking for another mode or format
+    is refused (205 CopyConflict) and changes nothing."""
+    from agent.client import CallError
+    agent = make_agent(copy={"max_bytes_per_second": 8 * MiB, "checkpoint_seconds": 0.1},
+                       recovery={"copy_policy": "manual"})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
+    chain = make_chain(agent, domain_id, layers=2)
+    dst = {"domainID": domain_id, "imageID": new_id(), "volumeID": new_id()}
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": "cow"},
+                        id="c1")
+    agent.call("Task.abort", {"taskID": "c1"})
+    wait_for(lambda: agent.call("Task.getStatus", {"taskID": "c1"})["state"] == "aborted",
+             what="the copy aborted")
+    for how, reason in (({"format": "raw"}, "format"), ({"mode": "chain"}, "kind")):
+        with pytest.raises(CallError) as exc:
+            agent.call("Image.copy", {"src": ids(chain[-1]), "dst": dst, **how})
+        assert exc.value.code == 205 and exc.value.data["reason"] == reason
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst}, id="c2")
+    wait_legal(agent, dst)
+    info = agent.call("Volume.getInfo", dst)
+    assert info["format"] == "cow"
+    assert compare(chain[-1]["path"], "cow", info["path"], "cow").returncode == 0

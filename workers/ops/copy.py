@@ -75,6 +75,11 @@ def _kind(dst_db: DomainDB, dst: dict, src_db: DomainDB, src_row: dict, args: di
     (collapse by default)."""
     marker = dst_db.get_marker(dst["volumeID"])
     asked = args.get("kind")
+    row = dst_db.get_volume(dst["volumeID"]) if marker is not None else None
+    if row is not None and args.get("format") not in (None, row["format"]):
+        raise errors.CopyConflict(f"the destination's copy in progress is {row['format']}",
+                                  volumeID=dst["volumeID"], reason="format",
+                                  format=row["format"])
     if marker is not None:
         if asked is not None and asked != marker["kind"]:
             raise errors.CopyConflict(f"the destination has a {marker['kind']} copy in "
