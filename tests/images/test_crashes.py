@@ -164,3 +164,29 @@ def test_a_continued_chain_copy_resumes_each_layer(make_agent, domain):
         if copy["format"] == "cow":
             assert check(copy["path"])["check-errors"] == 0
     assert qemu_nbd_under(domain[1]) == []
+
+
+def test_a_chain_copy_killed_with_its_agent_is_recovered_from_its_leaf(make_agent, domain):
+    """Start-up recovery continues a chain copy once, from its leaf's marker: the inner
+    layer's own marker is covered by it, not recovered as a copy of its own."""
+    agent = start_agent(make_agent, domain)
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3)
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    answer = agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst,
+                                                "mode": "chain"}, id="c1")
+    worker = worker_of(agent, "c1")
+    checkpointed(agent, {**dst, "volumeID": answer["chain"][1]})
+    agent.kill(signal.SIGKILL)
+    gone([worker])
+    agent.start()
+    wait_legal(agent, dst)
+    recovered = [t["id"] for t in agent.call("Task.getAll")
+                 if t["method"] == "Image.copy"]
+    assert recovered and all(answer["chain"][-1] in t for t in recovered), recovered
+    image = agent.call("Image.getInfo", {"domainID": domain[0],
+                                         "imageID": dst["imageID"]})["chain"]
+    assert [v["legality"] for v in image] == ["LEGAL"] * 3
+    for copy, source in zip(image, chain):
+        assert compare(source["path"], "cow", copy["path"], "cow").returncode == 0
+        assert check(copy["path"])["check-errors"] == 0
+    assert qemu_nbd_under(domain[1]) == []
