@@ -29,8 +29,12 @@ def driver(fmt: str) -> str:
 
 
 def _child_setup(listen_fd: int | None):
+    parent = os.getpid()
+
     def setup() -> None:  # in the child, between fork and exec: async-signal-safe calls only
         system.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:  # the worker died before the signal was armed
+            os._exit(1)
         if listen_fd is not None:  # systemd socket activation: the socket is fd 3
             if listen_fd == 3:  # dup2 onto itself keeps close-on-exec
                 os.set_inheritable(3, True)

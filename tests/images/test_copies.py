@@ -158,3 +158,21 @@ def test_a_continue_keeps_the_copys_mode_and_format(make_agent, workdir):
     info = agent.call("Volume.getInfo", dst)
     assert info["format"] == "cow"
     assert compare(chain[-1]["path"], "cow", info["path"], "cow").returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["collapse", "chain"])
+def test_a_copy_that_cannot_fit_is_refused_before_anything_is_made(agent, workdir, mode):
+    """qemu-img measure says what the copy needs; a destination domain with less free space
+    answers 204 NoSpace at once, and no destination volume is left behind."""
+    from agent.client import CallError
+    from tests.storage_flow import tmpfs
+    chain = make_chain(agent, agent.domain_id, size=64 * MiB, layers=3)  # ~30 MiB of data
+    with tmpfs(workdir / "small", "16M") as small:
+        small_id = new_id()
+        agent.call("StorageDomain.create", {"domainID": small_id, "path": str(small)})
+        dst = {"domainID": small_id, "imageID": new_id(), "volumeID": new_id()}
+        with pytest.raises(CallError) as exc:
+            agent.call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "mode": mode})
+        assert exc.value.code == 204 and exc.value.data["needed"] > exc.value.data["free"]
+        info = agent.call("StorageDomain.getInfo", {"domainID": small_id})
+        assert info["volumes"] == 0 and info["copies"] == 0

@@ -122,6 +122,9 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
                                        volumeID=row["volume_id"])
     chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
     ids = layer_ids(dst["volumeID"], src_rows)
+    if dst_db.get_volume(ids[0]) is None:
+        qemucopy.check_room(src_db, src_rows, dst_db, [r["format"] for r in src_rows],
+                            ctx.beat)
     with contextlib.ExitStack() as held:
         manager = leases.for_domain(dst_db)
         for vid in ids[:-1]:

@@ -100,6 +100,10 @@ def copy(ctx, args):
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
         chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
+        fmt = args.get("format") or src_row["format"]
+        kernel = len(src_rows) == 1 and src_row["format"] == fmt == "raw"
+        if not kernel and dst_db.get_volume(dst["volumeID"]) is None:
+            qemucopy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args,
                              fmt=args.get("format") or src_row["format"])
         dst_db.layout.ensure_image_dir(dst["imageID"])

@@ -46,6 +46,24 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
                                       "the copy", reason="source-replaced", path=path)
 
 
+def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats: list[str],
+               beat) -> None:
+    """NoSpace before anything is made if the destination's domain cannot hold the copy:
+    qemu-img measure of what it needs (a chain copy: each layer's own data), in the
+    destination's format(s), against the domain's free space."""
+    need = 0
+    for i, fmt in enumerate(formats):
+        layer = len(formats) > 1 and i > 0
+        rows = src_rows[:i + 1] if len(formats) > 1 else src_rows
+        opts = chain.image_opts(src_db.layout, rows, direct=False, layer_only=layer)
+        need += qemu.measure(fmt, opts, beat).get("required", 0)
+    st = os.statvfs(dst_db.layout.root)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise errors.NoSpace(f"the copy needs {need} bytes, the domain has {free} free",
+                             needed=need, free=free)
+
+
 def cluster_size(db: DomainDB, row: dict, beat) -> int | None:
     if row["format"] != "cow":
         return None
