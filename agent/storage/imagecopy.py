@@ -42,7 +42,11 @@ def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, 
         found[context] = runs
         return 0
 
-    h.block_status(min(end - offset, STATUS_MAX), offset, extent)
+    import nbd
+    try:
+        h.block_status(min(end - offset, STATUS_MAX), offset, extent)
+    except nbd.Error as exc:
+        raise nbd_error(exc, "asking the source's block status", offset) from None
     base = found.get("base:allocation") or [(offset, end, 0)]  # no answer: all data
     deep = (found.get(DEPTH) or [(offset, end, 1)]) if depth else [(offset, end, 1)]
     stop = min(base[-1][1], deep[-1][1], end)

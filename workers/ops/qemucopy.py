@@ -97,9 +97,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
          report, record: bool) -> tuple[str | None, int]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
     dst_rows[-1]; returns (checksum, where the copy started)."""
-    before = _files(src_db, src_rows)
-    if layer or fresh:
-        chain.check_headers(src_db.layout, src_rows, ctx.beat)
+    before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_size(
         src_db, src_rows[-1], ctx.beat) if dst_rows[-1]["format"] == "cow" else None, ctx.beat)
     if dst_fresh and not fresh:
