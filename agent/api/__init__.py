@@ -44,6 +44,15 @@ class Verb:
 REGISTRY: dict[str, Verb] = {}
 
 
+def one_of(*allowed: str) -> Callable[[Any], Any]:
+    """A Param check: the value is one of `allowed`."""
+    def check(value):
+        if value not in allowed:
+            raise ValueError("must be one of " + ", ".join(allowed))
+        return value
+    return check
+
+
 def verb(name: str, *params: Param, worker: bool = False, debug_only: bool = False,
          events: tuple[str, ...] = ()):
     def register(fn):

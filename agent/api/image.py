@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent import errors, recovery
-from agent.api import Param, WorkerJob, verb
+from agent.api import Param, WorkerJob, one_of, verb
 from agent.api.volume import VOLUME_PARAMS, located
 from agent.storage.ids import check_uuid
 
@@ -14,20 +14,14 @@ def _location(value: dict) -> dict:
     return {k: check_uuid(value[k], k) for k in ("domainID", "imageID", "volumeID")}
 
 
-def _one_of(*allowed):
-    def check(value):
-        if value not in allowed:
-            raise ValueError("must be one of " + ", ".join(allowed))
-        return value
-    return check
 
 
 @verb("Image.copy", Param("src", "object", check=_location), Param("dst", "object",
       check=_location),
-      Param("mode", "str", required=False, check=_one_of("collapse", "chain"),
+      Param("mode", "str", required=False, check=one_of("collapse", "chain"),
             doc="collapse (default): the source's guest view into one volume; chain: every "
                 "volume of its chain, same structure"),
-      Param("format", "str", required=False, check=_one_of("raw", "cow"),
+      Param("format", "str", required=False, check=one_of("raw", "cow"),
             doc="collapse only: the destination's format (default: the source's)"),
       worker=True, events=("Task.state", "Task.progress", "Image.copy"))
 def copy(agent, params):

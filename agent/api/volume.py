@@ -4,7 +4,7 @@ each volume with its own lease."""
 from __future__ import annotations
 
 from agent import errors, jobs
-from agent.api import Param, WorkerJob, verb
+from agent.api import Param, WorkerJob, one_of, verb
 
 VOLUME_PARAMS = (Param("domainID", "uuid"), Param("imageID", "uuid"), Param("volumeID", "uuid"))
 
@@ -15,12 +15,6 @@ def _size(value: int) -> int:
     return value
 
 
-def _one_of(*allowed: str):
-    def check(value: str) -> str:
-        if value not in allowed:
-            raise ValueError("must be one of " + ", ".join(allowed))
-        return value
-    return check
 
 
 def located(agent, params: dict) -> dict:
@@ -31,10 +25,10 @@ def located(agent, params: dict) -> dict:
 @verb("Volume.create", *VOLUME_PARAMS,
       Param("size", "int", required=False, check=_size,
             doc="bytes (virtual size); a snapshot's defaults to its parent's"),
-      Param("format", "str", required=False, check=_one_of("raw", "cow"),
+      Param("format", "str", required=False, check=one_of("raw", "cow"),
             doc="raw (default) or cow (qcow2, compat 1.1); a snapshot is always cow"),
       Param("preallocation", "str", required=False, default="sparse",
-            check=_one_of("sparse", "preallocated"),
+            check=one_of("sparse", "preallocated"),
             doc="sparse (default), or preallocated: fallocate for raw, qcow2 metadata"),
       Param("parentVolumeID", "uuid", required=False,
             doc="make a snapshot: a cow volume layered on this volume, the image's leaf"),
