@@ -46,7 +46,13 @@ DEFAULTS: dict[str, Any] = {
         "deadline_seconds": 30.0,
         "kill_grace_seconds": 5.0,
     },
-    "storage": {"domains": {}},
+    # lease_manager: "local" (an OFD lock per volume: one host, tests, development) or
+    # "sanlock" (disk-paxos leases on the shared storage, for hosts that share domains:
+    # host_id_number is this host's ID in every domain's lockspace, 1..2000, unique among
+    # the hosts sharing a domain, assigned by the engine; sanlock_run_dir picks the daemon,
+    # empty for its default).
+    "storage": {"domains": {}, "lease_manager": "local", "host_id_number": 0,
+                "sanlock_io_timeout": 10, "sanlock_run_dir": ""},
     # CURVE on the RPC and events sockets: the server's secret key file and a directory of
     # authorized clients' public key files (both, or neither). See agent/security.py.
     "security": {"server_secret_key": "", "authorized_keys_dir": ""},
@@ -69,6 +75,8 @@ DEFAULTS: dict[str, Any] = {
 SCRUB_LAUNCHERS = ("auto", "spawn", "systemd-run")
 
 COPY_POLICIES = ("resume", "restart", "abandon", "manual")
+
+LEASE_MANAGERS = ("local", "sanlock")
 
 
 class ConfigError(Exception):
@@ -151,6 +159,16 @@ def _check(data: dict) -> None:
         raise ConfigError(f"recovery.copy_policy must be one of {', '.join(COPY_POLICIES)}")
     if not isinstance(data["storage"]["domains"], dict):
         raise ConfigError("storage.domains must be a table of domainID = path")
+    st = data["storage"]
+    if st["lease_manager"] not in LEASE_MANAGERS:
+        raise ConfigError(f"storage.lease_manager must be one of {', '.join(LEASE_MANAGERS)}")
+    if st["lease_manager"] == "sanlock":
+        hid = st["host_id_number"]
+        if isinstance(hid, bool) or not isinstance(hid, int) or not 1 <= hid <= 2000:
+            raise ConfigError("storage.host_id_number must be 1..2000 with sanlock")
+    positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int)
+    if not isinstance(st["sanlock_run_dir"], str):
+        raise ConfigError("storage.sanlock_run_dir must be a path")
 
 
 def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:

@@ -21,6 +21,7 @@ class WorkerJob:
     args: dict
     deadline: float | None = None
     on_end: Callable | None = None
+    joins: str | None = None  # the domain whose lockspace this job joins (never parked)
 
 
 def located(domains, loc: dict) -> dict:

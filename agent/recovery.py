@@ -80,6 +80,7 @@ def domain_created(agent, task, outcome: str, result, error) -> None:
     try:
         if outcome == states.DONE:
             agent.domains.attach(result["domainID"], result["path"])
+            agent.lockspaces.join(agent, result["domainID"])
     finally:
         agent.domains.release(task.job.args["domainID"])
 

@@ -72,5 +72,8 @@ def rpc_socket(ctx: zmq.Context, rcfg: dict, guard) -> tuple[zmq.Socket, list[st
 
 
 def begin(agent) -> None:
+    """Each attached domain: join its lockspace (sanlock), and scan its copy markers. With
+    sanlock the scan waits, pending, for the join, and READY does not wait for it."""
     for domain_id in list(agent.domains.paths):
-        recovery.scan(agent, domain_id, startup=True)
+        agent.lockspaces.join(agent, domain_id)
+        recovery.scan(agent, domain_id, startup=not agent.lockspaces.needed)

@@ -23,6 +23,7 @@ import zmq
 from agent import (api, errors, intake, jsonrpc, logs, outcomes, peers, replies, sdnotify,
                    security, startup, states)
 from agent.backlog import Backlog
+from agent.lockspaces import Lockspaces
 from agent.domains import Domains
 from agent.events import Publisher, fits
 from agent.system import System, set_child_subreaper, write_atomic
@@ -57,6 +58,7 @@ class Agent:
         self.recovering = True
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
         self.backlog = Backlog(config["recovery"]["max_running"])
+        self.lockspaces = Lockspaces(config)
         self._starting_backlog = False
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
@@ -290,6 +292,9 @@ class Agent:
             outcome = handler(self, params)
             if isinstance(outcome, api.WorkerJob):
                 task.job = outcome
+                if self.lockspaces.park(task, outcome):  # its domain is still joining
+                    self.publish_state(task)
+                    return
                 if not self.gate.spare_for_worker():
                     raise errors.ResourceExhausted(
                         "file descriptors are short: no worker can start now",
@@ -391,7 +396,7 @@ class Agent:
         self.publish_state(task)
         if task.worker is not None:
             self.workers.terminate(task.worker, "abort")
-        elif self.backlog.discard(task):  # it never started: nothing to wait for
+        elif self.backlog.discard(task) or self.lockspaces.discard(task):  # never started
             self.end(task, "fail")
 
     def publish_state(self, task) -> None:

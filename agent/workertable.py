@@ -42,7 +42,10 @@ class Worker:
 class WorkerTable:
     def __init__(self, config, system, listener):
         self.run_dir = config.run_dir
-        self.settings = dict(config["workers"]) | {"copy": dict(config["copy"])}
+        st = config["storage"]
+        self.settings = dict(config["workers"]) | {"copy": dict(config["copy"]), "leases": {
+            "manager": st["lease_manager"], "host_id_number": st["host_id_number"],
+            "io_timeout": st["sanlock_io_timeout"]}}
         self.host_id = config.host_id
         self.system = system
         self.listener = listener

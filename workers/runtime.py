@@ -19,6 +19,7 @@ import traceback
 import zmq
 
 from agent import errors, system
+from agent.storage import leases
 from workers import protocol
 from workers import testseams  # here, so the fork server has it loaded for every worker
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
@@ -154,6 +155,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(protocol.endpoint(request["run_dir"]))
         ctx = Context(sock, request)
+        leases.configure(ctx.settings.get("leases"))
         # SIGTERM asks for a stop, like the abort message; the op stops at its next check.
         signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_stop", True))
         ctx.send({"t": "hello", "pid": os.getpid()})

@@ -97,7 +97,8 @@ EXAMPLES: dict[str, dict] = {
     "StorageDomain.getOperationStatuses": {"params": {"domainID": DOMAIN}, "result": {
         "domainID": DOMAIN, "operations": [_OPERATION]}},
     "StorageDomain.list": {"params": None, "result": [
-        {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "attached_by": "config"}]},
+        {"domainID": DOMAIN, "path": "/srv/hostagent/domain1", "attached_by": "config",
+         "lockspace": "joined", "error": None}]},
     "StorageDomain.startScrub": {"id": "scrub-1", "params": {"domainID": DOMAIN,
                                                              "operationID": OPERATION},
                                  "result": {**_OPERATION, "progress": 0.0,
@@ -112,5 +113,7 @@ EXAMPLES: dict[str, dict] = {
         "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.qcow2",
         "lease": {**_LEASE, "op": "create", "task_id": "1", "live": False}}},
     "Volume.delete": {"params": SRC, "result": {"volumeID": VOLUME, "deleted": True}},
+    "Volume.fence": {"params": {**SRC, "generation": 3}, "result": {
+        "volumeID": VOLUME, "generation": 4, "fenced": True, "waited": 71.204}},
     "Volume.getInfo": {"params": SRC, "result": {**_VOLUME, "generation": 1, "lease": None}},
 }

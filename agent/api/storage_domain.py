@@ -57,11 +57,17 @@ def get_info(agent, params):
 
 @verb("StorageDomain.list")
 def listing(agent, params):
-    """The domains this agent has attached (no storage is touched).
+    """The domains this agent has attached (no storage is touched), with this host's place in
+    each one's lockspace.
 
-    Result: [{domainID, path, attached_by: "config" | "attach"}].
+    Result: [{domainID, path, attached_by: "config" | "attach", lockspace: "joined" |
+    "joining" | "failed" | "unjoined", error: null | the join's error}]. With the local lease
+    manager every domain is "joined"; with sanlock, work that takes leases in a domain
+    (copies, creates, deletes, recovery) waits as pending tasks while it is "joining".
     """
-    return agent.domains.listing()
+    return [{**d, "lockspace": agent.lockspaces.state_of(d["domainID"]),
+             "error": agent.lockspaces.errors.get(d["domainID"])}
+            for d in agent.domains.listing()]
 
 
 # -- operations that outlive tasks (docs/crash-model.md, "Operations that outlive tasks") --

@@ -82,3 +82,26 @@ def get_info(agent, params):
     {live, host_id, pid, task_id, op, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("volume.info", located(agent, params))
+
+
+@verb("Volume.fence", *VOLUME_PARAMS,
+      Param("generation", "int", doc="the generation the caller last saw"),
+      Param("timeout", "number", required=False, default=300.0,
+            doc="seconds to wait for the volume's lease (default 300)"),
+      worker=True)
+def fence(agent, params):
+    """Fence off every earlier writer of a volume, as an engine does when it lost track of
+    a job: take the volume's lease (so it waits out a holder, and a dead host's lease once
+    sanlock counts that host dead), raise the generation from `generation`, and answer
+    once done. A late writer's next metadata write then fails with 206 GenerationMismatch.
+    With the local lease manager it behaves the same on one host.
+
+    Result: {volumeID, generation (the new one), fenced: true, waited (seconds)}.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld (still held at the timeout),
+    206 GenerationMismatch (the generation is no longer `generation`).
+    """
+    import time
+    if not 0 < params["timeout"] <= 3600:
+        raise errors.InvalidParams("timeout must be in (0, 3600] seconds", param="timeout")
+    args = located(agent, params) | {"began": time.time()}
+    return WorkerJob("volume.fence", args, deadline=None)

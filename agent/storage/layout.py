@@ -8,7 +8,10 @@ A domain is one directory::
     <root>/images/<imageID>/<volumeID>.raw    raw data file (sparse unless preallocated)
     <root>/images/<imageID>/<volumeID>.qcow2  qcow2 data file (format cow); a snapshot's
                                               backing file is its parent, named relative
-    <root>/leases/<volumeID>.lease            one lease file per volume
+    <root>/leases/<volumeID>.lease            one lease file per volume (local manager)
+    <root>/leases/<volumeID>.sanlock          its sanlock resource (sanlock manager), and
+    <root>/leases/<volumeID>.holder           who holds it, for people
+    <root>/dom_md/ids                         the domain's sanlock lockspace (host IDs)
 
 Ids go through check_uuid before they touch a path, and a path that is a symlink or resolves
 outside the domain is refused, so a bad id or a planted link can never make the agent write
@@ -28,6 +31,7 @@ from agent.storage.ids import check_uuid
 DB_NAME = "metadata.db"
 IMAGES = "images"
 LEASES = "leases"
+DOM_MD = "dom_md"  # sanlock's areas: dom_md/ids, the domain's lockspace
 SUFFIXES = {"raw": ".raw", "cow": ".qcow2"}  # a volume's data file, by its format
 
 

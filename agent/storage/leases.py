@@ -3,8 +3,9 @@
 A lease manager answers two questions for a domain's volumes: take the lease (held until the
 returned object is released, or its process dies) and who holds it (a probe that takes
 nothing). `local` is the embedded default: an OFD lock per volume on the domain's own file
-system (agent/storage/lease.py), right for one host, tests and development. A manager for
-hosts that share storage (sanlock) is one more class with these two methods.
+system (agent/storage/lease.py), right for one host, tests and development. `sanlock`
+(agent/storage/sanlock_leases.py) is for hosts that share storage: the same two methods,
+plus a lockspace each host joins before it takes a lease in the domain.
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ class LocalLeases:
         return lease.probe(self.layout.lease_path(volume_id))
 
 
-def for_domain(ddb) -> LocalLeases:
-    """The lease manager of a domain (today always the local one)."""
-    return LocalLeases(ddb.layout)
+# Which manager this process uses, set once by the worker runtime from the agent's
+# [storage] settings (configure); local until then (tests, tools).
+_settings: dict = {"manager": "local"}
+
+
+def configure(settings: dict | None) -> None:
+    global _settings
+    _settings = dict(settings or {"manager": "local"})
+
+
+def for_root(layout, domain_id: str):
+    """The lease manager for a domain at `layout`, as this host is configured."""
+    if _settings.get("manager") == "sanlock":
+        from agent.storage.sanlock_leases import SanlockLeases
+        return SanlockLeases(layout, domain_id, _settings["host_id_number"],
+                             _settings.get("io_timeout", 10))
+    return LocalLeases(layout)
+
+
+def for_domain(ddb):
+    """The lease manager of an open domain."""
+    return for_root(ddb.layout, ddb.domain_id)

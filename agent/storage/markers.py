@@ -179,6 +179,27 @@ class Markers:
                        [json.dumps(errors), time.time(), volume_id, generation])
             return True
 
+    def fence(self, volume_id: str, generation: int) -> int:
+        """Raise the generation of a volume (and of its copy marker) that is at
+        ``generation``, so every writer that took it over before writes nothing more (206).
+        Returns the new generation; GenerationMismatch if it moved on, NoSuchVolume."""
+        volume_id = check_uuid(volume_id, "volumeID")
+        with self.tx("fence") as db:
+            volume = self.get_volume(volume_id)
+            if volume is None:
+                raise NoSuchVolume("no such volume", volume_id=volume_id)
+            if volume["generation"] != generation:
+                raise GenerationMismatch("the volume's generation changed",
+                                         volumeID=volume_id, expected=generation,
+                                         generation=volume["generation"])
+            now = time.time()
+            db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
+                       [generation + 1, now, volume_id])
+            db.execute("UPDATE copy_markers SET generation = ?, updated = ?"
+                       " WHERE volume_id = ? AND generation = ?",
+                       [generation + 1, now, volume_id, generation])
+            return generation + 1
+
     def abandon(self, volume_id: str, generation: int) -> bool:
         """Mark the copy abandoned (kept for a later take_over); False if superseded."""
         volume_id = check_uuid(volume_id, "volumeID")

@@ -37,7 +37,7 @@ from agent.errors import (AgentError, DomainExists, DomainUnusable, ImageInvalid
                           NoSpace, NoSuchDomain, NoSuchVolume, OperationFailed, VolumeExists,
                           VolumeHasChildren, VolumeIllegal)
 from agent.storage.ids import check_uuid
-from agent.storage.layout import DB_NAME, IMAGES, LEASES, Layout, fsync_dir
+from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout, fsync_dir
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
 from agent.storage.schema import DOMAIN_VERSION, MIGRATION_INDEXES, MIGRATIONS, REQUIRED, SCHEMA
@@ -122,8 +122,8 @@ class DomainDB(Markers):
             else:
                 raise DomainExists("a domain already exists here", root=layout.root)
         tmp = layout.db_path + ".tmp"
-        leftovers = {IMAGES, LEASES, DB_NAME + ".tmp", DB_NAME + ".tmp-journal", FORMAT_LOCK,
-                     RESERVE_NAME}
+        leftovers = {IMAGES, LEASES, DOM_MD, DB_NAME + ".tmp", DB_NAME + ".tmp-journal",
+                     FORMAT_LOCK, RESERVE_NAME}
         try:
             names = set(os.listdir(layout.root))
         except NotADirectoryError:
@@ -132,11 +132,14 @@ class DomainDB(Markers):
         if not names <= leftovers or any(
                 os.listdir(os.path.join(layout.root, d)) for d in (IMAGES, LEASES) if d in names):
             raise InvalidParams("root must be empty or absent", field="root")
+        if DOM_MD in names and os.listdir(os.path.join(layout.root, DOM_MD)):
+            raise InvalidParams("root must be empty or absent", field="root")
         for name in (tmp, tmp + "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
         os.makedirs(layout.images_dir, 0o755, exist_ok=True)
         os.makedirs(layout.leases_dir, 0o755, exist_ok=True)
+        os.makedirs(os.path.join(layout.root, DOM_MD), 0o755, exist_ok=True)
         if not ensure_reserve(layout.root):
             raise NoSpace("no room for the domain's metadata reserve", root=layout.root)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))

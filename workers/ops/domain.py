@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from agent import errors
-from agent.storage import volumes
+from agent.storage import leases, volumes
 from agent.storage.metadata import DomainDB
 
 
@@ -42,3 +42,14 @@ def scan(ctx, args):
     """Every copy marker of the domain with whether its lease is live (start-up recovery)."""
     with volumes.open_domain(args) as db:
         return {"domainID": db.domain_id, "markers": volumes.markers_with_leases(db, ctx.beat)}
+
+
+def join(ctx, args):
+    """Join the domain's lockspace with this host's ID (sanlock); at once if it is joined
+    already (an agent restart does not restart sanlock) or the manager is local."""
+    with volumes.open_domain(args) as db:
+        manager = leases.for_domain(db)
+        if manager.name != "sanlock":
+            return {"domainID": db.domain_id, "manager": manager.name}
+        return {"domainID": db.domain_id, "manager": manager.name,
+                **manager.join(beat=ctx.check)}

@@ -1,0 +1,20 @@
+import pytest
+
+from tests.harness import short_tmpdir, cleanup_dir
+from tests.sanlock.daemons import Daemon
+
+
+@pytest.fixture
+def daemons():
+    """daemons(name) -> a running sanlock daemon of its own; all stopped (by pid) after."""
+    base = short_tmpdir("sl-")
+    made: list[Daemon] = []
+
+    def start(name: str) -> Daemon:
+        d = Daemon(base / name).start()
+        made.append(d)
+        return d
+    yield start
+    for d in made:
+        d.stop()
+    cleanup_dir(base)

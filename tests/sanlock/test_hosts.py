@@ -1,0 +1,159 @@
+"""Hosts that share a domain, with real sanlock daemons (one per host, io_timeout 1 s): the
+lockspace joined without blocking the agent, leases held by the writing worker and freed
+when it dies, the owner seen from every host, an agent restart that keeps the lockspace,
+and the writer fenced when its host loses the lockspace."""
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from agent.client import CallError
+from tests.harness import task_state, wait_for
+from tests.sanlock.daemons import needs_sanlock
+from tests.storage_flow import MiB, dst_for, make_source, new_id, sha256, wait_legal
+
+pytestmark = needs_sanlock
+
+COPY = {"checkpoint_bytes": 4 * MiB, "checkpoint_seconds": 0.1,
+        "max_bytes_per_second": 16 * MiB}
+
+
+def host(make_agent, daemons, name, number, domain=None, **over):
+    daemon = daemons(name)
+    storage = {"lease_manager": "sanlock", "host_id_number": number,
+               "sanlock_io_timeout": 1, "sanlock_run_dir": str(daemon.run_dir)}
+    if domain:
+        storage["domains"] = {domain[0]: domain[1]}
+    over.setdefault("copy", COPY)
+    over.setdefault("recovery", {"copy_policy": "manual"})
+    agent = make_agent(name, storage=storage, **over)
+    agent.daemon = daemon
+    return agent
+
+
+def lockspace(agent, domain_id):
+    for d in agent.call("StorageDomain.list"):
+        if d["domainID"] == domain_id:
+            return d["lockspace"]
+
+
+def joined(agent, domain_id, timeout=60):
+    wait_for(lambda: lockspace(agent, domain_id) == "joined", timeout, interval=0.05,
+             what="the lockspace joined")
+
+
+def worker_of(agent, task_id):
+    def find():
+        for w in agent.call("Host.getStats")["workers"]:
+            if w["taskID"] == task_id and w["pid"]:
+                return psutil.Process(w["pid"])
+    return wait_for(find, what=f"the worker of {task_id}")
+
+
+def checkpointed(agent, dst):
+    def past():
+        try:
+            st = agent.call("Image.getStatus", dst)
+        except CallError:
+            return None
+        return st["copy"] and st["copy"]["copied"] > 0 and st["copy"]["copied"]
+    return wait_for(past, timeout=60, what="a checkpoint")
+
+
+@pytest.fixture
+def shared(workdir):
+    return new_id(), str(workdir / "shared")
+
+
+def test_two_hosts_share_a_domain_and_a_dead_writers_lease_frees_at_once(make_agent, daemons,
+                                                                        shared):
+    a = host(make_agent, daemons, "a", 1)
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    assert lockspace(a, shared[0]) in ("joining", "joined")
+    joined(a, shared[0])
+    b = host(make_agent, daemons, "b", 2)
+    b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
+    joined(b, shared[0])
+    src = make_source(a, shared[0], 64 * MiB)
+    dst = dst_for(shared[0])
+    a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
+    worker = worker_of(a, "c1")
+    checkpointed(a, dst)
+    # Every host attached sees who writes: host ID 1, alive.
+    for h in (a, b):
+        lease = h.call("Volume.getInfo", dst)["lease"]
+        assert lease["sanlock"]["host_id"] == 1 and lease["live"] is True, lease
+        assert lease["task_id"] == "c1" and lease["pid"] == worker.pid
+    with pytest.raises(CallError) as exc:  # another host cannot write it meanwhile
+        b.call("Image.copy", {"src": src, "dst": dst})
+    assert exc.value.code == 203 and exc.value.data["holder"]["sanlock"]["host_id"] == 1
+    worker.kill()  # the writer dies: sanlock frees its lease at once, no host-dead wait
+    wait_for(lambda: task_state(a, "c1") == "failed", what="the copy's task failed")
+    b.client().call("Image.copy", {"src": src, "dst": dst}, id="c2")
+    wait_legal(b, dst)
+    path = b.call("Volume.getInfo", dst)["path"]
+    assert sha256(path) == sha256(a.call("Volume.getInfo", src)["path"])
+    lease = a.call("Volume.getInfo", dst)["lease"]
+    assert lease["live"] is False and lease["task_id"] == "c2"
+
+
+def test_an_agent_restart_finds_its_lockspace_joined(make_agent, daemons, shared):
+    a = host(make_agent, daemons, "a", 1)
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(a, shared[0])
+    first = a.call("Task.getStatus", {"taskID": f"join:{shared[0]}"})["result"]
+    assert first["already"] is False and first["seconds"] > 0
+    a.kill(signal.SIGKILL)
+    a.start()  # attached.json names the domain; the daemon kept the lockspace
+    joined(a, shared[0], timeout=10)
+    again = a.call("Task.getStatus", {"taskID": f"join:{shared[0]}"})["result"]
+    assert again["already"] is True
+    src = make_source(a, shared[0], 4 * MiB)  # a lease taken after the restart
+    lease = a.call("Volume.getInfo", src)["lease"]
+    assert lease["op"] == "create" and lease["live"] is False and lease["sanlock_host_id"] == 1
+
+
+def test_work_waits_pending_while_the_lockspace_joins(make_agent, daemons, shared):
+    """A copy asked for while the domain is joining is a pending task, started once the
+    domain is joined; the agent answers throughout."""
+    a = host(make_agent, daemons, "a", 1)
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(a, shared[0])
+    src = make_source(a, shared[0], 4 * MiB)
+    a.kill(signal.SIGKILL)
+    a.daemon.client("rem_lockspace", "-s", f"{shared[0]}:1:{shared[1]}/dom_md/ids:0")
+    assert shared[0] not in a.daemon.client("status")
+    a.start()
+    dst = dst_for(shared[0])
+    assert lockspace(a, shared[0]) == "joining"  # add_lockspace takes seconds
+    a.client().send("Image.copy", {"src": src, "dst": dst}, id="c1")
+    wait_for(lambda: task_state(a, "c1") is not None, what="the copy admitted")
+    assert task_state(a, "c1") == "pending"
+    assert a.call("Volume.getInfo", src)["size"] == 4 * MiB  # queries are answered
+    joined(a, shared[0])
+    wait_for(lambda: task_state(a, "c1") in ("done", "failed"), timeout=60,
+             what="the copy started once joined, and ended")
+    assert task_state(a, "c1") == "done"
+    assert a.call("Image.getStatus", dst)["legality"] == "LEGAL"
+
+
+def test_a_host_that_loses_the_lockspace_has_its_writer_killed(make_agent, daemons, shared):
+    a = host(make_agent, daemons, "a", 1)
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(a, shared[0])
+    src = make_source(a, shared[0], 64 * MiB)
+    dst = dst_for(shared[0])
+    a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
+    worker = worker_of(a, "c1")
+    checkpointed(a, dst)
+    # The lockspace goes away under the writer (as when the host cannot renew its ID):
+    # sanlock kills the process that holds a lease in it.
+    a.daemon.client("rem_lockspace", "-s", f"{shared[0]}:1:{shared[1]}/dom_md/ids:0")
+    wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
+             timeout=30, what="the writer killed by sanlock")
+    wait_for(lambda: task_state(a, "c1") == "failed", what="the copy failed")
+    status = a.call("Image.getStatus", dst)
+    assert status["legality"] == "ILLEGAL" and status["copy"] is not None
+    assert os.path.exists(shared[1])
