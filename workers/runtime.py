@@ -155,7 +155,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(protocol.endpoint(request["run_dir"]))
         ctx = Context(sock, request)
-        leases.configure(ctx.settings.get("leases"))
+        leases.configure(ctx.settings.get("leases"), heartbeat=ctx.beat)
         # SIGTERM asks for a stop, like the abort message; the op stops at its next check.
         signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_stop", True))
         ctx.send({"t": "hello", "pid": os.getpid()})

@@ -33,11 +33,16 @@ class LocalLeases:
 # Which manager this process uses, set once by the worker runtime from the agent's
 # [storage] settings (configure); local until then (tests, tools).
 _settings: dict = {"manager": "local"}
+# Called while a lease manager waits on its daemon (the worker's heartbeat), so a wait of
+# sanlock's (an acquire that watches a silent owner for seconds) is not taken for a hang.
+beat = lambda: None  # noqa: E731
 
 
-def configure(settings: dict | None) -> None:
-    global _settings
+def configure(settings: dict | None, heartbeat=None) -> None:
+    global _settings, beat
     _settings = dict(settings or {"manager": "local"})
+    if heartbeat is not None:
+        beat = heartbeat
 
 
 def for_root(layout, domain_id: str):

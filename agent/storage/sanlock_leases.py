@@ -39,6 +39,30 @@ def _sanlock():
     return sanlock
 
 
+def _waiting(call, *args, **kwargs):
+    """A sanlock call on a thread, the worker heartbeating meanwhile (leases.beat): an
+    acquire can watch a silent owner for seconds before it answers."""
+    import threading
+    from agent.storage import leases
+    out: list = []
+
+    def run():
+        try:
+            out.append((True, call(*args, **kwargs)))
+        except BaseException as exc:  # handed back to the caller's thread
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, name="sanlock-call", daemon=True)
+    t.start()
+    while t.is_alive():
+        leases.beat()
+        t.join(0.2)
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
 def _failed(what: str, exc, **data) -> errors.AgentError:
     code = getattr(exc, "errno", None)
     return errors.OperationFailed(f"sanlock: {what}: {exc}", sanlock_errno=code, **data)
@@ -70,16 +94,26 @@ class SanlockLease:
     def __init__(self, manager: "SanlockLeases", volume_id: str, disks: list):
         self.manager, self.volume_id, self.disks = manager, volume_id, disks
 
-    def release(self) -> None:
+    def release(self, patience: float = 5.0) -> None:
+        """Let the lease go. On a thread, waited for `patience` seconds: a daemon that does
+        not answer (a host cut off) must not hang the worker, whose exit frees the lease
+        anyway."""
+        import threading
         if self.disks is None:
             return
         sl = _sanlock()
-        try:
-            sl.release(self.manager.lockspace, self.volume_id.encode(), self.disks,
-                       slkfd=_registered)
-        except sl.SanlockException:
-            pass  # gone with its lockspace, or freed already: nothing is held either way
-        self.disks = None
+        disks, self.disks = self.disks, None
+
+        def release():
+            try:
+                sl.release(self.manager.lockspace, self.volume_id.encode(), disks,
+                           slkfd=_registered)
+            except sl.SanlockException:
+                pass  # gone with its lockspace, or freed already: nothing is held
+
+        t = threading.Thread(target=release, name="sanlock-release", daemon=True)
+        t.start()
+        t.join(patience)
 
     def __enter__(self):
         return self
@@ -172,7 +206,8 @@ class SanlockLeases:
         try:
             if _registered is None:
                 _registered = sl.register()
-            sl.acquire(self.lockspace, volume_id.encode(), disks, slkfd=_registered)
+            _waiting(sl.acquire, self.lockspace, volume_id.encode(), disks,
+                     slkfd=_registered)
         except sl.SanlockException as exc:
             owner = self.probe(volume_id)
             if owner and owner.get("sanlock"):

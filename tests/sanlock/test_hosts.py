@@ -157,3 +157,41 @@ def test_a_host_that_loses_the_lockspace_has_its_writer_killed(make_agent, daemo
     status = a.call("Image.getStatus", dst)
     assert status["legality"] == "ILLEGAL" and status["copy"] is not None
     assert os.path.exists(shared[1])
+
+
+def test_fence_waits_out_a_cut_off_host_and_its_late_writer_is_refused(make_agent, daemons,
+                                                                      shared):
+    """Host A's daemon is frozen (SIGSTOP: A is cut off from the storage, its writer goes on).
+    Host B's Volume.fence waits until sanlock counts A dead (~70 s with io_timeout 1 s),
+    takes the lease and raises the generation; A's writer can commit nothing after that,
+    and B's continue ends the copy with the source's data."""
+    a = host(make_agent, daemons, "a", 1,
+             copy={**COPY, "max_bytes_per_second": 2 * MiB})  # still copying after ~70 s
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(a, shared[0])
+    b = host(make_agent, daemons, "b", 2, copy={**COPY, "max_bytes_per_second": 0})
+    b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
+    joined(b, shared[0])
+    src = make_source(a, shared[0], 256 * MiB, layout=[(0, 32 * MiB), (192 * MiB, 32 * MiB)])
+    dst = dst_for(shared[0])
+    first = a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
+    checkpointed(a, dst)
+    os.kill(a.daemon.pid, signal.SIGSTOP)  # A is cut off: nothing renews its host ID
+    try:
+        fenced = b.client(timeout=240).call(
+            "Volume.fence", {**dst, "generation": first["generation"], "timeout": 200},
+            id="fence1")
+        assert fenced["generation"] == first["generation"] + 1 and fenced["waited"] > 10
+        print(f"fence waited {fenced['waited']} s for the cut-off host's lease")
+        # A's writer is still running, and can commit nothing any more (206 at its next
+        # checkpoint); its task ends failed, never done.
+        wait_for(lambda: task_state(a, "c1") == "failed", timeout=90,
+                 what="the late writer's copy failed")
+        status = b.call("Image.getStatus", dst)
+        assert status["legality"] == "ILLEGAL" and status["generation"] == fenced["generation"]
+    finally:
+        a.daemon.kill()  # SIGKILL ends a stopped process too
+    b.client().call("Image.copy", {"src": src, "dst": dst}, id="c2")
+    wait_legal(b, dst, timeout=200)
+    path = b.call("Volume.getInfo", dst)["path"]
+    assert sha256(path) == sha256(b.call("Volume.getInfo", src)["path"])
