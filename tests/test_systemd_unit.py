@@ -107,3 +107,18 @@ def test_unit_does_not_namespace_the_file_system():
     }
     present = sorted(forbidden & set(service))
     assert not present, f"file system namespacing breaks a storage agent: {present}"
+
+
+def test_the_sanlock_drop_in_orders_the_agent_after_sanlock_without_binding_them(tmp_path):
+    drop_in = REPO / "systemd" / "hostagent.service.d" / "sanlock.conf"
+    unit = _unit(drop_in.read_text())
+    assert set(unit["Unit"]["After"].split()) >= {"sanlock.service", "wdmd.service"}
+    assert set(unit["Unit"]["Wants"].split()) >= {"sanlock.service"}
+    for binding in ("Requires", "BindsTo", "PartOf", "Requisite"):
+        assert binding not in unit["Unit"], binding  # a restart of one must not touch the other
+    # And systemd accepts the unit with the drop-in applied.
+    copy = _testable_copy(tmp_path, UNIT.read_text())
+    (tmp_path / "hostagent.service.d").mkdir()
+    (tmp_path / "hostagent.service.d" / "sanlock.conf").write_text(drop_in.read_text())
+    rc, ours, stderr = _verify(copy)
+    assert rc == 0 and not ours, stderr
