@@ -9,6 +9,12 @@ def pytest_addoption(parser):
                     help="rounds of the chaos run (CI's default is short)")
     parser.addoption("--fuzz-examples", type=int, default=300,
                      help="inputs the bad-input fuzz test sends (CI's default is short)")
+    group = parser.getgroup("fleet", "the fleet suite (tests/fleet): hosts sharing storage")
+    group.addoption("--fleet-hosts", type=int, default=4, help="simulated hosts")
+    group.addoption("--fleet-rounds", type=int, default=3,
+                    help="rounds (the first three kill an agent, a worker, a whole host)")
+    group.addoption("--fleet-seed", type=int, default=20261201, help="seed of the run")
+    group.addoption("--fleet-summary", default=None, help="write the run's figures here")
     parser.addoption("--hostile-scale", type=int, default=1,
                      help="how hard tests/hostile pushes (rounds, peers, messages); "
                           "CI's default is 1, docs/reliability.md has a long run's")
@@ -18,6 +24,7 @@ def pytest_collection_modifyitems(config, items):
     """A long chaos or fuzz run gets a timeout that grows with its size (the default 120 s
     is for CI's short ones): ~3 s a round and ~15 ms an input were measured, given 10x."""
     budget = {"test_chaos": 30 * config.getoption("--chaos-iterations"),
+              "test_fleet": 60 + 200 * config.getoption("--fleet-rounds"),
               "test_generated_messages": 0.15 * config.getoption("--fuzz-examples")}
     for item in items:
         seconds = budget.get(item.originalname)
