@@ -195,3 +195,27 @@ def test_fence_waits_out_a_cut_off_host_and_its_late_writer_is_refused(make_agen
     wait_legal(b, dst, timeout=200)
     path = b.call("Volume.getInfo", dst)["path"]
     assert sha256(path) == sha256(b.call("Volume.getInfo", src)["path"])
+
+
+def test_two_hosts_configured_with_one_host_id_cannot_both_join(make_agent, daemons, shared):
+    """An operator's mistake: the second host with the same ID fails its join, visibly
+    (StorageDomain.list), and the work that needs the domain fails instead of waiting for
+    ever; the first host is unharmed."""
+    a = host(make_agent, daemons, "a", 7)
+    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(a, shared[0])
+    b = host(make_agent, daemons, "b", 7)
+    b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
+    src = make_source(a, shared[0], 4 * MiB)
+    b.client().send("Image.copy", {"src": src, "dst": dst_for(shared[0])}, id="c1")
+    wait_for(lambda: lockspace(b, shared[0]) == "failed", timeout=120, interval=0.2,
+             what="the second host's join failed")
+    listed = [d for d in b.call("StorageDomain.list") if d["domainID"] == shared[0]][0]
+    assert listed["error"]["data"]["name"] == "OperationFailed", listed
+    wait_for(lambda: task_state(b, "c1") == "failed", what="the waiting copy failed")
+    assert b.call("Task.getStatus", {"taskID": "c1"})["error"]["data"]["name"] == \
+        "DomainUnusable"
+    assert lockspace(a, shared[0]) == "joined"
+    dst = dst_for(shared[0])
+    a.client().call("Image.copy", {"src": src, "dst": dst}, id="c2")
+    wait_legal(a, dst)
