@@ -44,7 +44,8 @@ def test_domain_and_volume_commands(agent, workdir):
     out = ha(agent, "domain", "list")
     assert out.returncode == 0 and d in out.stdout and str(path) in out.stdout
     assert ok_json(ha(agent, "domain", "list", "--json")) == [
-        {"domainID": d, "path": str(path), "attached_by": "attach"}]
+        {"domainID": d, "path": str(path), "attached_by": "attach", "lockspace": "joined",
+         "error": None}]
     out = ha(agent, "domain", "info", d)
     assert out.returncode == 0 and "capacity" in out.stdout and "GiB" in out.stdout
 

@@ -120,7 +120,8 @@ def duration(s) -> str:
 
 
 STATE_STYLE = {"pending": "yellow", "running": "cyan", "aborting": "magenta", "done": "green",
-               "failed": "red", "aborted": "red", "LEGAL": "green", "ILLEGAL": "yellow"}
+               "failed": "red", "aborted": "red", "LEGAL": "green", "ILLEGAL": "yellow",
+               "joined": "green", "joining": "yellow"}
 
 
 def styled(state) -> str:

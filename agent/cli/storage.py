@@ -156,9 +156,10 @@ def domain_list(ctx, args) -> int:
     if ctx.json:
         output.emit_json(domains)
         return output.OK
-    t = output.table("DOMAIN", "PATH", "ATTACHED BY")
+    t = output.table("DOMAIN", "PATH", "ATTACHED BY", "LOCKSPACE")
     for d in domains:
-        t.add_row(d.get("domainID"), d.get("path"), d.get("attached_by"))
+        t.add_row(d.get("domainID"), d.get("path"), d.get("attached_by"),
+                  output.styled(d.get("lockspace") or "-"))
     ctx.out.print(t if domains else "no domain attached")
     return output.OK
 
