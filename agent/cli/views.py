@@ -71,17 +71,19 @@ def status(ctx, args) -> int:
         ctx.out.print("\nno domain attached")
         return output.OK
     t = output.table("DOMAIN", "PATH", "BY", "CAPACITY", "FREE", "VOLUMES", "COPYING",
-                     title="\ndomains")
+                     "LOCKSPACE", title="\ndomains")
     for d in domains:
         info = d.get("info") or {}
-        if "error" in d:
+        if d.get("error"):  # the domain's info could not be read, or its lockspace not joined
             err = d["error"]
             t.add_row(d["domainID"], d["path"], d.get("attached_by"),
-                      f"[red]{(err.get('data') or {}).get('name')}[/]", "", "", "")
+                      f"[red]{(err.get('data') or {}).get('name')}[/]", "", "", "",
+                      output.styled(d.get("lockspace") or "-"))
             continue
         t.add_row(d["domainID"], d["path"], d.get("attached_by"),
                   output.size(info.get("capacity")), output.size(info.get("free")),
-                  str(info.get("volumes")), str(info.get("copies")))
+                  str(info.get("volumes")), str(info.get("copies")),
+                  output.styled(d.get("lockspace") or "-"))
     ctx.out.print(t)
     return output.OK
 
