@@ -128,8 +128,10 @@ class _Copier:
     """One copy's pipeline: pieces read from the source, written to the destination, handed
     to the checksum in order; `done` is the end of the pieces whose writes all completed."""
 
-    def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int):
+    def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int,
+                 should_stop=lambda: False):
         self.src, self.dst, self.hasher, self.progress = src, dst, hasher, progress
+        self.should_stop = should_stop
         self.loop = _Loop(src.h, dst.h)
         self.queue: collections.deque[_Piece] = collections.deque()
         self.done = start
@@ -173,6 +175,8 @@ class _Copier:
                     queue[0].write is None or self.dst.h.aio_command_completed(queue[0].write)):
                 queue[0].write = None
                 self._finish(queue.popleft())
+                if self.should_stop():  # finishing a piece can wait (the rate limit)
+                    break
         except nbd.Error as exc:
             at = queue[0].offset if queue else self.done
             raise nbd_error(exc, "copying through qemu-nbd", at,
@@ -203,12 +207,12 @@ def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, has
     should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
     NoSpace or OperationFailed on the exports' errors.
     """
-    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight)
+    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight, should_stop)
     pieces = _pieces(src.h, start, size, layer, fresh, chunk)
     saved, saved_at = start, clock()
     piece = next(pieces, None)
     while piece is not None or copier.queue:
-        while piece is not None and len(copier.queue) < max_in_flight:
+        while piece is not None and len(copier.queue) < max_in_flight and not should_stop():
             copier.issue(_Piece(*piece))
             piece = next(pieces, None)
         copier.advance()

@@ -260,6 +260,7 @@ class SanlockLeases:
     def probe(self, volume_id: str) -> dict | None:
         """{holder record..., live, sanlock: {host_id, generation, live}} for a held lease;
         the last holder's record with live False for a free one; None if never held."""
+        self.layout.lease_path(volume_id)  # checks the ID and the path
         try:
             with open(self._record_path(volume_id)) as f:
                 record = json.loads(f.read(64 * 1024))

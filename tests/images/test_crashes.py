@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from tests.harness import events_until, task_state, wait_for
-from tests.images.chains import check, compare, make_chain, needs_qemu, qemu_nbd_under
+from tests.images.chains import (check, compare, make_chain, needs_qemu, qemu_io,
+                                 qemu_nbd_under)
 from tests.storage_flow import MiB, new_id, wait_legal
 
 pytestmark = needs_qemu
@@ -198,3 +199,35 @@ def test_a_chain_copy_killed_with_its_agent_is_recovered_from_its_leaf(make_agen
         assert compare(source["path"], "cow", copy["path"], "cow").returncode == 0
         assert check(copy["path"])["check-errors"] == 0
     assert qemu_nbd_under(domain[1]) == []
+
+
+def test_a_destination_qemu_cannot_reopen_is_made_again_and_the_copy_starts_over(make_agent,
+                                                                                domain):
+    """What an earlier life left is unusable (its qcow2 header destroyed behind our back):
+    the continue records that nothing is durable (checkpoint 0) before it makes the file
+    again, copies from the start, and ends equal."""
+    agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})
+    agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=2)
+    qemu_io(chain[-1]["path"], "cow", f"write -P 9 0 {SIZE}")  # dense: many checkpoints
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": "cow"},
+                        id="c1")
+    checkpointed(agent, dst)
+    agent.call("Task.abort", {"taskID": "c1"})
+    wait_for(lambda: task_state(agent, "c1") == "aborted", what="the copy stopped")
+    path = agent.call("Volume.getInfo", dst)["path"]
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 4096)
+    seen = []
+
+    def legal():
+        st = agent.call("Image.getStatus", dst)
+        if st["copy"]:
+            seen.append(st["copy"]["copied"])
+        return st["legality"] == "LEGAL"
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst}, id="c2")
+    wait_for(legal, timeout=60, interval=0.02, what="the copy LEGAL")
+    assert 0 in seen or min(seen, default=0) < SIZE // 2, seen[:5]  # it started over
+    assert compare(chain[-1]["path"], "cow", path, "cow").returncode == 0
+    assert check(path)["check-errors"] == 0

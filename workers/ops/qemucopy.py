@@ -15,7 +15,9 @@ import os
 from agent import errors
 from agent.storage import chain, checksum, exports, imagecopy, qemu
 from agent.storage.metadata import DomainDB
+from agent.storage.copyengine import CopyStopped
 from agent.storage.volumes import FORMATS
+from workers.runtime import Stopped
 
 
 def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:
@@ -72,10 +74,12 @@ def cluster_size(db: DomainDB, row: dict, beat) -> int | None:
 
 
 def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: int | None,
-                        beat) -> bool:
+                        beat, restart=lambda: True) -> bool:
     """Make or reopen the destination's data file (rows: its chain, base first, it last).
     Returns whether it is fresh: a resumed qcow2 qemu cannot use is made again, and the
-    copy starts over rather than fails for ever."""
+    copy starts over rather than fails for ever; `restart()` first records that nothing of
+    it is durable any more (checkpoint 0), so a crash meanwhile cannot leave a marker that
+    vouches for data the new file does not have."""
     row = rows[-1]
     fmt = row["format"]
     path = db.layout.volume_path(row["image_id"], row["volume_id"], fmt)
@@ -88,6 +92,9 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: in
             return False
         except errors.ImageInvalid:
             pass  # what an earlier life left is unusable: start over
+    if not fresh and not restart():
+        raise errors.GenerationMismatch("superseded before the copy restarted",
+                                        volumeID=row["volume_id"])
     parent = rows[-2] if len(rows) > 1 else None
     FORMATS[fmt].create(path, row["size"], parent=parent, cluster_size=cluster, beat=beat)
     return True
@@ -99,7 +106,8 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     dst_rows[-1]; returns (checksum, where the copy started)."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_size(
-        src_db, src_rows[-1], ctx.beat) if dst_rows[-1]["format"] == "cow" else None, ctx.beat)
+        src_db, src_rows[-1], ctx.beat) if dst_rows[-1]["format"] == "cow" else None, ctx.beat,
+        restart=lambda: report.checkpoint(0))
     if dst_fresh and not fresh:
         start = 0
     src_opts = chain.image_opts(src_db.layout, src_rows, direct=qemu.direct_io(before[-1][0]))
@@ -118,12 +126,15 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             if hasher is not None and start:
                 imagecopy.hash_prefix(dst, start, hasher, ctx.check)
             report.start = start
-            imagecopy.copy_image(
-                src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
-                checkpoint=report.checkpoint, progress=report.progress,
-                should_stop=ctx.stop_requested,
-                checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
-                checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
+            try:
+                imagecopy.copy_image(
+                    src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
+                    checkpoint=report.checkpoint, progress=report.progress,
+                    should_stop=ctx.stop_requested,
+                    checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
+                    checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
+            except CopyStopped:  # durable and checkpointed up to where it stopped
+                raise Stopped() from None
         digest = hasher.result() if hasher is not None else None
         hasher = None
     finally:
