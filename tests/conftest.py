@@ -55,7 +55,14 @@ def make_agent(workdir):
         return agent
 
     yield make
-    leftovers = {a.name: a.close() for a in made}
+    leftovers, failures = {}, []
+    for a in made:  # every agent closed, even when closing one of them fails
+        try:
+            leftovers[a.name] = a.close()
+        except Exception as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
     assert not any(leftovers.values()), f"workers outlived their agent: {leftovers}"
 
 

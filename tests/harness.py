@@ -174,7 +174,7 @@ class AgentProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM):
-                self.proc.wait(10)
+                self.proc.wait(60)
 
     def log(self) -> str:
         try:
@@ -184,12 +184,16 @@ class AgentProcess:
 
     def close(self) -> list[int]:
         """Kill the agent; returns the pids of any worker that outlived it (then kills them)."""
-        self.kill(signal.SIGKILL)
-        for c in self.clients:
-            c.close() if isinstance(c, Client) else c.close(0)
-        self.clients.clear()
-        self._caller = None
-        self.ctx.term()
+        try:
+            self.kill(signal.SIGKILL)
+        finally:
+            for c in self.clients:
+                c.close() if isinstance(c, Client) else c.close(0)
+            self.clients.clear()
+            self._caller = None
+            # destroy, not term: a socket someone forgot must never block the test run (a
+            # context left to the garbage collector with one open hangs it in zmq_ctx_term).
+            self.ctx.destroy(linger=0)
         # Workers die with their supervisor (parent-death signal): give the kernel a moment.
         try:
             wait_for(lambda: not self.workers(), 5, what="workers to die with the agent")
