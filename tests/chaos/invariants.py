@@ -102,6 +102,8 @@ class WriterSampler(threading.Thread):
         self.paths: set[str] = set()
         self.breaches: list[str] = []
         self.samples = 0
+        # The record of who wrote when: path -> pid -> [first seen, last seen] (monotonic).
+        self.history: dict[str, dict[int, list[float]]] = {}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -121,9 +123,24 @@ class WriterSampler(threading.Thread):
                 if f.path in self.paths and f.mode in WRITABLE:
                     writers.setdefault(f.path, set()).add(p.pid)
         self.samples += 1
+        now = time.monotonic()
         for path, pids in writers.items():
+            seen = self.history.setdefault(path, {})
+            for pid in pids:
+                seen.setdefault(pid, [now, now])[1] = now
             if len(pids) > 1:
                 self.breaches.append(f"{path} open for writing by {sorted(pids)}")
+
+    def overlaps(self) -> list[str]:
+        """Writers of one volume whose recorded times overlap (the record, checked)."""
+        found = []
+        for path, seen in self.history.items():
+            spans = sorted(seen.items(), key=lambda kv: kv[1][0])
+            for (pid_a, (_, end_a)), (pid_b, (start_b, _)) in zip(spans, spans[1:]):
+                if start_b <= end_a:
+                    found.append(f"{path}: pid {pid_a} until {end_a:.3f}, pid {pid_b} "
+                                 f"from {start_b:.3f}")
+        return found
 
     def check(self) -> None:
         if self.breaches:

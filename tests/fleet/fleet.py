@@ -11,7 +11,8 @@ comes from one seed.
 
 Checked every round: every copy LEGAL and equal to its source (its guest view, for qcow2);
 never two processes writing one volume at once (tests/chaos/invariants.py WriterSampler:
-what /proc says, sampled every few ms, recorded per volume); every live host reports the
+what /proc says, sampled every few ms; each volume's writers recorded with when they were
+first and last seen, and no two records overlap); every live host reports the
 same status for every volume; nothing of a dead host's processes left once it is back;
 PRAGMA integrity_check clean on both domains.
 """
@@ -234,6 +235,7 @@ class Fleet:
 
     def _check(self, jobs: list[dict]) -> None:
         assert not self.sampler.breaches, self.sampler.breaches
+        assert not self.sampler.overlaps(), self.sampler.overlaps()
         for j in jobs:
             answers = []
             for h in self.live():
@@ -265,4 +267,5 @@ class Fleet:
                 "takeovers": len(self.takeovers),
                 "longest_takeover_seconds": round(max(self.takeovers, default=0), 1),
                 "sampler_samples": self.sampler.samples,
+                "writers_recorded": sum(len(v) for v in self.sampler.history.values()),
                 "breaches": len(self.sampler.breaches)}

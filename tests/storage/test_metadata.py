@@ -31,8 +31,8 @@ def db(root):
 
 def test_format_creates_layout_and_open_finds_it(root):
     DomainDB.format(root, DOM.upper()).close()
-    assert sorted(os.listdir(root)) == [".format.lock", "images", "leases", "metadata.db",
-                                        "metadata.reserve"]
+    assert sorted(os.listdir(root)) == [".format.lock", "dom_md", "images", "leases",
+                                        "metadata.db", "metadata.reserve"]
     with DomainDB.open(root) as d:
         assert d.domain_id == DOM
         assert d.integrity_check() == "ok"
@@ -78,8 +78,8 @@ def test_format_interrupted_before_the_rename_can_be_rerun(root):
     (root / "metadata.db.tmp-journal").write_bytes(b"hot journal")
     with DomainDB.format(root, DOM) as d:
         assert d.integrity_check() == "ok"
-    assert sorted(os.listdir(root)) == [".format.lock", "images", "leases", "metadata.db",
-                                        "metadata.reserve"]
+    assert sorted(os.listdir(root)) == [".format.lock", "dom_md", "images", "leases",
+                                        "metadata.db", "metadata.reserve"]
 
 
 def test_connection_settings(db):
