@@ -195,14 +195,18 @@ class AgentProcess:
             # context left to the garbage collector with one open hangs it in zmq_ctx_term).
             self.ctx.destroy(linger=0)
         # Workers die with their supervisor (parent-death signal): give the kernel a moment.
-        try:
-            wait_for(lambda: not self.workers(), 5, what="workers to die with the agent")
+        try:  # a loaded machine can take seconds to deliver a parent-death signal
+            wait_for(lambda: not self.workers(), 15, what="workers to die with the agent")
         except AssertionError:
             pass
-        left = self.workers()
-        for p in left:
-            p.kill()
-        return [p.pid for p in left]
+        left = []
+        for p in self.workers():
+            try:
+                p.kill()
+                left.append(p.pid)
+            except psutil.NoSuchProcess:
+                pass  # it went by itself meanwhile: not a leftover
+        return left
 
 
 def recv_json(sock: zmq.Socket, timeout: float = 5.0):

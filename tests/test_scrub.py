@@ -417,6 +417,7 @@ class _Listener:
 
 
 def _pool():
+    from agent.config import DEFAULTS
     from agent.workertable import WorkerTable
 
     class Config(dict):
@@ -424,7 +425,8 @@ def _pool():
 
     system, listener = _System(), _Listener()
     config = Config(workers={"deadline_seconds": 10.0, "kill_grace_seconds": 2.0,
-                             "heartbeat_seconds": 1.0}, copy={})
+                             "heartbeat_seconds": 1.0}, copy={},
+                    storage=dict(DEFAULTS["storage"]))
     return WorkerTable(config, system, listener), system, listener
 
 

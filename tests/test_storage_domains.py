@@ -25,7 +25,8 @@ def err(fn, *args, **kw) -> CallError:
 def test_domain_create_list_info_and_attach_elsewhere(agent, make_agent, domain, workdir):
     domain_id, path = domain
     assert agent.call("StorageDomain.list") == [
-        {"domainID": domain_id, "path": path, "attached_by": "attach"}]
+        {"domainID": domain_id, "path": path, "attached_by": "attach",
+         "lockspace": "joined", "error": None}]
     info = agent.call("StorageDomain.getInfo", {"domainID": domain_id})
     assert info["capacity"] >= info["free"] > 0 and info["volumes"] == 0
     assert err(agent.call, "StorageDomain.create", {"domainID": domain_id, "path": path}
@@ -54,7 +55,8 @@ def test_config_domains_attached_at_start(make_agent, workdir):
     first.call("StorageDomain.create", {"domainID": domain_id, "path": path})
     second = make_agent("b", storage={"domains": {domain_id: path}})
     assert second.call("StorageDomain.list") == [
-        {"domainID": domain_id, "path": path, "attached_by": "config"}]
+        {"domainID": domain_id, "path": path, "attached_by": "config",
+         "lockspace": "joined", "error": None}]
 
 
 def test_volume_lifecycle(agent, domain):

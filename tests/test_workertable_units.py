@@ -4,6 +4,7 @@ no processes, so every edge can be shown exactly."""
 import signal
 from types import SimpleNamespace
 
+from agent.config import DEFAULTS
 from agent.workertable import Worker, WorkerTable
 
 
@@ -35,7 +36,8 @@ class Config(dict):
 
 def make_pool():
     config = Config(workers={"deadline_seconds": 10.0, "kill_grace_seconds": 2.0,
-                             "heartbeat_seconds": 1.0}, copy={})
+                             "heartbeat_seconds": 1.0}, copy={},
+                    storage=dict(DEFAULTS["storage"]))
     system, listener = FakeSystem(), Listener()
     return WorkerTable(config, system, listener), system, listener
 
