@@ -3,6 +3,8 @@ each volume with its own lease."""
 
 from __future__ import annotations
 
+import time
+
 from agent import errors, jobs
 from agent.api import Param, WorkerJob, one_of, verb
 
@@ -13,8 +15,6 @@ def _size(value: int) -> int:
     if value < 0 or value > 1 << 50:
         raise ValueError("must be between 0 and 2**50 bytes")
     return value
-
-
 
 
 def located(agent, params: dict) -> dict:
@@ -100,8 +100,7 @@ def fence(agent, params):
     Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld (still held at the timeout),
     206 GenerationMismatch (the generation is no longer `generation`).
     """
-    import time
     if not 0 < params["timeout"] <= 3600:
         raise errors.InvalidParams("timeout must be in (0, 3600] seconds", param="timeout")
     args = located(agent, params) | {"began": time.time()}
-    return WorkerJob("volume.fence", args, deadline=None)
+    return WorkerJob("volume.fence", args)

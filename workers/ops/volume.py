@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from agent.storage import volumes
+import time
+
+from agent import errors
+from agent.storage import leases, volumes
 
 
 def holder(ctx, op: str) -> dict:
@@ -32,9 +35,6 @@ def image_info(ctx, args):
 def fence(ctx, args):
     """Take the volume's lease (waiting out a holder, up to the timeout: a dead host's lease
     frees once sanlock counts it dead), raise its generation, let the lease go."""
-    import time
-    from agent import errors
-    from agent.storage import leases
     with volumes.open_domain(args) as db:
         volumes.volume_row(db, args)
         manager = leases.for_domain(db)
