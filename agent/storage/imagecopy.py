@@ -20,7 +20,7 @@ import collections
 import select
 import time
 
-from agent.errors import GenerationMismatch
+from agent.errors import GenerationMismatch, OperationFailed
 from agent.storage.copyengine import CopyStopped
 from agent.storage.exports import DEPTH, nbd_error
 
@@ -50,6 +50,8 @@ def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, 
     base = found.get("base:allocation") or [(offset, end, 0)]  # no answer: all data
     deep = (found.get(DEPTH) or [(offset, end, 1)]) if depth else [(offset, end, 1)]
     stop = min(base[-1][1], deep[-1][1], end)
+    if stop <= offset:  # an answer that covers nothing would loop for ever
+        raise OperationFailed("the source's block status covers nothing", offset=offset)
     cuts = sorted({offset, stop} | {e for _, e, _ in base + deep if offset < e < stop})
     out = []
     for a, b in zip(cuts, cuts[1:]):
