@@ -6,7 +6,6 @@ in CI; docs/reliability.md records a long run (--fleet-summary FILE writes its f
 
 import json
 
-
 from tests.fleet.fleet import KILLS, Fleet
 from tests.sanlock.daemons import needs_sanlock
 
