@@ -144,8 +144,7 @@ class Scrub:
 
     def check_volume(self, vol: dict) -> None:
         base = self.done
-        path = self.ddb.layout.volume_path(vol["image_id"], vol["volume_id"],
-                                           vol.get("format", "raw"))
+        path = self.ddb.layout.data_path(vol)
 
         def on_chunk(offset: int, read: int) -> None:
             self.result["bytes_read"] += read

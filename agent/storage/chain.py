@@ -15,12 +15,12 @@ import os
 
 from agent import errors
 from agent.storage import qemu
+from agent.storage.layout import SUFFIXES
 
 
 def file_name(row: dict) -> str:
-    """A volume's data file name inside its image directory."""
-    from agent.storage.volumes import FORMATS
-    return row["volume_id"] + FORMATS[row["format"]].SUFFIX
+    """A volume's data file name inside its image directory (a child's backing file)."""
+    return row["volume_id"] + SUFFIXES[row["format"]]
 
 
 def check_headers(layout, rows: list[dict], beat=lambda: None) -> None:
@@ -32,7 +32,7 @@ def check_headers(layout, rows: list[dict], beat=lambda: None) -> None:
                 raise errors.ImageInvalid("a raw volume can only be a chain's base",
                                           volumeID=row["volume_id"], reason="chain")
             continue
-        path = layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+        path = layout.data_path(row)
         head = qemu.info(path, "cow", beat)
         if head.get("format-specific", {}).get("data", {}).get("corrupt"):
             raise errors.ImageInvalid("the image is marked corrupt", volumeID=row["volume_id"],
@@ -65,7 +65,7 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
     chain = rows[-1:] if layer_only else rows
     prefix = ""
     for i, row in enumerate(reversed(chain)):
-        path = layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+        path = layout.data_path(row)
         keys[prefix + "driver"] = qemu.driver(row["format"])
         keys[prefix + "file.driver"] = "file"
         keys[prefix + "file.filename"] = path

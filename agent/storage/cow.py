@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from agent.storage import qemu, raw
+from agent.storage import chain, qemu, raw
 from agent.storage.layout import SUFFIXES, fsync_dir
 
 NAME = "cow"
@@ -19,9 +19,7 @@ SUFFIX = SUFFIXES[NAME]
 def create(path: str, size: int, preallocation: str = "sparse", parent: dict | None = None,
            cluster_size: int | None = None, beat=lambda: None) -> None:
     """A qcow2 of virtual size `size`, durable on return; `parent` is the parent's row."""
-    backing = None
-    if parent is not None:
-        backing = parent["volume_id"] + SUFFIXES[parent["format"]]
+    backing = chain.file_name(parent) if parent is not None else None
     qemu.create(path, NAME, size, backing=backing,
                 backing_fmt=parent["format"] if parent else None, preallocation=preallocation,
                 cluster_size=cluster_size, beat=beat)

@@ -101,7 +101,6 @@ class Export:
         if self.h is not None:
             with contextlib.suppress(Exception):
                 self.h.shutdown()
-
             self.h = None
         if self.proc is not None:
             qemu.wait_gone(self.proc)

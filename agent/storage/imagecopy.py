@@ -234,7 +234,7 @@ def guest_checksum(db, row: dict, on_chunk=None) -> str:
     from agent.storage import chain, checksum, exports, qemu
     rows = db.chain(row["volume_id"])
     chain.check_headers(db.layout, rows)
-    path = db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+    path = db.layout.data_path(row)
     hasher = checksum.StreamHasher(row["size"])
     with exports.export(chain.image_opts(db.layout, rows, direct=qemu.direct_io(path))) as exp:
         hash_prefix(exp, row["size"], hasher, on_chunk=on_chunk)

@@ -74,6 +74,10 @@ class Layout:
         path = os.path.join(self.image_dir(image_id), volume_id + SUFFIXES[fmt])
         return self._confined(path, "volumeID")
 
+    def data_path(self, row: dict) -> str:
+        """The data file of a volume's metadata row (its format decides the name)."""
+        return self.volume_path(row["image_id"], row["volume_id"], row.get("format", "raw"))
+
     def lease_path(self, volume_id: str) -> str:
         volume_id = check_uuid(volume_id, "volumeID")
         return self._confined(os.path.join(self.leases_dir, volume_id + ".lease"), "volumeID")

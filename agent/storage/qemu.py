@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 from agent import errors, system
 
@@ -80,25 +79,29 @@ def tool_error(tool: str, detail: str, **data) -> errors.AgentError:
                                tool=tool, detail=detail, reason=_classify(detail), **data)
 
 
-def run(args: list[str], beat=lambda: None, tool: str = QEMU_IMG, **data) -> str:
-    """Run a qemu tool to its end, heartbeating; its stdout, or the named error."""
+def run(args: list[str], beat=lambda: None, tool: str = QEMU_IMG, ok: tuple = (0,),
+        **data) -> str:
+    """Run a qemu tool to its end, heartbeating; its stdout, or the named error (an exit
+    code outside `ok`)."""
     proc = start([tool, *args])
-    out, err = b"", b""
     try:
-        while True:
-            try:
-                out, err = proc.communicate(timeout=0.25)
-                break
-            except subprocess.TimeoutExpired:
-                beat()
+        out, err = _wait(proc, beat)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if proc.returncode != 0:
-        raise tool_error(tool, err.decode(errors="replace") or out.decode(errors="replace"),
-                         **data)
-    return out.decode(errors="replace")
+    if proc.returncode not in ok:
+        raise tool_error(tool, err or out, exit_code=proc.returncode, **data)
+    return out
+
+
+def _wait(proc: subprocess.Popen, beat) -> tuple[str, str]:
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.25)
+            return out.decode(errors="replace"), err.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            beat()
 
 
 def info(path: str, fmt: str, beat=lambda: None) -> dict:
@@ -130,21 +133,8 @@ def check(path: str, fmt: str, repair_leaks: bool = False, beat=lambda: None) ->
     args = ["check", "--output=json", "-f", driver(fmt)]
     if repair_leaks:
         args += ["-r", "leaks"]
-    proc = start([QEMU_IMG, *args, path])
-    out, err = _wait(proc, beat)
     # Exit 0: clean; 3: leaks only (harmless); 2: corrupt; 1: could not check.
-    if proc.returncode in (0, 3):
-        return json.loads(out or "{}")
-    raise tool_error("qemu-img check", err or out, path=path, exit_code=proc.returncode)
-
-
-def _wait(proc: subprocess.Popen, beat) -> tuple[str, str]:
-    while True:
-        try:
-            out, err = proc.communicate(timeout=0.25)
-            return out.decode(errors="replace"), err.decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            beat()
+    return json.loads(run([*args, path], beat, ok=(0, 3), path=path) or "{}")
 
 
 def measure(fmt: str, chain_opts: str, beat=lambda: None) -> dict:
@@ -170,9 +160,8 @@ def escape(value: str) -> str:
 
 def wait_gone(proc: subprocess.Popen, seconds: float = 5.0) -> None:
     """Wait for a tool to exit after its client left; kill it if it does not."""
-    deadline = time.monotonic() + seconds
-    while proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if proc.poll() is None:
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -39,11 +39,14 @@ def _sanlock():
     return sanlock
 
 
-def _waiting(call, *args, **kwargs):
-    """A sanlock call on a thread, the worker heartbeating meanwhile (leases.beat): an
-    acquire can watch a silent owner for seconds before it answers."""
+def _waiting(call, *args, beat=None, patience: float | None = None, **kwargs):
+    """A sanlock call on a thread, `beat` (the worker's heartbeat, leases.beat) called
+    meanwhile: an acquire can watch a silent owner, and a join wait out a host ID, for
+    seconds. With `patience`, give up waiting after that many seconds (None returned; the
+    call goes on in the daemon)."""
     import threading
     from agent.storage import leases
+    beat = beat or leases.beat
     out: list = []
 
     def run():
@@ -54,8 +57,11 @@ def _waiting(call, *args, **kwargs):
 
     t = threading.Thread(target=run, name="sanlock-call", daemon=True)
     t.start()
+    deadline = None if patience is None else time.monotonic() + patience
     while t.is_alive():
-        leases.beat()
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        beat()
         t.join(0.2)
     ok, value = out[0]
     if not ok:
@@ -95,25 +101,17 @@ class SanlockLease:
         self.manager, self.volume_id, self.disks = manager, volume_id, disks
 
     def release(self, patience: float = 5.0) -> None:
-        """Let the lease go. On a thread, waited for `patience` seconds: a daemon that does
-        not answer (a host cut off) must not hang the worker, whose exit frees the lease
-        anyway."""
-        import threading
+        """Let the lease go, waiting at most `patience` seconds: a daemon that does not
+        answer (a host cut off) must not hang the worker, whose exit frees the lease."""
         if self.disks is None:
             return
         sl = _sanlock()
         disks, self.disks = self.disks, None
-
-        def release():
-            try:
-                sl.release(self.manager.lockspace, self.volume_id.encode(), disks,
-                           slkfd=_registered)
-            except sl.SanlockException:
-                pass  # gone with its lockspace, or freed already: nothing is held
-
-        t = threading.Thread(target=release, name="sanlock-release", daemon=True)
-        t.start()
-        t.join(patience)
+        try:
+            _waiting(sl.release, self.manager.lockspace, self.volume_id.encode(), disks,
+                     slkfd=_registered, patience=patience)
+        except sl.SanlockException:
+            pass  # gone with its lockspace, or freed already: nothing is held
 
     def __enter__(self):
         return self
@@ -150,33 +148,22 @@ class SanlockLeases:
 
     def join(self, beat=lambda: None) -> dict:
         """Join the domain's lockspace with this host's ID; returns once joined. Takes
-        seconds (longer after an unclean stop: sanlock waits out the ID's last owner), so
-        the add runs on a thread while `beat` is called (it may raise to stop waiting; the
-        add goes on in the daemon, and the next join finds it)."""
-        import threading
+        seconds (longer after an unclean stop: sanlock waits out the ID's last owner);
+        `beat` is called meanwhile and may raise to stop waiting (the add goes on in the
+        daemon, and the next join finds it)."""
         sl = _sanlock()
         self.ensure_lockspace()
         began = time.monotonic()
         if self.joined():
             return {"host_id_number": self.host_id, "seconds": 0.0, "already": True}
-        failure = []
-
-        def add():
-            try:
-                sl.add_lockspace(self.lockspace, self.host_id, self.ids,
-                                 iotimeout=self.io_timeout)
-            except sl.SanlockException as exc:
-                if exc.errno != 17:  # EEXIST: joined meanwhile (a join of an earlier life)
-                    failure.append(exc)
-
-        adding = threading.Thread(target=add, name="add-lockspace", daemon=True)
-        adding.start()
-        while adding.is_alive():
-            beat()
-            adding.join(0.2)
-        if failure and not self.joined():
-            raise _failed("cannot join the lockspace", failure[0],
-                          host_id_number=self.host_id)
+        try:
+            _waiting(sl.add_lockspace, self.lockspace, self.host_id, self.ids,
+                     iotimeout=self.io_timeout, beat=beat)
+        except sl.SanlockException as exc:
+            # EEXIST: joined meanwhile (an add of an earlier life finished first).
+            if exc.errno != 17 or not self.joined():
+                raise _failed("cannot join the lockspace", exc,
+                              host_id_number=self.host_id) from None
         return {"host_id_number": self.host_id,
                 "seconds": round(time.monotonic() - began, 3), "already": False}
 

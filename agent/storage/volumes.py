@@ -61,10 +61,6 @@ def volume_row(db: DomainDB, args: dict) -> dict:
     return row
 
 
-def path_of(db: DomainDB, row: dict) -> str:
-    return db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
-
-
 def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
     fmt, parent_id = args.get("format", "raw"), args.get("parentVolumeID")
     with leases.for_domain(db).acquire(args["volumeID"], who):
@@ -95,7 +91,7 @@ def delete(db: DomainDB, args: dict, who: dict) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
         row = volume_row(db, args)
         db.delete_volume(args["volumeID"])
-        FORMATS[row["format"]].remove(path_of(db, row))
+        FORMATS[row["format"]].remove(db.layout.data_path(row))
         ensure_reserve(db.layout.root)  # given back if this delete needed it: room again now
         return {"volumeID": args["volumeID"], "deleted": True}
 
@@ -110,7 +106,7 @@ def allocated(path: str) -> int:
 def describe(db: DomainDB, row: dict) -> dict:
     """A volume as Volume.getInfo and Image.getInfo show it."""
     children = db.children(row["volume_id"])
-    path = path_of(db, row)
+    path = db.layout.data_path(row)
     return {"domainID": db.domain_id, "imageID": row["image_id"], "volumeID": row["volume_id"],
             "format": row["format"], "size": row["size"], "allocated": allocated(path),
             "legality": row["legality"], "generation": row["generation"],
@@ -131,11 +127,7 @@ def image_info(db: DomainDB, args: dict) -> dict:
     if not rows:
         raise errors.NoSuchVolume("no volumes in this image", domainID=args["domainID"],
                                   imageID=args["imageID"])
-    ids = {r["volume_id"] for r in rows}
     leaves = [r for r in rows if not db.children(r["volume_id"])]
-    chains = []
-    for leaf in leaves:
-        chain = [describe(db, r) for r in db.chain(leaf["volume_id"]) if r["volume_id"] in ids]
-        chains.append(chain)
+    chains = [[describe(db, r) for r in db.chain(leaf["volume_id"])] for leaf in leaves]
     return {"domainID": db.domain_id, "imageID": args["imageID"],
             "chain": chains[0] if len(chains) == 1 else None, "chains": chains}

@@ -70,7 +70,13 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
     return marker, marker["copied"] == 0
 
 
-def _kind(dst_db: DomainDB, dst: dict, src_db: DomainDB, src_row: dict, args: dict) -> str:
+def _kernel_copy(src_rows: list[dict], dst_format: str) -> bool:
+    """Raw to raw of a lone volume: a kernel copy (copy_file_range); all else goes through
+    qemu (workers/ops/qemucopy.py)."""
+    return len(src_rows) == 1 and src_rows[0]["format"] == dst_format == "raw"
+
+
+def _kind(dst_db: DomainDB, dst: dict, args: dict) -> str:
     """collapse or chain: what the copy being continued is, else what the caller asked
     (collapse by default)."""
     marker = dst_db.get_marker(dst["volumeID"])
@@ -95,17 +101,15 @@ def copy(ctx, args):
     src_db = dst_db if src["domainID"] == dst["domainID"] else open_domain(src)
     with leases.for_domain(dst_db).acquire(dst["volumeID"], holder(ctx, "copy")):
         src_row = _source(src_db, src)
-        if _kind(dst_db, dst, src_db, src_row, args) == "chain":
+        if _kind(dst_db, dst, args) == "chain":
             return chaincopy.copy_chain(ctx, args, src_db, dst_db, src_row)
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
         chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
         fmt = args.get("format") or src_row["format"]
-        kernel = len(src_rows) == 1 and src_row["format"] == fmt == "raw"
-        if not kernel and dst_db.get_volume(dst["volumeID"]) is None:
+        if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
             qemucopy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)
-        marker, fresh = _own(dst_db, ctx, src, dst, src_row, args,
-                             fmt=args.get("format") or src_row["format"])
+        marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
         dst_db.layout.ensure_image_dir(dst["imageID"])
         gen, start = marker["generation"], marker["copied"]
         ctx.returned({"volumeID": dst["volumeID"], "state": "copying", "generation": gen,
@@ -115,8 +119,8 @@ def copy(ctx, args):
                 "volumeID": dst["volumeID"], "generation": gen, "total": size}
         ctx.event("Image.copy", {**base, "state": "started", "copied": start})
         try:
-            dst_row = dst_db.get_volume(dst["volumeID"])
-            if len(src_rows) == 1 and src_row["format"] == dst_row["format"] == "raw":
+            dst_row = dst_db.get_volume(dst["volumeID"])  # a continue: its own format
+            if _kernel_copy(src_rows, dst_row["format"]):
                 digest = _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh,
                                     base, marker)
             else:

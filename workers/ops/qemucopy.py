@@ -25,7 +25,7 @@ def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:
     files qemu read are still the chain's."""
     out = []
     for row in rows:
-        path = db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+        path = db.layout.data_path(row)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -69,7 +69,7 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats
 def cluster_size(db: DomainDB, row: dict, beat) -> int | None:
     if row["format"] != "cow":
         return None
-    path = db.layout.volume_path(row["image_id"], row["volume_id"], row["format"])
+    path = db.layout.data_path(row)
     return qemu.info(path, "cow", beat).get("cluster-size")
 
 
@@ -82,7 +82,7 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: in
     vouches for data the new file does not have."""
     row = rows[-1]
     fmt = row["format"]
-    path = db.layout.volume_path(row["image_id"], row["volume_id"], fmt)
+    path = db.layout.data_path(row)
     if not fresh and os.path.exists(path):
         if fmt == "raw":
             return False
@@ -111,8 +111,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     if dst_fresh and not fresh:
         start = 0
     src_opts = chain.image_opts(src_db.layout, src_rows, direct=qemu.direct_io(before[-1][0]))
-    dst_path = dst_db.layout.volume_path(dst_rows[-1]["image_id"], dst_rows[-1]["volume_id"],
-                                         dst_rows[-1]["format"])
+    dst_path = dst_db.layout.data_path(dst_rows[-1])
     dst_opts = chain.image_opts(dst_db.layout, dst_rows, direct=qemu.direct_io(dst_path))
     size = src_rows[-1]["size"]
     cfg = ctx.settings.get("copy", {})
