@@ -186,19 +186,14 @@ class Fleet:
         nobody holds; the victim comes back meanwhile."""
         free_since: dict[str, float] = {}
         continued = set()
-        deadline = time.monotonic() + timeout
-        restarted = False
-        while True:
-            if not victim.up and not restarted:
-                victim.start(self.domains)  # a whole host: a new daemon, rejoins its ID
-                restarted = True
-            pending = [j for j in jobs if not j.get("done")]
-            if not pending:
-                break
-            assert time.monotonic() < deadline, f"copies not done: {pending}"
-            for j in pending:
+        if not victim.up:
+            victim.start(self.domains)  # a whole host: a new daemon, rejoins its ID
+
+        def all_legal() -> bool:  # one poll of the engine over every copy not yet done
+            for j in [j for j in jobs if not j.get("done")]:
                 self._step(j, free_since, continued, victim)
-            time.sleep(0.05)  # polling interval of the engine, not a synchronization
+            return all(j.get("done") for j in jobs)
+        wait_for(all_legal, timeout, interval=0.05, what="every copy LEGAL")
         self.joined(victim)
 
     def _step(self, j: dict, free_since: dict, continued: set, victim: Host) -> None:

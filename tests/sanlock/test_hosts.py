@@ -33,6 +33,22 @@ def host(make_agent, daemons, name, number, domain=None, **over):
     return agent
 
 
+def first_host(make_agent, daemons, shared, name="a", number=1, **over):
+    """A host that creates the shared domain and has joined its lockspace."""
+    agent = host(make_agent, daemons, name, number, **over)
+    agent.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
+    joined(agent, shared[0])
+    return agent
+
+
+def second_host(make_agent, daemons, shared, name="b", number=2, **over):
+    """A host that attaches the shared domain and has joined its lockspace."""
+    agent = host(make_agent, daemons, name, number, **over)
+    agent.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
+    joined(agent, shared[0])
+    return agent
+
+
 def lockspace(agent, domain_id):
     for d in agent.call("StorageDomain.list"):
         if d["domainID"] == domain_id:
@@ -73,9 +89,7 @@ def test_two_hosts_share_a_domain_and_a_dead_writers_lease_frees_at_once(make_ag
     a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
     assert lockspace(a, shared[0]) in ("joining", "joined")
     joined(a, shared[0])
-    b = host(make_agent, daemons, "b", 2)
-    b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
-    joined(b, shared[0])
+    b = second_host(make_agent, daemons, shared)
     src = make_source(a, shared[0], 64 * MiB)
     dst = dst_for(shared[0])
     a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
@@ -100,9 +114,7 @@ def test_two_hosts_share_a_domain_and_a_dead_writers_lease_frees_at_once(make_ag
 
 
 def test_an_agent_restart_finds_its_lockspace_joined(make_agent, daemons, shared):
-    a = host(make_agent, daemons, "a", 1)
-    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
-    joined(a, shared[0])
+    a = first_host(make_agent, daemons, shared)
     first = a.call("Task.getStatus", {"taskID": f"join:{shared[0]}"})["result"]
     assert first["already"] is False and first["seconds"] > 0
     a.kill(signal.SIGKILL)
@@ -118,9 +130,7 @@ def test_an_agent_restart_finds_its_lockspace_joined(make_agent, daemons, shared
 def test_work_waits_pending_while_the_lockspace_joins(make_agent, daemons, shared):
     """A copy asked for while the domain is joining is a pending task, started once the
     domain is joined; the agent answers throughout."""
-    a = host(make_agent, daemons, "a", 1)
-    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
-    joined(a, shared[0])
+    a = first_host(make_agent, daemons, shared)
     src = make_source(a, shared[0], 4 * MiB)
     a.kill(signal.SIGKILL)
     a.daemon.client("rem_lockspace", "-s", f"{shared[0]}:1:{shared[1]}/dom_md/ids:0")
@@ -140,9 +150,7 @@ def test_work_waits_pending_while_the_lockspace_joins(make_agent, daemons, share
 
 
 def test_a_host_that_loses_the_lockspace_has_its_writer_killed(make_agent, daemons, shared):
-    a = host(make_agent, daemons, "a", 1)
-    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
-    joined(a, shared[0])
+    a = first_host(make_agent, daemons, shared)
     src = make_source(a, shared[0], 64 * MiB)
     dst = dst_for(shared[0])
     a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
@@ -165,13 +173,9 @@ def test_fence_waits_out_a_cut_off_host_and_its_late_writer_is_refused(make_agen
     Host B's Volume.fence waits until sanlock counts A dead (~70 s with io_timeout 1 s),
     takes the lease and raises the generation; A's writer can commit nothing after that,
     and B's continue ends the copy with the source's data."""
-    a = host(make_agent, daemons, "a", 1,
-             copy={**COPY, "max_bytes_per_second": 2 * MiB})  # still copying after ~70 s
-    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
-    joined(a, shared[0])
-    b = host(make_agent, daemons, "b", 2, copy={**COPY, "max_bytes_per_second": 0})
-    b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
-    joined(b, shared[0])
+    a = first_host(make_agent, daemons, shared,
+                   copy={**COPY, "max_bytes_per_second": 2 * MiB})  # copying after ~70 s
+    b = second_host(make_agent, daemons, shared, copy={**COPY, "max_bytes_per_second": 0})
     src = make_source(a, shared[0], 256 * MiB, layout=[(0, 32 * MiB), (192 * MiB, 32 * MiB)])
     dst = dst_for(shared[0])
     first = a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
@@ -201,9 +205,7 @@ def test_two_hosts_configured_with_one_host_id_cannot_both_join(make_agent, daem
     """An operator's mistake: the second host with the same ID fails its join, visibly
     (StorageDomain.list), and the work that needs the domain fails instead of waiting for
     ever; the first host is unharmed."""
-    a = host(make_agent, daemons, "a", 7)
-    a.call("StorageDomain.create", {"domainID": shared[0], "path": shared[1]})
-    joined(a, shared[0])
+    a = first_host(make_agent, daemons, shared, number=7)
     b = host(make_agent, daemons, "b", 7)
     b.call("StorageDomain.attach", {"domainID": shared[0], "path": shared[1]})
     src = make_source(a, shared[0], 4 * MiB)
