@@ -29,14 +29,17 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def block_checksum(path) -> str:
-    """The "sha256-4m" checksum by its definition, reading every byte: the SHA-256 of the
-    SHA-256 digests of the file's 4 MiB blocks (an oracle for agent/storage/checksum.py)."""
-    outer = hashlib.sha256()
+def block_checksum(path, kind: str = "blake3-4m") -> str:
+    """A block-structured checksum by its definition, reading every byte: the hash of the
+    hash digests of the file's 4 MiB blocks (an oracle for agent/storage/checksum.py).
+    "blake3-4m" (recorded now) with BLAKE3, "sha256-4m" (recorded before) with SHA-256."""
+    import blake3
+    hash_ = {"blake3-4m": blake3.blake3, "sha256-4m": hashlib.sha256}[kind]
+    outer = hash_()
     with open(path, "rb") as f:
         while block := f.read(4 * MiB):
-            outer.update(hashlib.sha256(block).digest())
-    return "sha256-4m:" + outer.hexdigest()
+            outer.update(hash_(block).digest())
+    return f"{kind}:" + outer.hexdigest()
 
 
 def recorded_checksum(domain_path, volume_id):

@@ -80,8 +80,15 @@ def operation(agent, domain_id, operation_id) -> dict | None:
 
 
 def wait_state(agent, domain_id, operation_id, *states, timeout=60.0) -> dict:
-    return wait_for(lambda: (o := operation(agent, domain_id, operation_id))
-                    and o["state"] in states and o, timeout, interval=0.1,
+    """The operation once it is in one of `states`; in an ended one, once its process is
+    gone too (it holds the domain's scrub lease until it exits, after writing its end)."""
+    def reached():
+        o = operation(agent, domain_id, operation_id)
+        if not o or o["state"] not in states:
+            return None
+        ended = o["state"] in ("COMPLETED", "FAILED")
+        return o if not (ended and o.get("pid") and alive(o["pid"])) else None
+    return wait_for(reached, timeout, interval=0.1,
                     what=f"operation {operation_id} {'/'.join(states)}")
 
 
@@ -174,23 +181,29 @@ def test_a_flipped_byte_is_reported_and_the_record_kept(make_agent, shared):
         f.seek(100 * MiB + 12345)
         f.write(bytes([byte[0] ^ 0x01]))
     later = make_source(agent, domain_id, MiB, seed=4)  # seen for the first time next scrub
-    # A record of the kind earlier versions wrote (whole-file SHA-256) is still verified.
+    older = make_source(agent, domain_id, 9 * MiB, seed=5)
+    # Records of the kinds earlier versions wrote (whole-file SHA-256, block-structured
+    # SHA-256) are still verified, each with its kind.
     legacy = "sha256:" + sha256(volume_path(agent, dense))
+    legacy_blocks = block_checksum(volume_path(agent, older), "sha256-4m")
     conn = sqlite3.connect(f"{shared[1]}/metadata.db", isolation_level=None)
-    conn.execute("UPDATE volumes SET checksum = ? WHERE volume_id = ?",
-                 [legacy, dense["volumeID"]])
+    for value, vol in ((legacy, dense), (legacy_blocks, older)):
+        conn.execute("UPDATE volumes SET checksum = ? WHERE volume_id = ?",
+                     [value, vol["volumeID"]])
     conn.close()
 
     for _ in range(2):  # reported every time, never silently accepted
         op = start_scrub(agent, domain_id)
         result = wait_state(agent, domain_id, op["operationID"], "COMPLETED", "FAILED")["result"]
-        assert result["volumes_checked"] == 3
+        assert result["volumes_checked"] == 4
         assert result["mismatches"] == [{**sparse, "expected": expected,
                                          "found": block_checksum(path)}]
         assert recorded_checksum(shared[1], sparse["volumeID"]) == expected
     assert result["recorded"] == 0
     assert recorded_checksum(shared[1], dense["volumeID"]) == legacy
-    assert recorded_checksum(shared[1], later["volumeID"]) is not None
+    assert recorded_checksum(shared[1], older["volumeID"]) == legacy_blocks
+    assert recorded_checksum(shared[1], later["volumeID"]) == \
+        block_checksum(volume_path(agent, later))
 
 
 def test_a_killed_scrub_reads_unknown_and_a_new_one_can_start(make_agent, shared):
@@ -292,10 +305,13 @@ def test_sparse_checksum_reads_only_data_and_follows_its_definition(tmp_path):
     empty = tmp_path / "empty.raw"
     empty.write_bytes(b"")
     assert checksum.file_checksum(str(empty)) == block_checksum(empty)
-    # The kind earlier versions recorded: the SHA-256 of the whole file.
+    # The kinds earlier versions recorded: block-structured SHA-256, and the SHA-256 of the
+    # whole file.
+    assert checksum.file_checksum(str(path), kind=checksum.kind_of("sha256-4m:00")) == \
+        block_checksum(path, "sha256-4m")
     assert checksum.file_checksum(str(path), kind=checksum.kind_of("sha256:00")) == \
         "sha256:" + sha256(path)
-    assert checksum.kind_of(None) == checksum.kind_of("md5:x") == "sha256-4m"
+    assert checksum.kind_of(None) == checksum.kind_of("md5:x") == "blake3-4m"
 
 
 def extents(path):

@@ -153,10 +153,11 @@ class Scrub:
             self.tick()
 
         try:
+            kind = checksum.kind_of(vol["checksum"])
             if vol.get("format", "raw") == "raw":
-                found = checksum.file_checksum(path, on_chunk, checksum.kind_of(vol["checksum"]))
+                found = checksum.file_checksum(path, on_chunk, kind)
             else:  # a qcow2 is read through qemu: its guest view, as its copy hashed it
-                found = imagecopy.guest_checksum(self.ddb, vol, on_chunk)
+                found = imagecopy.guest_checksum(self.ddb, vol, on_chunk, kind)
         except FileNotFoundError:
             found = None
         except errors.AgentError as exc:

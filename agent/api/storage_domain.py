@@ -82,10 +82,10 @@ def start_scrub(agent, params):
     The task takes the domain's scrub lease, registers the operation in the domain's
     metadata (one transaction), starts the scrub process (not a worker: it survives the
     agent's death and restart) and answers once that process says it runs. The scrub reads
-    every LEGAL volume (holes are not read), computes its checksum ("sha256-4m:<hex>", see
-    docs/crash-model.md) and compares it with the recorded one: none recorded yet, it
-    records it; a mismatch is reported in the result
-    and never overwritten. Its reads are throttled by `[scrub] max_bytes_per_second`. Follow
+    every LEGAL volume (holes are not read), computes its checksum (of its record's kind;
+    "blake3-4m:<hex>" when none is recorded, see docs/crash-model.md) and compares it with
+    the recorded one: none recorded yet, it records it; a mismatch is reported in the
+    result and never overwritten. Its reads are throttled by `[scrub] max_bytes_per_second`. Follow
     it with StorageDomain.getOperationStatuses, from any host attached to the domain.
     Result: the operation as on disk once its process runs, as in getOperationStatuses
     (state STARTED, or already ended for a domain with little to read; pid: the scrub

@@ -228,14 +228,15 @@ def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, has
     return copier.done
 
 
-def guest_checksum(db, row: dict, on_chunk=None) -> str:
+def guest_checksum(db, row: dict, on_chunk=None, kind: str | None = None) -> str:
     """The checksum of a volume's guest view, its chain read through qemu (a scrub of a
-    qcow2): the same value a copy records, whatever the format."""
+    qcow2): the same value a copy records, whatever the format; of `kind` (a block kind,
+    default the current one) to verify an older record."""
     from agent.storage import chain, checksum, exports, qemu
     rows = db.chain(row["volume_id"])
     chain.check_headers(db.layout, rows)
     path = db.layout.data_path(row)
-    hasher = checksum.StreamHasher(row["size"])
+    hasher = checksum.StreamHasher(row["size"], kind or checksum.BLOCKS)
     with exports.export(chain.image_opts(db.layout, rows, direct=qemu.direct_io(path))) as exp:
         hash_prefix(exp, row["size"], hasher, on_chunk=on_chunk)
     return hasher.hexdigest()
