@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_RPC_PORT = 5670
 DEFAULT_EVENTS_PORT = 5671
+DEFAULT_METRICS_PORT = 9478
 
 DEFAULTS: dict[str, Any] = {
     "host_id": None,  # the hostname
@@ -70,6 +71,9 @@ DEFAULTS: dict[str, Any] = {
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
     # (how the scrub process is started so that it outlives the agent: workers/ops/operation.py).
     "scrub": {"max_bytes_per_second": 64 * 1024 * 1024, "launcher": "auto"},
+    # Prometheus metrics over HTTP (agent/metrics.py): "host:port", loopback by default
+    # (the metrics say what the host stores; expose them wider on purpose), "" for none.
+    "metrics": {"endpoint": f"127.0.0.1:{DEFAULT_METRICS_PORT}"},
 }
 
 SCRUB_LAUNCHERS = ("auto", "spawn", "systemd-run")
@@ -169,6 +173,23 @@ def _check(data: dict) -> None:
     positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int)
     if not isinstance(st["sanlock_run_dir"], str):
         raise ConfigError("storage.sanlock_run_dir must be a path")
+    endpoint = data["metrics"]["endpoint"]
+    if not isinstance(endpoint, str):
+        raise ConfigError("metrics.endpoint must be \"host:port\" or \"\"")
+    if endpoint:
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.endpoint: {exc}") from None
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """A metrics endpoint: "127.0.0.1:9478", "[::1]:9478", "localhost:0" (any free port)
+    -> (host, port)."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or not host.strip("[]"):
+        raise ValueError(f"not host:port: {endpoint!r}")
+    return host.strip("[]"), int(port)
 
 
 def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:

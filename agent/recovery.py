@@ -158,7 +158,7 @@ def _copy_ended(agent, task, outcome: str, result, error) -> None:
                            max_attempts=cfg["max_attempts"])
     src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
     dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
-    log.info("copy_failed", task_id=task.id, error=name, attempts=attempts, failures=failures,
+    log.info("copy_failed", **task.about(), error=name, attempts=attempts, failures=failures,
              action=action)
     # A worker that died could not record its own error in the marker: the next one does.
     unrecorded = None if error.get("data", {}).get("recorded") else (error or None)

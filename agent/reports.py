@@ -74,6 +74,10 @@ class Reports:
     def _event(self, w, topic, params) -> None:
         if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
             self.agent.publish(topic, {**params, "taskID": w.task.id})
+            if topic == "Image.copy" and self.agent.tasks.active.get(w.task.id) is w.task:
+                copied = self.agent.copies.report(w.task.id, params)
+                if copied and self.agent.metrics is not None:
+                    self.agent.metrics.count.copy_bytes.inc(copied)
 
     def _succeeded(self, w, result) -> None:
         if w.task.progress is not None:
@@ -92,9 +96,14 @@ class Reports:
 
     def _gone(self, w, error: errors.AgentError) -> None:
         """The worker's process has been reaped (or never existed)."""
+        # Killed: by us, for a reason (abort, timeout, protocol), or by someone else's
+        # signal (the OOM killer, sanlock, an operator).
+        reason = w.kill_reason or ("signal" if "signal" in (w.exit or {}) else None)
+        if reason and self.agent.metrics is not None:
+            self.agent.metrics.count.workers_killed.labels(reason).inc()
         if not w.task.active:
             return  # it reported its outcome, and that ended the task already
         error = w.stop_error or error
-        self.agent.log.warning("worker_gone", task_id=w.task.id, method=w.task.method,
-                         worker_pid=w.pid, error=error.message)
+        self.agent.log.warning("worker_gone", **w.task.about(), worker_pid=w.pid,
+                               error=error.message)
         self.agent.end(w.task, "fail", error=error)

@@ -22,7 +22,9 @@ import zmq
 
 from agent import (api, errors, intake, jsonrpc, logs, outcomes, peers, replies, sdnotify,
                    security, startup, states)
+from agent import __version__
 from agent.backlog import Backlog
+from agent.copies import CopyMeter
 from agent.lockspaces import Lockspaces
 from agent.domains import Domains
 from agent.events import Publisher, fits
@@ -46,7 +48,10 @@ class Agent:
         self.log = logs.get(component="supervisor", host_id=config.host_id)
         self.boot_id = uuid.uuid4().hex
         self.kernel_boot_id = startup.read_text("/proc/sys/kernel/random/boot_id")
+        self.version = __version__
         self.started_at = self.system.monotonic()
+        self.started_wall = self.system.wall()
+        self.ready_wall: float | None = None  # when start-up ended (Host.getStats)
         self.verbs = api.load_all()
         tcfg, rcfg = config["tasks"], config["rpc"]
         self.tasks = TaskTable(retain_seconds=tcfg["retain_seconds"], retain_max=tcfg["retain_max"],
@@ -59,6 +64,10 @@ class Agent:
         self.startup_jobs: set[str] = set()  # task IDs start-up waits for before it is ready
         self.backlog = Backlog(config["recovery"]["max_running"])
         self.lockspaces = Lockspaces(config)
+        self.copies = CopyMeter(self.system.monotonic)  # copies' rates (Host.getStats, metrics)
+        self.metrics = None  # agent/metrics.py, when [metrics] endpoint is set
+        self.metrics_url: str | None = None
+        self._metrics_next = 0.0
         self._starting_backlog = False
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
@@ -109,11 +118,12 @@ class Agent:
         self.gate.settle()
         self._control = self._control_fd = None
         self._watch_control()
+        self._serve_metrics()
         write_atomic(run_dir / "endpoints.json", {
             "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
-            "events": self.events.endpoints})
+            "events": self.events.endpoints, "metrics": self.metrics_url})
         self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,
-                      boot_id=self.boot_id)
+                      metrics=self.metrics_url, boot_id=self.boot_id)
         if os.environ.get("HOSTAGENT_TEST_FAULTS"):
             self.log.warning("test_faults_enabled", faults=os.environ["HOSTAGENT_TEST_FAULTS"])
         startup.begin(self)  # storage recovery: re-issue leftover work found on disk
@@ -122,9 +132,29 @@ class Agent:
         self._transition()
         self.flush()
 
+    def _serve_metrics(self) -> None:
+        """The metrics endpoint, if configured. One that cannot listen (its port taken) is
+        logged and left off: metrics are never a reason for the agent not to serve."""
+        endpoint = self.config["metrics"]["endpoint"]
+        if not endpoint:
+            return
+        from agent.metrics import Metrics
+        self.metrics = Metrics()
+        try:
+            self.metrics_url = self.metrics.serve(endpoint)
+        except OSError as exc:
+            self.log.error("metrics_unavailable", endpoint=endpoint, error=str(exc))
+        self._refresh_metrics()
+
+    def _refresh_metrics(self) -> None:
+        if self.metrics is not None and self.system.monotonic() >= self._metrics_next:
+            self._metrics_next = self.system.monotonic() + 1.0
+            self.guarded("metrics", self.metrics.refresh, self)
+
     def _maybe_ready(self) -> None:
         if self.recovering and not self.startup_jobs:
             self.recovering = False
+            self.ready_wall = self.system.wall()
             sdnotify.notify("READY=1", f"STATUS=serving, boot {self.boot_id}")
             self.publish("Host.booted", {"host_id": self.config.host_id,
                                                 "pid": os.getpid()})
@@ -228,6 +258,7 @@ class Agent:
             self.guarded("bounds", self._bounds)
         self._watch_control()
         self._kick_watchdog()
+        self._refresh_metrics()
 
     def _watch_control(self) -> None:
         """Poll the fork server's control socket, a new one after a fork server restart."""
@@ -300,13 +331,16 @@ class Agent:
                         "file descriptors are short: no worker can start now",
                         reason="descriptors", limit=self.gate.limit)
                 task.worker = self.workers.spawn(task, outcome.op, outcome.args, outcome.deadline)
+                if self.metrics is not None:
+                    self.metrics.count.workers_started.inc()
+                self.log.info("task_started", **task.about(), op=outcome.op)
                 self.publish_state(task)
                 return
         except errors.AgentError as exc:
             self.end(task, "fail", error=exc)
             return
         except Exception:
-            self.log.exception("handler_crashed", task_id=task.id, method=task.method)
+            self.log.exception("handler_crashed", **task.about())
             self.end(task, "fail", error=errors.InternalError("internal error"))
             return
         task.started = task.created
@@ -373,7 +407,7 @@ class Agent:
                 failure = exc
             except Exception:
                 self.callback_errors += 1
-                self.log.exception("end_hook_crashed", task_id=task.id, method=task.method)
+                self.log.exception("end_hook_crashed", **task.about())
                 failure = errors.InternalError("internal error")
             if failure is not None and event == "succeed":  # a failure keeps its own error
                 event, result, error = "fail", None, outcomes.final(task.state, failure)
@@ -381,10 +415,13 @@ class Agent:
         task.error = error.to_json() if error else None
         reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
+        self.copies.forget(task.id)
+        if self.metrics is not None:
+            self.metrics.task_ended(task)
         self.respond(task, result, error, reply=reply)
         self.publish_state(task)
         if task.job is not None or task.error is not None:  # a query that answered is no news
-            self.log.info("task_ended", task_id=task.id, method=task.method, state=task.state,
+            self.log.info("task_ended", **task.about(), state=task.state,
                           error=task.error and task.error["data"]["name"])
         if task.id in self.startup_jobs:
             self.startup_jobs.discard(task.id)

@@ -62,6 +62,17 @@ class Task:
     def active(self) -> bool:
         return self.state in states.ACTIVE
 
+    def about(self) -> dict:
+        """What every log line about this task carries: its ID and method, and the volume
+        its job writes (a copy's destination, a create's or delete's volume)."""
+        fields = {"task_id": self.id, "method": self.method}
+        args = self.job.args if self.job is not None else {}
+        dst = args.get("dst") if isinstance(args.get("dst"), dict) else {}
+        volume_id = dst.get("volumeID") or args.get("volumeID")
+        if volume_id:
+            fields["volume_id"] = volume_id
+        return fields
+
 
 class TaskTable:
     def __init__(self, *, retain_seconds: float, retain_max: int, max_active: int,

@@ -176,7 +176,7 @@ class WorkerTable:
     def _misbehaved(self, w: Worker, why: str) -> None:
         """A worker that broke the protocol is stopped; its task fails with why."""
         self.misbehaved += 1
-        self.log.error("worker_misbehaved", task_id=w.task.id, worker_pid=w.pid, why=why)
+        self.log.error("worker_misbehaved", **w.task.about(), worker_pid=w.pid, why=why)
         if w.stop_error is None:
             w.stop_error = errors.WorkerDied(f"the worker broke the worker protocol: {why}")
         if w.kill_reason is None:
@@ -248,13 +248,15 @@ class WorkerTable:
                 # After a SIGTERM's grace; or a worker that reported but did not exit (found
                 # by the chaos suite: a copy worker SIGSTOPped between its result and its
                 # exit lingered for ever, since a reported worker had no deadline).
-                self.log.warning("worker_sigkill", task_id=w.task.id, worker_pid=w.pid,
+                self.log.warning("worker_sigkill", **w.task.about(), worker_pid=w.pid,
                                  reported=w.reported)
+                if w.reported:  # lingered after its report (metrics count it by this)
+                    w.kill_reason = w.kill_reason or "linger"
                 if w.pid is not None:
                     self.system.kill(w.pid, signal.SIGKILL)
                 w.kill_at = now + 3600  # once; the reaper takes it from here
                 continue
-            self.log.warning("worker_silent", task_id=w.task.id, worker_pid=w.pid,
+            self.log.warning("worker_silent", **w.task.about(), worker_pid=w.pid,
                              silent_seconds=round(now - w.last_seen, 3))
             self.terminate(w, "timeout")
             if w.pid is None:  # never even forked: nothing to wait for

@@ -156,6 +156,8 @@ class Agent:
             "rpc": {"endpoints": ["ipc://{run_dir}/rpc.sock"]},
             "events": {"endpoints": ["ipc://{run_dir}/events.sock"]},
         }
+        if (Path(self.repo) / "agent" / "metrics.py").exists():  # older versions have none
+            cfg["metrics"] = {"endpoint": "127.0.0.1:0"}  # on, as by default; a port each
         for key, value in overrides.items():
             cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
         write_config(self.config_path, cfg)

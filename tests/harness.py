@@ -68,6 +68,8 @@ class AgentProcess:
             "rpc": {"endpoints": ["ipc://{run_dir}/rpc.sock"]},
             "events": {"endpoints": ["ipc://{run_dir}/events.sock"]},
             "workers": {"deadline_seconds": 10.0, "kill_grace_seconds": 2.0},
+            # On, as by default, on a port of its own: agents of one test run side by side.
+            "metrics": {"endpoint": "127.0.0.1:0"},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -25,10 +25,15 @@ def get_stats(agent, params):
     """Host and agent statistics from psutil.
 
     Result: {cpu_percent, cpu_count, memory: {total, available, percent}, load: [1, 5, 15],
-    uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id, callback_errors},
-    workers_running, workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count},
-    backlog: the agent's own tasks (recovered and retried copies) pending for a free slot of
-    `[recovery] max_running`, limits: what the agent refused or dropped to stay within its
+    uptime_seconds, agent: {pid, rss_bytes, uptime_seconds, boot_id, callback_errors, ready:
+    start-up is done, started and ready_since: seconds since the epoch (ready_since null
+    until ready), metrics: the URL of the metrics endpoint or null}, workers_running,
+    workers: [{taskID, op, pid}], forkserver_pid, tasks: {state: count}, copies: the copies
+    in progress as their workers last reported, [{taskID, domainID, imageID, volumeID,
+    copied, total, rate: bytes a second (null before a second report), seconds}], backlog:
+    the agent's own tasks (recovered and retried copies) pending for a free slot of
+    `[recovery] max_running`, lockspace_waiting: tasks waiting for their domain's lockspace
+    to be joined, limits: what the agent refused or dropped to stay within its
     bounds (docs/crash-model.md, "Bounds"): {descriptors: {limit, in_use, peers, listening,
     pauses, refused_workers}, rpc: {unread_reply_bytes, clients_with_unread_replies,
     replies_refused, replies_dropped, messages_dropped}, events: {dropped, oversized},
@@ -44,13 +49,17 @@ def get_stats(agent, params):
         "uptime_seconds": time.time() - psutil.boot_time(),
         "agent": {"pid": os.getpid(), "rss_bytes": me.memory_info().rss,
                   "uptime_seconds": agent.system.monotonic() - agent.started_at,
-                  "boot_id": agent.boot_id, "callback_errors": agent.callback_errors},
+                  "boot_id": agent.boot_id, "callback_errors": agent.callback_errors,
+                  "ready": not agent.recovering, "started": agent.started_wall,
+                  "ready_since": agent.ready_wall, "metrics": agent.metrics_url},
         "workers_running": agent.workers.running(),
         "workers": [{"taskID": w.task.id, "op": w.op, "pid": w.pid}
                     for w in agent.workers.by_token.values()],
         "forkserver_pid": agent.workers.forkserver_pid,
         "tasks": agent.tasks.counts(),
+        "copies": agent.copies.running(),
         "backlog": agent.backlog.waiting(),
+        "lockspace_waiting": agent.lockspaces.waiting(),
         "limits": {
             "descriptors": agent.gate.stats(),
             "rpc": {**agent.ledger.stats(), "messages_dropped": agent.dropped_messages},

@@ -1,0 +1,243 @@
+"""Prometheus metrics on an optional HTTP endpoint (`[metrics] endpoint`), for a monitoring
+system to scrape (prometheus_client's text format; a dashboard: docs/grafana-dashboard.json).
+
+The loop is never stalled by a scrape, nor a scrape by the loop:
+
+- What happens is counted as it happens, by the loop: prometheus_client's counters and
+  histograms (each a lock and an add), for tasks that ended, their durations, bytes copied
+  and workers started and killed.
+- What the loop holds (active tasks by method and state, the backlog, workers alive, the
+  bounds' counters) is copied into one plain dict once a second (`refresh`) and swapped in
+  whole, so the server's thread reads a snapshot and never a structure the loop is changing.
+- Per domain capacity, free space and volumes by legality are read by the scrape's own
+  thread: statvfs and a read-only SQLite connection to the domain's metadata. A slow or hung
+  storage stalls that scrape, never the loop (a domain that cannot be read answers
+  hostagent_domain_up 0).
+
+The server is one thread that serves one connection at a time, each with a timeout: no peer
+can make it hold more than a connection and the listen backlog.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import sqlite3
+import threading
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               disable_created_metrics)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from agent.config import parse_endpoint
+
+
+CONNECTION_TIMEOUT = 5.0  # seconds a scraper may take to send its request and read
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
+LEGALITIES = ("LEGAL", "ILLEGAL")
+
+
+class Instruments:
+    """What the loop counts as it happens (thread-safe: prometheus_client's own locks)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.tasks_ended = Counter("hostagent_tasks_ended", "Tasks that ended, by method and "
+                                   "final state", ["method", "state"], registry=registry)
+        self.task_seconds = Histogram("hostagent_task_duration_seconds", "Seconds from a "
+                                      "task's admission to its end, by method", ["method"],
+                                      buckets=DURATION_BUCKETS, registry=registry)
+        self.copy_bytes = Counter("hostagent_copy_bytes", "Bytes copied by copies, as their "
+                                  "checkpoints report them", registry=registry)
+        self.workers_started = Counter("hostagent_workers_started", "Worker processes asked "
+                                       "for", registry=registry)
+        self.workers_killed = Counter("hostagent_workers_killed", "Workers the agent stopped, "
+                                      "by reason (abort, timeout, protocol)", ["reason"],
+                                      registry=registry)
+
+
+class Metrics:
+    def __init__(self):
+        disable_created_metrics()  # a *_created series per counter: noise to a dashboard
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.count = Instruments(self.registry)
+        self._snapshot: dict = {}
+        self.registry.register(_Snapshot(self))
+        # process_open_fds against process_max_fds, CPU seconds, memory: from /proc.
+        ProcessCollector(namespace="hostagent", registry=self.registry)
+
+    # -- the loop's side ---------------------------------------------------------------
+
+    def task_ended(self, task) -> None:
+        self.count.tasks_ended.labels(task.method, task.state).inc()
+        self.count.task_seconds.labels(task.method).observe(max(0.0, task.ended - task.created))
+
+    def refresh(self, agent) -> None:
+        """Copy what the loop holds into a new snapshot (cheap: no storage, no syscalls
+        beyond a clock; active tasks are bounded by [rpc] max_active_tasks and the agent's
+        own)."""
+        by_method: dict[tuple[str, str], int] = {}
+        for task in agent.tasks.active.values():
+            key = (task.method, task.state)
+            by_method[key] = by_method.get(key, 0) + 1
+        gate, ledger, events, workers = agent.gate, agent.ledger, agent.events, agent.workers
+        self._snapshot = {
+            "ready": not agent.recovering, "started": agent.started_wall,
+            "info": {"version": agent.version, "host_id": str(agent.config.host_id),
+                     "boot_id": agent.boot_id},
+            "tasks": by_method,
+            "copies": len(agent.copies.running()), "copy_rate": agent.copies.rate(),
+            "backlog": agent.backlog.waiting(), "parked": agent.lockspaces.waiting(),
+            "workers": workers.running(),
+            "counters": {
+                ("events_published", "Events published"): events.seq,
+                ("events_dropped", "Events not delivered to a slow subscriber (its queue "
+                                   "full)"): events.dropped,
+                ("events_oversized", "Events too large to send even trimmed"): events.oversized,
+                ("rpc_messages_dropped", "RPC messages dropped for their routing frames"):
+                    agent.dropped_messages,
+                ("replies_refused", "Requests refused for their client's unread replies"):
+                    ledger.refused,
+                ("replies_dropped", "Replies libzmq could not queue to their client"):
+                    ledger.dropped,
+                ("listener_pauses", "Times new peers were refused while descriptors were "
+                                    "short"): gate.pauses,
+                ("workers_refused", "Workers not started while descriptors were short"):
+                    gate.refused_workers,
+                ("worker_strangers", "Messages on the worker socket from no worker of ours"):
+                    workers.strangers,
+                ("workers_misbehaved", "Workers stopped for breaking the worker protocol"):
+                    workers.misbehaved,
+                ("callback_errors", "Bugs the loop survived (each logged)"):
+                    agent.callback_errors,
+            },
+            "gauges": {
+                ("peers", "Connected peers (RPC clients, subscribers, workers)"): gate.peers,
+                ("listening", "1 while new peers are accepted, 0 while refused"):
+                    int(not gate.paused),
+                ("unread_reply_bytes", "Bytes of replies their clients have not read"):
+                    ledger.total,
+            },
+            "domains": [(d["domainID"], d["path"], agent.lockspaces.state_of(d["domainID"]))
+                        for d in agent.domains.listing()],
+        }
+
+    # -- the server's side -------------------------------------------------------------
+
+    def serve(self, endpoint: str) -> str:
+        """Listen on host:port in a thread of its own; returns the URL it serves."""
+        host, port = parse_endpoint(endpoint)
+        server = _Server((host, port), _handler(self.registry))
+        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+        thread.start()
+        bound_host, bound_port = server.server_address[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        return f"http://{shown}:{bound_port}/metrics"
+
+
+class _Server(http.server.HTTPServer):
+    request_queue_size = 16
+
+    def __init__(self, address, handler):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a scraper that hung up or timed out: nothing of ours to report
+
+
+def _handler(registry):
+    base = MetricsHandler.factory(registry)
+
+    class Handler(base):
+        timeout = CONNECTION_TIMEOUT  # socket timeout: a silent peer costs at most this
+
+    return Handler
+
+
+def _family(kind, name: str, doc: str, labels=()):
+    return kind(f"hostagent_{name}", doc, labels=list(labels))
+
+
+class _Snapshot:
+    """The collector the registry asks at each scrape, in the server's thread."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []  # values appear with the first snapshot
+
+    def collect(self):
+        snap = self.metrics._snapshot  # one read: the loop swaps in a new dict, whole
+        if not snap:
+            return
+        g = _family(GaugeMetricFamily, "info", "This agent: version, host and boot",
+                    ["version", "host_id", "boot_id"])
+        g.add_metric([snap["info"]["version"], snap["info"]["host_id"],
+                      snap["info"]["boot_id"]], 1)
+        yield g
+        yield GaugeMetricFamily("hostagent_ready", "1 once start-up is done and the agent "
+                                "serves every request", value=int(snap["ready"]))
+        yield GaugeMetricFamily("hostagent_start_time_seconds", "When this agent started, "
+                                "seconds since the epoch", value=snap["started"])
+        g = _family(GaugeMetricFamily, "tasks", "Active tasks, by method and state",
+                    ["method", "state"])
+        for (method, state), n in sorted(snap["tasks"].items()):
+            g.add_metric([method, state], n)
+        yield g
+        yield GaugeMetricFamily("hostagent_copies_running", "Copies reporting progress",
+                                value=snap["copies"])
+        yield GaugeMetricFamily("hostagent_copy_rate_bytes_per_second", "All running copies' "
+                                "rates together", value=snap["copy_rate"])
+        yield GaugeMetricFamily("hostagent_backlog_tasks", "The agent's own tasks (recovered "
+                                "and retried copies) waiting for a free slot",
+                                value=snap["backlog"])
+        yield GaugeMetricFamily("hostagent_lockspace_waiting_tasks", "Tasks waiting for "
+                                "their domain's lockspace to be joined", value=snap["parked"])
+        yield GaugeMetricFamily("hostagent_workers_alive", "Worker processes alive",
+                                value=snap["workers"])
+        for (name, doc), value in snap["counters"].items():
+            yield CounterMetricFamily(f"hostagent_{name}", doc, value=value)
+        for (name, doc), value in snap["gauges"].items():
+            yield GaugeMetricFamily(f"hostagent_{name}", doc, value=value)
+        yield from _domains(snap["domains"])
+
+
+def _domains(domains):
+    """Each domain's space and volumes, read now, in this (the scrape's) thread."""
+    up = _family(GaugeMetricFamily, "domain_up", "1 if the domain's storage answered this "
+                 "scrape", ["domain"])
+    joined = _family(GaugeMetricFamily, "domain_lockspace_joined", "1 once this host has "
+                     "joined the domain's lockspace (always 1 with the local lease manager)",
+                     ["domain"])
+    capacity = _family(GaugeMetricFamily, "domain_capacity_bytes", "Size of the domain's "
+                       "file system", ["domain"])
+    free = _family(GaugeMetricFamily, "domain_free_bytes", "Space free for the agent on the "
+                   "domain's file system", ["domain"])
+    volumes = _family(GaugeMetricFamily, "domain_volumes", "Volumes by legality", ["domain",
+                                                                                  "legality"])
+    for domain_id, path, lockspace in domains:
+        joined.add_metric([domain_id], int(lockspace == "joined"))
+        try:
+            st = os.statvfs(path)
+            counts = _legalities(path)
+        except (OSError, sqlite3.Error):
+            up.add_metric([domain_id], 0)
+            continue
+        up.add_metric([domain_id], 1)
+        capacity.add_metric([domain_id], st.f_blocks * st.f_frsize)
+        free.add_metric([domain_id], st.f_bavail * st.f_frsize)
+        for legality in sorted(set(LEGALITIES) | set(counts)):
+            volumes.add_metric([domain_id, legality], counts.get(legality, 0))
+    yield from (up, joined, capacity, free, volumes)
+
+
+def _legalities(path: str) -> dict[str, int]:
+    conn = sqlite3.connect(f"file:{path}/metadata.db?mode=ro", uri=True, timeout=2.0,
+                           check_same_thread=False)
+    try:
+        return dict(conn.execute("SELECT legality, count(*) FROM volumes GROUP BY legality"))
+    finally:
+        conn.close()

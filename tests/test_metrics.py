@@ -1,0 +1,151 @@
+"""The metrics endpoint (agent/metrics.py), scraped over real HTTP from a running agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import task_state, wait_for
+from tests.storage_flow import MiB, dst_for, make_source, new_id, wait_legal
+
+
+def metrics_url(agent) -> str | None:
+    with open(agent.run_dir / "endpoints.json") as f:
+        return json.load(f)["metrics"]
+
+
+def scrape(url: str) -> dict:
+    """{(name, ((label, value), ...)): value} of every sample."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_values_move_as_work_is_done(make_agent, workdir):
+    agent = make_agent(copy={"max_bytes_per_second": 16 * MiB, "checkpoint_seconds": 0.2})
+    url = metrics_url(agent)
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+    assert agent.call("Host.getStats")["agent"]["metrics"] == url
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
+    src = make_source(agent, domain_id, 48 * MiB)
+
+    before = wait_for(lambda: (s := scrape(url)) and
+                      ("hostagent_domain_up", (("domain", domain_id),)) in s and s,
+                      what="the domain in a snapshot")
+    assert value(before, "hostagent_ready") == 1
+    assert value(before, "hostagent_domain_up", domain=domain_id) == 1
+    assert value(before, "hostagent_domain_volumes", domain=domain_id, legality="LEGAL") == 1
+    assert value(before, "hostagent_domain_capacity_bytes", domain=domain_id) > \
+        value(before, "hostagent_domain_free_bytes", domain=domain_id) > 0
+    assert value(before, "hostagent_process_max_fds") >= \
+        value(before, "hostagent_process_open_fds") > 0
+
+    dst = dst_for(domain_id)
+    agent.client().call("Image.copy", {"src": src, "dst": dst}, id="copy-1")
+    during = wait_for(lambda: (s := scrape(url)) and
+                      value(s, "hostagent_copy_rate_bytes_per_second") > 0 and s,
+                      what="a copy's rate")
+    assert value(during, "hostagent_tasks", method="Image.copy", state="running") == 1
+    assert value(during, "hostagent_copies_running") == 1
+    assert value(during, "hostagent_workers_alive") >= 1
+    assert value(during, "hostagent_domain_volumes", domain=domain_id, legality="ILLEGAL") == 1
+    assert 0 < value(during, "hostagent_copy_bytes_total") < 48 * MiB
+    stats = agent.call("Host.getStats")
+    [copy] = stats["copies"]
+    assert copy["taskID"] == "copy-1" and copy["volumeID"] == dst["volumeID"]
+    assert copy["total"] == 48 * MiB and copy["rate"] > 0
+
+    wait_legal(agent, dst)
+    after = wait_for(lambda: (s := scrape(url)) and
+                     value(s, "hostagent_tasks_ended_total", method="Image.copy",
+                           state="done") == 1 and s, what="the copy counted")
+    assert value(after, "hostagent_copy_bytes_total") == 48 * MiB
+    assert value(after, "hostagent_task_duration_seconds_count", method="Image.copy") == 1
+    assert value(after, "hostagent_task_duration_seconds_sum", method="Image.copy") > 1
+    assert value(after, "hostagent_tasks", method="Image.copy", state="running") == 0
+    assert value(after, "hostagent_domain_volumes", domain=domain_id, legality="LEGAL") == 2
+    assert value(after, "hostagent_domain_volumes", domain=domain_id, legality="ILLEGAL") == 0
+    assert value(after, "hostagent_events_published_total") > \
+        value(before, "hostagent_events_published_total")
+    assert value(after, "hostagent_workers_started_total") > \
+        value(before, "hostagent_workers_started_total")
+    assert agent.call("Host.getStats")["copies"] == []
+
+    # An aborted worker is counted as killed, by its reason; a failed task by its state.
+    agent.client().send("Debug.sleep", {"seconds": 60}, id="sleeper")
+    wait_for(lambda: task_state(agent, "sleeper") == "running", what="the sleeper running")
+    agent.call("Task.abort", {"taskID": "sleeper"})
+    end = wait_for(lambda: (s := scrape(url)) and
+                   value(s, "hostagent_workers_killed_total", reason="abort") == 1 and s,
+                   what="the abort counted")
+    assert value(end, "hostagent_tasks_ended_total", method="Debug.sleep", state="aborted") == 1
+    assert value(end, "hostagent_callback_errors_total") == 0
+
+
+def test_an_unreadable_domain_reads_down_and_the_rest_goes_on(make_agent, workdir):
+    agent = make_agent()
+    url = metrics_url(agent)
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
+    wait_for(lambda: value(scrape(url), "hostagent_domain_up", domain=domain_id) == 1,
+             what="the domain up")
+    os.rename(workdir / "d", workdir / "gone")  # its storage gone from under the agent
+    samples = scrape(url)
+    assert value(samples, "hostagent_domain_up", domain=domain_id) == 0
+    assert ("hostagent_domain_free_bytes", (("domain", domain_id),)) not in samples
+    assert value(samples, "hostagent_ready") == 1
+
+
+def test_a_silent_or_garbage_peer_costs_neither_the_loop_nor_later_scrapes(make_agent):
+    agent = make_agent()
+    url = metrics_url(agent)
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)))  # connects, says nothing
+    try:
+        for _ in range(20):  # the loop answers while the server waits on the silent peer
+            assert agent.call("Host.ping") is True
+        for junk in (b"\x00" * 70000 + b"\r\n\r\n", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                     b"POST /metrics HTTP/1.1\r\nContent-Length: 9999999999\r\n\r\n"):
+            with socket.create_connection((host, int(port)), timeout=30) as s:
+                s.sendall(junk)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(65536):
+                    pass
+    finally:
+        silent.close()
+    assert value(scrape(url), "hostagent_ready") == 1  # served again once the peer left
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"x"), timeout=10)
+    assert exc.value.code == 501
+    assert agent.call("Host.getStats")["agent"]["callback_errors"] == 0
+    assert agent.proc.poll() is None
+
+
+def test_off_when_empty_and_a_taken_port_is_logged_not_fatal(make_agent):
+    off = make_agent("off", metrics={"endpoint": ""})
+    assert metrics_url(off) is None and off.call("Host.getStats")["agent"]["metrics"] is None
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        busy = make_agent("busy", metrics={"endpoint": f"127.0.0.1:{port}"})
+        assert busy.call("Host.ping") is True
+        assert metrics_url(busy) is None
+        assert "metrics_unavailable" in busy.log()
+    finally:
+        taken.close()
