@@ -1,5 +1,6 @@
 """Prometheus metrics on an optional HTTP endpoint (`[metrics] endpoint`), for a monitoring
-system to scrape (prometheus_client's text format; a dashboard: docs/grafana-dashboard.json).
+system to scrape (prometheus_client's text format; a Grafana dashboard:
+contrib/grafana/hostagent.json).
 
 The loop is never stalled by a scrape, nor a scrape by the loop:
 

@@ -199,3 +199,43 @@ def test_watch_prints_events(agent, processes, as_json):
     proc.send_signal(signal.SIGINT)  # Ctrl-C: a quiet exit 0
     assert proc.wait(10) == 0
     assert "Traceback" not in proc.stderr.read().decode()
+
+
+def test_status_shows_readiness_copies_and_domains_in_trouble(make_agent, workdir):
+    agent = make_agent(copy={**COPY, "max_bytes_per_second": 8 * MiB})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
+    lost = new_id()
+    agent.call("StorageDomain.create", {"domainID": lost, "path": str(workdir / "lost")})
+    src = make_source(agent, domain_id, 128 * MiB)
+    dst = dst_for(domain_id)
+    agent.client().call("Image.copy", {"src": src, "dst": dst}, id="st-copy")
+    wait_for(lambda: [c for c in agent.call("Host.getStats")["copies"] if c["rate"]],
+             what="the copy's rate known")
+    (workdir / "lost").rename(workdir / "elsewhere")  # its storage gone from under the agent
+
+    st = ok_json(ha(agent, "status", "--json"))
+    assert st["stats"]["agent"]["ready"] is True and st["stats"]["agent"]["ready_since"]
+    [copy] = st["stats"]["copies"]
+    assert copy["taskID"] == "st-copy" and copy["volumeID"] == dst["volumeID"]
+    assert {d["domainID"]: d["state"] for d in st["domains"]} == {domain_id: "ok",
+                                                                   lost: "unreachable"}
+    out = ha(agent, "status")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert "ready since" in text and "1 running" in text, out.stdout
+    assert "1 in progress" in text and "st-copy" in text and dst["volumeID"] in text
+    assert "MiB/s" in text and "of 128.0 MiB" in text, out.stdout
+    assert "unreachable" in text, out.stdout
+    agent.call("Task.abort", {"taskID": "st-copy"})
+
+
+def test_a_domain_state_is_what_an_operator_looks_at_first():
+    from agent.cli.views import domain_state
+    info = {"capacity": 100 * MiB, "free": 50 * MiB}
+    assert domain_state({"lockspace": "joined", "info": info}) == "ok"
+    assert domain_state({"lockspace": "joining", "info": info}) == "joining"
+    assert domain_state({"lockspace": "failed", "error": {"code": 214}}) == "failed"
+    assert domain_state({"lockspace": "joined", "error": {"code": 105}}) == "unreachable"
+    assert domain_state({"lockspace": "joined",
+                         "info": {"capacity": 100 * MiB, "free": 4 * MiB}}) == "full"

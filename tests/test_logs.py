@@ -44,7 +44,7 @@ def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_
 def serve_in_tmux(tmux, agent, *flags: str) -> int:  # noqa: F811
     """`hostagent serve` in a tmux pane (a real terminal); the agent's pid."""
     tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "50",
-         f"exec env HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} serve --config "
+         f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} serve --config "
          f"{agent.config_path} {' '.join(flags)}", ";",
          "set-option", "-t", "t", "remain-on-exit", "on")
     return int(tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())

@@ -149,3 +149,28 @@ def test_off_when_empty_and_a_taken_port_is_logged_not_fatal(make_agent):
         assert "metrics_unavailable" in busy.log()
     finally:
         taken.close()
+
+
+def test_the_dashboard_asks_only_for_metrics_the_agent_serves(make_agent, workdir):
+    """contrib/grafana/hostagent.json: valid JSON, and every hostagent_* series its queries
+    name is one a running agent exports (a renamed metric breaks this, not a dashboard)."""
+    import re
+    from pathlib import Path
+    dashboard = json.loads((Path(__file__).parent.parent / "contrib" / "grafana" /
+                            "hostagent.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert exprs and all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
+    agent = make_agent()
+    agent.call("StorageDomain.create", {"domainID": new_id(), "path": str(workdir / "d")})
+    agent.call("Debug.sleep", {"seconds": 0})
+    url = metrics_url(agent)
+
+    def names():  # every family the agent declares (# TYPE), samples or not yet
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        return {f.name for f in text_string_to_metric_families(text)}
+    served = wait_for(lambda: (s := names()) and "hostagent_domain_up" in s and s,
+                      what="a full snapshot")
+    asked = {re.sub(r"_(bucket|sum|count|total)$", "", n)
+             for e in exprs for n in re.findall(r"\bhostagent_[a-z_]+", e)}
+    assert not asked - served, asked - served

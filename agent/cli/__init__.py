@@ -1,7 +1,7 @@
 """The `hostagent` command: run the agent, and drive it.
 
 serve, call, events and keygen are the plain tools; copy, continue, wait, tasks, status,
-watch, volume and domain are for people (tables, progress bars) and, with --json, scripts.
+watch, top, volume and domain are for people (tables, progress bars) and, with --json, scripts.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from agent import __version__
 from agent import config as configmod
 from agent.cli import basic, copying, output, settings, storage, views
+from agent.cli import top as top_view
 
 
 class Context:
@@ -59,7 +60,7 @@ def run_for_people(args) -> int:
         output.error(str(exc))
         return output.USAGE
     except KeyboardInterrupt:
-        return output.OK if args.command == "watch" else output.DETACHED
+        return output.OK if args.command in ("watch", "top") else output.DETACHED
     finally:
         if ctx is not None:
             try:
@@ -92,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     basic.key_flags(common)
     copying.add_parsers(sub, common)
     views.add_parsers(sub, common)
+    top_view.add_parsers(sub, common)
     storage.add_parsers(sub, common)
     # Global options are taken after the command too (`hostagent serve --config F`, as the
     # systemd unit and people type it); SUPPRESS keeps one given before from being reset.

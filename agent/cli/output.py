@@ -121,7 +121,8 @@ def duration(s) -> str:
 
 STATE_STYLE = {"pending": "yellow", "running": "cyan", "aborting": "magenta", "done": "green",
                "failed": "red", "aborted": "red", "LEGAL": "green", "ILLEGAL": "yellow",
-               "joined": "green", "joining": "yellow"}
+               "joined": "green", "joining": "yellow", "ok": "green", "full": "red",
+               "unreachable": "red"}
 
 
 def styled(state) -> str:

@@ -35,6 +35,55 @@ def tasks(ctx, args) -> int:
     return output.OK
 
 
+FULL_FRACTION = 0.05  # a domain with less than this part of its capacity free is "full"
+
+
+def domain_state(d: dict) -> str:
+    """What an operator looks at first about a domain: ok, joining, failed (its lockspace),
+    unreachable (its storage did not answer) or full."""
+    lockspace = d.get("lockspace")
+    if lockspace in ("joining", "failed"):
+        return lockspace
+    if d.get("error"):
+        return "unreachable"
+    info = d.get("info") or {}
+    capacity, free = info.get("capacity"), info.get("free")
+    if isinstance(capacity, int) and isinstance(free, int) and capacity and \
+            free < capacity * FULL_FRACTION:
+        return "full"
+    return "ok"
+
+
+def rate(n) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{output.size(n)}/s"
+
+
+def eta(copy: dict) -> str:
+    left = (copy.get("total") or 0) - (copy.get("copied") or 0)
+    r = copy.get("rate")
+    return output.duration(left / r) if r and left > 0 else "-"
+
+
+def copies_table(copies: list[dict], title: str | None = None):
+    t = output.table("TASK", "VOLUME", "COPIED", "PROGRESS", "RATE", "ETA", title=title)
+    for c in copies:
+        total, copied = c.get("total"), c.get("copied")
+        percent = f"{100.0 * copied / total:.1f}%" if total and copied is not None else "-"
+        t.add_row(escape(str(c.get("taskID"))), str(c.get("volumeID")),
+                  f"{output.size(copied)} of {output.size(total)}", percent, rate(c.get("rate")),
+                  eta(c))
+    return t
+
+
+def readiness(agent: dict) -> str:
+    since = agent.get("ready_since")
+    if agent.get("ready"):
+        return f"[green]ready[/] since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" \
+            f" ({output.ago(since)})" if since else "[green]ready[/]"
+    return f"[yellow]starting[/]: start-up recovery still running (started " \
+        f"{output.ago(agent.get('started'))})"
+
+
 def status(ctx, args) -> int:
     caps = ctx.client.call("Host.getCapabilities")
     stats = ctx.client.call("Host.getStats")
@@ -43,7 +92,8 @@ def status(ctx, args) -> int:
         try:
             d["info"] = ctx.client.call("StorageDomain.getInfo", {"domainID": d["domainID"]})
         except CallError as exc:
-            d["error"] = exc.error
+            d["error"] = d.get("error") or exc.error
+        d["state"] = domain_state(d)
     if ctx.json:
         output.emit_json({"host": {k: caps.get(k) for k in ("version", "host_id", "boot_id",
                                                             "kernel_boot_id")},
@@ -52,38 +102,47 @@ def status(ctx, args) -> int:
     agent = stats.get("agent") or {}
     mem = stats.get("memory") or {}
     counts = stats.get("tasks") or {}
+    copies = stats.get("copies") or []
+    waiting = []
+    if stats.get("backlog"):
+        waiting.append(f"{stats['backlog']} recovered or retried copies waiting for a slot")
+    if stats.get("lockspace_waiting"):
+        waiting.append(f"{stats['lockspace_waiting']} tasks waiting for a lockspace")
     ctx.out.print(output.fields([
-        ("host", caps.get("host_id")), ("agent", f"hostagent {caps.get('version')}, pid "
-                                                 f"{agent.get('pid')}, up "
-                                                 f"{output.duration(agent.get('uptime_seconds'))}"
-                                                 f", boot {str(caps.get('boot_id'))[:8]}"),
+        ("host", caps.get("host_id")),
+        ("agent", f"hostagent {caps.get('version')}, pid {agent.get('pid')}, up "
+                  f"{output.duration(agent.get('uptime_seconds'))}, boot "
+                  f"{str(caps.get('boot_id'))[:8]}"),
+        ("state", readiness(agent)),
+        ("tasks", ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
+        ("copies", f"{len(copies)} in progress, {rate(sum(c.get('rate') or 0 for c in copies))}"
+                   if copies else "none in progress"),
+        ("backlog", "; ".join(waiting) or "none"),
+        ("workers", str(stats.get("workers_running"))),
         ("cpu", f"{stats.get('cpu_percent')}% of {stats.get('cpu_count')} cpus, load "
                 + " ".join(f"{x:.2f}" for x in stats.get("load") or [])),
         ("memory", f"{output.size(mem.get('available'))} free of {output.size(mem.get('total'))}"
-                   f" ({mem.get('percent')}% used)"),
-        ("agent memory", output.size(agent.get("rss_bytes"))),
-        ("workers", f"{stats.get('workers_running')}"
-                    + (f", {stats['backlog']} recovered copies waiting"
-                       if stats.get("backlog") else "")),
-        ("tasks", ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"),
+                   f" ({mem.get('percent')}% used); the agent {output.size(agent.get('rss_bytes'))}"),
+        ("metrics", agent.get("metrics") or "off"),
     ], "host"), crop=False)
+    if copies:
+        ctx.out.print(copies_table(copies, title="\ncopies in progress"))
     if not domains:
         ctx.out.print("\nno domain attached")
         return output.OK
-    t = output.table("DOMAIN", "PATH", "BY", "CAPACITY", "FREE", "VOLUMES", "COPYING",
-                     "LOCKSPACE", title="\ndomains")
+    t = output.table("DOMAIN", "STATE", "PATH", "BY", "CAPACITY", "FREE", "VOLUMES", "COPYING",
+                     title="\ndomains")
     for d in domains:
         info = d.get("info") or {}
-        if d.get("error"):  # the domain's info could not be read, or its lockspace not joined
+        state = output.styled(d["state"])
+        if d.get("error") and not info:  # its info could not be read, or its lockspace failed
             err = d["error"]
-            t.add_row(d["domainID"], d["path"], d.get("attached_by"),
-                      f"[red]{(err.get('data') or {}).get('name')}[/]", "", "", "",
-                      output.styled(d.get("lockspace") or "-"))
+            t.add_row(d["domainID"], state, d["path"], d.get("attached_by"),
+                      f"[red]{escape(str((err.get('data') or {}).get('name')))}[/]", "", "", "")
             continue
-        t.add_row(d["domainID"], d["path"], d.get("attached_by"),
+        t.add_row(d["domainID"], state, d["path"], d.get("attached_by"),
                   output.size(info.get("capacity")), output.size(info.get("free")),
-                  str(info.get("volumes")), str(info.get("copies")),
-                  output.styled(d.get("lockspace") or "-"))
+                  str(info.get("volumes")), str(info.get("copies")))
     ctx.out.print(t)
     return output.OK
 
