@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(seconds))
 
 
-from tests.harness import AgentProcess, cleanup_dir, short_tmpdir  # noqa: E402
+from tests.harness import AgentProcess, Tmux, cleanup_dir, short_tmpdir  # noqa: E402
 
 
 @pytest.fixture
@@ -69,3 +71,12 @@ def make_agent(workdir):
 @pytest.fixture
 def agent(make_agent):
     return make_agent()
+
+
+@pytest.fixture
+def tmux():
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed")
+    t = Tmux()
+    yield t
+    t.kill()

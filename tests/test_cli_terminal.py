@@ -8,16 +8,14 @@ import fcntl
 import os
 import re
 import select
-import shutil
 import struct
 import subprocess
 import termios
 import time
-import uuid
 
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import pane_exit_code, wait_for
 from tests.storage_flow import MiB, dst_for, make_source, new_id, status
 from tests.test_cli import HOSTAGENT, clean_env
 
@@ -92,55 +90,6 @@ def test_progress_bar_renders_live_and_reaches_100(copying):
     assert "━" in raw  # the bar itself
     assert "Traceback" not in screen
     assert "is LEGAL" in screen and status(copying, dst)["legality"] == "LEGAL"
-
-
-class Tmux:
-    """A tmux server of our own (its own socket), killed at the end."""
-
-    def __init__(self):
-        self.socket = f"ha-{uuid.uuid4().hex[:8]}"
-
-    def __call__(self, *args, check=True) -> str:
-        out = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", *args],
-                             capture_output=True, text=True, timeout=30)
-        if check:
-            assert out.returncode == 0, out.stderr
-        return out.stdout
-
-    def screen(self) -> str:
-        return self("capture-pane", "-p", "-t", "t")
-
-    def kill(self) -> None:
-        self("kill-server", check=False)
-
-
-def pane_exit_code(tmux, pid: int) -> int | None:
-    """The exit code of the pane's process once it has exited, else None. From tmux once it
-    has reaped it; tmux 3.3a sometimes leaves it a zombie for many seconds (seen here: pane
-    dead, no status), and then from the zombie's /proc/PID/stat (exit_code, field 52)."""
-    dead, status = tmux("display-message", "-p", "-t", "t",
-                        "#{pane_dead} #{pane_dead_status}").split(" ", 1)
-    if dead != "1":
-        return None
-    if status.strip():
-        return int(status)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return None  # reaped between the two reads: tmux has the status now
-    if fields[0] != "Z":
-        return None
-    return os.waitstatus_to_exitcode(int(fields[52 - 3]))  # -N: killed by signal N
-
-
-@pytest.fixture
-def tmux():
-    if not shutil.which("tmux"):
-        pytest.skip("tmux is not installed")
-    t = Tmux()
-    yield t
-    t.kill()
 
 
 # Slow enough (10 s) that the copy is still running when the bar has shown and Ctrl-C

@@ -11,7 +11,6 @@ import pytest
 from tests.harness import task_state, wait_for
 from tests.storage_flow import MiB, dst_for, make_source, new_id, wait_legal
 from tests.test_cli import HOSTAGENT
-from tests.test_cli_terminal import tmux  # noqa: F401 (a fixture)
 
 
 def log_lines(agent) -> list[dict]:
@@ -41,7 +40,7 @@ def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_
     assert about_tasks and all("task_id" in r for r in about_tasks), about_tasks
 
 
-def serve_in_tmux(tmux, agent, *flags: str) -> int:  # noqa: F811
+def serve_in_tmux(tmux, agent, *flags: str) -> int:
     """`hostagent serve` in a tmux pane (a real terminal); the agent's pid."""
     tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "50",
          f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} serve --config "
@@ -66,7 +65,7 @@ def stop(pid: int) -> None:
 
 
 @pytest.mark.parametrize("flags, readable", [((), True), (("--log-format", "json"), False)])
-def test_a_terminal_gets_readable_lines_unless_told_json(make_agent, tmux, flags,  # noqa: F811
+def test_a_terminal_gets_readable_lines_unless_told_json(make_agent, tmux, flags,
                                                          readable):
     agent = make_agent(start=False)
     pid = serve_in_tmux(tmux, agent, *flags)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 
-from tests.harness import task_state, wait_for
+from tests.harness import pane_exit_code, task_state, wait_for
 from tests.storage_flow import MiB, dst_for, make_source, new_id, status
 from tests.test_cli import HOSTAGENT
-from tests.test_cli_terminal import pane_exit_code, tmux  # noqa: F401 (a fixture)
 
 
-def run_top(tmux, agent, *flags: str) -> int:  # noqa: F811
+def run_top(tmux, agent, *flags: str) -> int:
     tmux("new-session", "-d", "-s", "t", "-x", "160", "-y", "45",
          f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} top --config "
          f"{agent.config_path} {' '.join(flags)}", ";",
@@ -18,7 +17,7 @@ def run_top(tmux, agent, *flags: str) -> int:  # noqa: F811
     return int(tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
 
 
-def quit_top(tmux, pid: int) -> str:  # noqa: F811
+def quit_top(tmux, pid: int) -> str:
     tmux("send-keys", "-t", "t", "C-c")
     code = wait_for(lambda: (c := pane_exit_code(tmux, pid)) is not None and [c], 20,
                     what="top to exit on Ctrl-C")[0]
@@ -28,7 +27,7 @@ def quit_top(tmux, pid: int) -> str:  # noqa: F811
     return screen
 
 
-def test_top_follows_a_copy_live_and_quits_on_ctrl_c(make_agent, workdir, tmux):  # noqa: F811
+def test_top_follows_a_copy_live_and_quits_on_ctrl_c(make_agent, workdir, tmux):
     agent = make_agent(copy={"max_bytes_per_second": 16 * MiB, "checkpoint_seconds": 0.2})
     domain_id = new_id()
     agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
@@ -63,7 +62,7 @@ def test_top_follows_a_copy_live_and_quits_on_ctrl_c(make_agent, workdir, tmux):
     quit_top(tmux, pid)
 
 
-def test_without_events_top_falls_back_to_polling(make_agent, tmux):  # noqa: F811
+def test_without_events_top_falls_back_to_polling(make_agent, tmux):
     agent = make_agent()
     # An events endpoint nobody serves: no event ever arrives, polls keep the view true.
     pid = run_top(tmux, agent, "--events-endpoint", f"ipc://{agent.run_dir}/nobody.sock")
