@@ -253,8 +253,26 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "t")
 
+    def start(self, command: str, width: int = 160, height: int = 45) -> int:
+        """`command` alone in the pane of session "t" (kept once it exits, for its status),
+        sized by tmux, not by a COLUMNS inherited from the test run; the pane's pid."""
+        self("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height),
+             f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {command}", ";",
+             "set-option", "-t", "t", "remain-on-exit", "on")
+        return int(self("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
+
     def kill(self) -> None:
         self("kill-server", check=False)
+
+
+def kill_all(procs: list) -> None:
+    """SIGKILL these psutil.Processes (by pid, gone or not) and reap what is ours."""
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def pane_exit_code(tmux, pid: int) -> int | None:

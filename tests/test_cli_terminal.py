@@ -97,14 +97,10 @@ def test_progress_bar_renders_live_and_reaches_100(copying):
 @pytest.mark.parametrize("copying", [16 * MiB], indirect=True)
 def test_ctrl_c_detaches_without_aborting(copying, tmux):
     dst = dst_for(copying.domain)
-    env = " ".join(f"{k}={v}" for k, v in {"HOSTAGENT_CLIENT_CONFIG": "/dev/null"}.items())
-    cmd = (f"env {env} {HOSTAGENT} --config {copying.config_path} copy {loc(copying.src)} "
-           f"{loc(dst)} --wait --id cc-1")
-    tmux("new-session", "-d", "-s", "t", "-x", "120", "-y", "30", cmd, ";",
-         "set-option", "-t", "t", "remain-on-exit", "on")
+    pid = tmux.start(f"{HOSTAGENT} --config {copying.config_path} copy {loc(copying.src)} "
+                     f"{loc(dst)} --wait --id cc-1", width=120, height=30)
     wait_for(lambda: re.search(r"\b([1-9]\d?)%", tmux.screen()), 30,
              what="the bar on the tmux screen moving")
-    pid = int(tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
     tmux("send-keys", "-t", "t", "C-c")
     code = wait_for(lambda: (c := pane_exit_code(tmux, pid)) is not None and [c], 20,
                     what="hostagent to exit on Ctrl-C")[0]

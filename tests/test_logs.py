@@ -8,7 +8,7 @@ import json
 import psutil
 import pytest
 
-from tests.harness import task_state, wait_for
+from tests.harness import kill_all, task_state, wait_for
 from tests.storage_flow import MiB, dst_for, make_source, new_id, wait_legal
 from tests.test_cli import HOSTAGENT
 
@@ -40,35 +40,21 @@ def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_
     assert about_tasks and all("task_id" in r for r in about_tasks), about_tasks
 
 
-def serve_in_tmux(tmux, agent, *flags: str) -> int:
-    """`hostagent serve` in a tmux pane (a real terminal); the agent's pid."""
-    tmux("new-session", "-d", "-s", "t", "-x", "200", "-y", "50",
-         f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} serve --config "
-         f"{agent.config_path} {' '.join(flags)}", ";",
-         "set-option", "-t", "t", "remain-on-exit", "on")
-    return int(tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
-
-
 def stop(pid: int) -> None:
     """SIGKILL the agent and everything it started, by pid."""
     try:
         proc = psutil.Process(pid)
-        family = [proc, *proc.children(recursive=True)]
+        kill_all([proc, *proc.children(recursive=True)])
     except psutil.NoSuchProcess:
         return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
 
 
 @pytest.mark.parametrize("flags, readable", [((), True), (("--log-format", "json"), False)])
 def test_a_terminal_gets_readable_lines_unless_told_json(make_agent, tmux, flags,
                                                          readable):
     agent = make_agent(start=False)
-    pid = serve_in_tmux(tmux, agent, *flags)
+    pid = tmux.start(f"{HOSTAGENT} serve --config {agent.config_path} {' '.join(flags)}",
+                     width=200, height=50)
     try:
         client = agent.client()
         wait_for(lambda: "ready" in tmux.screen(), 30, what="the agent's ready line")

@@ -18,7 +18,7 @@ import pytest
 from agent import config as configmod
 from agent.client import CallError
 from agent.errors import OperationFailed
-from tests.harness import events_until, wait_for
+from tests.harness import events_until, kill_all, wait_for
 from tests.storage_flow import (MiB, block_checksum, dst_for, make_source, new_id,
                                 recorded_checksum, sha256, volume_path, wait_legal)
 from agent.storage import checksum
@@ -47,13 +47,7 @@ def scrub_processes(workdir) -> list[psutil.Process]:
 def no_stray_scrubs(workdir):
     """Scrub processes outlive agents by design: kill whatever a test left running."""
     yield
-    left = scrub_processes(workdir)
-    for p in left:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=5)
+    kill_all(scrub_processes(workdir))
 
 
 def scrub_agent(make_agent, shared, name="a", create=False, rate=0, start=True, **over):

@@ -10,11 +10,7 @@ from tests.test_cli import HOSTAGENT
 
 
 def run_top(tmux, agent, *flags: str) -> int:
-    tmux("new-session", "-d", "-s", "t", "-x", "160", "-y", "45",
-         f"exec env -u COLUMNS -u LINES HOSTAGENT_CLIENT_CONFIG=/dev/null {HOSTAGENT} top --config "
-         f"{agent.config_path} {' '.join(flags)}", ";",
-         "set-option", "-t", "t", "remain-on-exit", "on")
-    return int(tmux("display-message", "-p", "-t", "t", "#{pane_pid}").strip())
+    return tmux.start(f"{HOSTAGENT} top --config {agent.config_path} {' '.join(flags)}")
 
 
 def quit_top(tmux, pid: int) -> str:
