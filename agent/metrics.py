@@ -63,6 +63,7 @@ class Metrics:
         disable_created_metrics()  # a *_created series per counter: noise to a dashboard
         self.registry = CollectorRegistry(auto_describe=True)
         self.count = Instruments(self.registry)
+        self._ended: dict[tuple[str, str], tuple] = {}
         self._snapshot: dict = {}
         self.registry.register(_Snapshot(self))
         # process_open_fds against process_max_fds, CPU seconds, memory: from /proc.
@@ -71,8 +72,15 @@ class Metrics:
     # -- the loop's side ---------------------------------------------------------------
 
     def task_ended(self, task) -> None:
-        self.count.tasks_ended.labels(task.method, task.state).inc()
-        self.count.task_seconds.labels(task.method).observe(max(0.0, task.ended - task.created))
+        # On the RPC path (every query is a task): the labelled children are looked up
+        # once per (method, state), not per task (labels() costs more than inc()).
+        key = (task.method, task.state)
+        children = self._ended.get(key)
+        if children is None:
+            children = self._ended[key] = (self.count.tasks_ended.labels(*key),
+                                           self.count.task_seconds.labels(task.method))
+        children[0].inc()
+        children[1].observe(max(0.0, task.ended - task.created))
 
     def refresh(self, agent) -> None:
         """Copy what the loop holds into a new snapshot (cheap: no storage, no syscalls

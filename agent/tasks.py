@@ -83,6 +83,9 @@ class TaskTable:
         self.wall = wall
         self.active: dict[str, Task] = {}
         self.limited_active = 0
+        # Tasks per state, kept as they move: Host.getStats answers without a walk over
+        # 10,000 retained records (docs/performance.md, "queries").
+        self._counts = dict.fromkeys(states.STATES, 0)
         # Ended tasks in the order they ended, so the oldest is always first.
         self.finished: OrderedDict[str, Task] = OrderedDict()
 
@@ -92,8 +95,11 @@ class TaskTable:
             raise IdInUse(task_id)
         if limited and self.limited_active >= self.max_active:
             raise Full(self.max_active)
-        self.finished.pop(task_id, None)  # reusing an ended ID replaces its record
+        old = self.finished.pop(task_id, None)  # reusing an ended ID replaces its record
+        if old is not None:
+            self._counts[old.state] -= 1
         task = Task(id=task_id, method=method, created=self.wall(), limited=limited)
+        self._counts[task.state] += 1
         self.active[task_id] = task
         self.limited_active += limited
         return task
@@ -102,6 +108,8 @@ class TaskTable:
         """Move `task` along one edge of states.TRANSITIONS; returns the old state."""
         old = task.state
         task.state = states.next_state(old, event)
+        self._counts[old] -= 1
+        self._counts[task.state] += 1
         now = self.wall()
         if task.state == states.RUNNING and task.started is None:
             task.started = now
@@ -120,6 +128,7 @@ class TaskTable:
             oldest = next(iter(self.finished.values()))
             if len(self.finished) > self.retain_max or oldest.ended < horizon:
                 self.finished.popitem(last=False)
+                self._counts[oldest.state] -= 1
             else:
                 break
 
@@ -129,14 +138,12 @@ class TaskTable:
 
     def all(self, wanted: set[str] | None = None) -> list[Task]:
         self.prune()
+        if wanted is not None and not set(wanted) - states.ACTIVE:
+            # Only active states (what an engine polls): never a walk over the retained.
+            return [t for t in self.active.values() if t.state in wanted]
         tasks = list(self.active.values()) + list(self.finished.values())
         return [t for t in tasks if wanted is None or t.state in wanted]
 
     def counts(self) -> dict[str, int]:
         self.prune()
-        counts = dict.fromkeys(states.STATES, 0)
-        for t in self.active.values():
-            counts[t.state] += 1
-        for t in self.finished.values():
-            counts[t.state] += 1
-        return counts
+        return dict(self._counts)

@@ -5,6 +5,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from agent import config as configmod
 from agent import errors, jsonrpc, states
@@ -161,6 +163,32 @@ def test_counts_and_filter():
     assert [task.id for task in t.all({"done", "aborted"})] == ["d1", "d2", "x"]
     assert [task.id for task in t.all()][:3] == ["p", "r", "ab"]  # active first
     assert t.limited_active == 3
+
+
+@settings(max_examples=200, deadline=None)
+@example([(0, "admit"), (0, "succeed"), (0, "tick"), (0, "tick"), (0, "tick"), (1, "admit")])
+@example([(n, op) for n in range(5) for op in ("admit", "succeed")] + [(5, "admit")])
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(
+    ["admit", "start", "succeed", "fail", "abort", "tick"])), max_size=60))
+def test_kept_counts_and_the_active_filter_agree_with_a_walk(steps):
+    """counts() and all(active states) are kept as tasks move, not walked: whatever IDs are
+    reused, states taken and records pruned, they say what a walk over every record says."""
+    clock = Clock()
+    t = table(clock, retain_max=3, retain_seconds=5.0)
+    for n, op in steps:
+        task = t.get(f"t{n}")
+        if op == "admit":
+            if task is None or not task.active:
+                t.admit(f"t{n}", "Debug.sleep", limited=False)
+        elif op == "tick":
+            clock.now += 2
+        elif task is not None and (task.state, op) in states.TRANSITIONS:
+            t.transition(task, op)
+        t.prune()
+        walked = [*t.active.values(), *t.finished.values()]
+        assert t.counts() == {s: sum(x.state == s for x in walked) for s in states.STATES}
+        for wanted in ({"running"}, {"pending", "aborting"}, set(states.ACTIVE)):
+            assert t.all(wanted) == [x for x in walked if x.state in wanted]
 
 
 # -- JSON-RPC framing --------------------------------------------------------------------
