@@ -24,19 +24,21 @@ from pathlib import Path
 from bench import common
 from bench.common import GiB, MiB
 
-ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "qcow2_raw", "qcow2_cow",
-        "boot", "boot_resume", "events", "memory")
+ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
+        "qcow2_cow", "queries", "boot", "boot_resume", "events", "memory")
 
 PROFILES = {
     "full": {"repeats": 5, "copy": 2 * GiB, "sparse": 4 * GiB, "volumes": 100_000,
              "markers": 1000, "domains": 4, "tasks": 200, "spawn": 300, "rpc_seconds": 3.0,
-             "events_seconds": 3.0, "qcow2": 2 * GiB},
+             "events_seconds": 3.0, "qcow2": 2 * GiB, "concurrent": 512 * MiB,
+             "query_samples": 100},
     "quick": {"repeats": 3, "copy": 512 * MiB, "sparse": 1 * GiB, "volumes": 10_000,
               "markers": 1000, "domains": 4, "tasks": 200, "spawn": 100, "rpc_seconds": 1.0,
-              "events_seconds": 1.0, "qcow2": 512 * MiB},
+              "events_seconds": 1.0, "qcow2": 512 * MiB, "concurrent": 128 * MiB,
+              "query_samples": 30},
 }
 SIZE_KEYS = ("copy", "sparse", "volumes", "markers", "domains", "tasks", "spawn", "rpc_seconds",
-             "events_seconds", "qcow2")
+             "events_seconds", "qcow2", "concurrent", "query_samples")
 UNITS = {"k": 1 << 10, "m": MiB, "g": GiB}
 
 
@@ -128,9 +130,9 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if opts.agent_repo:
         common.AGENT_REPO = Path(opts.agent_repo).resolve()
-    from bench import boot, copy, events, images, memory, rpc, spawn
+    from bench import boot, concurrent, copy, events, images, memory, queries, rpc, spawn
 
-    modules = [rpc, spawn, copy, images, boot, events, memory]
+    modules = [rpc, spawn, copy, concurrent, images, queries, boot, events, memory]
     rows, began = [], time.time()
     print(f"bench: profile {opts.profile}, {opts.repeats} repeats, rows {','.join(opts.only)}",
           file=sys.stderr, flush=True)

@@ -4,8 +4,9 @@ against cp and dd on the same files, in the same run.
 Every side ends with its copy on disk: Image.copy fsyncs before it reports done, so `cp` is
 timed as `cp SRC DST && sync DST` (fsync of the copy) and dd with conv=fsync. Destinations
 are deleted after each sample. Image.copy runs with the default configuration, which records
-the copy's SHA-256 (read back from the destination after the copy); a second agent attached
-to the same domain with [copy] record_checksum = false is measured beside it.
+the copy's checksum (blake3-4m, hashed right behind the copy from the destination's pages);
+a second agent attached to the same domain with [copy] record_checksum = false is measured
+beside it.
 
   copy_cold  dense source, evicted from the page cache (fsync, POSIX_FADV_DONTNEED) before
              every sample; baselines cp, and dd iflag=direct oflag=direct bs=8M (the device)
@@ -169,8 +170,8 @@ def _dense(opts, dom: Domain, src: dict, src_path: str, data: str, cold: bool) -
         return Row(key="copy_cold", title=f"dense copy {size // MiB} MiB, source not cached",
                    unit="MiB/s", project=a,
                    baselines={"cp": b, "dd direct 8M": c, NOSUM: n}, ratio=r,
-                   ratio_of="Image.copy / dd direct", goal=">= 0.9x dd direct",
-                   met=r is not None and r >= 0.9,
+                   ratio_of="Image.copy / dd direct", goal=">= 1.0x dd direct",
+                   met=r is not None and r >= 1.0,
                    extra={"paired_ratio": paired_ratio(a, c),
                           "ratio_to_cp": ratio(median(a), median(b)),
                           "ratio_no_checksum_to_dd": ratio(median(n), median(c)),
@@ -179,7 +180,7 @@ def _dense(opts, dom: Domain, src: dict, src_path: str, data: str, cold: bool) -
     r = ratio(median(a), median(b))
     return Row(key="copy_warm", title=f"dense copy {size // MiB} MiB, source cached",
                unit="MiB/s", project=a, baselines={"cp": b, NOSUM: n}, ratio=r,
-               ratio_of="Image.copy / cp", goal=">= 0.9x cp", met=r is not None and r >= 0.9,
+               ratio_of="Image.copy / cp", goal=">= 0.95x cp", met=r is not None and r >= 0.95,
                extra={"paired_ratio": paired_ratio(a, b),
                       "ratio_no_checksum_to_cp": ratio(median(n), median(b)),
                       "byte_identical": all(checked), "bytes": size})
@@ -213,8 +214,8 @@ def _sparse(opts, dom: Domain, src: dict, src_path: str, data: str) -> Row:
     return Row(key="sparse", title=f"sparse copy {size // MiB} MiB, 10% data, source not cached",
                unit="MiB/s (virtual size)", project=a,
                baselines={"cp --sparse=always": b, NOSUM: n},
-               ratio=r, ratio_of="Image.copy / cp --sparse=always", goal=">= 1.0x, holes kept",
-               met=r is not None and r >= 1.0 and kept,
+               ratio=r, ratio_of="Image.copy / cp --sparse=always", goal=">= 1.2x, holes kept",
+               met=r is not None and r >= 1.2 and kept,
                extra={"paired_ratio": paired_ratio(a, b),
                       "holes_kept": kept, "cp_holes_kept": all(checks["cp_holes_kept"]),
                       "byte_identical": all(checks["ours_identical"]), "bytes": size,

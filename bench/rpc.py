@@ -21,7 +21,7 @@ import zmq
 
 from bench.common import Row, Scratch, alternate, median, python_module, ratio
 
-GOALS = {1: 0.6, 64: 0.5}
+GOALS = {1: 0.9, 64: 0.75}
 
 
 def echo_server(endpoint: str) -> None:

@@ -26,8 +26,8 @@ import time
 from bench.common import Row, Scratch, alternate, median, percentile, ratio
 
 INFLIGHT = 32
-GOAL_P50_FACTOR = 5.0
-GOAL_TASKS_PER_S = 200.0
+GOAL_P50_FACTOR = 3.0
+GOAL_TASKS_PER_S = 250.0
 
 
 def forkloop(n: int) -> list[float]:

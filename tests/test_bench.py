@@ -51,3 +51,32 @@ def test_bench_refuses_unknown_rows(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nosuchrow"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown rows" in proc.stderr
+
+
+def test_bench_concurrent_copies_and_query_growth_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "copy8,queries", "--repeats", "1",
+         "--sizes", "concurrent=4M,volumes=1000,query_samples=3", "--data-dir", str(base),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"copy8", "queries"}
+    copy8 = rows["copy8"]
+    assert copy8["project"]["median"] > 0 and copy8["baselines"]["8 x cp"]["median"] > 0
+    assert copy8["extra"]["spread_slowest_over_fastest"] >= 1.0
+    assert copy8["extra"]["supervisor_cpu_share_of_one_core"] >= 0
+    queries = rows["queries"]
+    assert queries["extra"]["retained_tasks"]["10000"] >= 10000
+    for name in ("Task.getAll active", "Host.getStats", "Image.getStatus"):
+        assert set(queries["extra"]["latency"][name]) == {"10", "1000", "10000"}
+        assert queries["extra"]["growth"][name] > 0
+    assert isinstance(queries["met"], bool)
+    try:
+        assert not list(base.iterdir()), f"left behind: {list(base.iterdir())}"
+        assert not _ours(str(base)), "processes left behind"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
