@@ -251,10 +251,19 @@ def test_invalid_requests_answer_with_their_id(obj, answer_id):
     assert bad.value.error.code == -32600 and bad.value.id == answer_id
 
 
-def test_dumps_refuses_nan():
-    with pytest.raises(ValueError):
-        jsonrpc.dumps({"x": float("nan")})
+def test_dumps_writes_only_what_a_strict_parser_reads():
     assert jsonrpc.dumps({"a": [1, "b"]}) == b'{"a":[1,"b"]}'
+    # NaN and Infinity are not JSON: null, as events send them.
+    assert jsonrpc.dumps({"x": float("nan"), "y": [float("inf"), 2.5]}) == \
+        b'{"x":null,"y":[null,2.5]}'
+    # What the fast encoder refuses, the standard one writes: huge integers, integer keys.
+    assert json.loads(jsonrpc.dumps({"n": 10 ** 30, 7: "k"})) == {"n": 10 ** 30, "7": "k"}
+    assert jsonrpc.dumps([jsonrpc.HugeInt("1" * 1200)]) == b'["' + b"1" * 1200 + b'"]'
+    with pytest.raises((TypeError, ValueError)):
+        jsonrpc.dumps({"x": object()})
+    for value in ({"x": float("nan"), "n": 10 ** 30}, {"s": "\u2028\x00é", "t": (1, 2)}):
+        out = jsonrpc.dumps(value)
+        assert json.loads(out, parse_constant=lambda c: pytest.fail(c)) is not None
 
 
 # -- the supervisor's end of a task ------------------------------------------------------
