@@ -1,10 +1,11 @@
 """How the cost of a query grows with the work the agent holds.
 
-  queries  one agent, three stages: 10 retained tasks and a domain of 10 volumes; then 1,000
-           and 10,000 retained tasks (`[tasks] retain_max` is 10,000) with a domain of
-           `volumes` volumes (100,000 in the full profile), built directly with the storage
-           library as the boot row builds it. Retained tasks are made with pipelined
-           Host.ping (each one a task record, as any request is). At each stage every query
+  queries  three stages, each a fresh agent whose `[tasks] retain_max` is the stage's count,
+           filled to it (so the queries measured, themselves tasks, keep it there): 10
+           retained tasks and a domain of 10 volumes; then 1,000 and 10,000 retained tasks
+           with a domain of `volumes` volumes (100,000 in the full profile), built directly
+           with the storage library as the boot row builds it. Retained tasks are made with
+           pipelined Host.ping (each one a task record, as any request is). At each stage every query
            is asked `query_samples` times in a row, one in flight, and its latency (request
            to answer) recorded: Task.getAll for the active states (what an engine polls),
            Host.getStats, Image.getStatus of a volume in the domain of that stage; and, for
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -70,9 +72,8 @@ def run(opts) -> list[Row]:
             small_root, big_root = os.path.join(data, "small"), os.path.join(data, "big")
             small_id, _ = build_domain(small_root, 10, 0, "bench-queries")
             big_id, _ = build_domain(big_root, opts.volumes, 0, "bench-queries")
-            agent = s.agent("queries", storage={"domains": {small_id: small_root,
-                                                             big_id: big_root}}).start()
-            rpc = Rpc(agent.rpc_endpoint)
+            domains = {10: (small_id, small_root)}
+            domains.update({n: (big_id, big_root) for n in STAGES[1:]})
             targets = {10: _volume(small_root, small_id)}
             targets.update({n: _volume(big_root, big_id) for n in STAGES[1:]})
             queries = {"Task.getAll active": ("Task.getAll", ACTIVE),
@@ -82,16 +83,20 @@ def run(opts) -> list[Row]:
             results: dict[str, dict[int, list[float]]] = {q: {} for q in queries}
             retained = {}
             for stage in STAGES:
+                domain_id, root = domains[stage]
+                agent = s.agent(f"queries-{stage}", tasks={"retain_max": stage},
+                                storage={"domains": {domain_id: root}}).start()
+                rpc = Rpc(agent.rpc_endpoint)
                 retained[stage] = _fill(rpc, stage)
                 for _ in range(opts.repeats):
                     for name, (method, params) in queries.items():
                         params = targets[stage] if method == "Image.getStatus" else params
                         results[name].setdefault(stage, []).extend(
                             _latency(rpc, method, params, samples))
-                        _fill(rpc, stage)  # the queries are tasks too: keep the stage's count
-            rpc.close()
+                retained[stage] = sum(rpc.call("Host.getStats")["tasks"].values())
+                rpc.close()
+                agent.stop()
         finally:
-            import shutil
             shutil.rmtree(data, ignore_errors=True)
     summary = {name: {str(stage): {"p50_ms": median(xs), "p95_ms": percentile(xs, 95)}
                       for stage, xs in by_stage.items()} for name, by_stage in results.items()}
