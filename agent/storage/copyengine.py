@@ -12,23 +12,17 @@ have dropped the dirty pages, so nothing after the last good checkpoint can be t
 error ends the copy and a retry resumes from that checkpoint, rewriting everything after it.
 
 Page-cache advice (_Cache): each chunk written is handed to writeback at once
-(sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback, waits for nothing, drops
-nothing), so the device writes while the next chunk is read and a checkpoint's fdatasync
-finds little left to do; the source's pages are dropped once copied unless they were cached
-before, so a cold source does not grow the page cache by its whole size. The destination's
-pages are dropped a chunk behind, written back by then: the copy's checksum
-(agent/storage/checksum.py Follower) hashes each chunk right behind the copy, from memory.
-POSIX_FADV_DONTNEED used to start the writeback at once: it drops whatever pages are clean
-already, on a fast disk most of the chunk, so the checksum read it back from the device
-(measured: 600 MiB/s against 2,100 without the checksum). Leaving the dropping to the
-checksum instead was measured too and was slower (docs/performance.md).
+(POSIX_FADV_DONTNEED on dirty pages starts their writeback and drops nothing), so the device
+writes while the next chunk is read and a checkpoint's fdatasync finds little left to do; the
+source's pages are dropped once copied unless they were cached before, so a cold source does
+not grow the page cache by its whole size. The destination's pages are kept: the copy's
+checksum (agent/storage/checksum.py Follower) reads them right behind the copy. Measured in
+docs/performance.md.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -38,8 +32,6 @@ from agent.errors import (GenerationMismatch, InvalidParams, NoSpace, OperationF
                           VolumeTruncated)
 
 MiB = 1 << 20
-# Chunks of the destination kept cached behind the copy for its checksum to read from memory.
-DROP_BEHIND = 4
 
 # I/O fault seam, for tests only. When set to a callable it is called as _fault(kind, offset)
 # before every copy call ('copy') and every fdatasync ('fsync'); raising OSError(ENOSPC), EIO
@@ -138,32 +130,6 @@ def _durable(dst_fd: int, offset: int) -> None:
         os.fdatasync(dst_fd)
 
 
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, wait for none
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
-                                 ctypes.c_uint)
-except (OSError, AttributeError):  # not glibc or not Linux: DONTNEED starts writeback too
-    _sync_file_range = None
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Hand the range's dirty pages to writeback now, keeping them cached (advice only)."""
-    if _sync_file_range is None or _sync_file_range(fd, offset, length,
-                                                    _SYNC_FILE_RANGE_WRITE) != 0:
-        drop_cached(fd, offset, length)
-
-
-def drop_cached(fd: int, offset: int, length: int) -> None:
-    """Drop the range's clean pages from the page cache; dirty ones start writeback (advice
-    only: errors are ignored)."""
-    try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-
-
 class _Cache:
     """Page-cache advice for one copy (see the module's docstring). Advice only: its errors
     are ignored."""
@@ -171,7 +137,13 @@ class _Cache:
     def __init__(self, src_fd: int, dst_fd: int):
         self.src, self.dst = src_fd, dst_fd
         self._probe = bytearray(4096)
-        self._behind: collections.deque = collections.deque()  # chunks written, not dropped
+
+    @staticmethod
+    def _advise(fd: int, offset: int, length: int) -> None:
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def cached(self, offset: int) -> bool:
         """Whether the source's page at offset is in the page cache (read without waiting)."""
@@ -181,12 +153,9 @@ class _Cache:
             return False
 
     def copied(self, offset: int, n: int, src_was_cached: bool) -> None:
-        start_writeback(self.dst, offset, n)
-        self._behind.append((offset, n))
-        if len(self._behind) > DROP_BEHIND:
-            drop_cached(self.dst, *self._behind.popleft())
+        self._advise(self.dst, offset, n)  # dirty: starts its writeback, drops nothing
         if not src_was_cached:
-            drop_cached(self.src, offset, n)
+            self._advise(self.src, offset, n)
 
 
 def _checkpoint(checkpoint, offset: int) -> None:
