@@ -1,6 +1,8 @@
 """structlog set up to write one line per event on stderr, each carrying the pid: readable
 lines for a person at a terminal, JSON objects for everything else (journald, files, a
-pipe), or as `hostagent serve --log-format` says."""
+pipe), or as `hostagent serve --log-format` says. The choice is passed on to the processes
+the agent starts (workers, scrubs) in $HOSTAGENT_LOG_FORMAT, since they write to the same
+stderr; a worker binds its task (`bind_task`), so every line it writes carries it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import structlog
 
 FORMATS = ("auto", "console", "json")
+ENV = "HOSTAGENT_LOG_FORMAT"
 
 
 def _add_pid(_logger, _name, event: dict) -> dict:
@@ -26,12 +29,17 @@ def _isatty(stream) -> bool:
         return False
 
 
-def setup(level: str = "info", stream=None, fmt: str = "auto") -> None:
+def setup(level: str = "info", stream=None, fmt: str | None = None) -> str:
     """`fmt`: "console" (aligned, coloured lines), "json" (one object a line), or "auto":
-    console when `stream` is a terminal, else json."""
+    console when `stream` is a terminal, else json. None: $HOSTAGENT_LOG_FORMAT, else auto.
+    Returns the format chosen, and leaves it in $HOSTAGENT_LOG_FORMAT for children."""
     stream = stream or sys.stderr
+    fmt = fmt or os.environ.get(ENV) or "auto"
+    if fmt not in FORMATS:
+        fmt = "auto"
     if fmt == "auto":
         fmt = "console" if _isatty(stream) else "json"
+    os.environ[ENV] = fmt
     if fmt == "console":
         tail = [structlog.dev.ConsoleRenderer(colors=_isatty(stream),
                                               exception_formatter=structlog.dev.plain_traceback)]
@@ -40,11 +48,23 @@ def setup(level: str = "info", stream=None, fmt: str = "auto") -> None:
         tail = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
         stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
-        processors=[structlog.processors.add_log_level, stamp, _add_pid, *tail],
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    stamp, _add_pid, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    return fmt
+
+
+def bind_task(task_id, op: str, args: dict) -> None:
+    """A worker's lines from here on carry its task, its operation and, for a job on a
+    volume (a copy's destination), that volume."""
+    dst = args.get("dst") if isinstance(args.get("dst"), dict) else {}
+    volume_id = dst.get("volumeID") or args.get("volumeID")
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, op=op,
+                                           **({"volume_id": volume_id} if volume_id else {}))
 
 
 def get(**bound):

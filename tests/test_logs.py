@@ -18,7 +18,10 @@ def log_lines(agent) -> list[dict]:
 
 
 def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_agent, workdir):
-    agent = make_agent()  # its stderr is a file: JSON
+    agent = make_agent(start=False)  # its stderr is a file: JSON
+    # A fault seam that never fires: each worker says it is on, a line of the worker's own.
+    agent.start(env={"HOSTAGENT_TEST_FAULTS": json.dumps(
+        {"io_error": {"kind": "fsync", "errno": "EIO", "at_offset": 1 << 60}})})
     domain_id = new_id()
     agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})
     src = make_source(agent, domain_id, 8 * MiB)
@@ -35,6 +38,9 @@ def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_
     assert all({"event", "level", "timestamp", "pid"} <= r.keys() for r in records)
     copy_lines = [r for r in records if r.get("task_id") == "copy-7"]
     assert {r["event"] for r in copy_lines} >= {"task_started", "task_ended"}
+    # The copy's worker writes its own lines, with its task and volume bound.
+    assert any(r["event"] == "test_faults_enabled" and r.get("component") == "worker"
+               and r["op"] == "image.copy" for r in copy_lines), copy_lines
     assert all(r["volume_id"] == dst["volumeID"] for r in copy_lines), copy_lines
     about_tasks = [r for r in records if r["event"].startswith(("task_", "worker_"))]
     assert about_tasks and all("task_id" in r for r in about_tasks), about_tasks

@@ -235,8 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     # The supervisor's terminal Ctrl-C must not reach us through the process group first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    # Preload everything a worker imports, so a forked worker imports nothing.
+    # Preload everything a worker imports, so a forked worker imports nothing; and its logs
+    # as the agent writes them ($HOSTAGENT_LOG_FORMAT), set up once for every worker.
+    from agent import logs
     from workers import ops, runtime  # noqa: F401
+    logs.setup()
 
     ops.preload()
 

@@ -18,7 +18,7 @@ import traceback
 
 import zmq
 
-from agent import errors, system
+from agent import errors, logs, system
 from agent.storage import leases
 from workers import protocol
 from workers import testseams  # here, so the fork server has it loaded for every worker
@@ -147,10 +147,11 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         zctx, sock = prepared or prepare(supervisor_pid, intermediate)
         from workers import ops
 
+        logs.bind_task(request.get("task_id"), request["op"], request.get("args") or {})
+        log = logs.get(component="worker")
         op = ops.get(request["op"])
         if testseams.install_from_env():
-            print(f"worker {os.getpid()}: test faults on: {os.environ[testseams.ENV]}",
-                  file=sys.stderr)
+            log.warning("test_faults_enabled", faults=os.environ[testseams.ENV])
         sock.setsockopt(zmq.IDENTITY, request["token"].encode())
         sock.setsockopt(zmq.LINGER, 2000)
         sock.connect(protocol.endpoint(request["run_dir"]))
@@ -166,15 +167,15 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         except errors.AgentError as exc:
             final = {"t": "error", "error": exc.to_json()}
         except OSError as exc:  # the world refused (EIO, EACCES, ...): not a bug of ours
-            traceback.print_exc(file=sys.stderr)
+            log.exception("os_error")
             final = {"t": "error", "error": errors.from_os_error(exc, request["op"]).to_json()}
         except sqlite3.Error as exc:  # a domain's metadata we cannot use: not a bug of ours
-            traceback.print_exc(file=sys.stderr)
+            log.exception("metadata_error")
             err = errors.OperationFailed(f"{request['op']}: metadata: {exc}",
                                          sqlite=type(exc).__name__)
             final = {"t": "error", "error": err.to_json()}
         except Exception as exc:  # a bug: log it here, never send a traceback to a client
-            traceback.print_exc(file=sys.stderr)
+            log.exception("worker_crashed")
             err = errors.InternalError(f"{type(exc).__name__} in {request['op']}")
             final = {"t": "error", "error": err.to_json()}
         ctx.send(final)

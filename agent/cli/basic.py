@@ -25,7 +25,7 @@ def cmd_serve(args) -> int:
     from agent.supervisor import Agent, StartupError
 
     cfg = configmod.load(args.config)
-    logs.setup(args.log_level, fmt=args.log_format)
+    logs.setup(args.log_level, fmt=args.log_format)  # passed on to workers in the environment
     from agent.security import ConfigError as SecurityError
 
     try:
@@ -109,9 +109,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="run the agent in the foreground")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="auto", choices=["auto", "console", "json"],
-                   help="readable lines (console) or JSON lines; auto: console on a "
-                        "terminal, JSON otherwise (journald, files)")
+    p.add_argument("--log-format", default=None, choices=["auto", "console", "json"],
+                   help="readable lines (console) or JSON lines; auto (the default, or "
+                        "$HOSTAGENT_LOG_FORMAT): console on a terminal, JSON otherwise "
+                        "(journald, files)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("call", help="call one method and print its result as JSON")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from agent import errors
+from agent import errors, logs
 from agent.storage import lease, operations
 from agent.storage.volumes import open_domain
 from workers.ops.volume import holder
@@ -90,7 +90,8 @@ def _launch(ctx, argv: list[str], lease_fd: int, operation_id: str, mode: str,
         finally:
             os.close(ready_r)
         failures.append(f"{launcher}: {_how_it_ended(proc)}")
-        print(f"scrub {operation_id}: could not start it with {failures[-1]}", file=sys.stderr)
+        logs.get(component="worker").warning("scrub_not_started", operation_id=operation_id,
+                                             launcher=launcher, how=failures[-1])
     raise errors.OperationFailed("the scrub process did not start: " + "; ".join(failures))
 
 

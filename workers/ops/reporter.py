@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
-from agent import errors
+from agent import errors, logs
 from agent.storage.metadata import DomainDB
 
 EVENT_INTERVAL = 1.0
@@ -19,7 +18,7 @@ def record_error(db: DomainDB, volume_id: str, gen: int, exc: errors.AgentError,
                                             "task_id": task_id}):
             exc.data["recorded"] = True
     except errors.AgentError as meta:
-        print(f"cannot record the copy's error: {meta.message}", file=sys.stderr)
+        logs.get(component="worker").warning("copy_error_not_recorded", error=meta.message)
 
 
 class Reporter:
