@@ -285,7 +285,8 @@ class StreamHasher:
                 self._outer.update(self._inner.digest())
             self._inner = None
 
-    def data(self, view) -> None:
+    def data(self, view, done=None) -> None:
+        """Hash `view`; then `done()`, if given: the caller may reuse its buffer."""
         view = memoryview(view)
         while len(view):
             n = min(len(view), self._room())
@@ -294,6 +295,9 @@ class StreamHasher:
             self._inner.update(view[:n])
             self._advance(n)
             view = view[n:]
+        view.release()
+        if done is not None:
+            done()
 
     def zeros(self, n: int) -> None:
         while n:
@@ -325,10 +329,12 @@ class StreamFollower:
             if isinstance(item, int):
                 self._hasher.zeros(item)
             else:
-                self._hasher.data(item)
+                self._hasher.data(*item)
 
-    def data(self, view) -> None:
-        self._queue.put(view)
+    def data(self, view, done=None) -> None:
+        """Hash `view` on the thread; `done()` is called there once it is hashed (the
+        caller may then reuse the buffer, instead of allocating one per piece)."""
+        self._queue.put((view, done))
 
     def zeros(self, n: int) -> None:
         self._queue.put(n)
