@@ -64,12 +64,33 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.count = Instruments(self.registry)
         self._ended: dict[tuple[str, str], tuple] = {}
+        self._next_refresh = 0.0
         self._snapshot: dict = {}
         self.registry.register(_Snapshot(self))
         # process_open_fds against process_max_fds, CPU seconds, memory: from /proc.
         ProcessCollector(namespace="hostagent", registry=self.registry)
 
     # -- the loop's side ---------------------------------------------------------------
+
+    def start(self, agent) -> str | None:
+        """Serve `[metrics] endpoint`; its URL. One that cannot listen (its port taken) is
+        logged and left off: metrics are never a reason for the agent not to serve."""
+        endpoint = agent.config["metrics"]["endpoint"]
+        try:
+            url = self.serve(endpoint)
+        except OSError as exc:
+            agent.log.error("metrics_unavailable", endpoint=endpoint, error=str(exc))
+            url = None
+        self.tick(agent)
+        return url
+
+    def tick(self, agent) -> None:
+        """Each turn of the loop: a new snapshot once a second (a bug in it costs the
+        snapshot, never the loop)."""
+        now = agent.system.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + 1.0
+            agent.guarded("metrics", self.refresh, agent)
 
     def task_ended(self, task) -> None:
         # On the RPC path (every query is a task): the labelled children are looked up

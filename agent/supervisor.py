@@ -67,7 +67,6 @@ class Agent:
         self.copies = CopyMeter(self.system.monotonic)  # copies' rates (Host.getStats, metrics)
         self.metrics = None  # agent/metrics.py, when [metrics] endpoint is set
         self.metrics_url: str | None = None
-        self._metrics_next = 0.0
         self._starting_backlog = False
         self._notification_seq = 0
         self._watchdog = sdnotify.watchdog_interval()
@@ -118,7 +117,10 @@ class Agent:
         self.gate.settle()
         self._control = self._control_fd = None
         self._watch_control()
-        self._serve_metrics()
+        if self.config["metrics"]["endpoint"]:  # prometheus_client only if it is wanted
+            from agent import metrics
+            self.metrics = metrics.Metrics()
+            self.metrics_url = self.metrics.start(self)
         write_atomic(run_dir / "endpoints.json", {
             "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
             "events": self.events.endpoints, "metrics": self.metrics_url})
@@ -131,25 +133,6 @@ class Agent:
         self._maybe_ready()
         self._transition()
         self.flush()
-
-    def _serve_metrics(self) -> None:
-        """The metrics endpoint, if configured. One that cannot listen (its port taken) is
-        logged and left off: metrics are never a reason for the agent not to serve."""
-        endpoint = self.config["metrics"]["endpoint"]
-        if not endpoint:
-            return
-        from agent.metrics import Metrics
-        self.metrics = Metrics()
-        try:
-            self.metrics_url = self.metrics.serve(endpoint)
-        except OSError as exc:
-            self.log.error("metrics_unavailable", endpoint=endpoint, error=str(exc))
-        self._refresh_metrics()
-
-    def _refresh_metrics(self) -> None:
-        if self.metrics is not None and self.system.monotonic() >= self._metrics_next:
-            self._metrics_next = self.system.monotonic() + 1.0
-            self.guarded("metrics", self.metrics.refresh, self)
 
     def _maybe_ready(self) -> None:
         if self.recovering and not self.startup_jobs:
@@ -258,7 +241,8 @@ class Agent:
             self.guarded("bounds", self._bounds)
         self._watch_control()
         self._kick_watchdog()
-        self._refresh_metrics()
+        if self.metrics is not None:
+            self.metrics.tick(self)
 
     def _watch_control(self) -> None:
         """Poll the fork server's control socket, a new one after a fork server restart."""

@@ -127,9 +127,11 @@ def status(ctx, args) -> int:
     ], "host"), crop=False)
     if copies:
         ctx.out.print(copies_table(copies, title="\ncopies in progress"))
-    if not domains:
-        ctx.out.print("\nno domain attached")
-        return output.OK
+    ctx.out.print(domains_table(domains) if domains else "\nno domain attached")
+    return output.OK
+
+
+def domains_table(domains: list[dict]):
     t = output.table("DOMAIN", "STATE", "PATH", "BY", "CAPACITY", "FREE", "VOLUMES", "COPYING",
                      title="\ndomains")
     for d in domains:
@@ -143,8 +145,7 @@ def status(ctx, args) -> int:
         t.add_row(d["domainID"], state, d["path"], d.get("attached_by"),
                   output.size(info.get("capacity")), output.size(info.get("free")),
                   str(info.get("volumes")), str(info.get("copies")))
-    ctx.out.print(t)
-    return output.OK
+    return t
 
 
 def describe(ev) -> str:
