@@ -461,20 +461,19 @@ def test_the_pool_takes_only_events_from_an_operation_process():
 
 
 def test_an_adopted_scrub_reaped_earlier_never_ends_a_worker_that_reuses_its_pid():
-    from types import SimpleNamespace
-
+    from agent.tasks import Task
     from agent.workertable import Worker
     pool, system, listener = _pool()
     system.exits = [(4242, 0)]  # a scrub the supervisor adopted, and reaped
     pool.reap()
     system.now += 3600  # pids wrap around; a new worker gets the same one
-    w = Worker(token="w1", task=SimpleNamespace(id="t"), op="x", spawned=system.now,
+    w = Worker(token="w1", task=Task(id="t", method="Debug.sleep"), op="x", spawned=system.now,
                last_seen=system.now, deadline=10.0)
     pool.by_token[w.token] = w
     pool._claim(w, 4242)
     assert listener.gone == [] and pool.by_pid[4242] is w
     system.exits = [(4242, 9)]  # its own exit, reaped before its pid was known: still seen
-    w2 = Worker(token="w2", task=SimpleNamespace(id="t2"), op="x", spawned=system.now,
+    w2 = Worker(token="w2", task=Task(id="t2", method="Debug.sleep"), op="x", spawned=system.now,
                 last_seen=system.now, deadline=10.0)
     pool.by_pid.clear()
     pool.reap()

@@ -2,9 +2,9 @@
 no processes, so every edge can be shown exactly."""
 
 import signal
-from types import SimpleNamespace
 
 from agent.config import DEFAULTS
+from agent.tasks import Task
 from agent.workertable import Worker, WorkerTable
 
 
@@ -43,7 +43,7 @@ def make_pool():
 
 
 def add_worker(pool, system, pid=42):
-    w = Worker(token="w1", task=SimpleNamespace(id="t1"), op="x", spawned=system.now,
+    w = Worker(token="w1", task=Task(id="t1", method="Debug.sleep"), op="x", spawned=system.now,
                last_seen=system.now, deadline=10.0, pid=pid)
     pool.by_token[w.token] = w
     pool.by_pid[pid] = w
