@@ -34,7 +34,6 @@ from prometheus_client.exposition import MetricsHandler
 
 from agent.config import parse_endpoint
 
-
 CONNECTION_TIMEOUT = 5.0  # seconds a scraper may take to send its request and read
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 LEGALITIES = ("LEGAL", "ILLEGAL")
@@ -53,9 +52,9 @@ class Instruments:
                                   "checkpoints report them", registry=registry)
         self.workers_started = Counter("hostagent_workers_started", "Worker processes asked "
                                        "for", registry=registry)
-        self.workers_killed = Counter("hostagent_workers_killed", "Workers the agent stopped, "
-                                      "by reason (abort, timeout, protocol)", ["reason"],
-                                      registry=registry)
+        self.workers_killed = Counter("hostagent_workers_killed", "Workers killed, by reason: "
+                                      "abort, timeout, protocol, linger (ours), signal "
+                                      "(someone else's)", ["reason"], registry=registry)
 
 
 class Metrics:
