@@ -7,6 +7,7 @@ is killed, and every directory it makes removed, by the Scratch that owns it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,6 +133,17 @@ class Scratch:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def data_dir(opts, name: str):
+    """A directory of its own under --data-dir (disk-backed) for a row's files, removed at
+    its end whatever happens."""
+    path = tempfile.mkdtemp(prefix=f"hab-{name}-", dir=opts.data_dir)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def python_module(scratch: Scratch, module: str, *args: str, **kw) -> subprocess.Popen:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import tempfile
 import time
 import uuid
 
 import psutil
 
-from bench.common import MiB, Row, Scratch, alternate, evict, median, ratio
+from bench.common import MiB, Row, Scratch, alternate, data_dir, evict, median, ratio
 from bench.copy import Domain, fill_dense
 
 COPIES = 8
@@ -33,75 +32,71 @@ def run(opts) -> list[Row]:
     if "copy8" not in opts.only:
         return []
     size = opts.concurrent
-    data = tempfile.mkdtemp(prefix="hab-copy8-", dir=opts.data_dir)
-    with Scratch() as s:
-        try:
-            agent = s.agent("copy8").start()
-            dom = Domain(agent, os.path.join(data, "domain"))
-            sources = []
-            for _ in range(COPIES):
-                src, path = dom.create(size)
-                fill_dense(path, size)
-                sources.append((src, path))
-            supervisor = psutil.Process(agent.proc.pid)
-            spreads = {"ours": [], "cp": []}
-            cpu = []
+    with data_dir(opts, "copy8") as data, Scratch() as s:
+        agent = s.agent("copy8").start()
+        dom = Domain(agent, os.path.join(data, "domain"))
+        sources = []
+        for _ in range(COPIES):
+            src, path = dom.create(size)
+            fill_dense(path, size)
+            sources.append((src, path))
+        supervisor = psutil.Process(agent.proc.pid)
+        spreads = {"ours": [], "cp": []}
+        cpu = []
 
-            def ours():
-                for _, path in sources:
-                    evict(path)
-                before, began = supervisor.cpu_times(), time.perf_counter()
-                sent = {}
-                for src, _ in sources:
-                    dst = {**src, "imageID": str(uuid.uuid4()), "volumeID": str(uuid.uuid4())}
-                    sent[dom.rpc.send("Image.copy", {"src": src, "dst": dst})] = dst
-                ended = {}
-                while len(ended) < len(sent):
-                    ev = dom.events.next(timeout=3600)
-                    if ev.get("method") != "Task.state":
-                        continue
-                    t = ev["params"]["task"]
-                    if t["id"] in sent and t["state"] in ("done", "failed", "aborted"):
-                        if t["state"] != "done":
-                            raise RuntimeError(f"copy {t['id']} {t['state']}: {t['error']}")
-                        ended[t["id"]] = time.perf_counter() - began
-                wall = max(ended.values())
-                after = supervisor.cpu_times()
-                cpu.append((after.user + after.system - before.user - before.system) / wall)
-                spreads["ours"].append(max(ended.values()) / min(ended.values()))
-                for dst in sent.values():
-                    dom.delete(dst)
-                return COPIES * size / MiB / wall
-
-            def cp():
-                for _, path in sources:
-                    evict(path)
-                outs = [os.path.join(data, f"cp-{i}.raw") for i in range(COPIES)]
-                began = time.perf_counter()
-                procs = [subprocess.Popen(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp",
-                                           path, out]) for (_, path), out in zip(sources, outs)]
-                ended = []
-                waiting = {os.pidfd_open(p.pid): p for p in procs}  # each one's own end
-                try:
-                    while waiting:
-                        for fd in select.select(list(waiting), [], [])[0]:
-                            ended.append(time.perf_counter() - began)
-                            if waiting.pop(fd).wait() != 0:
-                                raise RuntimeError("cp failed")
-                            os.close(fd)
-                finally:
-                    for fd in waiting:
-                        os.close(fd)
-                for out in outs:
-                    os.unlink(out)
-                spreads["cp"].append(max(ended) / min(ended))
-                return COPIES * size / MiB / max(ended)
-
-            a, b = alternate(opts.repeats, ours, cp)
+        def ours():
+            for _, path in sources:
+                evict(path)
+            before, began = supervisor.cpu_times(), time.perf_counter()
+            sent = {}
             for src, _ in sources:
-                dom.delete(src)
-        finally:
-            subprocess.run(["rm", "-rf", data], check=False)
+                dst = {**src, "imageID": str(uuid.uuid4()), "volumeID": str(uuid.uuid4())}
+                sent[dom.rpc.send("Image.copy", {"src": src, "dst": dst})] = dst
+            ended = {}
+            while len(ended) < len(sent):
+                ev = dom.events.next(timeout=3600)
+                if ev.get("method") != "Task.state":
+                    continue
+                t = ev["params"]["task"]
+                if t["id"] in sent and t["state"] in ("done", "failed", "aborted"):
+                    if t["state"] != "done":
+                        raise RuntimeError(f"copy {t['id']} {t['state']}: {t['error']}")
+                    ended[t["id"]] = time.perf_counter() - began
+            wall = max(ended.values())
+            after = supervisor.cpu_times()
+            cpu.append((after.user + after.system - before.user - before.system) / wall)
+            spreads["ours"].append(max(ended.values()) / min(ended.values()))
+            for dst in sent.values():
+                dom.delete(dst)
+            return COPIES * size / MiB / wall
+
+        def cp():
+            for _, path in sources:
+                evict(path)
+            outs = [os.path.join(data, f"cp-{i}.raw") for i in range(COPIES)]
+            began = time.perf_counter()
+            procs = [subprocess.Popen(["sh", "-c", 'cp "$1" "$2" && sync "$2"', "cp",
+                                       path, out]) for (_, path), out in zip(sources, outs)]
+            ended = []
+            waiting = {os.pidfd_open(p.pid): p for p in procs}  # each one's own end
+            try:
+                while waiting:
+                    for fd in select.select(list(waiting), [], [])[0]:
+                        ended.append(time.perf_counter() - began)
+                        if waiting.pop(fd).wait() != 0:
+                            raise RuntimeError("cp failed")
+                        os.close(fd)
+            finally:
+                for fd in waiting:
+                    os.close(fd)
+            for out in outs:
+                os.unlink(out)
+            spreads["cp"].append(max(ended) / min(ended))
+            return COPIES * size / MiB / max(ended)
+
+        a, b = alternate(opts.repeats, ours, cp)
+        for src, _ in sources:
+            dom.delete(src)
     r = ratio(median(a), median(b))
     spread = median(spreads["ours"])
     return [Row(key="copy8", title=f"{COPIES} concurrent dense copies of {size // MiB} MiB, "

@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 
 from bench.boot import build_domain
-from bench.common import Row, Rpc, Scratch, median, percentile
+from bench.common import Row, Rpc, Scratch, data_dir, median, percentile
 
 GOAL = 2.0
 ACTIVE = {"states": ["pending", "running", "aborting"]}
@@ -66,38 +64,34 @@ def run(opts) -> list[Row]:
     if "queries" not in opts.only:
         return []
     samples = opts.query_samples
-    data = tempfile.mkdtemp(prefix="hab-queries-", dir=opts.data_dir)
-    with Scratch() as s:
-        try:
-            small_root, big_root = os.path.join(data, "small"), os.path.join(data, "big")
-            small_id, _ = build_domain(small_root, 10, 0, "bench-queries")
-            big_id, _ = build_domain(big_root, opts.volumes, 0, "bench-queries")
-            domains = {10: (small_id, small_root)}
-            domains.update({n: (big_id, big_root) for n in STAGES[1:]})
-            targets = {10: _volume(small_root, small_id)}
-            targets.update({n: _volume(big_root, big_id) for n in STAGES[1:]})
-            queries = {"Task.getAll active": ("Task.getAll", ACTIVE),
-                       "Host.getStats": ("Host.getStats", None),
-                       "Image.getStatus": ("Image.getStatus", None),
-                       "Task.getAll everything (no goal)": ("Task.getAll", None)}
-            results: dict[str, dict[int, list[float]]] = {q: {} for q in queries}
-            retained = {}
-            for stage in STAGES:
-                domain_id, root = domains[stage]
-                agent = s.agent(f"queries-{stage}", tasks={"retain_max": stage},
-                                storage={"domains": {domain_id: root}}).start()
-                rpc = Rpc(agent.rpc_endpoint)
-                retained[stage] = _fill(rpc, stage)
-                for _ in range(opts.repeats):
-                    for name, (method, params) in queries.items():
-                        params = targets[stage] if method == "Image.getStatus" else params
-                        results[name].setdefault(stage, []).extend(
-                            _latency(rpc, method, params, samples))
-                retained[stage] = sum(rpc.call("Host.getStats")["tasks"].values())
-                rpc.close()
-                agent.stop()
-        finally:
-            shutil.rmtree(data, ignore_errors=True)
+    with data_dir(opts, "queries") as data, Scratch() as s:
+        small_root, big_root = os.path.join(data, "small"), os.path.join(data, "big")
+        small_id, _ = build_domain(small_root, 10, 0, "bench-queries")
+        big_id, _ = build_domain(big_root, opts.volumes, 0, "bench-queries")
+        domains = {10: (small_id, small_root)}
+        domains.update({n: (big_id, big_root) for n in STAGES[1:]})
+        targets = {10: _volume(small_root, small_id)}
+        targets.update({n: _volume(big_root, big_id) for n in STAGES[1:]})
+        queries = {"Task.getAll active": ("Task.getAll", ACTIVE),
+                   "Host.getStats": ("Host.getStats", None),
+                   "Image.getStatus": ("Image.getStatus", None),
+                   "Task.getAll everything (no goal)": ("Task.getAll", None)}
+        results: dict[str, dict[int, list[float]]] = {q: {} for q in queries}
+        retained = {}
+        for stage in STAGES:
+            domain_id, root = domains[stage]
+            agent = s.agent(f"queries-{stage}", tasks={"retain_max": stage},
+                            storage={"domains": {domain_id: root}}).start()
+            rpc = Rpc(agent.rpc_endpoint)
+            retained[stage] = _fill(rpc, stage)
+            for _ in range(opts.repeats):
+                for name, (method, params) in queries.items():
+                    params = targets[stage] if method == "Image.getStatus" else params
+                    results[name].setdefault(stage, []).extend(
+                        _latency(rpc, method, params, samples))
+            retained[stage] = sum(rpc.call("Host.getStats")["tasks"].values())
+            rpc.close()
+            agent.stop()
     summary = {name: {str(stage): {"p50_ms": median(xs), "p95_ms": percentile(xs, 95)}
                       for stage, xs in by_stage.items()} for name, by_stage in results.items()}
     goal_queries = [q for q in queries if "no goal" not in q]
