@@ -27,6 +27,7 @@ from agent import errors, jsonrpc, logs
 
 log = logs.get(component="rpc")
 
+LATE_NEWS_SECONDS = 0.002  # at most, once per large reply (Ledger._late_news)
 TRACKED_BYTES = 2048  # replies larger than this are tracked (most answers are far smaller)
 MAX_ROUTE_FRAMES = 7  # routing frames of a request: identity, delimiter, proxies' identities
 MAX_ROUTE_FRAME_BYTES = 256  # libzmq identities are at most 255 bytes
@@ -44,6 +45,7 @@ class Ledger:
         self.refused = 0  # large replies replaced by ResourceExhausted
         self.dropped = 0  # replies dropped: client gone, or its queue at max_queued_replies
         self.freed_since_trim = 0
+        self.waited: dict[bytes, object] = {}  # peer -> the tracker last waited for
 
     def _settle(self, peer: bytes) -> None:
         q = self.queued.get(peer)
@@ -55,15 +57,37 @@ class Ledger:
         if not q:
             self.queued.pop(peer, None)
             self.bytes.pop(peer, None)
+            self.waited.pop(peer, None)
 
     def admits(self, peer: bytes, size: int) -> bool:
         """Whether a large reply of `size` may be queued for `peer`. The all-clients bound
         holds back clients that leave replies unread, never one that has read all of its
         own (else a few hogs would starve every reader)."""
         self._settle(peer)
-        mine = self.bytes.get(peer, 0)
-        if mine + size > self.per_peer or (mine and self.total + size > self.total_limit):
+        if self._over(peer, size) and self._late_news(peer):
+            self._settle(peer)
+        if self._over(peer, size):
             self.refused += 1
+            return False
+        return True
+
+    def _over(self, peer: bytes, size: int) -> bool:
+        mine = self.bytes.get(peer, 0)
+        return mine + size > self.per_peer or bool(mine and self.total + size > self.total_limit)
+
+    def _late_news(self, peer: bytes) -> bool:
+        """Whether the peer's oldest queued reply turns out written after all. libzmq says
+        so through pyzmq's own thread, a little after the fact: a reader that asks again at
+        once (a fast client, a fast encoder) could be refused for a reply it has read. So
+        before refusing, wait for that word, briefly, and once per reply: a client that
+        never reads costs this at most once per large reply it is sent."""
+        tracker = self.queued[peer][0][0]
+        if self.waited.get(peer) is tracker:
+            return False
+        self.waited[peer] = tracker
+        try:
+            tracker.wait(LATE_NEWS_SECONDS)
+        except zmq.NotDone:
             return False
         return True
 
