@@ -165,11 +165,13 @@ class AgentProcess:
         return self.proc.pid
 
     def workers(self) -> list[psutil.Process]:
-        """This agent's fork server and workers, found the way the agent finds leftovers."""
+        """This agent's fork server and workers that are alive, found the way the agent finds
+        leftovers. A zombie is dead (its parent died too, and init has yet to reap it)."""
         found = []
-        for p in psutil.process_iter(["cmdline"]):
+        for p in psutil.process_iter(["cmdline", "status"]):
             cmd = p.info["cmdline"] or []
-            if "workers.forkserver" in cmd and str(self.run_dir) in cmd:
+            if "workers.forkserver" in cmd and str(self.run_dir) in cmd and \
+                    p.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(p)
         return found
 
