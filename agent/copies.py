@@ -69,6 +69,11 @@ class CopyMeter:
     def forget(self, task_id: str) -> None:
         self._by_task.pop(task_id, None)
 
+    def keep_only(self, task_ids) -> None:
+        """Forget every copy whose task is not among `task_ids` (the active ones)."""
+        for task_id in [t for t in self._by_task if t not in task_ids]:
+            del self._by_task[task_id]
+
     def running(self) -> list[dict]:
         return [c.record() for c in self._by_task.values()]
 

@@ -48,9 +48,7 @@ class View:
         self.stats, self.trouble = stats, None
         self.tasks = {str(t["id"]): t for t in tasks}
         self.polled_copies = {str(c["taskID"]): c for c in stats.get("copies") or []}
-        for task_id in list(self.meter._by_task):
-            if task_id not in self.tasks:
-                self.meter.forget(task_id)
+        self.meter.keep_only(self.tasks)
         self.last_poll = self.clock()
 
     def event(self, ev) -> None:

@@ -27,6 +27,35 @@ from agent import errors
 from agent.storage.layout import DOM_MD, fsync_dir
 
 AREA = 1 << 20  # bytes of an ids or a lease area (sanlock's default alignment)
+TMP_SUFFIX = ".tmp"
+# A tmp file this old is nobody's work in progress (writing one takes well under a second;
+# another host's may be in progress now, so fresh ones are left alone).
+STALE_SECONDS = 3600.0
+
+
+def sweep_stale(directory: str, now: float | None = None) -> list[str]:
+    """Remove the tmp files `_make_atomic` left in `directory` (a SIGKILL between writing
+    and linking) once they are STALE_SECONDS old; the names removed. Only names of its own
+    pattern (<name>.<32 hex>.tmp) are touched."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        stem, _, token = name[:-len(TMP_SUFFIX)].rpartition(".")
+        if not (name.endswith(TMP_SUFFIX) and stem and len(token) == 32
+                and all(c in "0123456789abcdef" for c in token)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime >= STALE_SECONDS:
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:  # another host swept it first
+            continue
+    return removed
 _registered: int | None = None  # this process's registration (one per process)
 
 
@@ -76,10 +105,11 @@ def _failed(what: str, exc, **data) -> errors.AgentError:
 
 def _make_atomic(path: str, write) -> None:
     """Make `path` (a 1 MiB area) by `write(tmp)` beside it and a hard link: never half-made,
-    and never over another host's."""
+    and never over another host's. A SIGKILL between the two leaves the tmp file behind:
+    `sweep_stale` removes it later."""
     if os.path.exists(path):
         return
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    tmp = f"{path}.{uuid.uuid4().hex}{TMP_SUFFIX}"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
     try:
         os.ftruncate(fd, AREA)
@@ -150,12 +180,16 @@ class SanlockLeases:
         """Join the domain's lockspace with this host's ID; returns once joined. Takes
         seconds (longer after an unclean stop: sanlock waits out the ID's last owner);
         `beat` is called meanwhile and may raise to stop waiting (the add goes on in the
-        daemon, and the next join finds it)."""
+        daemon, and the next join finds it). Leftover tmp files of areas made by a life that
+        was killed are swept first (`swept`: how many)."""
         sl = _sanlock()
         self.ensure_lockspace()
+        swept = sum(len(sweep_stale(d)) for d in (os.path.dirname(self.ids),
+                                                  self.layout.leases_dir))
         began = time.monotonic()
         if self.joined():
-            return {"host_id_number": self.host_id, "seconds": 0.0, "already": True}
+            return {"host_id_number": self.host_id, "seconds": 0.0, "already": True,
+                    "swept": swept}
         try:
             _waiting(sl.add_lockspace, self.lockspace, self.host_id, self.ids,
                      iotimeout=self.io_timeout, beat=beat)
@@ -165,7 +199,8 @@ class SanlockLeases:
                 raise _failed("cannot join the lockspace", exc,
                               host_id_number=self.host_id) from None
         return {"host_id_number": self.host_id,
-                "seconds": round(time.monotonic() - began, 3), "already": False}
+                "seconds": round(time.monotonic() - began, 3), "already": False,
+                "swept": swept}
 
     # -- volume leases -----------------------------------------------------------------
 

@@ -5,6 +5,8 @@ and the writer fenced when its host loses the lockspace."""
 
 import os
 import signal
+import time
+import uuid
 
 import psutil
 import pytest
@@ -118,10 +120,21 @@ def test_an_agent_restart_finds_its_lockspace_joined(make_agent, daemons, shared
     first = a.call("Task.getStatus", {"taskID": f"join:{shared[0]}"})["result"]
     assert first["already"] is False and first["seconds"] > 0
     a.kill(signal.SIGKILL)
+    # What a life killed between writing an area and linking it leaves (one old tmp file
+    # in each area directory), and what another host may be writing now (a fresh one).
+    stale = [os.path.join(shared[1], d, f"{n}.{uuid.uuid4().hex}.tmp")
+             for d, n in (("dom_md", "ids"), ("leases", new_id() + ".sanlock"))]
+    fresh = os.path.join(shared[1], "leases", f"{new_id()}.sanlock.{uuid.uuid4().hex}.tmp")
+    for path in (*stale, fresh):
+        with open(path, "wb") as f:
+            f.truncate(1 << 20)
+    for path in stale:
+        os.utime(path, (time.time() - 2 * 3600,) * 2)
     a.start()  # attached.json names the domain; the daemon kept the lockspace
     joined(a, shared[0], timeout=10)
     again = a.call("Task.getStatus", {"taskID": f"join:{shared[0]}"})["result"]
-    assert again["already"] is True
+    assert again["already"] is True and again["swept"] == 2
+    assert not any(os.path.exists(p) for p in stale) and os.path.exists(fresh)
     src = make_source(a, shared[0], 4 * MiB)  # a lease taken after the restart
     lease = a.call("Volume.getInfo", src)["lease"]
     assert lease["op"] == "create" and lease["live"] is False and lease["sanlock_host_id"] == 1

@@ -170,3 +170,25 @@ def test_probe_tolerates_empty_or_garbage_content(path, content):
 
 def test_probe_of_missing_file_is_none(path):
     assert lease.probe(path) is None
+
+
+def test_stale_tmp_areas_are_swept_and_nothing_else(tmp_path):
+    """sanlock_leases.sweep_stale: the tmp files a killed area-maker left, once old; never a
+    fresh one (another host may be writing it), nor anything not of its pattern."""
+    import time
+    import uuid
+
+    from agent.storage.sanlock_leases import STALE_SECONDS, sweep_stale
+    now = time.time()
+    token = uuid.uuid4().hex
+    names = {"old": f"v1.sanlock.{token}.tmp", "fresh": f"v2.sanlock.{uuid.uuid4().hex}.tmp",
+             "area": "v1.sanlock", "other_tmp": "notes.tmp", "short": "v3.sanlock.abc.tmp",
+             "upper": f"v4.sanlock.{token.upper()}.tmp"}
+    for key, name in names.items():
+        (tmp_path / name).write_bytes(b"x")
+        if key != "fresh":
+            os.utime(tmp_path / name, (now - STALE_SECONDS - 1,) * 2)
+    assert sweep_stale(str(tmp_path), now) == [names["old"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for k, n in names.items() if k != "old")
+    assert sweep_stale(str(tmp_path / "missing"), now) == []
