@@ -74,6 +74,9 @@ class CopyMeter:
         for task_id in [t for t in self._by_task if t not in task_ids]:
             del self._by_task[task_id]
 
+    def __len__(self) -> int:
+        return len(self._by_task)
+
     def running(self) -> list[dict]:
         return [c.record() for c in self._by_task.values()]
 

@@ -2,7 +2,8 @@
 lines for a person at a terminal, JSON objects for everything else (journald, files, a
 pipe), or as `hostagent serve --log-format` says. The choice is passed on to the processes
 the agent starts (workers, scrubs) in $HOSTAGENT_LOG_FORMAT, since they write to the same
-stderr; a worker binds its task (`bind_task`), so every line it writes carries it."""
+stderr; a worker binds its task (`bind`: what the supervisor's lines about it carry,
+Task.about), so every line it writes carries it too."""
 
 from __future__ import annotations
 
@@ -57,14 +58,10 @@ def setup(level: str = "info", stream=None, fmt: str | None = None) -> str:
     return fmt
 
 
-def bind_task(task_id, op: str, args: dict) -> None:
-    """A worker's lines from here on carry its task, its operation and, for a job on a
-    volume (a copy's destination), that volume."""
-    dst = args.get("dst") if isinstance(args.get("dst"), dict) else {}
-    volume_id = dst.get("volumeID") or args.get("volumeID")
+def bind(**fields) -> None:
+    """Every line this process writes from here on carries `fields` (a worker: its task)."""
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(task_id=task_id, op=op,
-                                           **({"volume_id": volume_id} if volume_id else {}))
+    structlog.contextvars.bind_contextvars(**fields)
 
 
 def get(**bound):

@@ -32,6 +32,7 @@ from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
+from agent import __version__
 from agent.config import parse_endpoint
 
 CONNECTION_TIMEOUT = 5.0  # seconds a scraper may take to send its request and read
@@ -72,16 +73,19 @@ class Metrics:
     # -- the loop's side ---------------------------------------------------------------
 
     def start(self, agent) -> str | None:
-        """Serve `[metrics] endpoint`; its URL. One that cannot listen (its port taken) is
-        logged and left off: metrics are never a reason for the agent not to serve."""
+        """Serve `[metrics] endpoint` in a thread of its own; its URL. One that cannot
+        listen (its port taken) is logged and left off: metrics are never a reason for the
+        agent not to serve."""
         endpoint = agent.config["metrics"]["endpoint"]
         try:
-            url = self.serve(endpoint)
+            server = _Server(parse_endpoint(endpoint), _handler(self.registry))
         except OSError as exc:
             agent.log.error("metrics_unavailable", endpoint=endpoint, error=str(exc))
-            url = None
+            return None
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self.tick(agent)
-        return url
+        host, port = server.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
     def tick(self, agent) -> None:
         """Each turn of the loop: a new snapshot once a second (a bug in it costs the
@@ -113,10 +117,10 @@ class Metrics:
         gate, ledger, events, workers = agent.gate, agent.ledger, agent.events, agent.workers
         self._snapshot = {
             "ready": not agent.recovering, "started": agent.started_wall,
-            "info": {"version": agent.version, "host_id": str(agent.config.host_id),
+            "info": {"version": __version__, "host_id": str(agent.config.host_id),
                      "boot_id": agent.boot_id},
             "tasks": by_method,
-            "copies": len(agent.copies.running()), "copy_rate": agent.copies.rate(),
+            "copies": len(agent.copies), "copy_rate": agent.copies.rate(),
             "backlog": agent.backlog.waiting(), "parked": agent.lockspaces.waiting(),
             "workers": workers.running(),
             "counters": {
@@ -151,18 +155,6 @@ class Metrics:
             "domains": [(d["domainID"], d["path"], agent.lockspaces.state_of(d["domainID"]))
                         for d in agent.domains.listing()],
         }
-
-    # -- the server's side -------------------------------------------------------------
-
-    def serve(self, endpoint: str) -> str:
-        """Listen on host:port in a thread of its own; returns the URL it serves."""
-        host, port = parse_endpoint(endpoint)
-        server = _Server((host, port), _handler(self.registry))
-        thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
-        thread.start()
-        bound_host, bound_port = server.server_address[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        return f"http://{shown}:{bound_port}/metrics"
 
 
 class _Server(http.server.HTTPServer):

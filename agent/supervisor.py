@@ -22,7 +22,6 @@ import zmq
 
 from agent import (api, errors, intake, jsonrpc, logs, outcomes, peers, replies, sdnotify,
                    security, startup, states)
-from agent import __version__
 from agent.backlog import Backlog
 from agent.copies import CopyMeter
 from agent.lockspaces import Lockspaces
@@ -48,7 +47,6 @@ class Agent:
         self.log = logs.get(component="supervisor", host_id=config.host_id)
         self.boot_id = uuid.uuid4().hex
         self.kernel_boot_id = startup.read_text("/proc/sys/kernel/random/boot_id")
-        self.version = __version__
         self.started_at = self.system.monotonic()
         self.started_wall = self.system.wall()
         self.ready_wall: float | None = None  # when start-up ended (Host.getStats)

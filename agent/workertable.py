@@ -87,6 +87,7 @@ class WorkerTable:
                    last_seen=now, deadline=deadline or self.settings["deadline_seconds"])
         self.by_token[w.token] = w
         request = {"token": w.token, "op": op, "args": args, "task_id": task.id,
+                   "about": task.about(),  # what its log lines carry (logs.bind)
                    "host_id": self.host_id, "run_dir": str(self.run_dir),
                    "settings": self.settings}
         try:

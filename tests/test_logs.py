@@ -14,7 +14,8 @@ from tests.test_cli import HOSTAGENT
 
 
 def log_lines(agent) -> list[dict]:
-    return [json.loads(line) for line in agent.log().splitlines() if line.strip()]
+    """Every line of the agent's log, the whole file (AgentProcess.log() is its tail)."""
+    return [json.loads(line) for line in agent.log_path.read_text().splitlines() if line.strip()]
 
 
 def test_json_lines_off_a_terminal_each_task_line_with_its_task_and_volume(make_agent, workdir):

@@ -147,7 +147,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         zctx, sock = prepared or prepare(supervisor_pid, intermediate)
         from workers import ops
 
-        logs.bind_task(request.get("task_id"), request["op"], request.get("args") or {})
+        logs.bind(**request.get("about", {}), op=request["op"])
         log = logs.get(component="worker")
         op = ops.get(request["op"])
         if testseams.install_from_env():

@@ -44,9 +44,10 @@ def sweep_stale(directory: str, now: float | None = None) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
+        if not name.endswith(TMP_SUFFIX):
+            continue
         stem, _, token = name[:-len(TMP_SUFFIX)].rpartition(".")
-        if not (name.endswith(TMP_SUFFIX) and stem and len(token) == 32
-                and all(c in "0123456789abcdef" for c in token)):
+        if not (stem and len(token) == 32 and all(c in "0123456789abcdef" for c in token)):
             continue
         path = os.path.join(directory, name)
         try:
@@ -56,6 +57,8 @@ def sweep_stale(directory: str, now: float | None = None) -> list[str]:
         except FileNotFoundError:  # another host swept it first
             continue
     return removed
+
+
 _registered: int | None = None  # this process's registration (one per process)
 
 
