@@ -50,7 +50,13 @@ def worker_of(agent, task_id) -> psutil.Process:
 def exports_of(worker: psutil.Process) -> list[psutil.Process]:
     """The worker's qemu-nbd children, once both are running (source and destination)."""
     def two():
-        kids = [p for p in worker.children() if p.name() == "qemu-nbd"]
+        kids = []
+        for p in worker.children():
+            try:  # the worker's qemu-img runs come and go between listing and asking
+                if p.name() == "qemu-nbd":
+                    kids.append(p)
+            except psutil.NoSuchProcess:
+                continue
         return kids if len(kids) == 2 else None
     return wait_for(two, what="the copy's two qemu-nbd exports")
 
