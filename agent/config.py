@@ -28,14 +28,14 @@ DEFAULTS: dict[str, Any] = {
         "max_message_bytes": 16 * 1024 * 1024,
         "max_active_tasks": 256,
         "max_batch_length": 1000,
-        # What a client that does not read its replies can cost (agent/replies.py): this
+        # What a client that does not read its replies can cost (agent/wire/replies.py): this
         # many queued replies, and this many bytes of large ones.
         "max_queued_replies": 1000,
         "max_unread_reply_bytes": 64 * 1024 * 1024,
     },
     "events": {
         "endpoints": [f"tcp://127.0.0.1:{DEFAULT_EVENTS_PORT}", "ipc://{run_dir}/events.sock"],
-        # What a subscriber that does not read can cost (agent/events.py).
+        # What a subscriber that does not read can cost (agent/wire/events.py).
         "max_queued": 10000,
         "max_event_bytes": 16384,
     },
@@ -55,10 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "storage": {"domains": {}, "lease_manager": "local", "host_id_number": 0,
                 "sanlock_io_timeout": 10, "sanlock_run_dir": ""},
     # CURVE on the RPC and events sockets: the server's secret key file and a directory of
-    # authorized clients' public key files (both, or neither). See agent/security.py.
+    # authorized clients' public key files (both, or neither). See agent/wire/security.py.
     "security": {"server_secret_key": "", "authorized_keys_dir": ""},
     # max_running: how many tasks the agent issues itself (recovered and retried copies,
-    # abandons) run at once; the rest wait, pending, in order (agent/backlog.py).
+    # abandons) run at once; the rest wait, pending, in order (agent/supervisor/backlog.py).
     "recovery": {"copy_policy": "resume", "resume_foreign": False, "max_attempts": 3,
                  "backoff_seconds": 1.0, "max_running": 4},
     # max_bytes_per_second: 0 is unlimited; a limit keeps copies from starving VMs' I/O.
@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
     # (how the scrub process is started so that it outlives the agent: workers/ops/operation.py).
     "scrub": {"max_bytes_per_second": 64 * 1024 * 1024, "launcher": "auto"},
-    # Prometheus metrics over HTTP (agent/metrics.py): "host:port", loopback by default
+    # Prometheus metrics over HTTP (agent/supervisor/metrics.py): "host:port", loopback by default
     # (the metrics say what the host stores; expose them wider on purpose), "" for none.
     "metrics": {"endpoint": f"127.0.0.1:{DEFAULT_METRICS_PORT}"},
 }
@@ -97,6 +97,14 @@ class Config:
     @property
     def host_id(self) -> str:
         return self.data["host_id"]
+
+    @property
+    def leases(self) -> dict:
+        """The lease manager's settings as every worker gets them (the one place they are
+        built: workers/runtime.py hands them to agent.storage.leases.configure)."""
+        st = self.data["storage"]
+        return {"manager": st["lease_manager"], "host_id_number": st["host_id_number"],
+                "io_timeout": st["sanlock_io_timeout"], "run_dir": st["sanlock_run_dir"]}
 
     @property
     def run_dir(self) -> Path:

@@ -130,7 +130,17 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if opts.agent_repo:
         common.AGENT_REPO = Path(opts.agent_repo).resolve()
-    from bench import boot, concurrent, copy, events, images, memory, queries, rpc, spawn
+    from bench import (
+        boot,
+        concurrent,
+        copy,
+        events,
+        images,
+        memory,
+        queries,
+        rpc,
+        spawn,
+    )
 
     modules = [rpc, spawn, copy, concurrent, images, queries, boot, events, memory]
     rows, began = [], time.time()

@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 
-from bench.common import MiB, Events, Row, Scratch, alternate, median
+from bench.common import Events, MiB, Row, Scratch, alternate, median
 
 GOAL_SECONDS = 1.0
 RECOVERY_WAIT = 600.0  # seconds a resume sample waits for its recovery tasks to end

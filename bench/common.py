@@ -1,6 +1,6 @@
 """What every benchmark row shares: real agent processes, helper processes, pairs, statistics.
 
-An agent is started the way tests/harness.py starts one: `python -m agent serve` with its own
+An agent is started the way tests/support/harness.py starts one: `python -m agent serve` with its own
 config and run dir, ipc endpoints in a short /tmp dir, debug = true. Everything a row starts
 is killed, and every directory it makes removed, by the Scratch that owns it.
 """
@@ -151,7 +151,7 @@ def python_module(scratch: Scratch, module: str, *args: str, **kw) -> subprocess
 
 
 class Agent:
-    """One real agent process (python -m agent serve), as tests/harness.py starts it."""
+    """One real agent process (python -m agent serve), as tests/support/harness.py starts it."""
 
     def __init__(self, scratch: Scratch, name: str, repo: Path | None = None, **overrides):
         self.log_level = os.environ.get("BENCH_AGENT_LOG_LEVEL", "info")  # for experiments

@@ -25,9 +25,22 @@ import tempfile
 import time
 import uuid
 
-from bench.common import (MiB, Events, Rpc, Row, Scratch, alternate, evict, median,
-                          paired_ratio, ratio, task_done, wait_subscribed, warm)
-from agent.storage.copyengine import sparse_extents
+from agent.storage.copy.kernel import sparse_extents
+from bench.common import (
+    Events,
+    MiB,
+    Row,
+    Rpc,
+    Scratch,
+    alternate,
+    evict,
+    median,
+    paired_ratio,
+    ratio,
+    task_done,
+    wait_subscribed,
+    warm,
+)
 
 ROWS = ("copy_cold", "copy_warm", "sparse")
 NOSUM = "Image.copy, record_checksum=false"

@@ -4,7 +4,7 @@ Both publishers are helper processes bound on ipc, publishing as fast as they ca
 process is the one subscriber and counts what it receives in a fixed window (a PUB socket
 drops what a subscriber cannot take in time, so what arrives is the rate that counts):
 
-  agent's publisher  agent.events.Publisher.publish("Task.progress", {"taskID", "progress"}):
+  agent's publisher  agent.wire.events.Publisher.publish("Task.progress", {"taskID", "progress"}):
                      the agent's own code for every event (params, seq, boot_id, JSON, send)
   bare PUB/SUB       the same [topic, body] frames, the body serialized once in advance
 
@@ -23,7 +23,16 @@ import time
 
 import zmq
 
-from bench.common import Events, Row, Rpc, Scratch, alternate, median, python_module, ratio
+from bench.common import (
+    Events,
+    Row,
+    Rpc,
+    Scratch,
+    alternate,
+    median,
+    python_module,
+    ratio,
+)
 
 GOAL = 0.5
 E2E_TASKS = 100
@@ -33,7 +42,7 @@ E2E_SECONDS = 2.0
 def publisher(kind: str, endpoint: str, seconds: float) -> None:
     ctx = zmq.Context()
     if kind == "agent":
-        from agent.events import Publisher
+        from agent.wire.events import Publisher
 
         pub = Publisher(ctx, [endpoint], "0" * 32)
         send = lambda i: pub.publish("Task.progress", {"taskID": "bench-task",  # noqa: E731

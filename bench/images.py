@@ -19,8 +19,17 @@ import tempfile
 import time
 import uuid
 
-from bench.common import (MiB, Row, Scratch, alternate, evict, median, paired_ratio, ratio,
-                          task_done)
+from bench.common import (
+    MiB,
+    Row,
+    Scratch,
+    alternate,
+    evict,
+    median,
+    paired_ratio,
+    ratio,
+    task_done,
+)
 from bench.copy import NOSUM, Domain, _mibs
 
 ROWS = ("qcow2_raw", "qcow2_cow")

@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from bench.common import MiB, Rpc, Row, Scratch, median
+from bench.common import MiB, Row, Rpc, Scratch, median
 
 GOAL_SUPERVISOR_MIB = 60
 GOAL_WORKER_MIB = 30

@@ -168,6 +168,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["forkloop"]:
         if sys.argv[3:4] == ["preload"]:
             from workers import ops, runtime  # noqa: F401  (what the fork server imports)
-
-            ops.preload()
         print(json.dumps(forkloop(int(sys.argv[2]))))

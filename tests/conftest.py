@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(seconds))
 
 
-from tests.harness import AgentProcess, Tmux, cleanup_dir, short_tmpdir  # noqa: E402
+from tests.support.harness import AgentProcess, Tmux, cleanup_dir, short_tmpdir  # noqa: E402
 
 
 @pytest.fixture

@@ -37,10 +37,10 @@ def offending(paths, forbidden) -> dict:
     return out
 
 
-LOOP_AND_RPC = ["agent.supervisor", "agent.intake", "agent.api", "agent.jsonrpc",
-                "agent.replies", "agent.events", "agent.recovery", "agent.workertable",
-                "agent.forkclient", "agent.peers", "agent.backlog", "agent.startup",
-                "agent.jobs", "agent.tasks", "agent.domains", "agent.cli", "agent.client"]
+LOOP_AND_RPC = ["agent.supervisor.loop", "agent.wire.intake", "agent.api", "agent.wire.jsonrpc",
+                "agent.wire.replies", "agent.wire.events", "agent.supervisor.recovery", "agent.supervisor.workertable",
+                "agent.supervisor.forkclient", "agent.wire.peers", "agent.supervisor.backlog", "agent.supervisor.startup",
+                "agent.supervisor.jobs", "agent.supervisor.tasks", "agent.supervisor.domains", "agent.cli", "agent.client"]
 
 
 def test_workers_never_import_the_loop_or_the_rpc_layer():
@@ -55,7 +55,7 @@ def test_storage_never_imports_zmq_rpc_or_events():
 def test_tasks_and_states_import_only_the_standard_library(module):
     (path,) = files("agent", module)
     others = {m for m in imports(path) if m.split(".")[0] not in STDLIB}
-    assert others <= {"agent", "agent.states"}, others
+    assert others <= {"agent", "agent.supervisor.states"}, others
 
 
 def test_the_client_never_imports_the_agent():
@@ -69,8 +69,8 @@ def test_the_client_never_imports_the_agent():
 
 
 def test_one_wire_constant_on_both_sides():
-    from agent import jsonrpc
     from agent.client import protocol
+    from agent.wire import jsonrpc
     assert jsonrpc.MAX_ID_LENGTH == protocol.MAX_ID_LENGTH
 
 
@@ -91,6 +91,6 @@ def test_no_module_over_about_400_lines_and_no_function_over_60():
 def test_the_checker_sees_imports_where_they_are():
     """Not vacuous: known imports, at module level and inside a function, are found."""
     found = imports(REPO / "agent" / "supervisor.py")
-    assert {"zmq", "agent.tasks", "agent.tasks.TaskTable"} <= found
+    assert {"zmq", "agent.supervisor.tasks", "agent.supervisor.tasks.TaskTable"} <= found
     assert "workers.ops" in imports(REPO / "workers" / "runtime.py")  # inside main()
     assert offending([REPO / "agent" / "supervisor.py"], ["zmq"])

@@ -9,9 +9,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import config as configmod
-from agent import errors, jsonrpc, states
-from agent.jsonrpc import MAX_ID_LENGTH
-from agent.tasks import Full, IdInUse, TaskTable
+from agent import errors
+from agent.supervisor import states
+from agent.supervisor.tasks import Full, IdInUse, TaskTable
+from agent.wire import jsonrpc
+from agent.wire.jsonrpc import MAX_ID_LENGTH
 
 # -- states ------------------------------------------------------------------------------
 
@@ -278,12 +280,12 @@ class Recorder:
 
 
 def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
-    """Agent.end runs a task's end hook before it answers: what the hook makes durable
+    """Supervisor.end runs a task's end hook before it answers: what the hook makes durable
     (RUN_DIR/attached.json) must already be there when the client hears "attached"."""
-    from agent import recovery
-    from agent.supervisor import Agent
+    from agent.supervisor import recovery
+    from agent.supervisor.loop import Supervisor
 
-    agent = Agent(configmod.load(overrides={"run_dir": str(tmp_path), "host_id": "h"}))
+    agent = Supervisor(configmod.load(overrides={"run_dir": str(tmp_path), "host_id": "h"}))
     agent.events = Recorder()
     on_disk_when_told = []
     task = agent.tasks.admit("d1", "StorageDomain.create", limited=True)
@@ -292,7 +294,7 @@ def test_an_attachment_is_on_disk_before_the_client_is_told(tmp_path):
         (msg, json.loads((tmp_path / "attached.json").read_text())))
     agent.tasks.transition(task, "start")
     result = {"domainID": "5d0d0e5e-0000-4000-8000-000000000001", "path": str(tmp_path / "s")}
-    from agent.jobs import WorkerJob
+    from agent.supervisor.jobs import WorkerJob
     agent.domains.reserve(result["domainID"], result["path"])  # as the handler does
     task.job = WorkerJob("domain.create", dict(result), on_end=recovery.domain_created)
     agent.end(task, "succeed", result)

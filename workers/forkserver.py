@@ -238,10 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     # Preload everything a worker imports, so a forked worker imports nothing; and its logs
     # as the agent writes them ($HOSTAGENT_LOG_FORMAT), set up once for every worker.
     from agent import logs
-    from workers import ops, runtime  # noqa: F401
+    from workers import ops, runtime  # noqa: F401  (ops imports every op's module)
     logs.setup()
-
-    ops.preload()
 
     ForkServer(socket.socket(fileno=CONTROL_FD), args.supervisor_pid).run()
     os._exit(0)

@@ -20,8 +20,11 @@ import zmq
 
 from agent import errors, logs, system
 from agent.storage import leases
-from workers import protocol
-from workers import testseams  # here, so the fork server has it loaded for every worker
+from workers import (
+    protocol,
+    testseams,  # here, so the fork server has it loaded for every worker
+)
+
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
 
 

@@ -35,9 +35,9 @@ import traceback
 import zmq
 
 from agent import errors, logs
-from agent.storage import operations
+from agent.storage import checksum, operations
+from agent.storage.copy import nbd
 from agent.storage.metadata import DomainDB
-from agent.storage import checksum, imagecopy
 from workers import protocol
 from workers.protocol import EVENT_IDENTITY_ENV
 
@@ -157,7 +157,7 @@ class Scrub:
             if vol.get("format", "raw") == "raw":
                 found = checksum.file_checksum(path, on_chunk, kind)
             else:  # a qcow2 is read through qemu: its guest view, as its copy hashed it
-                found = imagecopy.guest_checksum(self.ddb, vol, on_chunk, kind)
+                found = nbd.guest_checksum(self.ddb, vol, on_chunk, kind)
         except FileNotFoundError:
             found = None
         except errors.AgentError as exc:

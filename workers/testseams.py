@@ -29,7 +29,7 @@ def install_from_env() -> dict | None:
         return None
     spec = json.loads(raw)
     from agent.storage import metadata
-    from agent.storage import copyengine
+    from agent.storage.copy import kernel
 
     if "crash_after_writes" in spec:
         left = [int(spec["crash_after_writes"])]
@@ -39,7 +39,7 @@ def install_from_env() -> dict | None:
             if left[0] <= 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         metadata._after_write_hook = count
-        copyengine._fault = lambda kind, offset: count(kind) if kind == "fsync" else None
+        kernel._fault = lambda kind, offset: count(kind) if kind == "fsync" else None
     if "io_error" in spec:
         want = spec["io_error"]
         code = getattr(errno, want.get("errno", "EIO"))
@@ -47,5 +47,5 @@ def install_from_env() -> dict | None:
         def fault(kind, offset):
             if kind == want["kind"] and offset >= want.get("at_offset", 0):
                 raise OSError(code, os.strerror(code))
-        copyengine._fault = fault
+        kernel._fault = fault
     return spec

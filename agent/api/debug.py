@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from agent.api import Param, WorkerJob, verb
+from typing import TYPE_CHECKING
+
+from agent.supervisor.jobs import WorkerJob
+from agent.wire.verbs import Param, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 
 def _seconds(value):
@@ -18,7 +24,7 @@ def _seconds(value):
       Param("stubborn", "bool", required=False, default=False,
             doc="ignore SIGTERM and abort messages, like a worker stuck in I/O"),
       worker=True, debug_only=True, events=("Task.state", "Task.progress"))
-def sleep(agent, params):
+def sleep(agent: Supervisor, params):
     """Sleep in a worker process, reporting progress, then answer (or fail if asked).
 
     Result: {"slept": seconds}. Errors: 105 OperationFailed when fail is true.
@@ -31,7 +37,7 @@ _PLANTED: dict[int, callable] = {}  # agent -> the end hook planted for its next
 
 
 @verb("Debug.crash", debug_only=True)
-def crash(agent, params):
+def crash(agent: Supervisor, params):
     """Raise an unexpected exception in the supervisor's handler (tests -32603).
 
     Errors: -32603 InternalError, without a traceback; the agent logs the traceback.
@@ -52,7 +58,7 @@ def _place(value: str) -> str:
                            doc="hook: the next Debug.sleep's end hook; timer: a timer due "
                                "now; listener: the next worker report the loop handles"),
       debug_only=True)
-def fault(agent, params):
+def fault(agent: Supervisor, params):
     """Plant one bug in a callback of the supervisor's loop (the test seam for the rule that
     a bug in one callback costs only what it was serving, never the agent).
 

@@ -1,7 +1,7 @@
-"""One example request and response per verb, rendered into docs/api.md by agent/apidoc.py.
+"""One example request and response per verb, rendered into docs/api.md by agent/api/apidoc.py.
 
 Each entry: the request's "params" (None: no params), and its "result" or its "error". An
-optional "id" is the request's id (the task's ID), "1" if absent. tests/test_api_examples.py
+optional "id" is the request's id (the task's ID), "1" if absent. tests/e2e/test_api_examples.py
 checks that every served verb has one, that its params pass the verb's own validator, that
 an error names a real error, and that results have the shape a real agent answers with.
 """

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import psutil
 
-from agent import __version__, states
-from agent.api import REGISTRY, describe, verb
+from agent import __version__
+from agent.supervisor import states, stats
+from agent.wire.verbs import REGISTRY, describe, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 
 @verb("Host.ping")
-def ping(agent, params):
+def ping(agent: Supervisor, params):
     """Answer true: the agent is up and its loop is turning.
 
     Result: true. Errors: 99 RecoveryInProgress while start-up is still running.
@@ -21,7 +26,7 @@ def ping(agent, params):
 
 
 @verb("Host.getStats")
-def get_stats(agent, params):
+def get_stats(agent: Supervisor, params):
     """Host and agent statistics from psutil.
 
     Result: {cpu_percent, cpu_count, memory: {total, available, percent}, load: [1, 5, 15],
@@ -36,42 +41,25 @@ def get_stats(agent, params):
     to be joined, limits: what the agent refused or dropped to stay within its
     bounds (docs/crash-model.md, "Bounds"): {descriptors: {limit, in_use, peers, listening,
     pauses, refused_workers}, rpc: {unread_reply_bytes, clients_with_unread_replies,
-    replies_refused, replies_dropped, messages_dropped}, events: {dropped, oversized},
+    replies_refused, replies_dropped, messages_dropped}, events: {published, dropped,
+    oversized},
     workers: {strangers, misbehaved}}}. callback_errors counts bugs the loop survived.
     """
     vm = psutil.virtual_memory()
-    me = psutil.Process()
+    loop = stats.snapshot(agent)
+    loop["agent"]["rss_bytes"] = psutil.Process().memory_info().rss
     return {
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpu_count": psutil.cpu_count(),
         "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
         "load": list(os.getloadavg()),
         "uptime_seconds": time.time() - psutil.boot_time(),
-        "agent": {"pid": os.getpid(), "rss_bytes": me.memory_info().rss,
-                  "uptime_seconds": agent.system.monotonic() - agent.started_at,
-                  "boot_id": agent.boot_id, "callback_errors": agent.callback_errors,
-                  "ready": not agent.recovering, "started": agent.started_wall,
-                  "ready_since": agent.ready_wall, "metrics": agent.metrics_url},
-        "workers_running": agent.workers.running(),
-        "workers": [{"taskID": w.task.id, "op": w.op, "pid": w.pid}
-                    for w in agent.workers.by_token.values()],
-        "forkserver_pid": agent.workers.forkserver_pid,
-        "tasks": agent.tasks.counts(),
-        "copies": agent.copies.running(),
-        "backlog": agent.backlog.waiting(),
-        "lockspace_waiting": agent.lockspaces.waiting(),
-        "limits": {
-            "descriptors": agent.gate.stats(),
-            "rpc": {**agent.ledger.stats(), "messages_dropped": agent.dropped_messages},
-            "events": {"dropped": agent.events.dropped, "oversized": agent.events.oversized},
-            "workers": {"strangers": agent.workers.strangers,
-                        "misbehaved": agent.workers.misbehaved},
-        },
+        **loop,
     }
 
 
 @verb("Host.getCapabilities")
-def get_capabilities(agent, params):
+def get_capabilities(agent: Supervisor, params):
     """What this agent is and every method it serves, with its params.
 
     Result: {version, host_id, boot_id, kernel_boot_id, task_states, methods: [{name, params,

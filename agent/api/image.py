@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from agent import errors, recovery
-from agent.api import Param, WorkerJob, one_of, verb
-from agent.api.volume import VOLUME_PARAMS, located
-from agent.storage.ids import check_uuid
+from typing import TYPE_CHECKING
+
+from agent import errors
+from agent.api.volume import VOLUME_PARAMS
+from agent.ids import check_uuid
+from agent.supervisor import jobs, recovery
+from agent.supervisor.jobs import WorkerJob
+from agent.wire.verbs import Param, one_of, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 
-def _location(value: dict) -> dict:
+def _checked_location(value: dict) -> dict:
     if set(value) != {"domainID", "imageID", "volumeID"}:
         raise ValueError("must be {domainID, imageID, volumeID}")
     return {k: check_uuid(value[k], k) for k in ("domainID", "imageID", "volumeID")}
@@ -16,15 +23,15 @@ def _location(value: dict) -> dict:
 
 
 
-@verb("Image.copy", Param("src", "object", check=_location), Param("dst", "object",
-      check=_location),
+@verb("Image.copy", Param("src", "object", check=_checked_location), Param("dst", "object",
+      check=_checked_location),
       Param("mode", "str", required=False, check=one_of("collapse", "chain"),
             doc="collapse (default): the source's guest view into one volume; chain: every "
                 "volume of its chain, same structure"),
       Param("format", "str", required=False, check=one_of("raw", "cow"),
             doc="collapse only: the destination's format (default: the source's)"),
       worker=True, events=("Task.state", "Task.progress", "Image.copy"))
-def copy(agent, params):
+def copy(agent: Supervisor, params):
     """Copy a volume's data to a destination volume that outlives this task.
 
     Two modes. collapse (the default): the guest-visible content of the source and its
@@ -64,11 +71,11 @@ def copy(agent, params):
         raise errors.InvalidParams("a chain copy keeps each layer's format", param="format")
     extra = {k: v for k, v in (("kind", params["mode"]), ("format", params["format"]))
              if v is not None}
-    return recovery.copy_job(agent, params["src"], params["dst"], **extra)  # retried
+    return recovery.copy_under_policy(agent, params["src"], params["dst"], **extra)  # retried
 
 
 @verb("Image.getStatus", *VOLUME_PARAMS, worker=True)
-def get_status(agent, params):
+def get_status(agent: Supervisor, params):
     """The state of a volume and of any copy into it, read from storage (any host).
 
     Result: {domainID, imageID, volumeID, legality, generation, size, copy: null | {source,
@@ -77,11 +84,11 @@ def get_status(agent, params):
     task_id, lease: {live, host_id, pid, task_id, op, since} | null}}.
     Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
-    return WorkerJob("image.status", located(agent, params))
+    return WorkerJob("image.status", jobs.with_path(agent.domains, params))
 
 
 @verb("Image.getInfo", Param("domainID", "uuid"), Param("imageID", "uuid"), worker=True)
-def get_info(agent, params):
+def get_info(agent: Supervisor, params):
     """An image's volumes in chain order, base first, each as Volume.getInfo shows it
     (without its lease).
 
@@ -89,4 +96,4 @@ def get_info(agent, params):
     (chain is the one chain of a linear image; chains lists every leaf's chain).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (no volume in the image).
     """
-    return WorkerJob("image.info", located(agent, params))
+    return WorkerJob("image.info", jobs.with_path(agent.domains, params))

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import TYPE_CHECKING
 
-from agent import recovery
-from agent.api import Param, WorkerJob, verb
+from agent.supervisor import recovery
+from agent.supervisor.jobs import WorkerJob
+from agent.wire.verbs import Param, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 
 def _abs_path(value: str) -> str:
@@ -19,7 +24,7 @@ def _abs_path(value: str) -> str:
 
 @verb("StorageDomain.create", Param("domainID", "uuid"), Param("path", "str", check=_abs_path),
       worker=True)
-def create(agent, params):
+def create(agent: Supervisor, params):
     """Format an empty (or absent) directory as a new domain and attach it.
 
     Result: the domain's info (as StorageDomain.getInfo). Errors: 208 DomainExists (the
@@ -33,7 +38,7 @@ def create(agent, params):
 
 @verb("StorageDomain.attach", Param("domainID", "uuid"), Param("path", "str", check=_abs_path),
       worker=True, events=("Image.recovered",))
-def attach(agent, params):
+def attach(agent: Supervisor, params):
     """Attach an existing domain (for example one that another host formatted).
 
     Its copy markers are then scanned and the recovery policy applied, as at start-up.
@@ -47,7 +52,7 @@ def attach(agent, params):
 
 
 @verb("StorageDomain.getInfo", Param("domainID", "uuid"), worker=True)
-def get_info(agent, params):
+def get_info(agent: Supervisor, params):
     """Capacity, free space and volume count of an attached domain.
 
     Result: {domainID, path, capacity, free, volumes, copies}. Errors: 200 NoSuchDomain.
@@ -56,7 +61,7 @@ def get_info(agent, params):
 
 
 @verb("StorageDomain.list")
-def listing(agent, params):
+def listing(agent: Supervisor, params):
     """The domains this agent has attached (no storage is touched), with this host's place in
     each one's lockspace.
 
@@ -76,7 +81,7 @@ def listing(agent, params):
       Param("operationID", "uuid", required=False,
             doc="names the operation; a new UUID if absent"),
       worker=True, events=("Operation.state",))
-def start_scrub(agent, params):
+def start_scrub(agent: Supervisor, params):
     """Start a scrub of the domain: an operation that outlives this task and this agent.
 
     The task takes the domain's scrub lease, registers the operation in the domain's
@@ -106,7 +111,7 @@ def start_scrub(agent, params):
 
 
 @verb("StorageDomain.getOperationStatuses", Param("domainID", "uuid"), worker=True)
-def get_operation_statuses(agent, params):
+def get_operation_statuses(agent: Supervisor, params):
     """Every operation of the domain, read from its storage: the same answer on any host.
 
     Result: {domainID, operations: [{domainID, operationID, type, state, progress, host_id,
@@ -125,7 +130,7 @@ def get_operation_statuses(agent, params):
 
 @verb("StorageDomain.stopOperation", Param("domainID", "uuid"), Param("operationID", "uuid"),
       worker=True)
-def stop_operation(agent, params):
+def stop_operation(agent: Supervisor, params):
     """Ask a running operation to stop; it ends STOPPED (with its partial result) within
     about a second, whichever host runs it.
 

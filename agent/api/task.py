@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from agent import errors, states
-from agent.api import Param, verb
+from typing import TYPE_CHECKING
+
+from agent import errors
+from agent.supervisor import states
+from agent.wire.verbs import Param, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 
 def _states(value):
@@ -13,7 +19,7 @@ def _states(value):
 
 
 @verb("Task.getStatus", Param("taskID", "taskid", doc="the task's ID (its request's id)"))
-def get_status(agent, params):
+def get_status(agent: Supervisor, params):
     """The record of one task: id, method, state, progress, returned, result, error, times.
 
     Errors: 101 NoSuchTask (never seen in this life of the agent, or no longer retained).
@@ -26,7 +32,7 @@ def get_status(agent, params):
 
 @verb("Task.getAll", Param("states", "list", required=False, check=_states,
                            doc="only tasks in these states"))
-def get_all(agent, params):
+def get_all(agent: Supervisor, params):
     """Every task this agent still knows, active first, then ended ones oldest first.
 
     Result: [record, ...].
@@ -35,7 +41,7 @@ def get_all(agent, params):
 
 
 @verb("Task.abort", Param("taskID", "taskid"), events=("Task.state",))
-def abort(agent, params):
+def abort(agent: Supervisor, params):
     """Abort an active task in two phases, without revert.
 
     The task turns `aborting` at once (this call answers its record); its worker gets an

@@ -4,9 +4,15 @@ each volume with its own lease."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from agent import errors, jobs
-from agent.api import Param, WorkerJob, one_of, verb
+from agent import errors
+from agent.supervisor import jobs
+from agent.supervisor.jobs import WorkerJob
+from agent.wire.verbs import Param, one_of, verb
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
 
 VOLUME_PARAMS = (Param("domainID", "uuid"), Param("imageID", "uuid"), Param("volumeID", "uuid"))
 
@@ -15,11 +21,6 @@ def _size(value: int) -> int:
     if value < 0 or value > 1 << 50:
         raise ValueError("must be between 0 and 2**50 bytes")
     return value
-
-
-def located(agent, params: dict) -> dict:
-    """The params with the domain's path added: NoSuchDomain if it is not attached."""
-    return jobs.located(agent.domains, params)
 
 
 @verb("Volume.create", *VOLUME_PARAMS,
@@ -33,7 +34,7 @@ def located(agent, params: dict) -> dict:
       Param("parentVolumeID", "uuid", required=False,
             doc="make a snapshot: a cow volume layered on this volume, the image's leaf"),
       worker=True)
-def create(agent, params):
+def create(agent: Supervisor, params):
     """Create a volume, LEGAL, generation 0, under its lease: raw or cow, sparse or
     preallocated, or a snapshot of the image's leaf (parentVolumeID, same image).
 
@@ -56,11 +57,11 @@ def create(agent, params):
         if params["format"] == "raw":
             raise errors.InvalidParams("a snapshot is a cow volume", param="format")
         params["format"] = "cow"
-    return WorkerJob("volume.create", located(agent, params))
+    return WorkerJob("volume.create", jobs.with_path(agent.domains, params))
 
 
 @verb("Volume.delete", *VOLUME_PARAMS, worker=True)
-def delete(agent, params):
+def delete(agent: Supervisor, params):
     """Delete a volume (metadata first, then its data), under its lease.
 
     A copy in progress holds the destination's lease, so deleting it answers LeaseHeld;
@@ -68,11 +69,11 @@ def delete(agent, params):
     chain from its leaf down. Result: {"volumeID": ..., "deleted": true}.
     Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld, 215 VolumeHasChildren.
     """
-    return WorkerJob("volume.delete", located(agent, params))
+    return WorkerJob("volume.delete", jobs.with_path(agent.domains, params))
 
 
 @verb("Volume.getInfo", *VOLUME_PARAMS, worker=True)
-def get_info(agent, params):
+def get_info(agent: Supervisor, params):
     """A volume's format, sizes, legality, generation, place in its chain, lease holder and
     data path.
 
@@ -81,7 +82,7 @@ def get_info(agent, params):
     ([volumeID]), leaf (no children: the layer a guest writes), path, lease: null |
     {live, host_id, pid, task_id, op, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
-    return WorkerJob("volume.info", located(agent, params))
+    return WorkerJob("volume.info", jobs.with_path(agent.domains, params))
 
 
 @verb("Volume.fence", *VOLUME_PARAMS,
@@ -89,7 +90,7 @@ def get_info(agent, params):
       Param("timeout", "number", required=False, default=300.0,
             doc="seconds to wait for the volume's lease (default 300)"),
       worker=True)
-def fence(agent, params):
+def fence(agent: Supervisor, params):
     """Fence off every earlier writer of a volume, as an engine does when it lost track of
     a job: take the volume's lease (so it waits out a holder, and a dead host's lease once
     sanlock counts that host dead), raise the generation from `generation`, and answer
@@ -102,5 +103,5 @@ def fence(agent, params):
     """
     if not 0 < params["timeout"] <= 3600:
         raise errors.InvalidParams("timeout must be in (0, 3600] seconds", param="timeout")
-    args = located(agent, params) | {"began": time.time()}
+    args = jobs.with_path(agent.domains, params) | {"began": time.time()}
     return WorkerJob("volume.fence", args)

@@ -1,5 +1,5 @@
 """The first commands: serve, call, events, keygen (their output and exit codes are fixed:
-tests/test_cli.py and tests/test_curve.py hold them to it)."""
+tests/e2e/test_cli.py and tests/e2e/test_curve.py hold them to it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from agent.cli import settings
 
 
 def cmd_keygen(args) -> int:
-    from agent.security import keygen
+    from agent.wire.security import keygen
 
     public, secret = keygen(args.directory, args.name)
     print(json.dumps({"public": public, "secret": secret}))
@@ -22,14 +22,14 @@ def cmd_keygen(args) -> int:
 
 def cmd_serve(args) -> int:
     from agent import logs
-    from agent.supervisor import Agent, StartupError
+    from agent.supervisor.loop import StartupError, Supervisor
 
     cfg = configmod.load(args.config)
     logs.setup(args.log_level, fmt=args.log_format)  # passed on to workers in the environment
-    from agent.security import ConfigError as SecurityError
+    from agent.wire.security import ConfigError as SecurityError
 
     try:
-        Agent(cfg).run()
+        Supervisor(cfg).run()
     except (StartupError, SecurityError) as exc:
         print(f"hostagent: {exc}", file=sys.stderr)
         return 2

@@ -14,8 +14,15 @@ import time
 import uuid
 
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
-                           TaskProgressColumn, TextColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from agent.cli import output

@@ -13,7 +13,7 @@ import uuid
 from agent.cli import output
 from agent.cli.output import UsageError
 from agent.errors import InvalidParams
-from agent.storage.ids import check_uuid
+from agent.ids import check_uuid
 
 PARTS = ("domainID", "imageID", "volumeID")
 

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from agent.cli import output, views
 from agent.client import CallError, Timeout
-from agent.copies import CopyMeter
+from agent.supervisor.copies import CopyMeter
 
 POLL_SECONDS = 2.0
 FRAME_SECONDS = 0.25

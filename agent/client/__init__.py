@@ -13,8 +13,15 @@ NeedsContinuing, TaskLost.
 
 from agent.client.aio import AsyncClient
 from agent.client.blocking import BlockingClient, BlockingSubscription, Client
-from agent.client.protocol import (CallError, NeedsContinuing, TaskFailed, TaskLost, Timeout,
-                                   endpoints_of, guess_events_endpoint)
+from agent.client.protocol import (
+                                   CallError,
+                                   NeedsContinuing,
+                                   TaskFailed,
+                                   TaskLost,
+                                   Timeout,
+                                   endpoints_of,
+                                   guess_events_endpoint,
+)
 from agent.client.subscription import Event, SeqTracker, Subscription
 from agent.client.wait import Outcome, Progress
 

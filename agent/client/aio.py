@@ -22,8 +22,13 @@ import zmq
 import zmq.asyncio
 
 from agent.client import wait as waiting
-from agent.client.protocol import (CallError, Timeout, check_task_id, guess_events_endpoint,
-                                   request)
+from agent.client.protocol import (
+    CallError,
+    Timeout,
+    check_task_id,
+    guess_events_endpoint,
+    request,
+)
 from agent.client.subscription import Subscription
 
 

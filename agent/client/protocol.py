@@ -17,7 +17,7 @@ import json
 import os
 import re
 
-# JSON-RPC ids name tasks; the agent refuses longer ones (its own copy: agent/jsonrpc.py,
+# JSON-RPC ids name tasks; the agent refuses longer ones (its own copy: agent/wire/jsonrpc.py,
 # held equal by tests/test_architecture.py).
 MAX_ID_LENGTH = 128
 

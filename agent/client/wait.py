@@ -24,8 +24,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from agent.client.protocol import (CallError, NeedsContinuing, TaskFailed, TaskLost,
-                                   Timeout)
+from agent.client.protocol import (
+    CallError,
+    NeedsContinuing,
+    TaskFailed,
+    TaskLost,
+    Timeout,
+)
 
 ACTIVE = ("pending", "running", "aborting")
 OUTCOMES = ("done", "failed", "aborted", "needs_continuing", "lost")

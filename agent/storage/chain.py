@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import qemu
+from agent.storage import qemu_img
 from agent.storage.layout import SUFFIXES
 
 
@@ -33,7 +33,7 @@ def check_headers(layout, rows: list[dict], beat=lambda: None) -> None:
                                           volumeID=row["volume_id"], reason="chain")
             continue
         path = layout.data_path(row)
-        head = qemu.info(path, "cow", beat)
+        head = qemu_img.info(path, "cow", beat)
         if head.get("format-specific", {}).get("data", {}).get("corrupt"):
             raise errors.ImageInvalid("the image is marked corrupt", volumeID=row["volume_id"],
                                       reason="corrupt")
@@ -49,7 +49,7 @@ def check_headers(layout, rows: list[dict], beat=lambda: None) -> None:
                                       volumeID=row["volume_id"], reason="chain",
                                       backing=named, expected=want)
         if want is not None and head.get("backing-filename-format") not in (
-                None, qemu.driver(rows[i - 1]["format"])):
+                None, qemu_img.driver(rows[i - 1]["format"])):
             raise errors.ImageInvalid("the image's backing format is not its parent's",
                                       volumeID=row["volume_id"], reason="chain")
         if head.get("virtual-size") != row["size"]:
@@ -66,7 +66,7 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
     prefix = ""
     for i, row in enumerate(reversed(chain)):
         path = layout.data_path(row)
-        keys[prefix + "driver"] = qemu.driver(row["format"])
+        keys[prefix + "driver"] = qemu_img.driver(row["format"])
         keys[prefix + "file.driver"] = "file"
         keys[prefix + "file.filename"] = path
         keys[prefix + "file.aio"] = "native" if direct else "threads"
@@ -74,4 +74,4 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
         if row["format"] == "cow" and (layer_only or i == len(chain) - 1):
             keys[prefix + "backing"] = ""  # null: no backing opened (a base, or a lone layer)
         prefix += "backing."
-    return ",".join(f"{k}={qemu.escape(v)}" for k, v in keys.items())
+    return ",".join(f"{k}={qemu_img.escape(v)}" for k, v in keys.items())

@@ -35,7 +35,7 @@ import time
 import blake3
 
 from agent.errors import OperationFailed
-from agent.storage.copyengine import next_extent
+from agent.storage.copy.kernel import next_extent
 
 MiB = 1 << 20
 BLOCK = 4 * MiB

@@ -26,7 +26,7 @@ import os
 import stat
 
 from agent.errors import InvalidParams
-from agent.storage.ids import check_uuid
+from agent.ids import check_uuid
 
 DB_NAME = "metadata.db"
 IMAGES = "images"

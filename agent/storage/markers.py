@@ -14,7 +14,7 @@ import time
 import uuid
 
 from agent.errors import CopyConflict, GenerationMismatch, InvalidParams, NoSuchVolume
-from agent.storage.ids import check_uuid
+from agent.ids import check_uuid
 
 MAX_ERRORS = 20
 

@@ -25,22 +25,39 @@ Copy markers and their generations, the fencing token: agent/storage/markers.py.
 from __future__ import annotations
 
 import contextlib
-import os
 import fcntl
+import os
 import sqlite3
 import time
 import urllib.parse
 
 import sqlite_utils
 
-from agent.errors import (AgentError, DomainExists, DomainUnusable, ImageInvalid, InvalidParams,
-                          NoSpace, NoSuchDomain, NoSuchVolume, OperationFailed, VolumeExists,
-                          VolumeHasChildren, VolumeIllegal)
-from agent.storage.ids import check_uuid
+from agent.errors import (
+    AgentError,
+    DomainExists,
+    DomainUnusable,
+    ImageInvalid,
+    InvalidParams,
+    NoSpace,
+    NoSuchDomain,
+    NoSuchVolume,
+    OperationFailed,
+    VolumeExists,
+    VolumeHasChildren,
+    VolumeIllegal,
+)
+from agent.ids import check_uuid
 from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout, fsync_dir
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
-from agent.storage.schema import DOMAIN_VERSION, MIGRATION_INDEXES, MIGRATIONS, REQUIRED, SCHEMA
+from agent.storage.schema import (
+    DOMAIN_VERSION,
+    MIGRATION_INDEXES,
+    MIGRATIONS,
+    REQUIRED,
+    SCHEMA,
+)
 
 BUSY_TIMEOUT = 30.0
 FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)

@@ -11,7 +11,7 @@ outlives the task and the agent that started it. Its states on disk:
                                          dead: only done under the type's lease
 
 Who runs an operation is decided by its type's **operation lease** (an OFD lock on
-`leases/<type>.lease`, agent/storage/lease.py) whose holder record names the operation ID.
+`leases/<type>.lease`, agent/storage/leases/local.py) whose holder record names the operation ID.
 The lease, not the row, says whether it is alive: a NOT_STARTED or STARTED row whose lease is
 free, or held for another operation, reads as UNKNOWN (its process died). UNKNOWN is never
 written; the next start of that type turns it into FAILED, in the transaction that registers
@@ -27,8 +27,8 @@ import os
 import time
 
 from agent import errors
-from agent.storage import lease
-from agent.storage.ids import check_uuid
+from agent.ids import check_uuid
+from agent.storage.leases import local
 from agent.storage.metadata import DomainDB
 from agent.storage.schema import OPERATIONS_SCHEMA
 
@@ -88,7 +88,7 @@ def live(ddb: DomainDB, row: dict, probe: dict | None = ...) -> bool:
     """Whether the operation's process holds its lease: the lock is live AND its holder record
     names this operation (a live lease of the next operation does not make an old row live)."""
     if probe is ...:
-        probe = lease.probe(lease_path(ddb, row["type"]))
+        probe = local.probe(lease_path(ddb, row["type"]))
     return bool(probe and probe.get("live") and probe.get("operation_id") == row["operation_id"])
 
 

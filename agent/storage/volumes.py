@@ -8,8 +8,8 @@ keeps a crash harmless:
 - delete: the row first, then the data file (a crash in between leaves an unnamed file,
   never a named volume without data); the lease file stays (deleting a lock file someone
   may have open is how two processes end up "holding" one lease).
-Both under the volume's lease (agent/storage/leases.py); the data file is the format's
-(agent/storage/raw.py, agent/storage/cow.py). A snapshot (a cow volume with a parent) is
+Both under the volume's lease (agent/storage/leases/__init__.py); the data file is the format's
+(agent/storage/formats/raw.py, agent/storage/formats/cow.py). A snapshot (a cow volume with a parent) is
 layered on its image's leaf; a volume with children cannot be deleted (VolumeHasChildren).
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import cow, leases, raw
+from agent.storage import leases
+from agent.storage.formats import cow, raw
 from agent.storage.metadata import DomainDB
 from agent.storage.reserve import ensure_reserve
 

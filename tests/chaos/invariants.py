@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from tests.storage_flow import sha256
+from tests.support.storage_flow import sha256
 
 # A restarted agent answers Host.ping within this. Measured (docs/reliability.md): start to
 # first answer is ~0.2-0.5 s on this 2-core VM, a few seconds under full CI load.

@@ -20,8 +20,15 @@ import psutil
 
 from agent.client import CallError
 from tests.chaos import invariants as inv
-from tests.harness import wait_for
-from tests.storage_flow import MiB, dst_for, make_source, new_id, status, volume_path
+from tests.support.harness import wait_for
+from tests.support.storage_flow import (
+    MiB,
+    dst_for,
+    make_source,
+    new_id,
+    status,
+    volume_path,
+)
 
 FAULTS = ("kill_supervisor", "kill_worker", "stop_worker", "stop_supervisor",
           "kill_during_startup")

@@ -13,8 +13,8 @@ import pytest
 
 from agent.storage.metadata import DomainDB
 from tests.chaos import invariants as inv
-from tests.harness import wait_for
-from tests.storage_flow import new_id
+from tests.support.harness import wait_for
+from tests.support.storage_flow import new_id
 
 
 def write(path, data: bytes):
@@ -112,7 +112,7 @@ def test_a_copy_that_never_completes_is_caught(make_agent, workdir):
     """Under `resume` every interrupted copy must complete within its round's settle: a copy
     whose agent never restarts (recovery never runs) is caught by the settle wait."""
     from tests.chaos import runner
-    from tests.storage_flow import MiB, dst_for, make_source
+    from tests.support.storage_flow import MiB, dst_for, make_source
     agent = make_agent(**runner.CONFIG)
     domain_id = new_id()
     agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "d")})

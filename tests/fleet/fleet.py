@@ -29,10 +29,10 @@ import psutil
 
 from agent.client import CallError
 from tests.chaos import invariants as inv
-from tests.harness import wait_for
 from tests.images.chains import make_chain
 from tests.sanlock.daemons import Daemon
-from tests.storage_flow import MiB, make_source, new_id, sha256
+from tests.support.harness import wait_for
+from tests.support.storage_flow import MiB, make_source, new_id, sha256
 
 KILLS = ("agent", "worker", "host")
 IO_TIMEOUT = 1

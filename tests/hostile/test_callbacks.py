@@ -10,8 +10,8 @@ import json
 import pytest
 
 from agent.client import CallError
-from tests.harness import task_state, wait_for
-from tests.storage_flow import dst_for, make_source, new_id
+from tests.support.harness import task_state, wait_for
+from tests.support.storage_flow import dst_for, make_source, new_id
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from agent.client import CallError
-from tests.storage_flow import integrity, new_id, tmpfs
+from tests.support.storage_flow import integrity, new_id, tmpfs
 
 pytestmark = pytest.mark.timeout(120)
 

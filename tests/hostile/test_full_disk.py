@@ -10,8 +10,16 @@ import os
 import pytest
 
 from agent.client import CallError
-from tests.harness import task_state, wait_for
-from tests.storage_flow import MiB, dst_for, integrity, make_source, new_id, status, tmpfs
+from tests.support.harness import task_state, wait_for
+from tests.support.storage_flow import (
+    MiB,
+    dst_for,
+    integrity,
+    make_source,
+    new_id,
+    status,
+    tmpfs,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

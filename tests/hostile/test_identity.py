@@ -17,8 +17,8 @@ import uuid
 import pytest
 import zmq
 
-from agent.security import keygen
-from tests.harness import REPO, events_until, task_state, wait_for
+from agent.wire.security import keygen
+from tests.support.harness import REPO, events_until, task_state, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,8 +7,16 @@ import signal
 
 import pytest
 
-from tests.harness import wait_for
-from tests.storage_flow import MiB, dst_for, make_source, new_id, sha256, status, volume_path
+from tests.support.harness import wait_for
+from tests.support.storage_flow import (
+    MiB,
+    dst_for,
+    make_source,
+    new_id,
+    sha256,
+    status,
+    volume_path,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

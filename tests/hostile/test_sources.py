@@ -8,8 +8,8 @@ import os
 import pytest
 
 from agent.client import CallError
-from tests.harness import task_state, wait_for
-from tests.storage_flow import MiB, dst_for, make_source, new_id, status
+from tests.support.harness import task_state, wait_for
+from tests.support.storage_flow import MiB, dst_for, make_source, new_id, status
 
 pytestmark = pytest.mark.timeout(120)
 

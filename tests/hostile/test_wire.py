@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from agent.client import CallError
-from tests.harness import wait_for
+from tests.support.harness import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -219,7 +219,7 @@ def test_listening_resumes_even_after_a_port_was_taken_meanwhile():
     later, and binds each endpoint exactly once (not those already bound again)."""
     from types import SimpleNamespace
 
-    from agent import peers
+    from agent.wire import peers
 
     ctx = zmq.Context()
     sock, thief = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)

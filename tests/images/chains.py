@@ -10,7 +10,7 @@ import subprocess
 import psutil
 import pytest
 
-from tests.storage_flow import MiB, new_id
+from tests.support.storage_flow import MiB, new_id
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io")
                                 is None, reason="qemu-utils is not installed")

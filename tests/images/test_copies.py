@@ -5,10 +5,16 @@ import subprocess
 
 import pytest
 
-from tests.images.chains import (check, compare, make_chain, map_allocated, needs_qemu,
-                                 qemu_nbd_under)
-from tests.harness import wait_for
-from tests.storage_flow import MiB, new_id, recorded_checksum, wait_legal
+from tests.images.chains import (
+    check,
+    compare,
+    make_chain,
+    map_allocated,
+    needs_qemu,
+    qemu_nbd_under,
+)
+from tests.support.harness import wait_for
+from tests.support.storage_flow import MiB, new_id, recorded_checksum, wait_legal
 
 pytestmark = needs_qemu
 
@@ -118,8 +124,8 @@ def test_a_copy_that_fails_in_qemu_leaves_no_qemu_nbd_and_a_named_error(agent):
 
 
 def test_a_scrub_reads_a_qcow2_through_qemu_and_agrees_with_its_copy(agent):
+    from tests.e2e.test_scrub import start_scrub, wait_state
     from tests.images.chains import qemu_io
-    from tests.test_scrub import start_scrub, wait_state
     chain = make_chain(agent, agent.domain_id, layers=2)
     dst, _ = run_copy(agent, chain[-1], "to-cow", format="cow")
     copy = agent.call("Volume.getInfo", dst)
@@ -165,7 +171,7 @@ def test_a_copy_that_cannot_fit_is_refused_before_anything_is_made(agent, workdi
     """qemu-img measure says what the copy needs; a destination domain with less free space
     answers 204 NoSpace at once, and no destination volume is left behind."""
     from agent.client import CallError
-    from tests.storage_flow import tmpfs
+    from tests.support.storage_flow import tmpfs
     chain = make_chain(agent, agent.domain_id, size=64 * MiB, layers=3)  # ~30 MiB of data
     with tmpfs(workdir / "small", "16M") as small:
         small_id = new_id()

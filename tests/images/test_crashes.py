@@ -11,10 +11,16 @@ import signal
 import psutil
 import pytest
 
-from tests.harness import events_until, task_state, wait_for
-from tests.images.chains import (check, compare, make_chain, needs_qemu, qemu_io,
-                                 qemu_nbd_under)
-from tests.storage_flow import MiB, new_id, wait_legal
+from tests.images.chains import (
+    check,
+    compare,
+    make_chain,
+    needs_qemu,
+    qemu_io,
+    qemu_nbd_under,
+)
+from tests.support.harness import events_until, task_state, wait_for
+from tests.support.storage_flow import MiB, new_id, wait_legal
 
 pytestmark = needs_qemu
 

@@ -7,7 +7,7 @@ import pytest
 
 from agent.client import CallError
 from tests.images.chains import header, make_chain, needs_qemu, qemu_io
-from tests.storage_flow import MiB, new_id
+from tests.support.storage_flow import MiB, new_id
 
 pytestmark = needs_qemu
 
@@ -120,7 +120,7 @@ def test_a_raw_volume_holding_a_qcow2_header_stays_raw(agent, workdir):
         dst = _loc(agent)
         agent.client().call("Image.copy", {"src": loc, "dst": dst, "format": fmt},
                             id=f"probe-{fmt}")
-        from tests.storage_flow import wait_legal
+        from tests.support.storage_flow import wait_legal
         wait_legal(agent, dst)
         out = agent.call("Volume.getInfo", dst)
         assert out["format"] == fmt

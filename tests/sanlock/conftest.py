@@ -1,7 +1,7 @@
 import pytest
 
-from tests.harness import short_tmpdir, cleanup_dir
 from tests.sanlock.daemons import Daemon
+from tests.support.harness import cleanup_dir, short_tmpdir
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import wait_for
+from tests.support.harness import wait_for
 
 needs_sanlock = pytest.mark.skipif(
     shutil.which("sanlock") is None or subprocess.run(

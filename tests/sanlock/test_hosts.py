@@ -12,9 +12,16 @@ import psutil
 import pytest
 
 from agent.client import CallError
-from tests.harness import task_state, wait_for
 from tests.sanlock.daemons import needs_sanlock
-from tests.storage_flow import MiB, dst_for, make_source, new_id, sha256, wait_legal
+from tests.support.harness import task_state, wait_for
+from tests.support.storage_flow import (
+    MiB,
+    dst_for,
+    make_source,
+    new_id,
+    sha256,
+    wait_legal,
+)
 
 pytestmark = needs_sanlock
 

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 UUIDS = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(1, 200)]
 
 
-from tests.harness import wait_for  # noqa: E402,F401  (one definition for all tests)
+from tests.support.harness import wait_for  # noqa: E402,F401  (one definition for all tests)
 
 
 class Child:

@@ -10,8 +10,14 @@ import random
 import pytest
 
 from agent.errors import GenerationMismatch, NoSpace, OperationFailed
-from agent.storage import copyengine
-from agent.storage.copyengine import MiB, CopyStopped, copy_range, sha256_file, sparse_extents
+from agent.storage.copy import kernel
+from agent.storage.copy.kernel import (
+    CopyStopped,
+    MiB,
+    copy_range,
+    sha256_file,
+    sparse_extents,
+)
 
 
 def make_file(path, size, islands=None, seed=1):
@@ -87,7 +93,7 @@ def faults(monkeypatch):
 
     seam = Seam()
     seam.log = []
-    monkeypatch.setattr(copyengine, "_fault", seam)
+    monkeypatch.setattr(kernel, "_fault", seam)
     return seam
 
 

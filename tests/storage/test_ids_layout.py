@@ -6,11 +6,11 @@ import os
 import stat
 
 import pytest
+from storage_helpers import UUIDS
 
 from agent.errors import InvalidParams
-from agent.storage.ids import check_uuid
+from agent.ids import check_uuid
 from agent.storage.layout import Layout
-from storage_helpers import UUIDS
 
 IMG, VOL = UUIDS[0], UUIDS[1]
 

@@ -1,4 +1,4 @@
-"""The NBD copy engine (agent/storage/imagecopy.py) on real qemu-nbd exports: a copy stopped
+"""The NBD copy engine (agent/storage/copy/nbd.py) on real qemu-nbd exports: a copy stopped
 anywhere and resumed from its checkpoint ends with the same bytes and the same checksum as
 one that ran through, and that checksum is the raw file's."""
 
@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 
-from agent.storage import checksum, exports, imagecopy
-from agent.storage.copyengine import CopyStopped
+from agent.storage import checksum, qemu_nbd
+from agent.storage.copy import nbd
+from agent.storage.copy.kernel import CopyStopped
 from tests.images.chains import needs_qemu
 
 pytestmark = needs_qemu
@@ -48,12 +49,12 @@ def copy(src, dst_path, fmt, start, fresh, stop_after=None):
     def should_stop():
         calls[0] += 1
         return stop_after is not None and calls[0] > stop_after
-    with exports.export(opts(src, "qcow2")) as s, \
-            exports.export(opts(dst_path, fmt), writable=True) as d:
+    with qemu_nbd.export(opts(src, "qcow2")) as s, \
+            qemu_nbd.export(opts(dst_path, fmt), writable=True) as d:
         if start:
-            imagecopy.hash_prefix(d, start, hasher)
+            nbd.hash_prefix(d, start, hasher)
         try:
-            imagecopy.copy_image(s, d, start, SIZE, layer=False, fresh=fresh, hasher=hasher,
+            nbd.copy_image(s, d, start, SIZE, layer=False, fresh=fresh, hasher=hasher,
                                  checkpoint=lambda o: points.append(o) or True,
                                  progress=lambda o: None, should_stop=should_stop,
                                  chunk=MiB, checkpoint_bytes=2 * MiB)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agent.errors import LeaseHeld
-from agent.storage import lease
+from agent.storage.leases import local
 
 # A child that takes commands one line at a time and answers each with one JSON line.
 # "spin" makes it probe the lease in a tight loop, still answering commands in between.
@@ -66,13 +66,13 @@ def test_exclusion_across_processes(path, spawn):
     assert ask(child, "acquire t-child") == {"ok": True}
 
     with pytest.raises(LeaseHeld) as e:
-        lease.acquire(path, {"host_id": "host-a", "task_id": "t-parent"})
+        local.acquire(path, {"host_id": "host-a", "task_id": "t-parent"})
     holder = e.value.data["holder"]
     assert holder["live"] is True
     assert (holder["pid"], holder["host_id"], holder["task_id"]) == (child.pid, "host-b", "t-child")
 
     assert ask(child, "release") == {"ok": True}
-    with lease.acquire(path, {"host_id": "host-a", "task_id": "t-parent"}):
+    with local.acquire(path, {"host_id": "host-a", "task_id": "t-parent"}):
         answer = ask(child, "acquire t-child2")
         assert answer["ok"] is False
         assert answer["holder"]["pid"] == os.getpid()
@@ -84,26 +84,26 @@ def test_holder_killed_with_sigkill_frees_the_lease(path, spawn):
     child = spawn(CHILD, path)
     assert ask(child, "acquire t-doomed") == {"ok": True}
     with pytest.raises(LeaseHeld):
-        lease.acquire(path, {"host_id": "host-a"})
-    assert lease.probe(path)["live"] is True
+        local.acquire(path, {"host_id": "host-a"})
+    assert local.probe(path)["live"] is True
 
     os.kill(child.pid, signal.SIGKILL)
     child.proc.wait(timeout=30)
     assert child.proc.returncode == -signal.SIGKILL
 
     # The kernel dropped the lock when the process died; the record of who held it remains.
-    after = lease.probe(path)
+    after = local.probe(path)
     assert after["live"] is False
     assert (after["pid"], after["task_id"]) == (child.pid, "t-doomed")
-    with lease.acquire(path, {"host_id": "host-a", "task_id": "t-next"}) as held:
+    with local.acquire(path, {"host_id": "host-a", "task_id": "t-next"}) as held:
         assert held.held
-        assert lease.probe(path)["task_id"] == "t-next"
+        assert local.probe(path)["task_id"] == "t-next"
 
 
 def test_probe_reports_a_holder_in_another_process(path, spawn):
     child = spawn(CHILD, path)
     assert ask(child, "probe") is None  # no lease file yet
-    with lease.acquire(path, {"host_id": "host-a", "task_id": "t1", "extra": 7}):
+    with local.acquire(path, {"host_id": "host-a", "task_id": "t1", "extra": 7}):
         seen = ask(child, "probe")
         assert seen["live"] is True
         assert (seen["pid"], seen["host_id"], seen["task_id"], seen["extra"]) == \
@@ -113,9 +113,9 @@ def test_probe_reports_a_holder_in_another_process(path, spawn):
 
 
 def test_probes_and_other_fds_in_the_holders_process_do_not_drop_the_lease(path, spawn):
-    held = lease.acquire(path, {"host_id": "host-a"})
+    held = local.acquire(path, {"host_id": "host-a"})
     for _ in range(50):
-        assert lease.probe(path)["live"] is True
+        assert local.probe(path)["live"] is True
     # Opening and closing the file again would silently drop a classic POSIX lock.
     with open(path, "rb") as f:
         f.read()
@@ -127,29 +127,29 @@ def test_probes_and_other_fds_in_the_holders_process_do_not_drop_the_lease(path,
 
 
 def test_a_probing_process_never_makes_an_acquirer_fail(path, spawn):
-    lease.acquire(path, {}).release()  # the file exists, so the child really probes
+    local.acquire(path, {}).release()  # the file exists, so the child really probes
     child = spawn(CHILD, path)
     assert ask(child, "spin") == {"ok": True}
     before = ask(child, "count")["probes"]
     for i in range(300):
-        lease.acquire(path, {"task_id": f"t{i}"}).release()
+        local.acquire(path, {"task_id": f"t{i}"}).release()
     assert ask(child, "count")["probes"] > before  # the probes really ran meanwhile
 
 
 def test_second_acquire_in_the_same_process_is_refused(path):
-    first = lease.acquire(path, {"host_id": "host-a", "task_id": "t1"})
+    first = local.acquire(path, {"host_id": "host-a", "task_id": "t1"})
     with pytest.raises(LeaseHeld) as e:
-        lease.acquire(path, {"host_id": "host-a", "task_id": "t2"})
+        local.acquire(path, {"host_id": "host-a", "task_id": "t2"})
     assert e.value.data["holder"]["task_id"] == "t1"
     assert first.held  # the refused attempt closed its own fd, not the holder's
     first.release()
     first.release()  # idempotent
     assert not first.held
-    lease.acquire(path, {"task_id": "t3"}).release()
+    local.acquire(path, {"task_id": "t3"}).release()
 
 
 def test_holder_record_is_written_to_the_file(path):
-    with lease.acquire(path, {"host_id": "h", "task_id": "t", "live": "spoof", "x": 1}) as held:
+    with local.acquire(path, {"host_id": "h", "task_id": "t", "live": "spoof", "x": 1}) as held:
         with open(path) as f:
             record = json.load(f)
         assert record == held.holder
@@ -165,11 +165,11 @@ def stat_mode(path):
 def test_probe_tolerates_empty_or_garbage_content(path, content):
     with open(path, "wb") as f:
         f.write(content)
-    assert lease.probe(path) == {"live": False}
+    assert local.probe(path) == {"live": False}
 
 
 def test_probe_of_missing_file_is_none(path):
-    assert lease.probe(path) is None
+    assert local.probe(path) is None
 
 
 def test_stale_tmp_areas_are_swept_and_nothing_else(tmp_path):
@@ -178,7 +178,7 @@ def test_stale_tmp_areas_are_swept_and_nothing_else(tmp_path):
     import time
     import uuid
 
-    from agent.storage.sanlock_leases import STALE_SECONDS, sweep_stale
+    from agent.storage.leases.sanlock import STALE_SECONDS, sweep_stale
     now = time.time()
     token = uuid.uuid4().hex
     names = {"old": f"v1.sanlock.{token}.tmp", "fresh": f"v2.sanlock.{uuid.uuid4().hex}.tmp",

@@ -6,12 +6,19 @@ import os
 import sqlite3
 
 import pytest
+from storage_helpers import UUIDS
 
-from agent.errors import (DomainExists, GenerationMismatch, InvalidParams, NoSuchDomain,
-                          NoSuchVolume, OperationFailed, VolumeExists)
+from agent.errors import (
+    DomainExists,
+    GenerationMismatch,
+    InvalidParams,
+    NoSuchDomain,
+    NoSuchVolume,
+    OperationFailed,
+    VolumeExists,
+)
 from agent.storage import metadata
 from agent.storage.metadata import DomainDB
-from storage_helpers import UUIDS
 
 DOM, OTHER_DOM, IMG, VOL, VOL2 = UUIDS[:5]
 SRC = {"domainID": UUIDS[10], "imageID": UUIDS[11], "volumeID": UUIDS[12]}

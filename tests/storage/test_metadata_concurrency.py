@@ -5,10 +5,10 @@ and does not leave the database locked."""
 from __future__ import annotations
 
 import pytest
+from storage_helpers import UUIDS
 
 from agent.errors import OperationFailed
 from agent.storage.metadata import DomainDB
-from storage_helpers import UUIDS
 
 DOM, IMG, VOL = UUIDS[:3]
 SRC = {"domainID": UUIDS[10], "imageID": UUIDS[11], "volumeID": UUIDS[12]}

@@ -16,7 +16,8 @@ import sys
 import time
 
 from agent import errors, logs
-from agent.storage import lease, operations
+from agent.storage import operations
+from agent.storage.leases import local
 from agent.storage.volumes import open_domain
 from workers.ops.volume import holder
 from workers.protocol import EVENT_IDENTITY_ENV
@@ -129,7 +130,7 @@ def start(ctx, args):
     operation_id = args["operationID"]
     with open_domain(args) as ddb:
         operations.ensure_schema(ddb)
-        with lease.acquire(operations.lease_path(ddb, "scrub"),
+        with local.acquire(operations.lease_path(ddb, "scrub"),
                            {**holder(ctx, "scrub"), "operation_id": operation_id}) as held:
             operations.register(ddb, operation_id, "scrub", ctx.host_id, ctx.task_id)
             lease_fd = held.fileno()  # the descriptor the scrub inherits: the lock goes with it
@@ -157,7 +158,7 @@ def start(ctx, args):
 def statuses(ctx, args):
     with open_domain(args) as ddb:
         rows = operations.listing(ddb)
-        probes = {t: lease.probe(operations.lease_path(ddb, t)) for t in {r["type"] for r in rows}}
+        probes = {t: local.probe(operations.lease_path(ddb, t)) for t in {r["type"] for r in rows}}
         return {"domainID": ddb.domain_id,
                 "operations": [public(ddb, r, probes[r["type"]]) for r in rows]}
 

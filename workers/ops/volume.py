@@ -27,11 +27,6 @@ def info(ctx, args):
         return volumes.info(db, args)
 
 
-def image_info(ctx, args):
-    with volumes.open_domain(args) as db:
-        return volumes.image_info(db, args)
-
-
 def fence(ctx, args):
     """Take the volume's lease (waiting out a holder, up to the timeout: a dead host's lease
     frees once sanlock counts it dead), raise its generation, let the lease go."""

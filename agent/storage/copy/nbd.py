@@ -1,0 +1,273 @@
+"""The data mover of an image copy through qemu: NBD from a source export to a destination
+export, holes and zeros by block status, several requests in flight.
+
+What each range of the source becomes (`plan`), from NBD block status:
+- collapse (the guest view of a chain into one volume): data is read and written; a zero or
+  unallocated range is not written to a fresh destination, and becomes a write-zeroes (which
+  may punch a hole) over a destination an earlier life may have written;
+- layer (one layer of a chain onto its parent's copy, qemu:allocation-depth): only what the
+  layer itself holds is written (its zeros too: they hide the backing's data); the rest is
+  left unallocated so the destination's backing shows through, and read only to be hashed.
+Every range is handed to the checksum in order, so the checksum is of the guest view.
+
+The ordering rule of agent/storage/copy/kernel.py holds: a checkpoint is recorded only after
+an NBD flush of the destination has returned with every write below it completed.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import select
+import time
+
+from agent.errors import GenerationMismatch, OperationFailed
+from agent.storage.copy.kernel import CopyStopped
+from agent.storage.qemu_nbd import DEPTH, nbd_error
+
+MiB = 1 << 20
+STATUS_MAX = 1 << 30  # bytes asked of one block status request
+ZERO_MAX = 1 << 30    # bytes of one write-zeroes request
+DATA, READ, ZERO, HOLE = "data", "read", "zero", "hole"
+
+
+def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, int]]:
+    """Block status from offset: [(start, end, flags, depth)], covering at least one byte."""
+    found = {}
+
+    def extent(context, start, entries, err):
+        runs, pos = [], start
+        for i in range(0, len(entries), 2):
+            runs.append((pos, pos + entries[i], entries[i + 1]))
+            pos += entries[i]
+        found[context] = runs
+        return 0
+
+    import nbd
+    try:
+        h.block_status(min(end - offset, STATUS_MAX), offset, extent)
+    except nbd.Error as exc:
+        raise nbd_error(exc, "asking the source's block status", offset) from None
+    base = found.get("base:allocation") or [(offset, end, 0)]  # no answer: all data
+    deep = (found.get(DEPTH) or [(offset, end, 1)]) if depth else [(offset, end, 1)]
+    stop = min(base[-1][1], deep[-1][1], end)
+    if stop <= offset:  # an answer that covers nothing would loop for ever
+        raise OperationFailed("the source's block status covers nothing", offset=offset)
+    cuts = sorted({offset, stop} | {e for _, e, _ in base + deep if offset < e < stop})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        flags = next(f for s, e, f in base if s <= a < e)
+        level = next(f for s, e, f in deep if s <= a < e)
+        out.append((a, b, flags, level))
+    return out
+
+
+def plan(h, start: int, end: int, *, layer: bool, fresh: bool):
+    """(offset, length, kind) pieces covering [start, end), merged, in order."""
+    pending = None
+    offset = start
+    while offset < end:
+        for a, b, flags, level in _status(h, offset, end, layer):
+            zero = bool(flags & 2)
+            if layer and level != 1:
+                kind = HOLE if zero else READ
+            elif zero:
+                kind = ZERO if (layer or not fresh) else HOLE
+            else:
+                kind = DATA
+            if pending and pending[2] == kind and pending[0] + pending[1] == a:
+                pending = (pending[0], pending[1] + b - a, kind)
+            else:
+                if pending:
+                    yield pending
+                pending = (a, b - a, kind)
+            offset = b
+    if pending:
+        yield pending
+
+
+def _pieces(src_h, start: int, size: int, layer: bool, fresh: bool, chunk: int):
+    for offset, length, kind in plan(src_h, start, size, layer=layer, fresh=fresh):
+        step = ZERO_MAX if kind in (ZERO, HOLE) else chunk
+        for pos in range(offset, offset + length, step):
+            yield pos, min(step, offset + length - pos), kind
+
+
+class _Piece:
+    __slots__ = ("offset", "length", "kind", "buf", "view", "read", "write")
+
+    def __init__(self, offset, length, kind):
+        self.offset, self.length, self.kind = offset, length, kind
+        self.buf = self.view = self.read = self.write = None
+
+
+class _Loop:
+    """Two libnbd handles driven by one poll loop, commands tracked by cookie."""
+
+    def __init__(self, src_h, dst_h):
+        self.src, self.dst = src_h, dst_h
+
+    def step(self, timeout_ms: int = 1000) -> None:
+        import nbd
+        poller, handles = select.poll(), {}
+        for h in (self.src, self.dst):
+            if h.aio_in_flight() == 0:
+                continue
+            d = h.aio_get_direction()
+            events = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
+                     (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
+            handles[h.aio_get_fd()] = h
+            poller.register(h.aio_get_fd(), events)
+        if not handles:
+            return
+        for fd, revents in poller.poll(timeout_ms):
+            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                handles[fd].aio_notify_read()
+            elif revents & select.POLLOUT:
+                handles[fd].aio_notify_write()
+
+
+class _Copier:
+    """One copy's pipeline: pieces read from the source, written to the destination, handed
+    to the checksum in order; `done` is the end of the pieces whose writes all completed."""
+
+    def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int,
+                 should_stop=lambda: False):
+        self.src, self.dst, self.hasher, self.progress = src, dst, hasher, progress
+        self.should_stop = should_stop
+        self.loop = _Loop(src.h, dst.h)
+        self.queue: collections.deque[_Piece] = collections.deque()
+        self.done = start
+        self.chunk, self.max_in_flight = chunk, max_in_flight
+        # Buffers to read into, reused; the checksum's thread gives each back once hashed
+        # (a deque: append and pop are atomic across threads). A fresh 4 MiB bytearray per
+        # piece cost its zeroing and page faults: a quarter of a qcow2 copy's time.
+        self.spare: collections.deque[bytearray] = collections.deque()
+
+    def issue(self, piece: _Piece) -> None:
+        import nbd
+        self.queue.append(piece)
+        if piece.kind in (DATA, READ):
+            piece.view = self.spare.pop() if self.spare else bytearray(self.chunk)
+            piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
+            piece.read = self.src.h.aio_pread(piece.buf, piece.offset)
+        elif piece.kind == ZERO:
+            piece.write = self.dst.h.aio_zero(piece.length, piece.offset)
+
+    def _finish(self, piece: _Piece) -> None:
+        if self.hasher is not None:
+            if piece.view is not None:  # the hasher has the buffer until it says done
+                self.hasher.data(memoryview(piece.view)[:piece.length],
+                                 done=functools.partial(self._give_back, piece.view))
+            else:
+                self.hasher.zeros(piece.length)
+        elif piece.view is not None:
+            self._give_back(piece.view)
+        piece.view = piece.buf = None
+        self.done = piece.offset + piece.length
+        self.progress(self.done)
+
+    def _give_back(self, view: bytearray) -> None:
+        if len(self.spare) < 2 * self.max_in_flight:  # the hasher's queue holds some too
+            self.spare.append(view)
+
+    def advance(self) -> None:
+        """One turn of the loop: reads that completed become writes (data) or are done
+        (read only); pieces done at the head of the queue are finished, in order."""
+        import nbd
+        queue = self.queue
+        try:
+            self.loop.step()
+            for piece in queue:
+                if piece.read is not None and self.src.h.aio_command_completed(piece.read):
+                    piece.read = None
+                    if piece.kind == DATA:
+                        piece.write = self.dst.h.aio_pwrite(piece.buf, piece.offset)
+            while queue and queue[0].read is None and (
+                    queue[0].write is None or self.dst.h.aio_command_completed(queue[0].write)):
+                queue[0].write = None
+                self._finish(queue.popleft())
+                if self.should_stop():  # finishing a piece can wait (the rate limit)
+                    break
+        except nbd.Error as exc:
+            at = queue[0].offset if queue else self.done
+            raise nbd_error(exc, "copying through qemu-nbd", at,
+                            self.src.log() + self.dst.log()) from None
+
+    def durable(self, checkpoint) -> None:
+        """Every piece issued written, the destination flushed, then the checkpoint."""
+        import nbd
+        while self.queue:
+            self.advance()
+        try:
+            self.dst.h.flush()
+        except nbd.Error as exc:
+            raise nbd_error(exc, "flushing the destination", self.done, self.dst.log()) \
+                from None
+        if checkpoint is not None and not checkpoint(self.done):
+            raise GenerationMismatch("copy superseded by a newer generation", offset=self.done)
+
+
+def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, hasher,
+               checkpoint, progress, should_stop, chunk: int = 4 * MiB,
+               max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
+               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+    """Copy guest bytes [start, size) from the `src` export to the `dst` export.
+
+    `hasher` (data(view), zeros(n)) gets every byte of [start, size) in order, or None.
+    checkpoint(offset) -> bool after a flush (False: superseded, GenerationMismatch);
+    should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
+    NoSpace or OperationFailed on the exports' errors.
+    """
+    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight, should_stop)
+    pieces = _pieces(src.h, start, size, layer, fresh, chunk)
+    saved, saved_at = start, clock()
+    piece = next(pieces, None)
+    while piece is not None or copier.queue:
+        while piece is not None and len(copier.queue) < max_in_flight and not should_stop():
+            copier.issue(_Piece(*piece))
+            piece = next(pieces, None)
+        copier.advance()
+        if should_stop():
+            copier.durable(checkpoint)
+            raise CopyStopped(copier.done)
+        if copier.done - saved >= checkpoint_bytes or clock() - saved_at >= checkpoint_seconds:
+            copier.durable(checkpoint)
+            saved, saved_at = copier.done, clock()
+    copier.durable(None)
+    return copier.done
+
+
+def guest_checksum(db, row: dict, on_chunk=None, kind: str | None = None) -> str:
+    """The checksum of a volume's guest view, its chain read through qemu (a scrub of a
+    qcow2): the same value a copy records, whatever the format; of `kind` (a block kind,
+    default the current one) to verify an older record."""
+    from agent.storage import chain, checksum, qemu_img, qemu_nbd
+    rows = db.chain(row["volume_id"])
+    chain.check_headers(db.layout, rows)
+    path = db.layout.data_path(row)
+    hasher = checksum.StreamHasher(row["size"], kind or checksum.BLOCKS)
+    with qemu_nbd.export(chain.image_opts(db.layout, rows, direct=qemu_img.direct_io(path))) as exp:
+        hash_prefix(exp, row["size"], hasher, on_chunk=on_chunk)
+    return hasher.hexdigest()
+
+
+def hash_prefix(exp, end: int, hasher, beat=lambda: None, on_chunk=None) -> None:
+    """Hand the first `end` guest bytes of an export to `hasher` (a resumed copy's prefix,
+    written by an earlier life: read back, so the checksum is of what is there)."""
+    import nbd
+    offset = 0
+    try:
+        for pos, length, kind in plan(exp.h, 0, end, layer=False, fresh=True):
+            for at in range(pos, pos + length, 8 * MiB):
+                n = min(8 * MiB, pos + length - at)
+                if kind == DATA:
+                    hasher.data(exp.h.pread(n, at))
+                else:
+                    hasher.zeros(n)
+                offset = at + n
+                beat()
+                if on_chunk is not None:
+                    on_chunk(offset, n if kind == DATA else 0)
+    except nbd.Error as exc:
+        raise nbd_error(exc, "reading the destination back", offset, exp.log()) from None

@@ -1,0 +1,1 @@
+"""The format seam: raw and qcow2 (cow) volumes."""

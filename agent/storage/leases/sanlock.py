@@ -1,0 +1,306 @@
+"""Volume leases held with sanlock: disk-paxos leases on the shared storage itself.
+
+Each domain is a sanlock lockspace named by its UUID, kept in `dom_md/ids` (one 512-byte
+sector per host ID, 2000 host IDs: 1 MiB); each volume's lease is a sanlock resource named
+by its UUID, in its own 1 MiB file `leases/<volumeID>.sanlock`, as VDSM does for file
+domains. Both are made on first use by whichever host needs them, atomically (written
+aside, then hard-linked into place: of two hosts racing, one link wins and the other uses
+it), so a domain made by any agent can be attached by any host.
+
+A lease is acquired by the worker that writes, registered with the sanlock daemon as that
+process: the daemon frees it the moment the worker dies, and kills the worker if its host
+loses the lockspace (cannot renew its host ID in time) - the writer is fenced, which an OFD
+lock cannot do. Who holds a lease is sanlock's answer (owner host ID and generation, and
+whether that host is alive), with an advisory record (`<volumeID>.holder`: task, pid, op)
+written by the holder for people.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+
+from agent import errors
+from agent.storage.layout import DOM_MD, fsync_dir
+
+AREA = 1 << 20  # bytes of an ids or a lease area (sanlock's default alignment)
+TMP_SUFFIX = ".tmp"
+# A tmp file this old is nobody's work in progress (writing one takes well under a second;
+# another host's may be in progress now, so fresh ones are left alone).
+STALE_SECONDS = 3600.0
+
+
+def sweep_stale(directory: str, now: float | None = None) -> list[str]:
+    """Remove the tmp files `_make_atomic` left in `directory` (a SIGKILL between writing
+    and linking) once they are STALE_SECONDS old; the names removed. Only names of its own
+    pattern (<name>.<32 hex>.tmp) are touched."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.endswith(TMP_SUFFIX):
+            continue
+        stem, _, token = name[:-len(TMP_SUFFIX)].rpartition(".")
+        if not (stem and len(token) == 32 and all(c in "0123456789abcdef" for c in token)):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime >= STALE_SECONDS:
+                os.unlink(path)
+                removed.append(name)
+        except FileNotFoundError:  # another host swept it first
+            continue
+    return removed
+
+
+_registered: int | None = None  # this process's registration (one per process)
+
+
+def _sanlock():
+    try:
+        import sanlock
+    except ImportError:
+        raise errors.OperationFailed("sanlock's Python binding is missing (Debian: "
+                                     "python3-sanlock)", reason="missing-tool") from None
+    return sanlock
+
+
+def _waiting(call, *args, beat=None, patience: float | None = None, **kwargs):
+    """A sanlock call on a thread, `beat` (the worker's heartbeat) called
+    meanwhile: an acquire can watch a silent owner, and a join wait out a host ID, for
+    seconds. With `patience`, give up waiting after that many seconds (None returned; the
+    call goes on in the daemon)."""
+    import threading
+    beat = beat or (lambda: None)
+    out: list = []
+
+    def run():
+        try:
+            out.append((True, call(*args, **kwargs)))
+        except BaseException as exc:  # handed back to the caller's thread
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, name="sanlock-call", daemon=True)
+    t.start()
+    deadline = None if patience is None else time.monotonic() + patience
+    while t.is_alive():
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        beat()
+        t.join(0.2)
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _failed(what: str, exc, **data) -> errors.AgentError:
+    code = getattr(exc, "errno", None)
+    return errors.OperationFailed(f"sanlock: {what}: {exc}", sanlock_errno=code, **data)
+
+
+def _make_atomic(path: str, write) -> None:
+    """Make `path` (a 1 MiB area) by `write(tmp)` beside it and a hard link: never half-made,
+    and never over another host's. A SIGKILL between the two leaves the tmp file behind:
+    `sweep_stale` removes it later."""
+    if os.path.exists(path):
+        return
+    tmp = f"{path}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o660)
+    try:
+        os.ftruncate(fd, AREA)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(os.path.dirname(path))
+
+
+class SanlockLease:
+    def __init__(self, manager: "SanlockLeases", volume_id: str, disks: list):
+        self.manager, self.volume_id, self.disks = manager, volume_id, disks
+
+    def release(self, patience: float = 5.0) -> None:
+        """Let the lease go, waiting at most `patience` seconds: a daemon that does not
+        answer (a host cut off) must not hang the worker, whose exit frees the lease."""
+        if self.disks is None:
+            return
+        sl = _sanlock()
+        disks, self.disks = self.disks, None
+        try:
+            _waiting(sl.release, self.manager.lockspace, self.volume_id.encode(), disks,
+                     slkfd=_registered, patience=patience, beat=self.manager.beat)
+        except sl.SanlockException:
+            pass  # gone with its lockspace, or freed already: nothing is held
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class SanlockLeases:
+    name = "sanlock"
+
+    def __init__(self, layout, domain_id: str, host_id: int, io_timeout: int,
+                 beat=lambda: None):
+        self.layout, self.host_id, self.io_timeout = layout, host_id, io_timeout
+        self.beat = beat  # the worker's heartbeat, called while a call waits on the daemon
+        self.lockspace = domain_id.encode()
+        self.ids = os.path.join(layout.root, DOM_MD, "ids")
+
+    # -- the lockspace (this host's membership of the domain) ------------------------------
+
+    def ensure_lockspace(self) -> None:
+        sl = _sanlock()
+        os.makedirs(os.path.dirname(self.ids), 0o755, exist_ok=True)
+        try:
+            _make_atomic(self.ids, lambda tmp: sl.write_lockspace(
+                self.lockspace, tmp, iotimeout=self.io_timeout))
+        except sl.SanlockException as exc:
+            raise _failed("cannot lay out the domain's lockspace", exc) from None
+
+    def joined(self) -> bool:
+        sl = _sanlock()
+        try:
+            return bool(sl.inq_lockspace(self.lockspace, self.host_id, self.ids))
+        except sl.SanlockException:
+            return False
+
+    def join(self, beat=lambda: None) -> dict:
+        """Join the domain's lockspace with this host's ID; returns once joined. Takes
+        seconds (longer after an unclean stop: sanlock waits out the ID's last owner);
+        `beat` is called meanwhile and may raise to stop waiting (the add goes on in the
+        daemon, and the next join finds it). Leftover tmp files of areas made by a life that
+        was killed are swept first (`swept`: how many)."""
+        sl = _sanlock()
+        self.ensure_lockspace()
+        swept = sum(len(sweep_stale(d)) for d in (os.path.dirname(self.ids),
+                                                  self.layout.leases_dir))
+        began = time.monotonic()
+        if self.joined():
+            return {"host_id_number": self.host_id, "seconds": 0.0, "already": True,
+                    "swept": swept}
+        try:
+            _waiting(sl.add_lockspace, self.lockspace, self.host_id, self.ids,
+                     iotimeout=self.io_timeout, beat=beat)
+        except sl.SanlockException as exc:
+            # EEXIST: joined meanwhile (an add of an earlier life finished first).
+            if exc.errno != 17 or not self.joined():
+                raise _failed("cannot join the lockspace", exc,
+                              host_id_number=self.host_id) from None
+        return {"host_id_number": self.host_id,
+                "seconds": round(time.monotonic() - began, 3), "already": False,
+                "swept": swept}
+
+    # -- volume leases -----------------------------------------------------------------
+
+    def _disks(self, volume_id: str) -> list:
+        return [(os.path.join(self.layout.leases_dir, volume_id + ".sanlock"), 0)]
+
+    def _ensure_resource(self, volume_id: str) -> list:
+        sl = _sanlock()
+        disks = self._disks(volume_id)
+        try:
+            _make_atomic(disks[0][0], lambda tmp: sl.write_resource(
+                self.lockspace, volume_id.encode(), [(tmp, 0)]))
+        except sl.SanlockException as exc:
+            raise _failed("cannot lay out the volume's lease", exc, volumeID=volume_id) \
+                from None
+        return disks
+
+    def acquire(self, volume_id: str, holder: dict) -> SanlockLease:
+        """Held by this process until released or it dies; LeaseHeld (data.holder) if
+        another process of any host holds it."""
+        global _registered
+        sl = _sanlock()
+        self.layout.lease_path(volume_id)  # checks the ID and the path
+        disks = self._ensure_resource(volume_id)
+        try:
+            if _registered is None:
+                _registered = sl.register()
+            _waiting(sl.acquire, self.lockspace, volume_id.encode(), disks,
+                     slkfd=_registered, beat=self.beat)
+        except sl.SanlockException as exc:
+            owner = self.probe(volume_id)
+            if owner and owner.get("sanlock"):
+                raise errors.LeaseHeld("the volume's lease is held", volumeID=volume_id,
+                                       holder=owner) from None
+            raise _failed("cannot acquire the volume's lease", exc, volumeID=volume_id) \
+                from None
+        owners = self._owners(volume_id)
+        record = {**holder, "since": time.time(), "sanlock_host_id": self.host_id,
+                  "sanlock_generation": owners[0]["generation"] if owners else None}
+        self._write_record(volume_id, record)
+        return SanlockLease(self, volume_id, disks)
+
+    def _record_path(self, volume_id: str) -> str:
+        return os.path.join(self.layout.leases_dir, volume_id + ".holder")
+
+    def _write_record(self, volume_id: str, record: dict) -> None:
+        path = self._record_path(volume_id)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):  # advice for people: never fails the lease
+            with open(tmp, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, path)
+
+    def _owners(self, volume_id: str) -> list[dict]:
+        sl = _sanlock()
+        disks = self._disks(volume_id)
+        if not os.path.exists(disks[0][0]):
+            return []
+        try:
+            return sl.read_resource_owners(self.lockspace, volume_id.encode(), disks)
+        except sl.SanlockException:
+            return []
+
+    def _alive(self, host_id: int, generation: int) -> bool | None:
+        """Whether the owner host is alive, as this host's daemon sees the lockspace; None
+        if this host is not in it."""
+        sl = _sanlock()
+        try:
+            hosts = sl.get_hosts(self.lockspace, host_id)
+        except sl.SanlockException:
+            return None
+        for h in hosts:
+            if h.get("host_id") == host_id:
+                if h.get("generation") not in (None, generation):
+                    return False  # the host came back since: that owner is dead
+                return h.get("flags") in (sl.HOST_LIVE, sl.HOST_UNKNOWN)
+        return False
+
+    def probe(self, volume_id: str) -> dict | None:
+        """{holder record..., live, sanlock: {host_id, generation, live}} for a held lease;
+        the last holder's record with live False for a free one; None if never held."""
+        self.layout.lease_path(volume_id)  # checks the ID and the path
+        try:
+            with open(self._record_path(volume_id)) as f:
+                record = json.loads(f.read(64 * 1024))
+            if not isinstance(record, dict):
+                record = {}
+        except (OSError, ValueError):
+            record = {}
+        owners = self._owners(volume_id)
+        if not owners:
+            return {**record, "live": False} if record else None
+        owner = owners[0]
+        live = self._alive(owner["host_id"], owner["generation"])
+        mine = (record.get("sanlock_host_id"), record.get("sanlock_generation")) == (
+            owner["host_id"], owner["generation"])
+        out = record if mine else {}
+        return {**out, "live": bool(live), "sanlock": {
+            "host_id": owner["host_id"], "generation": owner["generation"], "live": live}}

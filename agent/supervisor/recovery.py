@@ -1,0 +1,183 @@
+"""Leftover work derived from storage, and what the recovery policy does with it.
+
+`decide` and `after_failure` are pure: a copy marker (or a failed copy) in, an action out.
+The rest wires them to the supervisor: scans at start-up and at attach, retries with backoff,
+abandoning. Task IDs the agent chooses, so an engine can recognise them:
+
+    scan:<domainID>                  a domain's start-up (or attach) scan (Recovery.scan)
+    recover:<volumeID>:<generation>  a copy re-issued at start-up from the marker it found
+    retry:<volumeID>:<generation>    a failed copy retried (attempt n+1)
+    abandon:<volumeID>:<generation>  a copy given up (Recovery.abandon)
+
+The generation is the marker's at the moment the decision was taken; the worker takes over
+only if it is still that, so two agents deciding the same thing resume a marker once.
+
+`max_attempts` bounds the copy's own failures (the marker's `failures`, each recorded with
+its reason in `errors`), not its take-overs (`attempts`): an agent that restarts, or a host
+that dies, is not a failure of the copy, and a copy resumed after any number of restarts
+still has all its tries.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent import errors, logs
+from agent.supervisor import jobs, states
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
+
+log = logs.get(component="recovery")
+
+RETRYABLE = frozenset({"WorkerDied", "WorkerTimeout", "NoSpace", "OperationFailed",
+                       "InternalError"})
+
+
+def decide(marker: dict, *, policy: str, host_id: str, resume_foreign: bool,
+           max_attempts: int, source_attached: bool) -> str:
+    """What start-up does with one marker: resume, restart, abandon, leave, or skip:<why>."""
+    if marker["lease_live"]:
+        return "skip:lease-live"  # its copier is alive (here or on another host)
+    if marker["state"] == "abandoned":
+        return "skip:abandoned"  # given up earlier; only an Image.copy from a client continues
+    if marker["host_id"] != host_id and not resume_foreign:
+        return "skip:foreign"
+    if policy == "manual":
+        return "leave"
+    if policy == "abandon" or marker.get("failures", 0) >= max_attempts:
+        return "abandon"
+    if not source_attached:
+        return "skip:source-not-attached"
+    return policy  # resume or restart
+
+
+def after_failure(error_name: str | None, failures: int, *, policy: str,
+                  max_attempts: int) -> str:
+    """What to do when a copy task failed after it owned its marker (``failures``: the
+    copy's failures, this one included): retry, abandon or leave."""
+    if error_name not in RETRYABLE or policy == "manual":
+        return "leave"
+    if policy == "abandon" or failures >= max_attempts:
+        return "abandon"
+    return "retry"
+
+
+def copy_under_policy(agent: Supervisor, src: dict, dst: dict, **extra) -> jobs.WorkerJob:
+    """A copy (every copy: a client's, a recovered one, a retry) whose failure is retried or
+    abandoned by the copy policy (_copy_ended)."""
+    return jobs.copy(agent.domains, src, dst, on_end=_copy_ended, **extra)
+
+
+def scan(agent: Supervisor, domain_id: str, startup: bool) -> None:
+    job = jobs.scan(agent.domains, domain_id, on_end=_scan_ended)
+    _submit(agent, f"scan:{domain_id}", "Recovery.scan", job, startup=startup, queued=False)
+
+
+def _submit(agent: Supervisor, task_id: str, method: str, job: jobs.WorkerJob, **how):
+    try:
+        return agent.submit(task_id, method, job, **how)
+    except errors.TaskIdInUse:
+        log.info("already_running", task_id=task_id)  # the same decision taken twice
+        return None
+
+
+def domain_created(agent: Supervisor, task, outcome: str, result, error) -> None:
+    """A create's end: the domain is remembered as attached (before the client is told)."""
+    try:
+        if outcome == states.DONE:
+            agent.domains.attach(result["domainID"], result["path"])
+            agent.lockspaces.join(agent, result["domainID"])
+    finally:
+        agent.domains.release(task.job.args["domainID"])
+
+
+def domain_attached(agent: Supervisor, task, outcome: str, result, error) -> None:
+    """An attach's end: remembered, then its copy markers scanned as at start-up."""
+    domain_created(agent, task, outcome, result, error)
+    if outcome == states.DONE:
+        scan(agent, result["domainID"], startup=False)
+
+
+def _marker_location(marker: dict, key: str) -> dict:
+    if key == "src":
+        return {"domainID": marker["src_domain"], "imageID": marker["src_image"],
+                "volumeID": marker["src_volume"]}
+    return {"domainID": marker["domain_id"], "imageID": marker["image_id"],
+            "volumeID": marker["volume_id"]}
+
+
+def _scan_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
+    if outcome != states.DONE:
+        log.error("scan_failed", task_id=task.id, error=error and error.to_json())
+        return
+    cfg = agent.config["recovery"]
+    domain_id = result["domainID"]
+    for marker in result["markers"]:
+        marker["domain_id"] = domain_id
+        if marker.get("kind") == "chain" and marker.get("has_children"):
+            continue  # a chain's inner layer: the copy recovered from its leaf's marker does it
+        action = decide(marker, policy=cfg["copy_policy"], host_id=agent.config.host_id,
+                        resume_foreign=cfg["resume_foreign"], max_attempts=cfg["max_attempts"],
+                        source_attached=marker["src_domain"] in agent.domains.paths)
+        src, dst = _marker_location(marker, "src"), _marker_location(marker, "dst")
+        gen = marker["generation"]
+        started = None
+        if action in ("resume", "restart"):
+            started = _submit(agent, f"recover:{dst['volumeID']}:{gen}", "Image.copy",
+                              copy_under_policy(agent, src, dst, recover=action, expect_generation=gen,
+                                       attempt=marker["attempts"] + 1,
+                                       failures=marker.get("failures", 0)))
+        elif action == "abandon":
+            started = _abandon(agent, dst, gen, None)
+        agent.publish("Image.recovered", {
+            **dst, "generation": gen, "copied": marker["copied"], "total": marker["size"],
+            "marker_host_id": marker["host_id"], "policy": cfg["copy_policy"],
+            "action": action, "taskID": started.id if started else None})
+        log.info("recovered", volume_id=dst["volumeID"], action=action,
+                 task_id=started.id if started else None)
+
+
+def _abandon(agent: Supervisor, dst: dict, gen: int, error: dict | None):
+    return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon",
+                   jobs.abandon(agent.domains, dst, gen, error))
+
+
+def _copy_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
+    """A copy that failed is retried, or abandoned, by policy: if it owned its marker, or if
+    it was one the agent issued itself (a retry or recovery that died before taking over
+    counts as an attempt too, so a copy never stalls and never loops without end)."""
+    if outcome != states.FAILED:
+        return  # done, or aborted
+    args = task.job.args
+    if isinstance(task.result, dict) and "generation" in task.result:
+        attempts, gen = task.result["attempts"], task.result["generation"]
+        failures = task.result.get("failures", 0) + 1
+    elif args.get("expect_generation") is not None:
+        attempts, gen = args["attempt"], args["expect_generation"]
+        failures = args.get("failures", 0) + 1
+    else:
+        return  # a client's copy that never got going (LeaseHeld, CopyConflict, ...)
+    cfg = agent.config["recovery"]
+    error = error.to_json() if error else {}
+    name = error.get("data", {}).get("name")
+    action = after_failure(name, failures, policy=cfg["copy_policy"],
+                           max_attempts=cfg["max_attempts"])
+    src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
+    dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
+    log.info("copy_failed", **task.about(), error=name, attempts=attempts, failures=failures,
+             action=action)
+    # A worker that died could not record its own error in the marker: the next one does.
+    unrecorded = None if error.get("data", {}).get("recorded") else (error or None)
+    if action == "retry":
+        delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
+        agent.call_later(delay, lambda: _submit(
+            agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
+            copy_under_policy(agent, src, dst, recover="resume", expect_generation=gen,
+                     attempt=attempts + 1, failures=failures, previous_error=unrecorded)))
+    elif action == "abandon":
+        started = _abandon(agent, dst, gen, unrecorded)
+        agent.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
+                                     "attempts": attempts, "failures": failures,
+                                     "error": error or None,
+                                     "taskID": started.id if started else None})

@@ -1,0 +1,84 @@
+"""Start-up work derived from what the agent finds, before it reports ready.
+
+Every attached domain (from the config, or attached by RPC in an earlier life) is scanned
+for copy markers, and the recovery policy is applied to each (agent/supervisor/recovery.py). Until
+every scan has ended, requests are answered 99 RecoveryInProgress.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import TYPE_CHECKING
+
+import psutil
+import zmq
+
+from agent.supervisor import recovery
+from agent.wire import transport
+
+if TYPE_CHECKING:  # the loop's object, passed to every function of this module
+    from agent.supervisor.loop import Supervisor
+
+
+class StartupError(Exception):
+    pass
+
+
+def lock_run_dir(run_dir) -> int:
+    """Held for life, freed by the kernel at death: two agents never share a run dir, so the
+    stale ipc sockets and workers start-up cleans up are never a live agent's."""
+    fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another agent is running on {run_dir}") from None
+    return fd
+
+
+def kill_leftover_workers(run_dir, log) -> None:
+    """Workers of an earlier life should have died with it; kill any that did not."""
+    marker = str(run_dir)
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "workers.forkserver" in cmd and marker in cmd and p.pid != os.getpid():
+            found.append(p)
+    for p in found:
+        log.warning("killing_leftover_worker", worker_pid=p.pid)
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(found, timeout=5)
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def rpc_socket(ctx: zmq.Context, rcfg: dict, guard) -> tuple[zmq.Socket, list[str]]:
+    """The RPC ROUTER, bound: its frames bounded (max_message_bytes), and a client that does
+    not read holding at most max_queued_replies replies (one more is dropped and counted:
+    ROUTER_MANDATORY makes a full queue an error we see, not a silence)."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, rcfg["max_message_bytes"])
+    sock.setsockopt(zmq.SNDHWM, rcfg["max_queued_replies"])
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if guard:
+        guard.protect(sock)
+    return sock, transport.bind_all(sock, rcfg["endpoints"])
+
+
+def begin(agent: Supervisor) -> None:
+    """Each attached domain: join its lockspace (sanlock), and scan its copy markers. With
+    sanlock the scan waits, pending, for the join, and READY does not wait for it."""
+    for domain_id in list(agent.domains.paths):
+        agent.lockspaces.join(agent, domain_id)
+        recovery.scan(agent, domain_id, startup=not agent.lockspaces.needed)

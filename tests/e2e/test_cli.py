@@ -1,0 +1,270 @@
+"""The `hostagent` console script, run as a real subprocess against real agents."""
+
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent import config as configmod
+from agent.client import CallError, Client
+from tests.support.harness import cleanup_dir, short_tmpdir, wait_for
+
+HOSTAGENT = Path(sys.executable).parent / "hostagent"
+if not HOSTAGENT.exists():
+    HOSTAGENT = Path(shutil.which("hostagent") or HOSTAGENT)
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOSTAGENT_ENDPOINT", "HOSTAGENT_EVENTS", "NOTIFY_SOCKET",
+                        "WATCHDOG_USEC", "WATCHDOG_PID")}
+    return {**env, **extra}
+
+
+def run(*args, env=None, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HOSTAGENT), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env or clean_env())
+
+
+def call(agent, *args, **kw) -> subprocess.CompletedProcess:
+    return run("--config", str(agent.config_path), "call", *args, **kw)
+
+
+class LineReader:
+    """Lines from a pipe with a timeout (select, no blocking read past what is there)."""
+
+    def __init__(self, pipe):
+        self.fd = pipe.fileno()
+        self.buf = b""
+
+    def readline(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+
+@pytest.fixture
+def processes():
+    """Popen objects a test starts: SIGKILLed and reaped when it ends."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        for f in (p.stdout, p.stderr):
+            if f:
+                f.close()
+
+
+def test_call_prints_the_result(agent):
+    out = call(agent, "Host.ping")
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (0, "true", "")
+    out = call(agent, "Debug.sleep", '{"seconds": 0}')
+    assert out.returncode == 0 and json.loads(out.stdout) == {"slept": 0}
+
+
+def test_call_error_is_json_on_stderr_exit_1(agent):
+    out = call(agent, "Task.getStatus", '{"taskID": "nope"}')
+    assert out.returncode == 1 and out.stdout == ""
+    assert "Traceback" not in out.stderr
+    err = json.loads(out.stderr)
+    assert err["code"] == 101 and err["data"]["name"] == "NoSuchTask"
+    assert err["data"]["taskID"] == "nope" and err["message"]
+
+
+def test_bad_params_json_exit_2(agent):
+    out = call(agent, "Task.getStatus", '{"taskID": nope')
+    assert out.returncode == 2 and "PARAMS is not JSON" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_id_names_the_task(agent):
+    out = call(agent, "Debug.sleep", '{"seconds": 0}', "--id", "7")
+    assert out.returncode == 0, out.stderr
+    rec = agent.call("Task.getStatus", {"taskID": "7"})
+    assert rec["id"] == "7" and rec["method"] == "Debug.sleep" and rec["state"] == "done"
+    out = call(agent, "Task.getStatus", '{"taskID": "7"}', "--id", "status-of-7")
+    assert out.returncode == 0 and json.loads(out.stdout)["id"] == "7"
+    assert agent.call("Task.getStatus", {"taskID": "status-of-7"})["method"] == "Task.getStatus"
+
+
+@pytest.mark.parametrize("given", ["007", "-0", "\u00b2", "1" * 5000])
+def test_id_is_the_task_id_as_typed(agent, given):
+    """Only a canonical decimal goes out as a JSON integer; anything else names itself."""
+    out = call(agent, "Debug.sleep", '{"seconds": 0}', "--id", given, "--timeout", "5")
+    if len(given) > 128:  # too long to name a task: the agent's refusal, not a crash
+        assert out.returncode == 1 and json.loads(out.stderr)["code"] == -32600, out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    assert agent.call("Task.getStatus", {"taskID": given})["id"] == given
+    with pytest.raises(CallError):
+        agent.call("Task.getStatus", {"taskID": str(int(given))} if given.isascii() else
+                   {"taskID": "2"})
+
+
+def test_nothing_listening_exit_3_within_the_timeout(make_agent):
+    never = make_agent("never", start=False)  # its config names an endpoint nobody binds
+    started = time.monotonic()
+    out = call(never, "Host.ping", "--timeout", "0.5", timeout=20)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 3 and "is the agent running?" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert elapsed < 10, elapsed  # far below the 30 s default: --timeout was obeyed
+
+
+def test_events_prints_json_lines(agent, processes):
+    proc = subprocess.Popen([str(HOSTAGENT), "--config", str(agent.config_path), "events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    processes.append(proc)
+    lines = LineReader(proc.stdout)
+    client = agent.client()
+    seen = None
+    for n in range(100):  # slow joiner: until a task of ours shows up on its stdout
+        assert proc.poll() is None, proc.stderr.read()
+        client.call("Debug.sleep", {"seconds": 0}, id=f"cli{n}")
+        deadline = time.monotonic() + 0.3
+        while (line := lines.readline(max(0.0, deadline - time.monotonic()))) is not None:
+            ev = json.loads(line)
+            assert ev["jsonrpc"] == "2.0" and "id" not in ev
+            if ev["method"] == "Task.state" and ev["params"]["task"]["id"].startswith("cli"):
+                seen = ev
+                break
+        if seen:
+            break
+    assert seen, "no Task.state line from `hostagent events`"
+    assert seen["params"]["boot_id"] == agent.call("Host.getCapabilities")["boot_id"]
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: a quiet exit 0
+    assert proc.wait(10) == 0
+    assert "Traceback" not in proc.stderr.read().decode()
+
+
+def test_events_reader_gone_is_a_quiet_exit(agent, processes):
+    """`hostagent events | head -1`: once the reader leaves it exits 0, no traceback."""
+    proc = subprocess.Popen([str(HOSTAGENT), "--config", str(agent.config_path), "events"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
+    processes.append(proc)
+    lines = LineReader(proc.stdout)
+    client = agent.client()
+    for n in range(100):
+        client.call("Host.ping")
+        if lines.readline(0.3) is not None:
+            break
+    else:
+        raise AssertionError("no line from `hostagent events`")
+    proc.stdout.close()
+    # Each ping is one more event for it to write: the next write meets the closed pipe.
+    wait_for(lambda: client.call("Host.ping") and proc.poll() is not None, 10,
+             what="hostagent events to exit once its reader left")
+    assert proc.wait(10) == 0
+    assert "Traceback" not in proc.stderr.read().decode()
+
+
+def test_events_topic_filter(agent, processes):
+    proc = subprocess.Popen([str(HOSTAGENT), "--config", str(agent.config_path), "events",
+                             "Task.progress"], stdout=subprocess.PIPE, env=clean_env())
+    processes.append(proc)
+    lines = LineReader(proc.stdout)
+    client = agent.client()
+    for n in range(100):
+        client.call("Debug.sleep", {"seconds": 0}, id=f"f{n}")
+        line = lines.readline(0.3)
+        if line is not None:
+            break
+    assert line is not None, "no line from `hostagent events Task.progress`"
+    client.call("Host.ping")
+    client.call("Debug.sleep", {"seconds": 0}, id="final")
+    methods = set()
+    while True:
+        ev = json.loads(lines.readline(10) or "null")
+        assert ev is not None, "the last task's progress never arrived"
+        methods.add(ev["method"])
+        if ev["params"]["taskID"] == "final":
+            break
+    assert methods == {"Task.progress"}
+
+
+@pytest.mark.parametrize("toml, word", [("bogus = 1\n", "'bogus'"),
+                                        ("[rpc]\nendpoint = []\n", "'rpc.endpoint'")])
+def test_serve_refuses_an_unknown_key(workdir, toml, word):
+    cfg = workdir / "bad.toml"
+    cfg.write_text(f'run_dir = "{workdir}/run"\n' + toml)
+    out = run("--config", str(cfg), "serve", timeout=30)
+    assert out.returncode == 2
+    assert f"unknown key {word}" in out.stderr and "Traceback" not in out.stderr
+    assert not (workdir / "run").exists()  # refused before doing anything
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_serve_and_call_on_the_embedded_default(processes):
+    ports = (configmod.DEFAULT_RPC_PORT, configmod.DEFAULT_EVENTS_PORT)
+    busy = [p for p in ports if not port_free(p)]
+    if busy:
+        pytest.skip(f"the embedded default's port(s) {busy} are in use on 127.0.0.1")
+    runtime = short_tmpdir("xdg-")
+    env = clean_env(XDG_RUNTIME_DIR=str(runtime))
+    run_dir = runtime / "hostagent"
+    log_path = runtime / "serve.log"  # a file, not a pipe nobody drains while it serves
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(HOSTAGENT), "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+    processes.append(proc)
+    client = Client(f"ipc://{run_dir}/rpc.sock", timeout=0.5)
+    try:
+        def ready():
+            if proc.poll() is not None:
+                err = log_path.read_text()
+                if "Address already in use" in err:
+                    pytest.skip(f"a default port was taken as the agent started: {err[-300:]}")
+                raise AssertionError(f"hostagent serve exited {proc.returncode}: {err[-2000:]}")
+            try:
+                return client.call("Host.ping") is True
+            except CallError as exc:
+                assert exc.name == "RecoveryInProgress", exc
+            except Exception:
+                return False
+        wait_for(ready, 30, what="the default agent to serve")
+        endpoints = json.loads((run_dir / "endpoints.json").read_text())
+        assert endpoints["pid"] == proc.pid
+        assert endpoints["rpc"][0] == f"tcp://127.0.0.1:{configmod.DEFAULT_RPC_PORT}"
+
+        out = run("call", "Host.ping", env=env)
+        assert (out.returncode, out.stdout.strip()) == (0, "true"), out.stderr
+        caps = json.loads(run("call", "Host.getCapabilities", env=env).stdout)
+        assert caps["host_id"] == socket.gethostname()
+        assert not [m for m in caps["methods"] if m["name"].startswith("Debug.")]
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(10)
+        marker = str(run_dir)
+        wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"])
+                              if "workers.forkserver" in (p.info["cmdline"] or [])
+                              and marker in (p.info["cmdline"] or [])],
+                 10, what="the default agent's fork server to die with it")
+        cleanup_dir(runtime)

@@ -1,0 +1,144 @@
+"""Copies that go through qemu: any copy but raw to raw of one volume (which stays a kernel
+copy, workers/ops/image.py), and every layer of a chain copy.
+
+The source chain is exported read-only by one qemu-nbd, the destination writable by another,
+both private to this worker (agent/storage/qemu_nbd.py); agent/storage/copy/nbd.py moves the
+bytes. A resumed copy reopens the same destination (a qcow2 first checked, its leaked
+clusters reclaimed; one qemu cannot open is started over) and goes on from its checkpoint,
+reading the earlier life's prefix back for the checksum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from agent import errors
+from agent.storage import chain, checksum, qemu_img, qemu_nbd
+from agent.storage.copy import nbd
+from agent.storage.copy.kernel import CopyStopped
+from agent.storage.metadata import DomainDB
+from agent.storage.volumes import FORMATS
+from workers.runtime import Stopped
+
+
+def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:
+    """Each layer's data file as (path, device, inode, length), to tell at the end that the
+    files qemu read are still the chain's."""
+    out = []
+    for row in rows:
+        path = db.layout.data_path(row)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise errors.CopyConflict("a data file of the source's chain is missing",
+                                      volumeID=row["volume_id"], reason="source-gone") from None
+        if row["format"] == "raw" and st.st_size < row["size"]:
+            raise errors.VolumeTruncated(
+                f"the source's data ends at {st.st_size} bytes, before its size of "
+                f"{row['size']}", volumeID=row["volume_id"], size=row["size"],
+                data_bytes=st.st_size)
+        out.append((path, st.st_dev, st.st_ino, st.st_size))
+    return out
+
+
+def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
+    now = _files(db, rows)
+    for (path, dev, ino, _), (_, dev2, ino2, _) in zip(before, now):
+        if (dev, ino) != (dev2, ino2):
+            raise errors.CopyConflict("a data file of the source's chain was replaced during "
+                                      "the copy", reason="source-replaced", path=path)
+
+
+def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats: list[str],
+               beat) -> None:
+    """NoSpace before anything is made if the destination's domain cannot hold the copy:
+    qemu-img measure of what it needs (a chain copy: each layer's own data), in the
+    destination's format(s), against the domain's free space."""
+    need = 0
+    for i, fmt in enumerate(formats):
+        layer = len(formats) > 1 and i > 0
+        rows = src_rows[:i + 1] if len(formats) > 1 else src_rows
+        opts = chain.image_opts(src_db.layout, rows, direct=False, layer_only=layer)
+        need += qemu_img.measure(fmt, opts, beat).get("required", 0)
+    st = os.statvfs(dst_db.layout.root)
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise errors.NoSpace(f"the copy needs {need} bytes, the domain has {free} free",
+                             needed=need, free=free)
+
+
+def cluster_size(db: DomainDB, row: dict, beat) -> int | None:
+    if row["format"] != "cow":
+        return None
+    path = db.layout.data_path(row)
+    return qemu_img.info(path, "cow", beat).get("cluster-size")
+
+
+def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: int | None,
+                        beat, restart=lambda: True) -> bool:
+    """Make or reopen the destination's data file (rows: its chain, base first, it last).
+    Returns whether it is fresh: a resumed qcow2 qemu cannot use is made again, and the
+    copy starts over rather than fails for ever; `restart()` first records that nothing of
+    it is durable any more (checkpoint 0), so a crash meanwhile cannot leave a marker that
+    vouches for data the new file does not have."""
+    row = rows[-1]
+    fmt = row["format"]
+    path = db.layout.data_path(row)
+    if not fresh and os.path.exists(path):
+        if fmt == "raw":
+            return False
+        try:
+            qemu_img.check(path, fmt, repair_leaks=True, beat=beat)
+            chain.check_headers(db.layout, rows, beat)
+            return False
+        except errors.ImageInvalid:
+            pass  # what an earlier life left is unusable: start over
+    if not fresh and not restart():
+        raise errors.GenerationMismatch("superseded before the copy restarted",
+                                        volumeID=row["volume_id"])
+    parent = rows[-2] if len(rows) > 1 else None
+    FORMATS[fmt].create(path, row["size"], parent=parent, cluster_size=cluster, beat=beat)
+    return True
+
+
+def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
+         report, record: bool) -> tuple[str | None, int]:
+    """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
+    dst_rows[-1]; returns (checksum, where the copy started)."""
+    before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
+    dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_size(
+        src_db, src_rows[-1], ctx.beat) if dst_rows[-1]["format"] == "cow" else None, ctx.beat,
+        restart=lambda: report.checkpoint(0))
+    if dst_fresh and not fresh:
+        start = 0
+    src_opts = chain.image_opts(src_db.layout, src_rows, direct=qemu_img.direct_io(before[-1][0]))
+    dst_path = dst_db.layout.data_path(dst_rows[-1])
+    dst_opts = chain.image_opts(dst_db.layout, dst_rows, direct=qemu_img.direct_io(dst_path))
+    size = src_rows[-1]["size"]
+    cfg = ctx.settings.get("copy", {})
+    hasher = checksum.StreamFollower(size) if record else None
+    try:
+        with qemu_nbd.export(src_opts, depth=layer) as src, \
+                qemu_nbd.export(dst_opts, writable=True) as dst:
+            if src.size() < size:
+                raise errors.VolumeTruncated("the source's guest view is shorter than its size",
+                                             size=size, data_bytes=src.size())
+            if hasher is not None and start:
+                nbd.hash_prefix(dst, start, hasher, ctx.check)
+            report.start = start
+            try:
+                nbd.copy_image(
+                    src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
+                    checkpoint=report.checkpoint, progress=report.progress,
+                    should_stop=ctx.stop_requested,
+                    checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
+                    checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
+            except CopyStopped:  # durable and checkpointed up to where it stopped
+                raise Stopped() from None
+        digest = hasher.result() if hasher is not None else None
+        hasher = None
+    finally:
+        if hasher is not None:
+            hasher.cancel()
+    check_files(src_db, src_rows, before)
+    return digest, start
