@@ -25,7 +25,6 @@ import tempfile
 import time
 import uuid
 
-from agent.storage.copy.kernel import sparse_extents
 from bench.common import (
     Events,
     MiB,
@@ -41,6 +40,7 @@ from bench.common import (
     wait_subscribed,
     warm,
 )
+from tests.support.storage_flow import sparse_extents
 
 ROWS = ("copy_cold", "copy_warm", "sparse")
 NOSUM = "Image.copy, record_checksum=false"

@@ -46,7 +46,6 @@ MAX_TOPIC_LENGTH = 64
 
 # Worker exit codes (as gunicorn names its reserved ones): what a WorkerDied error's
 # exit_code means when the worker never reported.
-EXIT_OK = 0
 EXIT_NOT_ADOPTED = 70  # the supervisor died before it adopted the worker (or someone else did)
 EXIT_NO_ACK = 71  # it reported its outcome but no ack came within ACK_TIMEOUT_MS
 EXIT_RUNTIME_FAILED = 72  # the worker runtime itself failed (not the operation: that is "error")
@@ -144,3 +143,8 @@ def decode_operation_event(frame: bytes) -> dict:
     task_id = msg.get("task_id")
     _require(task_id is None or isinstance(task_id, str), "bad task_id")
     return msg
+
+
+class Stopped(Exception):
+    """An op stopped because it was asked to (an abort message or SIGTERM): the worker ends
+    with the `stopped` report."""

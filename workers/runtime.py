@@ -28,10 +28,6 @@ from workers import (
 PROGRESS_INTERVAL = 0.1  # at most ~10 progress reports a second
 
 
-class Stopped(Exception):
-    """The operation stopped because it was asked to (abort message or SIGTERM)."""
-
-
 class Context:
     """What an operation sees of the world: its params' context, reporting and stopping."""
 
@@ -82,7 +78,7 @@ class Context:
         """Heartbeat, and raise Stopped if asked to stop."""
         self.beat()
         if self.stop_requested():
-            raise Stopped()
+            raise protocol.Stopped()
 
     def pause(self, seconds: float) -> None:
         """Sleep, heartbeating; return early (without raising) when asked to stop."""
@@ -165,7 +161,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         ctx.send({"t": "hello", "pid": os.getpid()})
         try:
             final = {"t": "result", "result": op(ctx, request["args"])}
-        except Stopped:
+        except protocol.Stopped:
             final = {"t": "stopped"}
         except errors.AgentError as exc:
             final = {"t": "error", "error": exc.to_json()}

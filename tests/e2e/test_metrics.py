@@ -160,7 +160,6 @@ def test_the_dashboard_asks_only_for_metrics_the_agent_serves(make_agent, workdi
     """contrib/grafana/hostagent.json: valid JSON, and every hostagent_* series its queries
     name is one a running agent exports (a renamed metric breaks this, not a dashboard)."""
     import re
-    from pathlib import Path
     dashboard = json.loads((Path(__file__).resolve().parents[2] / "contrib" / "grafana" /
                             "hostagent.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]

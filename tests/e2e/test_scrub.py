@@ -19,7 +19,6 @@ from agent import config as configmod
 from agent.client import CallError
 from agent.errors import OperationFailed
 from agent.storage import checksum
-from agent.storage.copy.kernel import sparse_extents
 from tests.support.harness import events_until, kill_all, wait_for
 from tests.support.storage_flow import (
     MiB,
@@ -29,6 +28,7 @@ from tests.support.storage_flow import (
     new_id,
     recorded_checksum,
     sha256,
+    sparse_extents,
     volume_path,
     wait_legal,
 )

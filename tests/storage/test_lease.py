@@ -18,7 +18,7 @@ from agent.storage.leases import local
 CHILD = r"""
 import json, select, sys
 from agent.errors import LeaseHeld
-from agent.storage import lease
+from agent.storage.leases import local as lease
 path, held, probes, spinning = sys.argv[1], None, 0, False
 def reply(obj):
     print(json.dumps(obj), flush=True)

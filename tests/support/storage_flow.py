@@ -121,3 +121,17 @@ def tmpfs(path, size: str, *options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def sparse_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The data extents of ``fd`` below ``size`` as (start, end) pairs (SEEK_DATA/SEEK_HOLE,
+    as the copy engine sees them)."""
+    from agent.storage.copy.kernel import next_extent
+
+    extents, offset = [], 0
+    while offset < size:
+        start, end = next_extent(fd, offset, size)
+        if start < end:
+            extents.append((start, end))
+        offset = end
+    return extents

@@ -20,7 +20,7 @@ from workers.ops.copying import chain as chain_copy
 from workers.ops.copying import qemu as qemu_copy
 from workers.ops.copying.progress import Reporter, record_error
 from workers.ops.volume import holder
-from workers.runtime import Stopped
+from workers.protocol import Stopped
 
 
 def _source(src_db: DomainDB, src: dict) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import time
 
@@ -212,22 +211,3 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
                 saved_offset, saved_at = offset, clock()
     _durable(dst_fd, offset)
     return offset
-
-
-def sparse_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    """The data extents of ``fd`` below ``size`` as (start, end) pairs."""
-    extents, offset = [], 0
-    while offset < size:
-        start, end = next_extent(fd, offset, size)
-        if start < end:
-            extents.append((start, end))
-        offset = end
-    return extents
-
-
-def sha256_file(path: str, bufsize: int = 4 * MiB) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(bufsize):
-            digest.update(block)
-    return digest.hexdigest()

@@ -18,7 +18,7 @@ from agent.storage.copy import nbd
 from agent.storage.copy.kernel import CopyStopped
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS
-from workers.runtime import Stopped
+from workers.protocol import Stopped
 
 
 def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:

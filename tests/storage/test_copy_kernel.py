@@ -15,9 +15,8 @@ from agent.storage.copy.kernel import (
     CopyStopped,
     MiB,
     copy_range,
-    sha256_file,
-    sparse_extents,
 )
+from tests.support.storage_flow import sha256, sparse_extents
 
 
 def make_file(path, size, islands=None, seed=1):
@@ -102,7 +101,7 @@ def test_copy_is_byte_identical(tmp_path, copies):
     src = make_file(tmp_path / "src", size)
     c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
-    assert sha256_file(tmp_path / "dst") == sha256_file(src)
+    assert sha256(tmp_path / "dst") == sha256(src)
     assert c.offset == size
 
 
@@ -118,7 +117,7 @@ def test_holes_stay_holes(tmp_path, copies):
     assert os.stat(dst).st_blocks * 512 <= 4 * MiB  # 3.4 MiB of data in a 64 MiB file
     with open(src, "rb") as s, open(dst, "rb") as d:
         assert sparse_extents(d.fileno(), size) == sparse_extents(s.fileno(), size) == islands
-    assert sha256_file(dst) == sha256_file(src)
+    assert sha256(dst) == sha256(src)
 
 
 def test_resume_from_a_middle_offset_gives_identical_data(tmp_path, copies):
@@ -134,7 +133,7 @@ def test_resume_from_a_middle_offset_gives_identical_data(tmp_path, copies):
     os.pwrite(c.dst_fd, b"\xee" * MiB, resume)
     c.stop_at = None
     assert c.run(start=resume, chunk=MiB) == size
-    assert sha256_file(tmp_path / "dst") == sha256_file(src)
+    assert sha256(tmp_path / "dst") == sha256(src)
 
 
 def test_checkpoints_rise_and_each_follows_an_fdatasync(tmp_path, copies, faults, monkeypatch):
@@ -224,7 +223,7 @@ def test_falls_back_when_the_kernel_cannot_copy(tmp_path, copies, monkeypatch):
     src = make_file(tmp_path / "src", size)
     c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
-    assert sha256_file(tmp_path / "dst") == sha256_file(src)
+    assert sha256(tmp_path / "dst") == sha256(src)
     assert calls == ["copy_file_range", "sendfile"]  # each refused once, then not tried again
 
 
@@ -235,7 +234,7 @@ def test_sendfile_fallback_copies_too(tmp_path, copies, monkeypatch):
     src = make_file(tmp_path / "src", size)
     c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
-    assert sha256_file(tmp_path / "dst") == sha256_file(src)
+    assert sha256(tmp_path / "dst") == sha256(src)
 
 
 def test_nothing_left_to_copy(tmp_path, copies):
