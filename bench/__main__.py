@@ -1,11 +1,11 @@
 """python -m bench: this project side by side with the limits of the machine, in one run.
 
 Each row runs this project (A) and its baseline (B) alternately (A B, B A, ...), `--repeats`
-times each, and reports the medians and their ratio against the goal of issue 6. The table
-goes to stdout, the same data (with every sample) to --json (bench/results/latest.json).
+times each, and reports the medians and their ratio against its goal (docs/performance.md).
+The table goes to stdout, the same data (with every sample) to --json (bench/results/latest.json).
 
     python -m bench --quick                  # a few minutes, smaller sizes
-    python -m bench                          # the issue's sizes
+    python -m bench                          # the full sizes
     python -m bench --only rpc1,spawn --repeats 3
     python -m bench --sizes copy=1G,sparse=2G,volumes=20000
 """

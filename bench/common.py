@@ -1,8 +1,8 @@
 """What every benchmark row shares: real agent processes, helper processes, pairs, statistics.
 
-An agent is started the way tests/support/harness.py starts one: `python -m agent serve` with its own
-config and run dir, ipc endpoints in a short /tmp dir, debug = true. Everything a row starts
-is killed, and every directory it makes removed, by the Scratch that owns it.
+An agent is started the way tests/support/harness.py starts one: `python -m agent serve` with
+its own config and run dir, ipc endpoints in a short /tmp dir, debug = true. Everything a row
+starts is killed, and every directory it makes removed, by the Scratch that owns it.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import zmq
 
-from agent.config import write as write_config
+from agent.config import DEFAULTS
+from tests.support.harness import AgentProcess
 
 REPO = Path(__file__).resolve().parent.parent
 AGENT_REPO = REPO  # where agents are started from (python -m bench --agent-repo)
@@ -150,54 +150,34 @@ def python_module(scratch: Scratch, module: str, *args: str, **kw) -> subprocess
     return scratch.spawn([sys.executable, "-m", module, *args], **kw)
 
 
-class Agent:
-    """One real agent process (python -m agent serve), as tests/support/harness.py starts it."""
+class Agent(AgentProcess):
+    """One real agent process: the tests' (tests/support/harness.py), with the defaults an
+    operator has for its workers, readiness timed to the millisecond, and a stop that is a
+    SIGKILL, as for every agent."""
 
     def __init__(self, scratch: Scratch, name: str, repo: Path | None = None, **overrides):
-        self.log_level = os.environ.get("BENCH_AGENT_LOG_LEVEL", "info")  # for experiments
-        self.repo = repo or AGENT_REPO  # another checkout, to compare two versions
-        self.scratch = scratch
-        self.name = name
-        self.run_dir = scratch.path / f"run-{name}"
-        self.config_path = scratch.path / f"{name}.toml"
-        self.log_path = scratch.path / f"{name}.log"
-        cfg = {
-            "host_id": f"bench-{name}",
-            "run_dir": str(self.run_dir),
-            "debug": True,
-            "rpc": {"endpoints": ["ipc://{run_dir}/rpc.sock"]},
-            "events": {"endpoints": ["ipc://{run_dir}/events.sock"]},
-        }
-        if (Path(self.repo) / "agent" / "metrics.py").exists():  # older versions have none
-            cfg["metrics"] = {"endpoint": "127.0.0.1:0"}  # on, as by default; a port each
-        for key, value in overrides.items():
-            cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
-        write_config(self.config_path, cfg)
-        self.proc: subprocess.Popen | None = None
+        repo = Path(repo or AGENT_REPO)  # another checkout, to compare two versions
+        if not any((repo / "agent" / p).exists() for p in ("metrics.py",
+                                                          "supervisor/metrics.py")):
+            overrides.setdefault("metrics", {"endpoint": ""})  # older versions have none
+        overrides.setdefault("host_id", f"bench-{name}")
+        overrides.setdefault("workers", {k: DEFAULTS["workers"][k]
+                                         for k in ("deadline_seconds", "kill_grace_seconds")})
+        log_level = os.environ.get("BENCH_AGENT_LOG_LEVEL", "info")  # for experiments
+        super().__init__(scratch.path, name, repo=repo, serve_args=("--log-level", log_level),
+                         **overrides)
         self.started_at = 0.0
 
-    @property
-    def rpc_endpoint(self) -> str:
-        return f"ipc://{self.run_dir}/rpc.sock"
-
-    @property
-    def events_endpoint(self) -> str:
-        return f"ipc://{self.run_dir}/events.sock"
-
     def start(self, wait: bool = True) -> "Agent":
-        assert self.proc is None or self.proc.poll() is not None
-        with open(self.log_path, "ab") as log:
-            self.started_at = time.perf_counter()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve",
-                 "--log-level", self.log_level],
-                cwd=self.repo, stdout=log, stderr=log)
+        self.started_at = time.perf_counter()
+        super().start(wait=False)
         if wait:
             self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float = 120.0, interval: float = 0.002) -> float:
-        """Seconds from the process's start to the first Host.ping answered true."""
+        """Seconds from the process's start to the first Host.ping answered true (polled
+        every `interval` on a bare socket: the boot row's resolution)."""
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -208,7 +188,7 @@ class Agent:
         try:
             while time.perf_counter() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"agent {self.name} exited: {self.log_tail()}")
+                    raise RuntimeError(f"agent {self.name} exited: {self.log()[-3000:]}")
                 n += 1
                 sock.send(b'{"jsonrpc":"2.0","method":"Host.ping","id":"ready-%d"}' % n)
                 if sock.poll(int(max(interval, 0.05) * 1000)):
@@ -218,37 +198,13 @@ class Agent:
                     time.sleep(interval)
         finally:
             sock.close(0)
-        raise RuntimeError(f"agent {self.name} not ready in {timeout} s: {self.log_tail()}")
-
-    def workers(self) -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if "workers.forkserver" in cmd and str(self.run_dir) in cmd:
-                found.append(p)
-        return found
+        raise RuntimeError(f"agent {self.name} not ready in {timeout} s: {self.log()[-3000:]}")
 
     def stop(self) -> None:
-        """SIGKILL: a stop is a crash for this agent. Its workers die with it (PDEATHSIG)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        deadline = time.monotonic() + 10
-        while (left := self.workers()) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-
-    close = stop
-
-    def log_tail(self) -> str:
-        try:
-            return self.log_path.read_text()[-3000:]
-        except OSError:
-            return ""
+        """SIGKILL: a stop is a crash for this agent; its workers die with it (any that
+        did not is killed). It can be started again."""
+        self.kill(signal.SIGKILL)
+        self.reap_workers(10.0)
 
 
 class Rpc:

@@ -27,21 +27,13 @@ import stat
 
 from agent.errors import InvalidParams
 from agent.ids import check_uuid
+from agent.system import fsync_dir
 
 DB_NAME = "metadata.db"
 IMAGES = "images"
 LEASES = "leases"
 DOM_MD = "dom_md"  # sanlock's areas: dom_md/ids, the domain's lockspace
 SUFFIXES = {"raw": ".raw", "cow": ".qcow2"}  # a volume's data file, by its format
-
-
-def fsync_dir(path: str) -> None:
-    """Make a directory entry change (create, rename, unlink) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Layout:

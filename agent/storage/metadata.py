@@ -48,7 +48,7 @@ from agent.errors import (
     VolumeIllegal,
 )
 from agent.ids import check_uuid
-from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout, fsync_dir
+from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
 from agent.storage.schema import (
@@ -58,6 +58,7 @@ from agent.storage.schema import (
     REQUIRED,
     SCHEMA,
 )
+from agent.system import fsync_dir
 
 BUSY_TIMEOUT = 30.0
 FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)

@@ -8,9 +8,9 @@ keeps a crash harmless:
 - delete: the row first, then the data file (a crash in between leaves an unnamed file,
   never a named volume without data); the lease file stays (deleting a lock file someone
   may have open is how two processes end up "holding" one lease).
-Both under the volume's lease (agent/storage/leases/__init__.py); the data file is the format's
-(agent/storage/formats/raw.py, agent/storage/formats/cow.py). A snapshot (a cow volume with a parent) is
-layered on its image's leaf; a volume with children cannot be deleted (VolumeHasChildren).
+Both under the volume's lease (agent/storage/leases/); the data file is the format's
+(agent/storage/formats/). A snapshot (a cow volume with a parent) is layered on its image's
+leaf; a volume with children cannot be deleted (VolumeHasChildren).
 """
 
 from __future__ import annotations

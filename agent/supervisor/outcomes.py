@@ -9,8 +9,8 @@
   WorkerDied; by an abort, TaskAborted (above); for breaking the worker protocol, the
   WorkerDied the table recorded.
 - A worker gone without a report ends its task with the error its exit makes
-  (agent/supervisor/workertable.py: WorkerDied with the signal or exit code, or WorkerTimeout), unless
-  something above was recorded first.
+  (agent/supervisor/workertable.py: WorkerDied with the signal or exit code, or
+  WorkerTimeout), unless something above was recorded first.
 """
 
 from __future__ import annotations

@@ -125,9 +125,10 @@ def _scan_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
         started = None
         if action in ("resume", "restart"):
             started = _submit(agent, f"recover:{dst['volumeID']}:{gen}", "Image.copy",
-                              copy_under_policy(agent, src, dst, recover=action, expect_generation=gen,
-                                       attempt=marker["attempts"] + 1,
-                                       failures=marker.get("failures", 0)))
+                              copy_under_policy(agent, src, dst, recover=action,
+                                                expect_generation=gen,
+                                                attempt=marker["attempts"] + 1,
+                                                failures=marker.get("failures", 0)))
         elif action == "abandon":
             started = _abandon(agent, dst, gen, None)
         agent.publish("Image.recovered", {

@@ -1,8 +1,8 @@
 """What a worker's reports do to its task: the worker table's listener.
 
-The table (agent/supervisor/workertable.py) decides nothing about tasks; it tells this listener what
-happened to a worker, and this moves the task (agent/supervisor/outcomes.py decides what one that did
-not succeed ends with) and publishes what subscribers should hear.
+The table (agent/supervisor/workertable.py) decides nothing about tasks; it tells this listener
+what happened to a worker, and this moves the task (agent/supervisor/outcomes.py decides what
+one that did not succeed ends with) and publishes what subscribers should hear.
 """
 
 from __future__ import annotations

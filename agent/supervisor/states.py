@@ -1,6 +1,6 @@
 """Task states and their transitions, as plain data (stdlib only).
 
-The loop in supervisor.py is the only place that performs what a transition implies
+The loop (loop.py) is the only place that performs what a transition implies
 (spawn, kill, respond, publish); this module only says which edges exist.
 """
 

@@ -1,10 +1,11 @@
 """The supervisor's table of workers: who each is, what each says, when each must go.
 
-The table decides nothing about tasks: it tells its listener (the supervisor) what happened
-to a worker (started, reported, returned, finished, died) and the listener moves the task.
-It reads the workers' messages (workers/protocol.py), enforces their deadlines (silent past
-its deadline: SIGTERM, then SIGKILL; reported but not gone within the grace: SIGKILL), and
-reaps every child, expected or not. Workers come from the fork server (agent/supervisor/forkclient.py).
+The table decides nothing about tasks: it tells its listener (the supervisor) what happened to
+a worker (started, reported, returned, finished, died) and the listener moves the task. It
+reads the workers' messages (workers/protocol.py), enforces their deadlines (silent past its
+deadline: SIGTERM, then SIGKILL; reported but not gone within the grace: SIGKILL), and reaps
+every child, expected or not. Workers come from the fork server
+(agent/supervisor/forkclient.py).
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ def verb(name: str, *params: Param, worker: bool = False, debug_only: bool = Fal
     def register(fn):
         if name in REGISTRY:
             raise RuntimeError(f"verb {name} registered twice")
-        REGISTRY[name] = Verb(name, params, fn, inspect.getdoc(fn) or "", debug_only, worker, events)
+        REGISTRY[name] = Verb(name, params, fn, inspect.getdoc(fn) or "", debug_only, worker,
+                              events)
         return fn
     return register
 

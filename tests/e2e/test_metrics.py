@@ -1,4 +1,5 @@
-"""The metrics endpoint (agent/supervisor/metrics.py), scraped over real HTTP from a running agent."""
+"""The metrics endpoint (agent/supervisor/metrics.py), scraped over real HTTP from a running
+agent."""
 
 from __future__ import annotations
 

@@ -56,9 +56,14 @@ def short_tmpdir(prefix: str = "ha-") -> Path:
 class AgentProcess:
     """One agent: its config, its process, clients to it."""
 
-    def __init__(self, base: Path, name: str = "a", **overrides):
+    def __init__(self, base: Path, name: str = "a", repo: Path | None = None,
+                 serve_args: tuple[str, ...] = (), **overrides):
+        """`repo`: the checkout the agent runs from (bench compares two); `serve_args`: more
+        flags for `serve`."""
         self.base = base
         self.name = name
+        self.repo = repo or REPO
+        self.serve_args = serve_args
         self.run_dir = base / f"run-{name}"
         self.config_path = base / f"{name}.toml"
         self.log_path = base / f"{name}.log"
@@ -112,8 +117,9 @@ class AgentProcess:
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve"],
-            cwd=REPO, stdout=log, stderr=log, env={**self.env, **(env or {})},
+            [sys.executable, "-m", "agent", "--config", str(self.config_path), "serve",
+             *self.serve_args],
+            cwd=self.repo, stdout=log, stderr=log, env={**self.env, **(env or {})},
             preexec_fn=limits if nofile else None)
         log.close()
         if wait:
@@ -199,9 +205,13 @@ class AgentProcess:
             # destroy, not term: a socket someone forgot must never block the test run (a
             # context left to the garbage collector with one open hangs it in zmq_ctx_term).
             self.ctx.destroy(linger=0)
+        return self.reap_workers()
+
+    def reap_workers(self, timeout: float = 15.0) -> list[int]:
+        """After the agent died: the pids of any worker that outlived it (then killed)."""
         # Workers die with their supervisor (parent-death signal): give the kernel a moment.
         try:  # a loaded machine can take seconds to deliver a parent-death signal
-            wait_for(lambda: not self.workers(), 15, what="workers to die with the agent")
+            wait_for(lambda: not self.workers(), timeout, what="workers to die with the agent")
         except AssertionError:
             pass
         left = []

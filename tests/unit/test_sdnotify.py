@@ -120,7 +120,8 @@ def test_real_child_process_notifies(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from agent.supervisor.sdnotify import notify; notify('READY=1')"],
+            [sys.executable, "-c",
+             "from agent.supervisor.sdnotify import notify; notify('READY=1')"],
             cwd=REPO,
             env=env,
         )

@@ -247,7 +247,8 @@ def guest_checksum(db, row: dict, on_chunk=None, kind: str | None = None) -> str
     chain.check_headers(db.layout, rows)
     path = db.layout.data_path(row)
     hasher = checksum.StreamHasher(row["size"], kind or checksum.BLOCKS)
-    with qemu_nbd.export(chain.image_opts(db.layout, rows, direct=qemu_img.direct_io(path))) as exp:
+    opts = chain.image_opts(db.layout, rows, direct=qemu_img.direct_io(path))
+    with qemu_nbd.export(opts) as exp:
         hash_prefix(exp, row["size"], hasher, on_chunk=on_chunk)
     return hasher.hexdigest()
 

@@ -11,7 +11,8 @@ import os
 
 from agent.storage import chain, qemu_img
 from agent.storage.formats import raw
-from agent.storage.layout import SUFFIXES, fsync_dir
+from agent.storage.layout import SUFFIXES
+from agent.system import fsync_dir
 
 NAME = "cow"
 SUFFIX = SUFFIXES[NAME]

@@ -10,7 +10,8 @@ import contextlib
 import os
 
 from agent import errors
-from agent.storage.layout import SUFFIXES, fsync_dir
+from agent.storage.layout import SUFFIXES
+from agent.system import fsync_dir
 
 NAME = "raw"
 SUFFIX = SUFFIXES[NAME]

@@ -24,7 +24,8 @@ import time
 import uuid
 
 from agent import errors
-from agent.storage.layout import DOM_MD, fsync_dir
+from agent.storage.layout import DOM_MD
+from agent.system import fsync_dir
 
 AREA = 1 << 20  # bytes of an ids or a lease area (sanlock's default alignment)
 TMP_SUFFIX = ".tmp"
