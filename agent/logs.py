@@ -65,4 +65,6 @@ def bind(**fields) -> None:
 
 
 def get(**bound):
-    return structlog.get_logger().bind(**bound)
+    """A logger with `bound` fields, configured when it first writes, not now: a module's
+    logger made at import (before setup) still writes in the format setup chose."""
+    return structlog.get_logger(**bound)

@@ -78,7 +78,7 @@ EXAMPLES: dict[str, dict] = {
                             "pauses": 0, "refused_workers": 0},
             "rpc": {"unread_reply_bytes": 0, "clients_with_unread_replies": 0,
                     "replies_refused": 0, "replies_dropped": 0, "messages_dropped": 0},
-            "events": {"dropped": 0, "oversized": 0},
+            "events": {"published": 1204, "dropped": 0, "oversized": 0},
             "workers": {"strangers": 0, "misbehaved": 0}}}},
     "Host.ping": {"params": None, "result": True},
     "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {

@@ -436,16 +436,12 @@ class _Listener:
 
 
 def _pool():
-    from agent.config import DEFAULTS
+    from agent.config import load
     from agent.supervisor.workertable import WorkerTable
 
-    class Config(dict):
-        run_dir, host_id = "/nonexistent", "h"
-
     system, listener = _System(), _Listener()
-    config = Config(workers={"deadline_seconds": 10.0, "kill_grace_seconds": 2.0,
-                             "heartbeat_seconds": 1.0}, copy={},
-                    storage=dict(DEFAULTS["storage"]))
+    config = load(overrides={"run_dir": "/nonexistent", "host_id": "h", "workers": {
+        "deadline_seconds": 10.0, "kill_grace_seconds": 2.0, "heartbeat_seconds": 1.0}})
     return WorkerTable(config, system, listener), system, listener
 
 
