@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import secrets
 
 SOCKET_NAME = "workers.sock"
@@ -67,6 +68,12 @@ class ProtocolError(Exception):
 
 def endpoint(run_dir) -> str:
     return f"ipc://{run_dir}/{SOCKET_NAME}"
+
+
+def exports_dir(run_dir) -> str:
+    """Where workers make their qemu-nbd exports' directories, one `<pid>-<random>` each:
+    the agent's start-up removes those whose process is gone (a killed worker's)."""
+    return os.path.join(str(run_dir), "exports")
 
 
 def new_token(seq: int) -> str:

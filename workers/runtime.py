@@ -19,7 +19,7 @@ import traceback
 import zmq
 
 from agent import errors, logs, system
-from agent.storage import leases
+from agent.storage import leases, qemu_nbd
 from workers import (
     protocol,
     testseams,  # here, so the fork server has it loaded for every worker
@@ -156,6 +156,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         sock.connect(protocol.endpoint(request["run_dir"]))
         ctx = Context(sock, request)
         leases.configure(ctx.settings.get("leases"), heartbeat=ctx.beat)
+        qemu_nbd.configure(protocol.exports_dir(request["run_dir"]))
         # SIGTERM asks for a stop, like the abort message; the op stops at its next check.
         signal.signal(signal.SIGTERM, lambda *_: setattr(ctx, "_stop", True))
         ctx.send({"t": "hello", "pid": os.getpid()})

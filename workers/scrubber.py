@@ -35,7 +35,7 @@ import traceback
 import zmq
 
 from agent import errors, logs
-from agent.storage import checksum, operations
+from agent.storage import checksum, operations, qemu_nbd
 from agent.storage.copy import nbd
 from agent.storage.metadata import DomainDB
 from workers import protocol
@@ -160,8 +160,8 @@ class Scrub:
                 found = nbd.guest_checksum(self.ddb, vol, on_chunk, kind)
         except FileNotFoundError:
             found = None
-        except errors.AgentError as exc:
-            self._mismatch(vol, None, exc.message)
+        except errors.AgentError as exc:  # refused before qemu opened it, or unreadable
+            self._mismatch(vol, None, exc.message, exc.data.get("reason"))
             return
         finally:
             self.done = base
@@ -182,11 +182,14 @@ class Scrub:
         elif verdict == "mismatch":
             self._mismatch(vol, found)
 
-    def _mismatch(self, vol: dict, found: str | None, why: str | None = None) -> None:
+    def _mismatch(self, vol: dict, found: str | None, why: str | None = None,
+                  reason: str | None = None) -> None:
         entry = {"domainID": self.ddb.domain_id, "imageID": vol["image_id"],
                  "volumeID": vol["volume_id"], "expected": vol["checksum"], "found": found}
         if why:
             entry["error"] = why
+            if reason:
+                entry["reason"] = reason
             self.result["volumes_checked"] += 1
         self.result["mismatches"].append(entry)
         self.log.warning("checksum_mismatch", **entry)
@@ -251,6 +254,7 @@ def _run(scrub: Scrub, log) -> tuple:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     logs.setup()
+    qemu_nbd.configure(protocol.exports_dir(args.run_dir))
     log = logs.get(component="scrub", operation_id=args.operation_id, domain_id=args.domain_id)
     if args.ready_fd is not None:
         os.set_inheritable(args.ready_fd, False)

@@ -14,6 +14,7 @@ from agent.wire.verbs import Param, one_of, verb
 if TYPE_CHECKING:  # the loop's object, passed to every function of this module
     from agent.supervisor.loop import Supervisor
 
+SECTOR = 512  # qemu sizes a qcow2 in sectors: any other size would not be the volume's
 VOLUME_PARAMS = (Param("domainID", "uuid"), Param("imageID", "uuid"), Param("volumeID", "uuid"))
 
 
@@ -44,8 +45,10 @@ def create(agent: Supervisor, params):
     or snapshotted again. Result: the volume's info (as Volume.getInfo).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (parent), 202 VolumeExists, 203 LeaseHeld,
     204 NoSpace, 207 VolumeIllegal (parent not LEGAL), 215 VolumeHasChildren (the parent
-    is not the leaf), 216 ImageInvalid (qemu-img refused), -32602 (a raw snapshot, a size
-    smaller than the parent's, no size for a new volume).
+    is not the leaf), 216 ImageInvalid (the parent's chain refused: see Image.copy),
+    -32602 (a raw or preallocated snapshot, a size smaller than the parent's, a cow size
+    that is not a multiple of 512 (qemu's sector: one truth for a size), no size for a new
+    volume).
     """
     params = dict(params)
     if params["parentVolumeID"] is None:
@@ -56,7 +59,14 @@ def create(agent: Supervisor, params):
     else:
         if params["format"] == "raw":
             raise errors.InvalidParams("a snapshot is a cow volume", param="format")
+        if params["preallocation"] == "preallocated":  # qemu: only with extended L2
+            raise errors.InvalidParams("a snapshot cannot be preallocated",
+                                       param="preallocation")
         params["format"] = "cow"
+    if params["format"] == "cow" and params["size"] is not None \
+            and params["size"] % SECTOR:
+        raise errors.InvalidParams(f"a cow volume's size is a multiple of {SECTOR} bytes",
+                                   param="size")
     return WorkerJob("volume.create", jobs.with_path(agent.domains, params))
 
 

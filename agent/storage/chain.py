@@ -1,12 +1,17 @@
-"""An image's chain as the metadata says it is, checked against the images' headers and
+"""An image's chain as the metadata says it is, checked against the images' own bytes and
 described to qemu explicitly.
 
 The chain (base first) comes from the volumes' parent links, never from a header: qemu is
 given every layer's file and driver (`--image-opts` with nested `backing.` keys), so nothing
-a guest or a stranger wrote into a header decides what qemu opens. Headers are still read
-(qemu-img info, which does not open backing files) and must agree: a qcow2 whose backing
-file names anything but its parent's file in its own image directory is refused
-(ImageInvalid, reason backing-outside) and never opened.
+a guest or a stranger wrote into a header decides what qemu opens. Every opener of a chain
+(a copy's source, a resumed destination, a snapshot's parent, a scrub, every verb to come)
+first calls `inspect`, which reads each qcow2's header itself (agent/storage/qcow2.py: no
+qemu process has opened the file yet) and refuses, with the reason of the check that failed:
+a backing file outside the image (backing-outside) or not the parent's (chain), a size that
+is not the volume's (size), and what qcow2.py refuses (data-file, encrypted, limits, ...).
+With `structure`, each qcow2 is then checked by `qemu-img check` (its backing not opened):
+an image qemu finds damaged, clusters past its end included, is refused (corrupt), and a raw
+base shorter than its size is VolumeTruncated: neither may ever be copied into a LEGAL volume.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import qemu_img
+from agent.storage import qcow2, qemu_img
 from agent.storage.layout import SUFFIXES
+
+SECTOR = 512  # qemu sizes images in sectors
 
 
 def file_name(row: dict) -> str:
@@ -23,39 +30,55 @@ def file_name(row: dict) -> str:
     return row["volume_id"] + SUFFIXES[row["format"]]
 
 
-def check_headers(layout, rows: list[dict], beat=lambda: None) -> None:
-    """ImageInvalid unless every qcow2 of the chain names exactly its parent (or nothing,
-    for a base) as its backing file, with its parent's format."""
+def _outside(name: str) -> bool:
+    """Whether a backing name leaves the image's directory (a path, a protocol, a json:)."""
+    return os.path.basename(name) != name or name in ("", ".", "..") or ":" in name
+
+
+def inspect(layout, rows: list[dict], beat=lambda: None, structure: bool = False) -> dict:
+    """ImageInvalid (or VolumeTruncated) unless every layer of the chain (base first) is what
+    the metadata says and safe to hand to qemu; see the module's docstring. Returns each
+    qcow2 layer's header by volume ID."""
+    headers = {}
     for i, row in enumerate(rows):
+        vid = row["volume_id"]
+        path = layout.data_path(row)
         if row["format"] != "cow":
             if i:
                 raise errors.ImageInvalid("a raw volume can only be a chain's base",
-                                          volumeID=row["volume_id"], reason="chain")
+                                          volumeID=vid, reason="chain")
+            if structure and os.stat(path).st_size < row["size"]:
+                raise errors.VolumeTruncated("the base's data file is shorter than its size",
+                                             volumeID=vid, size=row["size"],
+                                             data_bytes=os.stat(path).st_size)
             continue
-        path = layout.data_path(row)
-        head = qemu_img.info(path, "cow", beat)
-        if head.get("format-specific", {}).get("data", {}).get("corrupt"):
-            raise errors.ImageInvalid("the image is marked corrupt", volumeID=row["volume_id"],
-                                      reason="corrupt")
-        named = head.get("backing-filename")
+        head = headers[vid] = qcow2.read(path, vid)
         want = file_name(rows[i - 1]) if i else None
-        if named is not None and (os.path.basename(named) != named or named != want):
+        named = head.backing
+        if named is not None and named != want:
+            outside = _outside(named)
             raise errors.ImageInvalid(
-                "the image's backing file is not its parent in its own image directory",
-                volumeID=row["volume_id"], reason="backing-outside", backing=named[:512],
-                expected=want)
-        if named != want:
-            raise errors.ImageInvalid("the image's backing file is not its parent's",
-                                      volumeID=row["volume_id"], reason="chain",
-                                      backing=named, expected=want)
-        if want is not None and head.get("backing-filename-format") not in (
+                "the image's backing file is outside its image directory" if outside else
+                "the image's backing file is not its parent's", volumeID=vid,
+                reason="backing-outside" if outside else "chain", expected=want,
+                **({} if outside else {"backing": named}))
+        if named is None and want is not None:
+            raise errors.ImageInvalid("the image names no backing file, but has a parent",
+                                      volumeID=vid, reason="chain", expected=want)
+        if want is not None and head.backing_format not in (
                 None, qemu_img.driver(rows[i - 1]["format"])):
             raise errors.ImageInvalid("the image's backing format is not its parent's",
-                                      volumeID=row["volume_id"], reason="chain")
-        if head.get("virtual-size") != row["size"]:
+                                      volumeID=vid, reason="chain")
+        if head.virtual_size != row["size"]:
             raise errors.ImageInvalid("the image's virtual size is not the volume's",
-                                      volumeID=row["volume_id"], reason="size",
-                                      found=head.get("virtual-size"), expected=row["size"])
+                                      volumeID=vid, reason="size",
+                                      found=head.virtual_size, expected=row["size"])
+    if structure:
+        for row in rows:
+            if row["format"] == "cow":
+                qemu_img.check(image_opts(layout, [row], direct=False, layer_only=True),
+                               layout.data_path(row), beat=beat)
+    return headers
 
 
 def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = False) -> str:

@@ -21,6 +21,24 @@ from agent import errors
 from agent.storage import qemu_img
 
 DEPTH = "qemu:allocation-depth"
+SOCKET_PATH_MAX = 100  # a unix socket's path must fit in 108 bytes
+
+# Where this process makes its exports' directories (configure): `<pid>-<random>` under the
+# agent's run dir, so that the next start of the agent finds what a killed worker left (the
+# dir of a pid that is gone) and removes it. Unconfigured (tests, tools): the temp dir.
+_base: str | None = None
+
+
+def configure(base: str | None) -> None:
+    global _base
+    _base = base
+
+
+def _new_dir() -> str:
+    if _base is not None and len(_base) + 32 < SOCKET_PATH_MAX:
+        os.makedirs(_base, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_base)  # 0700
+    return tempfile.mkdtemp(prefix="hostagent-nbd-")
 
 
 def _nbd():
@@ -41,7 +59,7 @@ def nbd_error(exc, what: str, offset: int | None = None, tool_log: str = "") -> 
     if offset is not None:
         data["offset"] = offset
     if tool_log:
-        data["qemu_nbd"] = tool_log[-qemu_img.DETAIL_MAX:]
+        data["qemu_nbd"] = qemu_img.redact(tool_log[-qemu_img.DETAIL_MAX:])
     if code in (errno.ENOSPC, errno.EDQUOT):
         return errors.NoSpace(f"{what}: no space left", **data)
     return errors.OperationFailed(f"{what}: {data['detail']}", **data)
@@ -65,7 +83,7 @@ class Export:
 
     def open(self) -> "Export":
         nbd = _nbd()
-        self.dir = tempfile.mkdtemp(prefix="hostagent-nbd-")  # 0700
+        self.dir = _new_dir()
         path = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -79,7 +97,8 @@ class Export:
             if self.depth:
                 argv.insert(1, "--allocation-depth")
             with open(os.path.join(self.dir, "qemu-nbd.log"), "wb") as log:
-                self.proc = qemu_img.start(argv, listener.fileno(), log.fileno())
+                self.proc = qemu_img.start(argv, listener.fileno(), log.fileno(),
+                                           limits=qemu_img.SERVER)
         finally:
             listener.close()
         self.h = nbd.NBD()

@@ -15,11 +15,14 @@ leaf; a volume with children cannot be deleted (VolumeHasChildren).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from agent import errors
-from agent.storage import leases
+from agent.ids import check_uuid
+from agent.storage import chain, leases
 from agent.storage.formats import cow, raw
+from agent.storage.layout import SUFFIXES
 from agent.storage.metadata import DomainDB
 from agent.storage.reserve import ensure_reserve
 
@@ -72,8 +75,14 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
             if size is None:
                 size = (db.get_volume(parent_id) or {}).get("size", 0)
             parent = db.check_new_parent(args["imageID"], parent_id, size)
+            if size % chain.SECTOR:
+                raise errors.InvalidParams(f"a snapshot's size is a multiple of "
+                                           f"{chain.SECTOR} bytes (its parent's is not)",
+                                           param="size", parent_size=parent["size"])
+            chain.inspect(db.layout, db.chain(parent_id), beat)  # a child never hides a bad one
         db.layout.ensure_image_dir(args["imageID"])
         path = db.layout.volume_path(args["imageID"], args["volumeID"], fmt)
+        remove_leftovers(db, args["imageID"], args["volumeID"])
         try:
             FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
                                 parent=parent, beat=beat)
@@ -88,8 +97,64 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
     return info(db, args)
 
 
+def remove_leftovers(db: DomainDB, image_id: str, volume_id: str) -> list[str]:
+    """Data files of `volume_id` that no row names (a create killed between its file and its
+    row), in any format: removed. Called under the volume's lease, with no row for it."""
+    gone = []
+    for fmt, module in FORMATS.items():
+        path = db.layout.volume_path(image_id, volume_id, fmt)
+        if os.path.lexists(path):
+            module.remove(path)
+            gone.append(fmt)
+    return gone
+
+
+def sweep_leftovers(db: DomainDB, who: dict, beat=lambda: None) -> list[dict]:
+    """Every data file no row names (a create killed between its file and its row, in any
+    image), removed under its volume's lease: a create in progress holds that lease, so what
+    is swept is never another's work. What was removed, as {imageID, volumeID, format}."""
+    names = {suffix: fmt for fmt, suffix in SUFFIXES.items()}
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for image_id in sorted(os.listdir(db.layout.images_dir)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for name in sorted(os.listdir(os.path.join(db.layout.images_dir, image_id))):
+                    stem, suffix = os.path.splitext(name)
+                    if suffix in names and _is_uuid(stem) and _is_uuid(image_id):
+                        found.append((image_id, stem))
+    removed = []
+    manager = leases.for_domain(db)
+    for image_id, volume_id in found:
+        beat()
+        if db.get_volume(volume_id) is not None:
+            continue
+        try:
+            with manager.acquire(volume_id, who):
+                if db.get_volume(volume_id) is None:  # under the lease: nobody creates it now
+                    removed += [{"imageID": image_id, "volumeID": volume_id, "format": fmt}
+                                for fmt in remove_leftovers(db, image_id, volume_id)]
+        except errors.LeaseHeld:
+            continue  # being created right now: its creator decides
+    return removed
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        check_uuid(text, "id")
+        return True
+    except errors.InvalidParams:
+        return False
+
+
 def delete(db: DomainDB, args: dict, who: dict) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
+        if db.get_volume(args["volumeID"]) is None:  # no such volume; what a killed create left
+            removed = remove_leftovers(db, args["imageID"], args["volumeID"])
+            if removed:
+                raise errors.NoSuchVolume("no such volume (a data file a killed create left "
+                                          "was removed)", domainID=args["domainID"],
+                                          imageID=args["imageID"], volumeID=args["volumeID"],
+                                          removed_leftover=removed)
         row = volume_row(db, args)
         db.delete_volume(args["volumeID"])
         FORMATS[row["format"]].remove(db.layout.data_path(row))

@@ -99,6 +99,7 @@ class Supervisor:
         self.events = Publisher(self.ctx, ecfg["endpoints"], self.boot_id, guard=self.guard,
                                 hwm=ecfg["max_queued"], max_bytes=ecfg["max_event_bytes"])
         startup.kill_leftover_workers(run_dir, self.log)
+        startup.sweep_exports(run_dir, self.log)  # what killed workers left: theirs only
         set_child_subreaper()
         # Signals only wake the loop; SIGTERM and SIGINT keep their default: dying is stopping.
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the loop's object, passed to every function of this module
 
 log = logs.get(component="recovery")
 
+MAX_BACKOFF = 600.0  # seconds: the longest wait before a retry, however many failures
 RETRYABLE = frozenset({"WorkerDied", "WorkerTimeout", "NoSpace", "OperationFailed",
                        "InternalError"})
 
@@ -113,6 +114,8 @@ def _scan_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
         return
     cfg = agent.config["recovery"]
     domain_id = result["domainID"]
+    if result.get("leftovers_removed"):
+        log.info("leftovers_removed", domain_id=domain_id, files=result["leftovers_removed"])
     for marker in result["markers"]:
         marker["domain_id"] = domain_id
         if marker.get("kind") == "chain" and marker.get("has_children"):
@@ -166,16 +169,19 @@ def _copy_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
                            max_attempts=cfg["max_attempts"])
     src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
     dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
+    # Backoff follows failures, never take-overs: a restart or an abort and continue costs
+    # an attempt but is no failure, so twenty restarts never make one death wait for days.
+    delay = min(cfg["backoff_seconds"] * 2 ** (failures - 1), MAX_BACKOFF)
     log.info("copy_failed", **task.about(), error=name, attempts=attempts, failures=failures,
-             action=action)
+             action=action, **({"retry_in": delay} if action == "retry" else {}))
     # A worker that died could not record its own error in the marker: the next one does.
     unrecorded = None if error.get("data", {}).get("recorded") else (error or None)
     if action == "retry":
-        delay = cfg["backoff_seconds"] * 2 ** (attempts - 1)
         agent.call_later(delay, lambda: _submit(
             agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
             copy_under_policy(agent, src, dst, recover="resume", expect_generation=gen,
-                     attempt=attempts + 1, failures=failures, previous_error=unrecorded)))
+                              attempt=attempts + 1, failures=failures,
+                              previous_error=unrecorded)))
     elif action == "abandon":
         started = _abandon(agent, dst, gen, unrecorded)
         agent.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,

@@ -7,8 +7,10 @@ every scan has ended, requests are answered 99 RecoveryInProgress.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+import shutil
 from typing import TYPE_CHECKING
 
 import psutil
@@ -16,6 +18,7 @@ import zmq
 
 from agent.supervisor import recovery
 from agent.wire import transport
+from workers import protocol
 
 if TYPE_CHECKING:  # the loop's object, passed to every function of this module
     from agent.supervisor.loop import Supervisor
@@ -52,6 +55,24 @@ def kill_leftover_workers(run_dir, log) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(found, timeout=5)
+
+
+def sweep_exports(run_dir, log) -> int:
+    """Remove the export directories (socket, qemu-nbd's log) of workers and scrubs that
+    are gone: a killed worker cannot remove its own. A live process's is left alone (a
+    scrub outlives the agent that started it). How many were removed."""
+    base = protocol.exports_dir(run_dir)
+    removed = 0
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(base):
+            pid = name.split("-", 1)[0]
+            if pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
+                continue
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed += 1
+    if removed:
+        log.info("exports_swept", removed=removed)
+    return removed
 
 
 def read_text(path: str) -> str | None:

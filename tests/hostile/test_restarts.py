@@ -2,9 +2,11 @@
 with its agent more times than [recovery] max_attempts still resumes and ends LEGAL, with
 no failure counted; failures that are counted each record their reason."""
 
+import json
 import os
 import signal
 
+import psutil
 import pytest
 
 from tests.support.harness import wait_for
@@ -69,3 +71,39 @@ def test_counted_failures_each_record_their_reason(make_agent, workdir):
     assert st["copy"]["failures"] == 2
     assert [e["data"]["name"] for e in st["copy"]["errors"]] == ["WorkerDied", "WorkerDied"]
     assert st["legality"] == "ILLEGAL"
+
+
+def ours(agent, pid: int) -> bool:
+    """Whether `pid` is a worker of this life of the agent (not a dying one of the last)."""
+    try:
+        return agent.proc.pid in [p.pid for p in psutil.Process(pid).parents()]
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
+    """Five restarts take the copy over five times (attempts 6, failures 0); then its worker
+    is SIGKILLed: the retry waits one backoff (a first failure), not 2**5 of them."""
+    agent, src, dst = slow_copy(make_agent, workdir, 2 * MiB)
+    for restart in range(5):
+        wait_for(lambda: (s := status(agent, dst))["copy"] and s["copy"]["lease"]
+                 and s["copy"]["lease"]["live"], 60, what=f"a live copier ({restart})")
+        agent.kill()
+        agent.start()
+    holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
+                      and s["copy"]["lease"]["live"] and ours(agent, s["copy"]["lease"]["pid"])
+                      and s["copy"]["lease"], 60, what="this life's copier after the restarts")
+    assert status(agent, dst)["copy"]["attempts"] >= 6
+    os.kill(holder["pid"], signal.SIGKILL)
+
+    def failed_line():
+        for line in agent.log_path.read_text().splitlines():
+            if '"copy_failed"' in line:
+                return json.loads(line)
+        return None
+    line = wait_for(failed_line, 60, what="the failure logged")
+    assert line["failures"] == 1 and line["attempts"] >= 6, line
+    assert line["action"] == "retry" and line["retry_in"] == pytest.approx(0.1), line
+    final = wait_for(lambda: (s := status(agent, dst))["legality"] == "LEGAL" and s, 120,
+                     interval=0.1, what="the retried copy to end LEGAL")
+    assert final["copy"] is None

@@ -11,6 +11,7 @@ from tests.images.chains import (
     make_chain,
     map_allocated,
     needs_qemu,
+    qemu_io,
     qemu_nbd_under,
 )
 from tests.support.harness import wait_for
@@ -182,3 +183,35 @@ def test_a_copy_that_cannot_fit_is_refused_before_anything_is_made(agent, workdi
         assert exc.value.code == 204 and exc.value.data["needed"] > exc.value.data["free"]
         info = agent.call("StorageDomain.getInfo", {"domainID": small_id})
         assert info["volumes"] == 0 and info["copies"] == 0
+
+
+LAYOUTS = [("2M", "on"), ("2M", "off"), ("64k", "on"), ("512", "off"), ("1M", "on")]
+
+
+@pytest.mark.parametrize("cluster, extended_l2", LAYOUTS,
+                         ids=[f"{c}-l2ext-{e}" for c, e in LAYOUTS])
+def test_copies_are_as_thin_as_their_source_in_every_cluster_layout(agent, workdir, cluster,
+                                                                    extended_l2):
+    """A snapshot whose qcow2 has its own cluster layout (large clusters, extended L2 with
+    its subclusters), holding eight 4 KiB writes: every copy of it holds no more than the
+    source maps, and reads the same."""
+    chain = make_chain(agent, agent.domain_id, size=64 * MiB, layers=2)
+    top = chain[1]
+    made = str(workdir / "made.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"cluster_size={cluster},extended_l2={extended_l2}", "-u", "-b",
+                    chain[0]["path"].rsplit("/", 1)[1], "-F", "raw", made, str(64 * MiB)],
+                   check=True, timeout=60, cwd=workdir)
+    with open(made, "rb") as src, open(top["path"], "r+b") as dst:
+        dst.truncate(0)
+        dst.write(src.read())
+    for i in range(8):
+        qemu_io(top["path"], "cow", f"write -P {i + 1} {i * 7 * MiB + 12288} 4k")
+    source = sum(e["length"] for e in map_allocated(top["path"], "cow"))
+    for name, how in (("cow", {"format": "cow"}), ("chain", {"mode": "chain"})):
+        dst, _ = run_copy(agent, top, f"thin-{name}", **how)
+        info = agent.call("Volume.getInfo", dst)
+        held = sum(e["length"] for e in map_allocated(info["path"], "cow"))
+        assert held <= source, (name, held, source)
+        same = compare(top["path"], "cow", info["path"], "cow")
+        assert same.returncode == 0, same.stdout + same.stderr

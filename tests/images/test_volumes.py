@@ -100,9 +100,10 @@ def test_a_backing_file_outside_the_image_is_refused_before_qemu_opens_it(agent,
         with pytest.raises(CallError) as exc:
             agent.call("Image.copy", {"src": src, "dst": dst, "mode": mode})
         assert exc.value.code == 216, exc.value
-        assert exc.value.data["reason"] in ("backing-outside", "chain")
-        if "/" in backing:
-            assert exc.value.data["reason"] == "backing-outside"
+        # The reason is what was checked: a name inside the image that is not the parent's
+        # is the wrong chain; any path leaves the image.
+        assert exc.value.data["reason"] == ("chain" if backing == "{sibling}"
+                                            else "backing-outside"), exc.value.data
 
 
 def test_a_raw_volume_holding_a_qcow2_header_stays_raw(agent, workdir):
@@ -128,25 +129,3 @@ def test_a_raw_volume_holding_a_qcow2_header_stays_raw(agent, workdir):
                                {"raw": "raw", "cow": "qcow2"}[fmt], info["path"],
                                out["path"]], capture_output=True, text=True, timeout=60)
         assert same.returncode == 0, same.stdout + same.stderr
-
-
-@pytest.mark.parametrize("damage, reason", [
-    (lambda f: (f.seek(0), f.write(b"\0" * 512)), "corrupt"),  # no qcow2 magic any more
-    (lambda f: (f.seek(72), f.write((1 << 63).to_bytes(8, "big"))), "unsupported"),
-])
-def test_qemus_refusals_are_named_errors_with_its_message(agent, damage, reason):
-    """A damaged or unsupported qcow2 source: 216 ImageInvalid with the tool's own message,
-    never -32603, and nothing made at the destination."""
-    chain = make_chain(agent, agent.domain_id, layers=2)
-    with open(chain[1]["path"], "r+b") as f:
-        damage(f)
-    dst = _loc(agent)
-    for mode in ("collapse", "chain"):
-        with pytest.raises(CallError) as exc:
-            agent.call("Image.copy", {"src": {k: chain[1][k] for k in (
-                "domainID", "imageID", "volumeID")}, "dst": dst, "mode": mode})
-        assert exc.value.code == 216 and exc.value.data["reason"] == reason, exc.value.data
-        assert exc.value.data["tool"] == "qemu-img" and exc.value.data["detail"]
-    with pytest.raises(CallError) as exc:
-        agent.call("Volume.getInfo", dst)
-    assert exc.value.code == 201

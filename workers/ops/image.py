@@ -108,7 +108,7 @@ def copy(ctx, args):
             return chain_copy.copy_chain(ctx, args, src_db, dst_db, src_row)
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
-        chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
+        chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
         fmt = args.get("format") or src_row["format"]
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
             qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)

@@ -244,7 +244,7 @@ def guest_checksum(db, row: dict, on_chunk=None, kind: str | None = None) -> str
     default the current one) to verify an older record."""
     from agent.storage import chain, checksum, qemu_img, qemu_nbd
     rows = db.chain(row["volume_id"])
-    chain.check_headers(db.layout, rows)
+    chain.inspect(db.layout, rows)
     path = db.layout.data_path(row)
     hasher = checksum.StreamHasher(row["size"], kind or checksum.BLOCKS)
     opts = chain.image_opts(db.layout, rows, direct=qemu_img.direct_io(path))

@@ -19,12 +19,14 @@ SUFFIX = SUFFIXES[NAME]
 
 
 def create(path: str, size: int, preallocation: str = "sparse", parent: dict | None = None,
-           cluster_size: int | None = None, beat=lambda: None) -> None:
+           cluster_size: int | None = None, extended_l2: bool = False,
+           beat=lambda: None) -> None:
     """A qcow2 of virtual size `size`, durable on return; `parent` is the parent's row."""
     backing = chain.file_name(parent) if parent is not None else None
     qemu_img.create(path, NAME, size, backing=backing,
-                backing_fmt=parent["format"] if parent else None, preallocation=preallocation,
-                cluster_size=cluster_size, beat=beat)
+                    backing_fmt=parent["format"] if parent else None,
+                    preallocation=preallocation, cluster_size=cluster_size,
+                    extended_l2=extended_l2, beat=beat)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

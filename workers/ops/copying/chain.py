@@ -120,7 +120,7 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
         if row["legality"] != "LEGAL":
             raise errors.VolumeIllegal("a volume of the source's chain is not LEGAL",
                                        volumeID=row["volume_id"])
-    chain.check_headers(src_db.layout, src_rows, ctx.beat)  # refused before any answer
+    chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
     ids = layer_ids(dst["volumeID"], src_rows)
     if dst_db.get_volume(ids[0]) is None:
         qemu.check_room(src_db, src_rows, dst_db, [r["format"] for r in src_rows],

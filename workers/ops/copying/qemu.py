@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import chain, checksum, qemu_img, qemu_nbd
+from agent.storage import chain, checksum, qcow2, qemu_img, qemu_nbd
 from agent.storage.copy import nbd
 from agent.storage.copy.kernel import CopyStopped
 from agent.storage.metadata import DomainDB
@@ -67,14 +67,17 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats
                              needed=need, free=free)
 
 
-def cluster_size(db: DomainDB, row: dict, beat) -> int | None:
+def cluster_layout(db: DomainDB, row: dict) -> dict:
+    """How the source's qcow2 lays out its clusters ({cluster_size, extended_l2}; nothing
+    for raw), from its header: a destination laid out the same is as thin as its source (an
+    extended-L2 source's 4 KiB writes stay subclusters, not whole 2 MiB clusters)."""
     if row["format"] != "cow":
-        return None
-    path = db.layout.data_path(row)
-    return qemu_img.info(path, "cow", beat).get("cluster-size")
+        return {}
+    head = qcow2.read(db.layout.data_path(row), row["volume_id"])
+    return {"cluster_size": head.cluster_size, "extended_l2": head.extended_l2}
 
 
-def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: int | None,
+def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: dict,
                         beat, restart=lambda: True) -> bool:
     """Make or reopen the destination's data file (rows: its chain, base first, it last).
     Returns whether it is fresh: a resumed qcow2 qemu cannot use is made again, and the
@@ -88,8 +91,10 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: in
         if fmt == "raw":
             return False
         try:
-            qemu_img.check(path, fmt, repair_leaks=True, beat=beat)
-            chain.check_headers(db.layout, rows, beat)
+            chain.inspect(db.layout, rows, beat)  # its header first: before qemu opens it
+            qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False,
+                                            layer_only=True), path, repair_leaks=True,
+                           beat=beat)
             return False
         except errors.ImageInvalid:
             pass  # what an earlier life left is unusable: start over
@@ -97,7 +102,7 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: in
         raise errors.GenerationMismatch("superseded before the copy restarted",
                                         volumeID=row["volume_id"])
     parent = rows[-2] if len(rows) > 1 else None
-    FORMATS[fmt].create(path, row["size"], parent=parent, cluster_size=cluster, beat=beat)
+    FORMATS[fmt].create(path, row["size"], parent=parent, beat=beat, **cluster)
     return True
 
 
@@ -106,8 +111,8 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
     dst_rows[-1]; returns (checksum, where the copy started)."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
-    dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_size(
-        src_db, src_rows[-1], ctx.beat) if dst_rows[-1]["format"] == "cow" else None, ctx.beat,
+    dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_layout(
+        src_db, src_rows[-1]) if dst_rows[-1]["format"] == "cow" else {}, ctx.beat,
         restart=lambda: report.checkpoint(0))
     if dst_fresh and not fresh:
         start = 0
