@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import tomllib
@@ -135,9 +136,10 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
 
 
 def _check(data: dict) -> None:
-    def positive(path: str, value, kind=(int, float)):
-        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-            raise ConfigError(f"{path} must be a positive number")
+    def positive(path: str, value, kind=(int, float), maximum: float = 1e15):
+        if isinstance(value, bool) or not isinstance(value, kind) or \
+                not math.isfinite(value) or not 0 < value <= maximum:
+            raise ConfigError(f"{path} must be a positive number (at most {maximum:g})")
 
     for section, keys in {"rpc": ["max_message_bytes", "max_active_tasks", "max_batch_length",
                                   "max_queued_replies", "max_unread_reply_bytes"],
@@ -151,6 +153,11 @@ def _check(data: dict) -> None:
         eps = data[section]["endpoints"]
         if not isinstance(eps, list) or not all(isinstance(e, str) for e in eps):
             raise ConfigError(f"{section}.endpoints must be a list of strings")
+        for e in eps:
+            try:
+                check_endpoint(e, bind=True)
+            except ValueError as exc:
+                raise ConfigError(f"{section}.endpoints: {exc}") from None
     for section in ("copy", "scrub"):
         rate = data[section]["max_bytes_per_second"]
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
@@ -161,9 +168,10 @@ def _check(data: dict) -> None:
         raise ConfigError(f"scrub.launcher must be one of {', '.join(SCRUB_LAUNCHERS)}")
     positive("recovery.max_attempts", data["recovery"]["max_attempts"], int)
     positive("recovery.max_running", data["recovery"]["max_running"], int)
-    if not isinstance(data["recovery"]["backoff_seconds"], (int, float)) or \
-            data["recovery"]["backoff_seconds"] < 0:
-        raise ConfigError("recovery.backoff_seconds must be a non-negative number")
+    backoff = data["recovery"]["backoff_seconds"]
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or \
+            not math.isfinite(backoff) or not 0 <= backoff <= 3600:
+        raise ConfigError("recovery.backoff_seconds must be 0..3600")
     sec = data["security"]
     if bool(sec["server_secret_key"]) != bool(sec["authorized_keys_dir"]):
         raise ConfigError("security needs both server_secret_key and authorized_keys_dir")
@@ -178,7 +186,9 @@ def _check(data: dict) -> None:
         hid = st["host_id_number"]
         if isinstance(hid, bool) or not isinstance(hid, int) or not 1 <= hid <= 2000:
             raise ConfigError("storage.host_id_number must be 1..2000 with sanlock")
-    positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int)
+    # sanlock's lease times are multiples of it (a dead host's lease frees after ~8 of them):
+    # VDSM uses 10; past 120 a failed host would hold its leases for a quarter of an hour.
+    positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int, maximum=120)
     if not isinstance(st["sanlock_run_dir"], str):
         raise ConfigError("storage.sanlock_run_dir must be a path")
     endpoint = data["metrics"]["endpoint"]
@@ -189,6 +199,23 @@ def _check(data: dict) -> None:
             parse_endpoint(endpoint)
         except ValueError as exc:
             raise ConfigError(f"metrics.endpoint: {exc}") from None
+
+
+def check_endpoint(endpoint, *, bind: bool = False) -> str:
+    """A ZeroMQ endpoint as this project uses them: tcp://HOST:PORT or ipc://PATH (with
+    `bind`, the port may be `*` or 0: any free one). ValueError, saying so, otherwise: a person
+    gets one line, never libzmq's EINVAL from deep inside a call."""
+    if isinstance(endpoint, str) and len(endpoint) <= 1024 and "\0" not in endpoint:
+        scheme, sep, rest = endpoint.partition("://")
+        if sep and scheme == "ipc" and rest:
+            return endpoint
+        if sep and scheme == "tcp":
+            host, colon, port = rest.rpartition(":")
+            if colon and host and (port.isdigit() and (bind or int(port) > 0)
+                                   and int(port) <= 65535 or bind and port == "*"):
+                return endpoint
+    shown = repr(endpoint)[:200]
+    raise ValueError(f"not an endpoint (tcp://HOST:PORT or ipc://PATH): {shown}")
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -206,7 +233,7 @@ def load(path: str | os.PathLike | None = None, overrides: dict | None = None) -
         try:
             with open(path, "rb") as f:
                 data = _merge(data, tomllib.load(f))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # TOMLDecodeError, UnicodeDecodeError are too
             raise ConfigError(f"{path}: {exc}") from None
     if overrides:
         data = _merge(data, overrides)

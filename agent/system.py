@@ -50,6 +50,25 @@ def write_atomic(path, obj) -> None:
     fsync_dir(os.path.dirname(path) or ".")
 
 
+def makedirs(path: str, mode: int = 0o777) -> None:
+    """os.makedirs(path, mode, exist_ok=True) without its recursion: a client's path of
+    thousands of names is the OS's to refuse (ENAMETOOLONG), never a RecursionError."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, mode)
+        except FileExistsError:
+            if not os.path.isdir(p):
+                raise
+
+
 def fsync_dir(path: str) -> None:
     """Make a directory entry change (create, rename, unlink) survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -14,10 +14,27 @@ if TYPE_CHECKING:  # the loop's object, passed to every function of this module
     from agent.supervisor.loop import Supervisor
 
 
+# SQLite's unix VFS takes paths of at most 512 bytes (SQLITE_MAX_PATHNAME); a domain's
+# metadata.db and its journal, and the files under images/ and dom_md/, must fit beneath.
+DOMAIN_PATH_MAX, NAME_MAX = 400, 255
+
+
 def _abs_path(value: str) -> str:
-    if not value.startswith("/") or "\x00" in value:
+    """An absolute path every part of a domain can live under: at most DOMAIN_PATH_MAX
+    bytes, each name at most NAME_MAX, no NUL. Refused here, as the params they are, not by
+    an OS or SQLite call deep in a worker (a path of 2,500 nested names made os.makedirs
+    recurse past Python's limit; one of 600 bytes is a file SQLite cannot open)."""
+    if not value.startswith("/"):
         raise ValueError("must be an absolute path")
-    return os.path.normpath(value)
+    if "\0" in value:
+        raise ValueError("must not hold a NUL byte")
+    path = os.path.normpath(value)
+    encoded = os.fsencode(path)
+    if len(encoded) > DOMAIN_PATH_MAX:
+        raise ValueError(f"must be at most {DOMAIN_PATH_MAX} bytes")
+    if any(len(name) > NAME_MAX for name in encoded.split(b"/")):
+        raise ValueError(f"each name in it must be at most {NAME_MAX} bytes")
+    return path
 
 
 

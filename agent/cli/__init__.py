@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--events-endpoint", help="events endpoint (default: "
                                                   "$HOSTAGENT_EVENTS, the client config's, the "
                                                   "agent's)")
-    common.add_argument("--timeout", type=float, default=None,
+    common.add_argument("--timeout", type=settings.timeout_arg, default=None,
                         help="seconds to wait for each answer (default 30)")
     basic.key_flags(common)
     copying.add_parsers(sub, common)
@@ -110,4 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_for_people(args)
     except configmod.ConfigError as exc:
         print(f"hostagent: config: {exc}", file=sys.stderr)
-        return 2
+        return output.USAGE
+    except output.UsageError as exc:
+        print(f"hostagent: {exc}", file=sys.stderr)
+        return output.USAGE
+    except Exception as exc:  # a person gets one line, never a traceback
+        if args.func is basic.cmd_serve:
+            raise  # the agent's own: its traceback belongs in its log
+        import zmq
+        if isinstance(exc, zmq.ZMQError):  # an endpoint or key libzmq would not take
+            print(f"hostagent: {exc}", file=sys.stderr)
+            return output.USAGE
+        print(f"hostagent: unexpected {type(exc).__name__}: {exc} (a bug: please report "
+              f"it)", file=sys.stderr)
+        return 1

@@ -72,7 +72,7 @@ def cmd_events(args) -> int:
     import zmq
 
     client_cfg = settings.load_client_config()
-    endpoint, _ = settings.endpoint(args, "events", args.endpoint, client_cfg)
+    endpoint, _ = settings.endpoint(args, "events", args.endpoint, client_cfg, "--endpoint")
     c, s = settings.keys(args, client_cfg)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
@@ -120,7 +120,7 @@ def add_parsers(sub) -> None:
     p.add_argument("params", nargs="?", help="params as JSON (object or array)")
     p.add_argument("--id", help="the request id, which is the task ID (default: generated)")
     p.add_argument("--endpoint", help="RPC endpoint (default: $HOSTAGENT_ENDPOINT, the agent's)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=settings.timeout_arg, default=None,
                    help="seconds (default: the client config's, else 30)")
     p.add_argument("--json", action="store_true", help="(always JSON)")
     key_flags(p)

@@ -21,12 +21,15 @@ that nothing names is guessed from an RPC endpoint given by flag, environment or
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import config as configmod
+from agent.cli import output
 from agent.client.protocol import endpoints_of, guess_events_endpoint
 
 CLIENT_KEYS = {"endpoint": str, "events_endpoint": str, "client_key": str, "server_key": str,
@@ -51,7 +54,7 @@ def load_client_config() -> dict:
         if os.environ.get("HOSTAGENT_CLIENT_CONFIG"):
             raise configmod.ConfigError(f"client config {path}: no such file") from None
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # TOMLDecodeError, UnicodeDecodeError are too
         raise configmod.ConfigError(f"client config {path}: {exc}") from None
     for key, value in data.items():
         if key not in CLIENT_KEYS:
@@ -59,6 +62,17 @@ def load_client_config() -> dict:
         kind = CLIENT_KEYS[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise configmod.ConfigError(f"client config {path}: {key} has the wrong type")
+    if "timeout" in data:
+        try:
+            seconds(data["timeout"])
+        except ValueError as exc:
+            raise configmod.ConfigError(f"client config {path}: timeout: {exc}") from None
+    for key in ("endpoint", "events_endpoint"):
+        if key in data:
+            try:
+                configmod.check_endpoint(data[key])
+            except ValueError as exc:
+                raise configmod.ConfigError(f"client config {path}: {key}: {exc}") from None
     if data.get("output", "human") not in ("human", "json"):
         raise configmod.ConfigError(f"client config {path}: output must be human or json")
     return data
@@ -87,13 +101,46 @@ def _agent_endpoint(config_path, section: str) -> str:
         return cfg[section]["endpoints"][0]
 
 
-def endpoint(args, section: str, flag: str | None, client: dict) -> tuple[str, bool]:
-    """(endpoint, whether it was named rather than taken from an agent config)."""
+MAX_TIMEOUT = 7 * 86400.0  # a week: anything longer is a wait without end
+
+
+def seconds(value) -> float:
+    """A timeout: a finite number of seconds, more than 0, at most a week (argparse's type
+    for --timeout, and the client config's check)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a number of seconds: {str(value)[:50]!r}") from None
+    if isinstance(value, bool) or not math.isfinite(out) or not 0 < out <= MAX_TIMEOUT:
+        raise ValueError(f"must be more than 0 and at most {MAX_TIMEOUT:g} seconds")
+    return out
+
+
+def timeout_arg(text: str) -> float:
+    try:
+        return seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _checked(value: str, where: str) -> str:
+    try:
+        return configmod.check_endpoint(value)
+    except ValueError as exc:
+        raise output.UsageError(f"{where}: {exc}") from None
+
+
+def endpoint(args, section: str, flag: str | None, client: dict,
+             flag_name: str | None = None) -> tuple[str, bool]:
+    """(endpoint, whether it was named rather than taken from an agent config); UsageError
+    if what was named is not an endpoint."""
+    env_name = "HOSTAGENT_EVENTS" if section == "events" else "HOSTAGENT_ENDPOINT"
     if flag:
-        return flag, True
-    env = os.environ.get("HOSTAGENT_EVENTS" if section == "events" else "HOSTAGENT_ENDPOINT")
+        name = flag_name or ("--events-endpoint" if section == "events" else "--endpoint")
+        return _checked(flag, name), True
+    env = os.environ.get(env_name)
     if env:
-        return env, True
+        return _checked(env, f"${env_name}"), True
     if getattr(args, "config", None):
         return _agent_endpoint(args.config, section), False
     key = "events_endpoint" if section == "events" else "endpoint"

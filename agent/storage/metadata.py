@@ -33,6 +33,7 @@ import urllib.parse
 
 import sqlite_utils
 
+from agent import system
 from agent.errors import (
     AgentError,
     DomainExists,
@@ -115,7 +116,7 @@ class DomainDB(Markers):
         domain_id = check_uuid(domain_id, "domainID")
         layout = Layout(root)
         try:
-            os.makedirs(layout.root, 0o755, exist_ok=True)
+            system.makedirs(layout.root, 0o755)
         except FileExistsError:
             raise InvalidParams("root is not a directory", field="root") from None
         lock = os.open(os.path.join(layout.root, FORMAT_LOCK),

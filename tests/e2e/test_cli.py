@@ -268,3 +268,48 @@ def test_serve_and_call_on_the_embedded_default(processes):
                               and marker in (p.info["cmdline"] or [])],
                  10, what="the default agent's fork server to die with it")
         cleanup_dir(runtime)
+
+
+BAD_INPUTS = {  # what a person mistypes: each a line and exit 2, never a traceback or a hang
+    "endpoint-garbage": (["status", "--endpoint", "garbage"], {}, None),
+    "endpoint-port": (["call", "Host.ping", "--endpoint", "tcp://127.0.0.1:notaport"], {}, None),
+    "endpoint-empty-ipc": (["tasks", "--endpoint", "ipc://"], {}, None),
+    "events-endpoint": (["watch", "--events-endpoint", "garbage"], {}, None),
+    "events-tool-endpoint": (["events", "--endpoint", "tcp://:5671"], {}, None),
+    "env-endpoint": (["call", "Host.ping"], {"HOSTAGENT_ENDPOINT": "garbage"}, None),
+    "timeout-huge": (["status", "--timeout", "1e400"], {}, None),
+    "timeout-negative": (["status", "--timeout", "-1"], {}, None),
+    "timeout-nan": (["call", "Host.ping", "--timeout", "nan"], {}, None),
+    "timeout-zero": (["wait", "t1", "--timeout", "0"], {}, None),
+    "client-config-endpoint": (["status"], {}, b'endpoint = "garbage"\n'),
+    "client-config-timeout": (["status"], {}, b"timeout = -1\n"),
+    "client-config-not-utf8": (["status"], {}, b'endpoint = "\xff\xfe"\n'),
+    "client-config-not-toml": (["call", "Host.ping"], {}, b"\x00\x01 = = =\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(tmp_path, name):
+    args, env, client_config = BAD_INPUTS[name]
+    extra = dict(env)
+    if client_config is not None:
+        path = tmp_path / "client.toml"
+        path.write_bytes(client_config)
+        extra["HOSTAGENT_CLIENT_CONFIG"] = str(path)
+    out = run(*args, env=clean_env(**extra), timeout=20)  # a hang fails here
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr
+    assert out.stderr.strip() and len(out.stderr.strip().splitlines()[-1]) < 400
+
+
+@pytest.mark.parametrize("config", [b'host_id = "\xff"\n', b'[storage]\nsanlock_io_timeout = '
+                                    b'1000000000\n', b'[rpc]\nendpoints = ["garbage"]\n',
+                                    b"[tasks]\nretain_seconds = nan\n"],
+                         ids=["not-utf8", "io-timeout", "rpc-endpoint", "nan"])
+def test_a_bad_agent_config_is_one_line_and_exit_2(tmp_path, config):
+    path = tmp_path / "agent.toml"
+    path.write_bytes(config)
+    for args in (["serve", "--config", str(path)], ["--config", str(path), "status"]):
+        out = run(*args, timeout=20)
+        assert out.returncode == 2, (args, out.returncode, out.stderr)
+        assert "Traceback" not in out.stderr and out.stderr.strip(), out.stderr

@@ -136,6 +136,9 @@ def hostile_paths(workdir, read_only_dir):
         str(read_only_dir / "d"), str(read_only_dir), str(a_file), str(a_file / "sub"),
         str(workdir / ("x" * 300)), "/" + "/".join(["y" * 200] * 30),
         str(workdir / "nonempty-parent-is-a-file" / "x"),
+        str(workdir / "/".join(["a"] * 2500)),  # 5,000 characters: os.makedirs recursed
+        str(workdir / "/".join(["c"] * 300)),  # 600 bytes: a file SQLite cannot open
+        str(workdir / "nul\0name"),
     ]
 
 

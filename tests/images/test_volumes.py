@@ -129,3 +129,33 @@ def test_a_raw_volume_holding_a_qcow2_header_stays_raw(agent, workdir):
                                {"raw": "raw", "cow": "qcow2"}[fmt], info["path"],
                                out["path"]], capture_output=True, text=True, timeout=60)
         assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_one_truth_for_a_size(agent):
+    """qemu sizes a qcow2 in 512-byte sectors: a cow volume of another size would be LEGAL
+    with a size qemu does not have, and never copyable. Refused as the params they are."""
+    for params, param in (({"size": 1000, "format": "cow"}, "size"),
+                          ({"size": MiB + 1, "format": "cow", "preallocation": "preallocated"},
+                           "size")):
+        with pytest.raises(CallError) as exc:
+            agent.call("Volume.create", {**_loc(agent), **params})
+        assert exc.value.code == -32602 and exc.value.data["param"] == param, exc.value.data
+    odd = _loc(agent)
+    agent.call("Volume.create", {**odd, "size": 1000})  # raw: any size is its own
+    with pytest.raises(CallError) as exc:
+        agent.call("Volume.create", {**odd, "volumeID": new_id(),
+                                     "parentVolumeID": odd["volumeID"]})
+    assert exc.value.code == -32602 and exc.value.data["param"] == "size"
+    with pytest.raises(CallError) as exc:
+        agent.call("Image.copy", {"src": odd, "dst": _loc(agent), "format": "cow"})
+    assert exc.value.code == -32602 and exc.value.data["param"] == "format"
+    base = _loc(agent)
+    agent.call("Volume.create", {**base, "size": 4 * MiB})
+    with pytest.raises(CallError) as exc:
+        agent.call("Volume.create", {**base, "volumeID": new_id(),
+                                     "parentVolumeID": base["volumeID"],
+                                     "preallocation": "preallocated"})
+    assert exc.value.code == -32602 and exc.value.data["param"] == "preallocation"
+    snap = agent.call("Volume.create", {**base, "volumeID": new_id(),
+                                        "parentVolumeID": base["volumeID"]})
+    assert snap["size"] == 4 * MiB and header(snap["path"], "cow")["virtual-size"] == 4 * MiB

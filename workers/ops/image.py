@@ -110,6 +110,10 @@ def copy(ctx, args):
         src_rows = src_db.chain(src["volumeID"])
         chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
         fmt = args.get("format") or src_row["format"]
+        if fmt == "cow" and size % chain.SECTOR:  # qemu would make it a sector larger
+            raise errors.InvalidParams(f"a cow copy needs a size that is a multiple of "
+                                       f"{chain.SECTOR} bytes (the source's is {size})",
+                                       param="format")
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
             qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
