@@ -179,7 +179,18 @@ def _check(data: dict) -> None:
         raise ConfigError(f"recovery.copy_policy must be one of {', '.join(COPY_POLICIES)}")
     if not isinstance(data["storage"]["domains"], dict):
         raise ConfigError("storage.domains must be a table of domainID = path")
-    st = data["storage"]
+    _check_storage(data["storage"], positive)
+    endpoint = data["metrics"]["endpoint"]
+    if not isinstance(endpoint, str):
+        raise ConfigError("metrics.endpoint must be \"host:port\" or \"\"")
+    if endpoint:
+        try:
+            parse_endpoint(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.endpoint: {exc}") from None
+
+
+def _check_storage(st: dict, positive) -> None:
     if st["lease_manager"] not in LEASE_MANAGERS:
         raise ConfigError(f"storage.lease_manager must be one of {', '.join(LEASE_MANAGERS)}")
     if st["lease_manager"] == "sanlock":
@@ -191,14 +202,6 @@ def _check(data: dict) -> None:
     positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int, maximum=120)
     if not isinstance(st["sanlock_run_dir"], str):
         raise ConfigError("storage.sanlock_run_dir must be a path")
-    endpoint = data["metrics"]["endpoint"]
-    if not isinstance(endpoint, str):
-        raise ConfigError("metrics.endpoint must be \"host:port\" or \"\"")
-    if endpoint:
-        try:
-            parse_endpoint(endpoint)
-        except ValueError as exc:
-            raise ConfigError(f"metrics.endpoint: {exc}") from None
 
 
 def check_endpoint(endpoint, *, bind: bool = False) -> str:
