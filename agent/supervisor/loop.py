@@ -243,6 +243,7 @@ class Supervisor:
             self.guarded("bounds", self._bounds)
         self._watch_control()
         self._kick_watchdog()
+        self.lockspaces.tick(self)  # (every 2 s: the sanlock daemon still the same one?)
         if self.metrics is not None:
             self.metrics.tick(self)
 
@@ -399,6 +400,8 @@ class Supervisor:
                 event, result, error = "fail", None, outcomes.final(task.state, failure)
         task.result = result if event == "succeed" else task.result
         task.error = error.to_json() if error else None
+        if error is not None and error.data.get("lockspace") == "lost":  # a worker found none
+            self.lockspaces.lost(self, error.data.get("domainID"), error.message)
         reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
         self.copies.forget(task.id)

@@ -18,13 +18,15 @@ written by the holder for people.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
 import uuid
 
-from agent import errors
+from agent import errors, logs
 from agent.storage.layout import DOM_MD
+from agent.storage.leases import local
 from agent.system import fsync_dir
 
 AREA = 1 << 20  # bytes of an ids or a lease area (sanlock's default alignment)
@@ -60,6 +62,7 @@ def sweep_stale(directory: str, now: float | None = None) -> list[str]:
     return removed
 
 
+log = logs.get(component="leases")
 _registered: int | None = None  # this process's registration (one per process)
 
 
@@ -145,6 +148,13 @@ class SanlockLease:
                      slkfd=_registered, patience=patience, beat=self.manager.beat)
         except sl.SanlockException:
             pass  # gone with its lockspace, or freed already: nothing is held
+        # After the release, never before, and only on our own record (another host may
+        # hold it by now): "released" proves nobody holds the lease, which lets a damaged
+        # area be made again (SanlockLeases._repair).
+        record = self.manager._read_record(self.volume_id)
+        if (record.get("pid"), record.get("sanlock_host_id")) == (os.getpid(),
+                                                                   self.manager.host_id):
+            self.manager._write_record(self.volume_id, {**record, "released": time.time()})
 
     def __enter__(self):
         return self
@@ -233,9 +243,16 @@ class SanlockLeases:
         try:
             if _registered is None:
                 _registered = sl.register()
+            if not self._area_sound(volume_id):
+                self._repair(volume_id)
             _waiting(sl.acquire, self.lockspace, volume_id.encode(), disks,
                      slkfd=_registered, beat=self.beat)
         except sl.SanlockException as exc:
+            if exc.errno == errno.ENOSPC:  # sanlock's word for "no such lockspace here"
+                raise errors.DomainUnusable(
+                    "this host holds no lockspace in the domain", reason="lockspace",
+                    lockspace="lost", domainID=self.lockspace.decode(),
+                    volumeID=volume_id) from None
             owner = self.probe(volume_id)
             if owner and owner.get("sanlock"):
                 raise errors.LeaseHeld("the volume's lease is held", volumeID=volume_id,
@@ -247,6 +264,63 @@ class SanlockLeases:
                   "sanlock_generation": owners[0]["generation"] if owners else None}
         self._write_record(volume_id, record)
         return SanlockLease(self, volume_id, disks)
+
+    def _area_sound(self, volume_id: str) -> bool:
+        """Whether the volume's lease area reads as this volume's resource in this domain's
+        lockspace (a damaged, cleared or foreign area does not)."""
+        sl = _sanlock()
+        try:
+            found = sl.read_resource(self._disks(volume_id)[0][0], 0)
+        except sl.SanlockException:
+            return False
+        return found.get("lockspace") == self.lockspace and \
+            found.get("resource") == volume_id.encode()
+
+    def _repair(self, volume_id: str) -> None:
+        """A damaged lease area would make its volume unusable (and undeletable) for ever.
+        Nobody can acquire a damaged area, so only a holder from before the damage could
+        hold it: the area is made again, in place, when the last holder's record proves it
+        let go (released, or its process or host is dead), under an OFD lock that keeps two
+        repairers from racing. OperationFailed (reason lease-damaged) when it cannot prove."""
+        sl = _sanlock()
+        path = self._disks(volume_id)[0][0]
+        with local.acquire(path + ".repair", {"op": "repair", "pid": os.getpid()}):
+            if self._area_sound(volume_id):
+                return  # another host made it again meanwhile
+            record = self._read_record(volume_id)
+            holder = self._possible_holder(record)
+            if holder is not None:
+                raise errors.OperationFailed(
+                    "the volume's lease area is damaged and its last holder may still hold "
+                    "it", volumeID=volume_id, reason="lease-damaged", holder=holder)
+            try:
+                sl.write_resource(self.lockspace, volume_id.encode(), [(path, 0)])
+            except sl.SanlockException as exc:
+                raise _failed("cannot make the volume's lease area again", exc,
+                              volumeID=volume_id) from None
+            fsync_dir(os.path.dirname(path))
+            log.warning("lease_area_rebuilt", volume_id=volume_id, last_holder=record or None)
+
+    def _possible_holder(self, record: dict) -> dict | None:
+        """The last holder, unless its record proves it let go or died."""
+        if not record or record.get("released"):
+            return None
+        host, gen = record.get("sanlock_host_id"), record.get("sanlock_generation")
+        if host == self.host_id and isinstance(record.get("pid"), int) and \
+                not _pid_alive(record["pid"]):
+            return None  # ours, and gone: its daemon freed what it held
+        if isinstance(host, int) and isinstance(gen, int) and self._alive(host, gen) is False:
+            return None  # its host died (or came back as a new generation)
+        return {k: record.get(k) for k in ("host_id", "pid", "task_id", "sanlock_host_id",
+                                           "sanlock_generation")}
+
+    def _read_record(self, volume_id: str) -> dict:
+        try:
+            with open(self._record_path(volume_id)) as f:
+                record = json.loads(f.read(64 * 1024))
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def _record_path(self, volume_id: str) -> str:
         return os.path.join(self.layout.leases_dir, volume_id + ".holder")
@@ -288,13 +362,7 @@ class SanlockLeases:
         """{holder record..., live, sanlock: {host_id, generation, live}} for a held lease;
         the last holder's record with live False for a free one; None if never held."""
         self.layout.lease_path(volume_id)  # checks the ID and the path
-        try:
-            with open(self._record_path(volume_id)) as f:
-                record = json.loads(f.read(64 * 1024))
-            if not isinstance(record, dict):
-                record = {}
-        except (OSError, ValueError):
-            record = {}
+        record = self._read_record(volume_id)
         owners = self._owners(volume_id)
         if not owners:
             return {**record, "live": False} if record else None
@@ -305,3 +373,13 @@ class SanlockLeases:
         out = record if mine else {}
         return {**out, "live": bool(live), "sanlock": {
             "host_id": owner["host_id"], "generation": owner["generation"], "live": live}}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
