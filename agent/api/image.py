@@ -61,9 +61,13 @@ def copy(agent: Supervisor, params):
     reason in the marker's errors ([recovery] max_attempts bounds failures, not restarts).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
     LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict, 207
-    VolumeIllegal (source not LEGAL), 213 VolumeTruncated, 216 ImageInvalid (qemu refused
-    the source's chain: corrupt, unsupported, not whole, or a backing file outside its
-    image), -32602 (src and dst the same; a format with mode chain).
+    VolumeIllegal (source not LEGAL), 213 VolumeTruncated (also a raw base shorter than its
+    size), 216 ImageInvalid (the source's chain refused before qemu opened it, data.reason
+    the check that failed: not-qcow2, corrupt (also what `qemu-img check` finds damaged),
+    unsupported, encrypted, data-file, limits (of the image, or of a qemu tool: data.limit),
+    size, chain, backing-outside; docs/crash-model.md, "What a volume's bytes can make the
+    agent do"), -32602 (src and dst the same; a format with mode chain; a cow copy of a size
+    that is not a multiple of 512).
     """
     if params["src"] == params["dst"]:
         raise errors.InvalidParams("src and dst are the same volume")
