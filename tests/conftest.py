@@ -50,6 +50,7 @@ def make_agent(workdir):
     made: list[AgentProcess] = []
 
     def make(name: str = "a", start: bool = True, **overrides) -> AgentProcess:
+        assert name not in {a.name for a in made}, f"an agent {name!r} exists: reuse it"
         agent = AgentProcess(workdir, name, **overrides)
         made.append(agent)
         if start:
@@ -57,15 +58,15 @@ def make_agent(workdir):
         return agent
 
     yield make
-    leftovers, failures = {}, []
+    leftovers, failures = [], []
     for a in made:  # every agent closed, even when closing one of them fails
         try:
-            leftovers[a.name] = a.close()
+            leftovers += [(a.name, pid) for pid in a.close()]
         except Exception as exc:
             failures.append(exc)
     if failures:
         raise failures[0]
-    assert not any(leftovers.values()), f"workers outlived their agent: {leftovers}"
+    assert not leftovers, f"workers outlived their agent: {leftovers}"
 
 
 @pytest.fixture

@@ -50,7 +50,9 @@ class Chaos:
         first.call("StorageDomain.create", {"domainID": self.domain_id, "path": self.path})
         first.kill()
         domains = {"storage": {"domains": {self.domain_id: self.path}}}
-        self.agents = [make_agent(n, start=False, **CONFIG, **domains) for n in ("a", "b")]
+        # The same "a" again (one object a name: two would share a run dir, and closing one
+        # would wait on the other's workers), and "b" beside it.
+        self.agents = [first, make_agent("b", start=False, **CONFIG, **domains)]
         for ag in self.agents:
             ag.reconfigure(**domains)
             ag.start()

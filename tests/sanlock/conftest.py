@@ -1,3 +1,5 @@
+import uuid
+
 import pytest
 
 from tests.sanlock.daemons import Daemon
@@ -18,3 +20,9 @@ def daemons():
     for d in made:
         d.stop()
     cleanup_dir(base)
+
+
+@pytest.fixture
+def shared(workdir):
+    """A domain the hosts of a test share: (domainID, path)."""
+    return str(uuid.uuid4()), str(workdir / "shared")

@@ -11,7 +11,7 @@ import pytest
 
 from agent.client import CallError
 from tests.sanlock.daemons import Daemon, needs_sanlock
-from tests.sanlock.test_hosts import first_host, joined, lockspace, shared  # noqa: F401
+from tests.sanlock.test_hosts import first_host, joined, lockspace
 from tests.support.harness import wait_for
 from tests.support.storage_flow import MiB, new_id
 

@@ -38,6 +38,27 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+def concurrently(*fns) -> None:
+    """Run each of `fns` in a thread of its own and wait for all; the first one's failure is
+    raised (with its own traceback) once every one has ended. For scenarios whose fixed
+    waits (sanlock's) would otherwise add up."""
+    import threading
+    failures: list[BaseException] = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as exc:  # handed to the test's thread
+            failures.append(exc)
+    threads = [threading.Thread(target=run, args=(fn,), daemon=True) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
+
+
 def task_state(agent, task_id):
     """The task's state, or None while the agent has not seen the request: a request
     sent on one socket and polled from another may arrive after the first poll."""
