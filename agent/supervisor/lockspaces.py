@@ -10,15 +10,15 @@ the sanlock daemon, not to the agent: after an agent crash the restarted agent f
 joined at once.
 
 The agent follows the daemon, with no restart of its own. A join that fails (the daemon
-not running yet, the storage not answering) is tried again with backoff (JOIN_BACKOFF, up
-to JOIN_BACKOFF_MAX), the domain reading `failed` meanwhile. The daemon's socket is looked at
-every DAEMON_CHECK seconds (its pid file, and whether that process lives: local, no storage
-I/O): a daemon that went or was started anew holds none of this host's lockspaces, so every joined one reads `lost` and
-is joined again at once; a worker whose lease request finds no lockspace says so too
-(DomainUnusable, data.lost) and the same follows. Work that needs a lockspace that is
-`failed` or `lost` is refused with the truth (214 DomainUnusable, reason lockspace), never
-sent to a worker to fail with sanlock's ENOSPC; work that arrives while it is `joining` waits
-and runs once it is joined.
+not running yet, the storage not answering) is tried again with backoff (JOIN_BACKOFF,
+doubling up to JOIN_BACKOFF_MAX), the domain reading `failed` meanwhile. The daemon is
+looked at every DAEMON_CHECK seconds (its pid file, and that process's start time: local,
+no storage I/O): a daemon that went or was started anew holds none of this host's
+lockspaces, so every joined one is `lost` and is joined again at once; a worker whose lease
+request finds no lockspace says so too (DomainUnusable, data.lockspace "lost") and the same
+follows. Work that needs a lockspace that is `failed` or `lost` is refused with the truth
+(214 DomainUnusable, reason lockspace), never sent to a worker to fail with sanlock's
+ENOSPC; work that arrives while it is `joining` waits and runs once it is joined.
 
 With the local lease manager there is nothing to join: every domain is `joined`.
 """
@@ -113,7 +113,7 @@ class Lockspaces:
             else:
                 agent.end(parked_task, "fail", error=errors.DomainUnusable(
                     "this host could not join the domain's lockspace", domainID=domain_id,
-                    reason="lockspace", cause=self.errors[domain_id]))
+                    reason="lockspace", lockspace="failed", cause=self.errors[domain_id]))
 
     def _set(self, agent: Supervisor, domain_id: str, state: str, error: dict | None) -> None:
         self.state[domain_id] = state

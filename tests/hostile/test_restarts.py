@@ -85,15 +85,17 @@ def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
     """Five restarts take the copy over five times (attempts 6, failures 0); then its worker
     is SIGKILLed: the retry waits one backoff (a first failure), not 2**5 of them."""
     agent, src, dst = slow_copy(make_agent, workdir, 2 * MiB)
-    for restart in range(5):
+    for restart in range(5):  # each life takes the copy over before it is killed
         wait_for(lambda: (s := status(agent, dst))["copy"] and s["copy"]["lease"]
-                 and s["copy"]["lease"]["live"], 60, what=f"a live copier ({restart})")
+                 and s["copy"]["lease"]["live"] and ours(agent, s["copy"]["lease"]["pid"])
+                 and s["copy"]["attempts"] == restart + 1, 60,
+                 what=f"life {restart + 1}'s copier")
         agent.kill()
         agent.start()
     holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
                       and s["copy"]["lease"]["live"] and ours(agent, s["copy"]["lease"]["pid"])
                       and s["copy"]["lease"], 60, what="this life's copier after the restarts")
-    assert status(agent, dst)["copy"]["attempts"] >= 6
+    assert status(agent, dst)["copy"]["attempts"] == 6
     os.kill(holder["pid"], signal.SIGKILL)
 
     def failed_line():
@@ -102,7 +104,7 @@ def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
                 return json.loads(line)
         return None
     line = wait_for(failed_line, 60, what="the failure logged")
-    assert line["failures"] == 1 and line["attempts"] >= 6, line
+    assert line["failures"] == 1 and line["attempts"] == 6, line
     assert line["action"] == "retry" and line["retry_in"] == pytest.approx(0.1), line
     final = wait_for(lambda: (s := status(agent, dst))["legality"] == "LEGAL" and s, 120,
                      interval=0.1, what="the retried copy to end LEGAL")
