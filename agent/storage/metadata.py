@@ -279,6 +279,10 @@ class DomainDB(Markers):
     def volume_count(self) -> int:
         return self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]
 
+    def data_files(self) -> set[tuple[str, str, str]]:
+        """(imageID, volumeID, format) of every row: the data files the metadata names."""
+        return set(self.db.execute("SELECT image_id, volume_id, format FROM volumes"))
+
     # Inside a tx the write lock is held, so what these read stays true until COMMIT.
     def get_volume(self, volume_id: str) -> dict | None:
         volume_id = check_uuid(volume_id, "volumeID")

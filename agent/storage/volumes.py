@@ -111,30 +111,33 @@ def remove_leftovers(db: DomainDB, image_id: str, volume_id: str) -> list[str]:
 
 def sweep_leftovers(db: DomainDB, who: dict, beat=lambda: None) -> list[dict]:
     """Every data file no row names (a create killed between its file and its row, in any
-    image), removed under its volume's lease: a create in progress holds that lease, so what
-    is swept is never another's work. What was removed, as {imageID, volumeID, format}."""
-    names = {suffix: fmt for fmt, suffix in SUFFIXES.items()}
+    image, in either format), removed under its volume's lease: a create in progress holds
+    that lease, so what is swept is never another's work. What was removed, as {imageID,
+    volumeID, format}. One query for the whole domain, then one per leftover."""
+    fmt_of = {suffix: fmt for fmt, suffix in SUFFIXES.items()}
+    named = db.data_files()
     found = []
     with contextlib.suppress(FileNotFoundError):
         for image_id in sorted(os.listdir(db.layout.images_dir)):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for name in sorted(os.listdir(os.path.join(db.layout.images_dir, image_id))):
                     stem, suffix = os.path.splitext(name)
-                    if suffix in names and _is_uuid(stem) and _is_uuid(image_id):
-                        found.append((image_id, stem))
+                    key = (image_id, stem, fmt_of.get(suffix))
+                    if key[2] and key not in named and _is_uuid(stem) and _is_uuid(image_id):
+                        found.append(key)
     removed = []
     manager = leases.for_domain(db)
-    for image_id, volume_id in found:
+    for image_id, volume_id, fmt in found:
         beat()
-        if db.get_volume(volume_id) is not None:
-            continue
         try:
             with manager.acquire(volume_id, who):
-                if db.get_volume(volume_id) is None:  # under the lease: nobody creates it now
-                    removed += [{"imageID": image_id, "volumeID": volume_id, "format": fmt}
-                                for fmt in remove_leftovers(db, image_id, volume_id)]
+                row = db.get_volume(volume_id)  # under the lease: nobody creates it now
+                if row and (row["image_id"], row["format"]) == (image_id, fmt):
+                    continue  # made meanwhile: its file
+                FORMATS[fmt].remove(db.layout.volume_path(image_id, volume_id, fmt))
+                removed.append({"imageID": image_id, "volumeID": volume_id, "format": fmt})
         except errors.LeaseHeld:
-            continue  # being created right now: its creator decides
+            continue  # being created or written right now: its holder decides
     return removed
 
 
