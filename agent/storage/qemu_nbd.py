@@ -1,8 +1,10 @@
 """A qemu-nbd export of one image, private to the worker that opens it, read through libnbd.
 
-qemu-nbd is started by socket activation on a unix socket in a fresh 0700 directory: the
-socket listens before qemu-nbd runs, so connecting never races its start-up, and nobody but
-this worker (and root) can reach it. qemu-nbd runs as a child of the worker with a
+qemu-nbd is started by socket activation on a unix socket in a fresh 0700 directory (under
+the agent's run dir, `exports/<pid>-<random>`: a killed worker cannot remove its own, so the
+agent's start-up removes those whose process is gone): the socket listens before qemu-nbd
+runs, so connecting never races its start-up, and nobody but this worker (and root) can
+reach it. qemu-nbd runs as a child of the worker with a
 parent-death signal and without --persistent, so it ends when the worker's connection
 closes and is SIGKILLed when the worker dies: a killed worker, or a killed agent (whose death
 kills its workers), never leaves one behind.
