@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 from tests.support.harness import AgentProcess, Tmux, cleanup_dir, short_tmpdir  # noqa: E402
+from tests.support.storage_flow import new_id  # noqa: E402
 
 
 @pytest.fixture
@@ -72,6 +73,15 @@ def make_agent(workdir):
 @pytest.fixture
 def agent(make_agent):
     return make_agent()
+
+
+@pytest.fixture
+def domain_agent(make_agent, workdir):
+    """An agent with one domain of its own made: agent.domain_id, agent.root (its path)."""
+    agent = make_agent()
+    agent.domain_id, agent.root = new_id(), workdir / "dom"
+    agent.call("StorageDomain.create", {"domainID": agent.domain_id, "path": str(agent.root)})
+    return agent
 
 
 @pytest.fixture

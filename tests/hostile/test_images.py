@@ -27,12 +27,8 @@ SIZE = 64 * MiB
 
 
 @pytest.fixture
-def agent(make_agent, workdir):
-    agent = make_agent()
-    agent.domain_id = new_id()
-    agent.call("StorageDomain.create", {"domainID": agent.domain_id,
-                                        "path": str(workdir / "dom")})
-    return agent
+def agent(domain_agent):
+    return domain_agent
 
 
 def ids(v: dict) -> dict:

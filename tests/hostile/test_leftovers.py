@@ -20,11 +20,8 @@ TIB = 1 << 40
 
 
 @pytest.fixture
-def agent(make_agent, workdir):
-    agent = make_agent()
-    agent.domain_id, agent.root = new_id(), workdir / "dom"
-    agent.call("StorageDomain.create", {"domainID": agent.domain_id, "path": str(agent.root)})
-    return agent
+def agent(domain_agent):
+    return domain_agent
 
 
 def _qemu_img_for(volume_id: str) -> psutil.Process | None:
