@@ -136,6 +136,8 @@ def run(args: list[str], beat=lambda: None, tool: str = QEMU_IMG, ok: tuple = (0
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        for pipe in (proc.stdout, proc.stderr):  # a tool cut off left them open
+            pipe.close()
     if proc.returncode == -signal.SIGXCPU and limits.cpu_seconds:
         raise _over(tool, "cpu", limits, path)
     if proc.returncode not in ok:
@@ -178,8 +180,6 @@ def _wait(proc: subprocess.Popen, beat, limits: Limits) -> tuple[str, str]:
             if deadline is not None and time.monotonic() > deadline:
                 raise LimitExceeded("wall")
             beat()
-    proc.stdout.close()
-    proc.stderr.close()
     return out.decode(errors="replace"), err.decode(errors="replace")
 
 

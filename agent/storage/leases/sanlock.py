@@ -143,11 +143,17 @@ class SanlockLease:
             return
         sl = _sanlock()
         disks, self.disks = self.disks, None
+
+        def release() -> bool:
+            sl.release(self.manager.lockspace, self.volume_id.encode(), disks,
+                       slkfd=_registered)
+            return True
         try:
-            _waiting(sl.release, self.manager.lockspace, self.volume_id.encode(), disks,
-                     slkfd=_registered, patience=patience, beat=self.manager.beat)
+            let_go = _waiting(release, patience=patience, beat=self.manager.beat)
         except sl.SanlockException:
-            pass  # gone with its lockspace, or freed already: nothing is held
+            let_go = True  # gone with its lockspace, or freed already: nothing is held
+        if not let_go:
+            return  # the daemon did not answer: held until this process exits, unrecorded
         # After the release, never before, and only on our own record (another host may
         # hold it by now): "released" proves nobody holds the lease, which lets a damaged
         # area be made again (SanlockLeases._repair).
