@@ -68,6 +68,11 @@ DEFAULTS: dict[str, Any] = {
              # Hash the destination behind the copy and record its checksum at completion,
              # so a scrub can tell later whether its data changed (agent/storage/checksum.py).
              "record_checksum": True},
+    # Export.start's qemu-nbd servers (workers/ops/export.py): `group` may also open their
+    # sockets (an ovirt-imageio daemon running as another user; "" for the agent's user only),
+    # `max_connections` clients at once, and an export with no client for `inactivity_seconds`
+    # (unless its request says otherwise) ends by itself.
+    "exports": {"group": "", "max_connections": 8, "inactivity_seconds": 300.0},
     # A scrub reads every LEGAL volume of a domain; its reads are throttled (0: unlimited)
     # so that it does not starve copies and VMs. launcher: auto | spawn | systemd-run
     # (how the scrub process is started so that it outlives the agent: workers/ops/operation.py).
@@ -146,7 +151,8 @@ def _check(data: dict) -> None:
                           "events": ["max_queued", "max_event_bytes"],
                           "tasks": ["retain_seconds", "retain_max"],
                           "workers": ["heartbeat_seconds", "deadline_seconds", "kill_grace_seconds"],
-                          "copy": ["chunk_bytes", "checkpoint_bytes", "checkpoint_seconds"]}.items():
+                          "copy": ["chunk_bytes", "checkpoint_bytes", "checkpoint_seconds"],
+                          "exports": ["max_connections", "inactivity_seconds"]}.items():
         for key in keys:
             positive(f"{section}.{key}", data[section][key])
     for section in ("rpc", "events"):
@@ -162,6 +168,11 @@ def _check(data: dict) -> None:
         rate = data[section]["max_bytes_per_second"]
         if isinstance(rate, bool) or not isinstance(rate, int) or rate < 0:
             raise ConfigError(f"{section}.max_bytes_per_second must be a non-negative integer")
+    if not isinstance(data["exports"]["group"], str):
+        raise ConfigError("exports.group must be a group's name or number, or \"\"")
+    if not isinstance(data["exports"]["max_connections"], int) or \
+            data["exports"]["max_connections"] > 64:
+        raise ConfigError("exports.max_connections must be an integer, 1..64")
     if not isinstance(data["copy"]["record_checksum"], bool):
         raise ConfigError("copy.record_checksum must be true or false")
     if data["scrub"]["launcher"] not in SCRUB_LAUNCHERS:

@@ -208,6 +208,15 @@ class ImageInvalid(AgentError):
     code, name = 216, "ImageInvalid"
 
 
+class TransferConflict(AgentError):
+    """A transfer (a volume written through an export) cannot go on as asked: another
+    client's is in progress (data.reason "tag"), the shape differs ("shape"), there is none
+    to finish ("no-transfer"), or what was written is not what the client sent ("checksum":
+    data.expected, data.found). The volume stays ILLEGAL; nothing was lost."""
+
+    code, name = 217, "TransferConflict"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

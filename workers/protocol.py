@@ -38,6 +38,7 @@ import secrets
 SOCKET_NAME = "workers.sock"
 
 ABORT = b'{"t":"abort"}'
+STOP = b'{"t":"stop"}'  # end the work as planned (an export's stop): the task ends done
 ACK = b'{"t":"ack"}'
 
 FINAL = frozenset({"result", "error", "stopped"})

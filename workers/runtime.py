@@ -39,6 +39,7 @@ class Context:
         self.settings: dict = request.get("settings", {})
         self.heartbeat = float(self.settings.get("heartbeat_seconds", 1.0))
         self._stop = False
+        self.stop_reason = "abort"
         self._last_sent = 0.0
         self._last_progress = 0.0
 
@@ -68,10 +69,13 @@ class Context:
         self.send({"t": "event", "topic": topic, "params": params})
 
     def stop_requested(self) -> bool:
+        """Asked to stop: an abort (or SIGTERM), or a planned stop (`stop_reason` "stop")."""
         if not self._stop:
             while self.sock.poll(0):
-                if self.sock.recv() == protocol.ABORT:
+                message = self.sock.recv()
+                if message in (protocol.ABORT, protocol.STOP):
                     self._stop = True
+                    self.stop_reason = "stop" if message == protocol.STOP else "abort"
         return self._stop
 
     def check(self) -> None:

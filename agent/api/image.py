@@ -85,10 +85,48 @@ def get_status(agent: Supervisor, params):
     Result: {domainID, imageID, volumeID, legality, generation, size, copy: null | {source,
     copied, total, percent, state, generation, attempts, failures, errors, started, updated,
     host_id,
-    task_id, lease: {live, host_id, pid, task_id, op, since} | null}}.
+    task_id, lease: {live, host_id, pid, task_id, op, since} | null}, transfer: null |
+    {state (serving | stopped | interrupted), generation, host_id, task_id, tag, written
+    (bytes its data file holds, looked at every 2 s while served), size, attempts,
+    created_volume, started, updated, lease}} (a transfer: Export.start with mode write).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("image.status", jobs.with_path(agent.domains, params))
+
+
+def _blocks(value: dict) -> dict:
+    if set(value) != {"offset", "length"} or not all(
+            isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] >= 0
+            for k in value):
+        raise ValueError("must be {offset, length}, non-negative integers")
+    return value
+
+
+@verb("Image.checksum", *VOLUME_PARAMS,
+      Param("algorithm", "str", required=False, default="blake3-4m",
+            check=one_of("blake3-4m", "blake2b"),
+            doc="blake3-4m (what copies record) or blake2b (ovirt-imageio's block hash)"),
+      Param("blocks", "object", required=False, check=_blocks,
+            doc="{offset, length}: each 4 MiB block's digest in this range instead (offset "
+                "a multiple of 4 MiB; at most 4096 blocks an answer)"),
+      worker=True)
+def checksum(agent: Supervisor, params):
+    """The checksum of a volume's guest view, computed on the agent's side without shipping
+    its data: blake3-4m (BLAKE3 of the BLAKE3 digests of 4 MiB blocks: the value a copy or a
+    finished transfer records) or blake2b (ovirt-imageio's: BLAKE2b-256 of the BLAKE2b-256
+    digests of 4 MiB blocks, so `ovirt_imageio.client.checksum(FILE)` of the original equals
+    it). With `blocks`, each block's digest in a range instead, for a client that resumes a
+    transfer by sending only the blocks that differ. Zero and unallocated ranges are never
+    read (their digest is a constant). The chain is read by a private read-only qemu-nbd
+    after the checks of Image.copy's source; a volume under transfer is read under its lease.
+
+    Result: {algorithm, block_size, size, checksum (hex)} or, with blocks, {algorithm,
+    block_size, size, offset, length, blocks: [hex, ...]}.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld (a transfer's export is live),
+    207 VolumeIllegal (a copy in progress), 216 ImageInvalid, -32602.
+    """
+    args = {k: v for k, v in params.items() if v is not None}
+    return WorkerJob("image.checksum", jobs.with_path(agent.domains, args))
 
 
 @verb("Image.getInfo", Param("domainID", "uuid"), Param("imageID", "uuid"), worker=True)

@@ -90,7 +90,8 @@ def get_info(agent: Supervisor, params):
     Result: {domainID, imageID, volumeID, format (raw | cow), size (virtual, bytes),
     allocated (bytes on disk), legality, generation, parent (volumeID | null), children
     ([volumeID]), leaf (no children: the layer a guest writes), path, lease: null |
-    {live, host_id, pid, task_id, op, since}}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
+    {live, host_id, pid, task_id, op, since}, transfer: null | a transfer in progress, as
+    Image.getStatus shows it}. Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("volume.info", jobs.with_path(agent.domains, params))
 

@@ -195,9 +195,10 @@ class Markers:
             now = time.time()
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [generation + 1, now, volume_id])
-            db.execute("UPDATE copy_markers SET generation = ?, updated = ?"
-                       " WHERE volume_id = ? AND generation = ?",
-                       [generation + 1, now, volume_id, generation])
+            for table in ("copy_markers", "transfers"):  # a writer of either kind fenced
+                db.execute(f"UPDATE {table} SET generation = ?, updated = ?"
+                           " WHERE volume_id = ? AND generation = ?",
+                           [generation + 1, now, volume_id, generation])
             return generation + 1
 
     def abandon(self, volume_id: str, generation: int) -> bool:

@@ -51,11 +51,13 @@ from agent.errors import (
 from agent.ids import check_uuid
 from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout
 from agent.storage.markers import Markers, new_token, size_checked
+from agent.storage.transfers import Transfers
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
 from agent.storage.schema import (
     DOMAIN_VERSION,
     MIGRATION_INDEXES,
     MIGRATIONS,
+    NEW_TABLES,
     REQUIRED,
     SCHEMA,
 )
@@ -98,7 +100,7 @@ def _sqlite_error(op: str, e: sqlite3.Error) -> AgentError:
     return OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__)
 
 
-class DomainDB(Markers):
+class DomainDB(Markers, Transfers):
     def __init__(self, root: str, db: sqlite_utils.Database, domain_id: str):
         self.layout = Layout(root)
         self.db = db
@@ -201,7 +203,7 @@ class DomainDB(Markers):
                                      root=layout.root, reason="newer-version",
                                      version=version, supported=DOMAIN_VERSION)
             if version < DOMAIN_VERSION:
-                self._check_schema(set(MIGRATIONS))  # what migrating leaves alone
+                self._check_schema(set(MIGRATIONS) | set(NEW_TABLES))  # what migrating adds
                 self._migrate()
             self._check_schema()
         except BaseException:
@@ -215,9 +217,11 @@ class DomainDB(Markers):
         tables = {r[0] for r in self.db.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table, columns in REQUIRED.items():
-            if table not in tables:
+            if table not in tables and not (table in exempt and table in NEW_TABLES):
                 raise DomainUnusable(f"the domain's metadata has no {table} table",
                                      root=self.layout.root, reason="damaged", table=table)
+            if table not in tables:
+                continue  # a table the migration makes whole
             have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
             added = {name for name, _ in MIGRATIONS.get(table, ())} if table in exempt else set()
             missing = sorted(columns - have - added)
@@ -386,4 +390,5 @@ class DomainDB(Markers):
                 raise VolumeHasChildren("the volume has snapshots layered on it: delete them "
                                         "first", volumeID=volume_id, children=children)
             db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
+            db.execute("DELETE FROM transfers WHERE volume_id = ?", [volume_id])
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [volume_id])

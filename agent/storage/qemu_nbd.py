@@ -1,4 +1,6 @@
-"""A qemu-nbd export of one image, private to the worker that opens it, read through libnbd.
+"""qemu-nbd exports of one image: private to the worker that opens it and read through
+libnbd (`Export`: a copy's source and destination, a checksum), or served to clients
+(`Server`: Export.start's, for uploads, downloads and ovirt-imageio).
 
 qemu-nbd is started by socket activation on a unix socket in a fresh 0700 directory (under
 the agent's run dir, `exports/<pid>-<random>`: a killed worker cannot remove its own, so the
@@ -14,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
+import time
 
 from agent import errors
 from agent.storage import qemu_img
@@ -139,3 +145,132 @@ def export(opts: str, *, writable: bool = False, depth: bool = False):
         yield exp
     finally:
         exp.close()
+
+
+def connections(path: str) -> int:
+    """How many clients are connected to the unix socket bound at `path`: the kernel lists
+    each accepted connection under its listener's path, connected (state 03)."""
+    count = 0
+    try:
+        with open("/proc/net/unix", "rb") as f:
+            want = os.fsencode(path)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == want and fields[5] == b"03":
+                    count += 1
+    except OSError:
+        return 0
+    return count
+
+
+class Server:
+    """qemu-nbd serving one image to clients on a unix socket, until `stop`.
+
+    --persistent and --shared: a client such as ovirt-imageio's daemon opens several
+    connections, and a new one for each request, so the server stays up between them. The
+    socket is in a fresh directory under the agent's run dir (the sweep of a dead worker's
+    leftovers holds), 0700, or 0750 with the socket 0660 for `group` (an imageio daemon
+    running as another user). qemu-nbd is the worker's child with a parent-death signal:
+    it never outlives the worker. stop() is SIGTERM: qemu-nbd flushes and closes the image.
+    """
+
+    def __init__(self, opts: str, *, writable: bool, depth: bool = False,
+                 group: str = "", max_connections: int = 8):
+        self.opts, self.writable, self.depth = opts, writable, depth
+        self.group, self.max_connections = group, max_connections
+        self.proc: subprocess.Popen | None = None
+        self.dir: str | None = None
+        self.socket: str | None = None
+
+    def log(self) -> str:
+        return Export.log(self)
+
+    def start(self) -> "Server":
+        gid = _group_id(self.group)
+        self.dir = _new_dir()
+        self.socket = os.path.join(self.dir, "sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.socket)
+            if gid is not None:
+                os.chown(self.dir, -1, gid)
+                os.chmod(self.dir, 0o750)
+                os.chown(self.socket, -1, gid)
+                os.chmod(self.socket, 0o660)
+                base = os.path.dirname(self.dir)
+                os.chown(base, -1, gid)
+                os.chmod(base, 0o710)  # the group passes through, lists nothing
+            else:
+                os.chmod(self.socket, 0o600)
+            listener.listen(16)
+            argv = [qemu_img.QEMU_NBD, "--persistent", f"--shared={self.max_connections}",
+                    "--image-opts", self.opts]
+            argv.insert(1, "--discard=unmap" if self.writable else "--read-only")
+            if self.depth:
+                argv.insert(1, "--allocation-depth")
+            with open(os.path.join(self.dir, "qemu-nbd.log"), "wb") as log:
+                self.proc = qemu_img.start(argv, listener.fileno(), log.fileno(),
+                                           limits=qemu_img.SERVER)
+        except BaseException:
+            listener.close()
+            self.stop()
+            raise
+        listener.close()
+        self._probe()
+        return self
+
+    def _probe(self) -> None:
+        """Connect once and ask the size: qemu-nbd has opened the image and serves (a
+        client is never handed the URL of a server that failed to start), and it is past
+        its start-up, where a SIGTERM can be lost."""
+        nbd = _nbd()
+        h = nbd.NBD()
+        try:
+            h.connect_unix(self.socket)
+            h.get_size()
+            h.shutdown()
+        except nbd.Error as exc:
+            log = self.log()
+            self.stop()
+            raise qemu_img.tool_error("qemu-nbd", log or str(exc)) from None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def connections(self) -> int:
+        return connections(self.socket) if self.socket else 0
+
+    def urls(self) -> dict:
+        return {"url": f"nbd+unix:///?socket={self.socket}", "socket": self.socket,
+                "imageio_url": f"nbd:unix:{self.socket}"}
+
+    def stop(self, seconds: float = 30.0, beat=lambda: None) -> int | None:
+        """SIGTERM (qemu-nbd flushes the image and exits), again every second, SIGKILL if
+        it has not exited within `seconds`; its exit code (negative: a signal's), the
+        directory removed. Heartbeats through `beat` while it waits."""
+        code = None
+        if self.proc is not None:
+            deadline = time.monotonic() + seconds
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(1.0)
+                beat()
+            qemu_img.wait_gone(self.proc, 0)
+            code = self.proc.returncode
+            self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        return code
+
+
+def _group_id(group: str) -> int | None:
+    if not group:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise errors.OperationFailed(f"exports.group {group!r} is not a group here",
+                                     reason="config") from None

@@ -3,11 +3,13 @@
 Version 2 gave volumes a creation token and copy markers their source's identity and a count
 of failures. Version 3 gave volumes a format (raw, or cow: qcow2) and a parent (the volume a
 snapshot is layered on, in the same image), and copy markers the kind of copy (collapse: the
-source's guest view into one volume; chain: one layer of a chain copied onto its parent's copy). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
-one in one transaction (agent/storage/metadata.py).
+source's guest view into one volume; chain: one layer of a chain copied onto its parent's copy). Version 4 added the transfers table (a
+volume written through an export: agent/storage/transfers.py). `PRAGMA user_version` holds a
+domain's version; DomainDB.open migrates an older one in one transaction
+(agent/storage/metadata.py).
 """
 
-DOMAIN_VERSION = 3
+DOMAIN_VERSION = 4
 
 # The tables (not views) and columns this version reads and writes; a domain without them is
 # damaged or not ours, whatever its version says.
@@ -19,6 +21,9 @@ REQUIRED = {
                      "copied", "generation", "host_id", "task_id", "state", "attempts",
                      "errors", "started", "updated", "failures", "src_generation",
                      "src_token", "kind"},
+    "transfers": {"volume_id", "image_id", "generation", "host_id", "task_id", "tag",
+                  "state", "size", "written", "created_volume", "attempts", "started",
+                  "updated"},
 }
 
 # copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
@@ -43,6 +48,21 @@ SCHEMA = [
         src_generation INTEGER, src_token TEXT, kind TEXT NOT NULL DEFAULT 'collapse')""",
 ]
 
+# A transfer: a volume being written through a writable export (an upload), ILLEGAL until
+# its finish checks what was written; any host reads it (agent/storage/transfers.py).
+TRANSFERS_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS transfers (
+        volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
+        image_id TEXT NOT NULL, generation INTEGER NOT NULL, host_id TEXT, task_id TEXT,
+        tag TEXT, state TEXT NOT NULL CHECK (state IN ('open', 'stopped')),
+        size INTEGER NOT NULL, written INTEGER NOT NULL DEFAULT 0,
+        created_volume INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 1,
+        started REAL, updated REAL)""",
+]
+SCHEMA += TRANSFERS_SCHEMA
+# Tables a version added whole: a migration makes them (their absence is not damage).
+NEW_TABLES = {"transfers": TRANSFERS_SCHEMA}
+
 # What versions 2 and 3 added to a table, for domains formatted before them (a migration adds
 # whichever columns are missing, so a version 1 domain goes to 3 in one step).
 MIGRATIONS = {
@@ -51,8 +71,9 @@ MIGRATIONS = {
     "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
                      ("src_token", "TEXT"), ("kind", "TEXT NOT NULL DEFAULT 'collapse'")],
 }
-# Indexes a migration makes once the columns exist.
-MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)"]
+# Indexes (and whole tables) a migration makes once the columns exist.
+MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",
+                     *TRANSFERS_SCHEMA]
 
 # Operations that outlive tasks (a scrub): one row each, written by the process that runs it
 # (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED

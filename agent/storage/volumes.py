@@ -187,7 +187,27 @@ def info(db: DomainDB, args: dict) -> dict:
     out = describe(db, volume_row(db, args))
     probe = leases.for_domain(db).probe(args["volumeID"])
     out["lease"] = probe if probe and probe.get("host_id") else None
+    out["transfer"] = transfer_status(db, args["volumeID"], probe)
     return out
+
+
+def transfer_status(db: DomainDB, volume_id: str, probe: dict | None = None) -> dict | None:
+    """A transfer into the volume as any host sees it, or None. state: serving (its
+    export's lease is live), stopped (its export ended; export it again or finish it), or
+    interrupted (recorded as serving, but nobody holds its lease: its writer died)."""
+    t = db.get_transfer(volume_id)
+    if t is None:
+        return None
+    if probe is None:
+        probe = leases.for_domain(db).probe(volume_id)
+    live = bool((probe or {}).get("live"))
+    state = "serving" if live and t["state"] == "open" else (
+        "stopped" if t["state"] == "stopped" else "interrupted")
+    return {"state": state, "generation": t["generation"], "host_id": t["host_id"],
+            "task_id": t["task_id"], "tag": t["tag"], "written": t["written"],
+            "size": t["size"], "attempts": t["attempts"], "created_volume":
+            bool(t["created_volume"]), "started": t["started"], "updated": t["updated"],
+            "lease": probe if probe and probe.get("host_id") else None}
 
 
 def image_info(db: DomainDB, args: dict) -> dict:

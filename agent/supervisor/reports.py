@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the loop's object, passed to every function of this module
 
 PROGRESS_EVENT_INTERVAL = 0.1
 # What a worker (or an operation's process, agent/supervisor/workertable.py) may ask us to publish.
-WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state"})
+WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state", "Export.state"})
 
 
 class Reports:

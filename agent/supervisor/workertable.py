@@ -44,6 +44,7 @@ class WorkerTable:
     def __init__(self, config, system, listener):
         self.run_dir = config.run_dir
         self.settings = dict(config["workers"]) | {"copy": dict(config["copy"]),
+                                                   "exports": dict(config["exports"]),
                                                    "leases": config.leases}
         self.host_id = config.host_id
         self.system = system
@@ -213,6 +214,12 @@ class WorkerTable:
         # A stopped process cannot act on SIGTERM; SIGCONT lets it, SIGKILL works anyway.
         self.system.kill(w.pid, signal.SIGCONT)
         w.kill_at = self.system.monotonic() + self.settings["kill_grace_seconds"]
+
+    def stop(self, w: Worker) -> None:
+        """Ask a worker to end its work as planned (an export's stop): a message, no signal;
+        its task ends as the worker reports (done). Its deadline still holds."""
+        if self.sock is not None:
+            self.sock.send_multipart([w.token.encode(), protocol.STOP])
 
     def _due(self, w: Worker) -> float | None:
         if w.kill_at is not None:

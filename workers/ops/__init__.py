@@ -6,7 +6,7 @@ worker imports nothing (workers/forkserver.py).
 
 from __future__ import annotations
 
-from workers.ops import debug, domain, image, operation, volume
+from workers.ops import debug, domain, export, image, operation, volume
 
 OPS = {
     "debug.sleep": debug.sleep,
@@ -23,6 +23,9 @@ OPS = {
     "image.copy": image.copy,
     "image.status": image.status,
     "image.abandon": image.abandon,
+    "image.checksum": export.image_checksum,
+    "export.start": export.start,
+    "export.finish": export.finish,
     "scrub.start": operation.start,
     "operation.statuses": operation.statuses,
     "operation.stop": operation.stop,

@@ -250,7 +250,8 @@ def status(ctx, args):
         marker = db.get_marker(args["volumeID"])
         out = {"domainID": db.domain_id, "imageID": row["image_id"],
                "volumeID": row["volume_id"], "legality": row["legality"],
-               "generation": row["generation"], "size": row["size"], "copy": None}
+               "generation": row["generation"], "size": row["size"], "copy": None,
+               "transfer": volumes.transfer_status(db, args["volumeID"])}
         if marker is not None:
             probe = leases.for_domain(db).probe(args["volumeID"])
             total = marker["size"] or 0

@@ -253,13 +253,15 @@ def guest_checksum(db, row: dict, on_chunk=None, kind: str | None = None) -> str
     return hasher.hexdigest()
 
 
-def hash_prefix(exp, end: int, hasher, beat=lambda: None, on_chunk=None) -> None:
-    """Hand the first `end` guest bytes of an export to `hasher` (a resumed copy's prefix,
-    written by an earlier life: read back, so the checksum is of what is there)."""
+def hash_prefix(exp, end: int, hasher, beat=lambda: None, on_chunk=None,
+                start: int = 0) -> None:
+    """Hand the guest bytes [start, end) of an export to `hasher` (a resumed copy's prefix,
+    written by an earlier life: read back, so the checksum is of what is there; a range of
+    blocks asked for by a client). Zero and unallocated ranges are never read."""
     import nbd
-    offset = 0
+    offset = start
     try:
-        for pos, length, kind in plan(exp.h, 0, end, layer=False, fresh=True):
+        for pos, length, kind in plan(exp.h, start, end, layer=False, fresh=True):
             for at in range(pos, pos + length, 8 * MiB):
                 n = min(8 * MiB, pos + length - at)
                 if kind == DATA:
