@@ -109,6 +109,9 @@ def _blocks(value: dict) -> dict:
       Param("blocks", "object", required=False, check=_blocks,
             doc="{offset, length}: each 4 MiB block's digest in this range instead (offset "
                 "a multiple of 4 MiB; at most 4096 blocks an answer)"),
+      Param("layer", "bool", required=False, default=False,
+            doc="what the volume itself holds (its backing not read), as a layer export "
+                "serves it"),
       worker=True)
 def checksum(agent: Supervisor, params):
     """The checksum of a volume's guest view, computed on the agent's side without shipping

@@ -1,7 +1,7 @@
 """The `hostagent` command: run the agent, and drive it.
 
-serve, call, events and keygen are the plain tools; copy, continue, wait, tasks, status,
-watch, top, volume and domain are for people (tables, progress bars) and, with --json, scripts.
+serve, call, events and keygen are the plain tools; copy, continue, wait, upload, download,
+tasks, status, watch, top, volume and domain are for people (tables, progress bars) and, with --json, scripts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 from agent import __version__
 from agent import config as configmod
-from agent.cli import basic, copying, output, settings, storage, views
+from agent.cli import basic, copying, output, settings, storage, transfers, views
 from agent.cli import top as top_view
 
 
@@ -92,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each answer (default 30)")
     basic.key_flags(common)
     copying.add_parsers(sub, common)
+    transfers.add_parsers(sub, common)
     views.add_parsers(sub, common)
     top_view.add_parsers(sub, common)
     storage.add_parsers(sub, common)

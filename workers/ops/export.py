@@ -244,10 +244,10 @@ def image_checksum(ctx, args):
         with held:
             rows = db.chain(args["volumeID"])
             chain.inspect(db.layout, rows, ctx.beat)
-            return _sums(ctx, db, rows, kind, args.get("blocks"))
+            return _sums(ctx, db, rows, kind, args.get("blocks"), args.get("layer", False))
 
 
-def _sums(ctx, db, rows, kind: str, blocks: dict | None) -> dict:
+def _sums(ctx, db, rows, kind: str, blocks: dict | None, layer: bool) -> dict:
     size = rows[-1]["size"]
     start, end = 0, size
     if blocks is not None:
@@ -260,7 +260,7 @@ def _sums(ctx, db, rows, kind: str, blocks: dict | None) -> dict:
             raise errors.InvalidParams("blocks.offset is past the volume's end",
                                        param="blocks", size=size)
     hasher = checksum.StreamHasher(end - start, kind, keep_blocks=blocks is not None)
-    opts = chain.image_opts(db.layout, rows, direct=False)
+    opts = chain.image_opts(db.layout, rows, direct=False, layer_only=layer)
     with qemu_nbd.export(opts) as exp:
         nbd.hash_prefix(exp, end, hasher, ctx.check, start=start, on_chunk=lambda at, n:
                         ctx.progress(100.0 * (at - start) / (end - start) if end > start
