@@ -121,7 +121,7 @@ def upload(ctx, args) -> int:
             with bar or contextlib.nullcontext():
                 moved = tx.run_blocks(local.connect, lambda: tx.connect_export(exp["socket"]),
                                       size, fresh=fresh, wanted=wanted, stats=stats,
-                                      on_block=_progress(bar, size))
+                                      on_block=_progress(bar, size), rate=args.rate)
         except KeyboardInterrupt:
             ctx.client.call("Export.stop", {"taskID": export_id})
             output.error(f"interrupted: {show_location(dst)} stays ILLEGAL; run the same "
@@ -213,7 +213,7 @@ def download(ctx, args) -> int:
             with bar or contextlib.nullcontext():
                 tx.run_blocks(lambda: tx.connect_export(exp["socket"]), local.connect, size,
                               fresh=not resume, wanted=wanted, stats=stats,
-                              on_block=_progress(bar, size))
+                              on_block=_progress(bar, size), rate=args.rate)
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "
                      f"resume")
@@ -281,18 +281,35 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _nbd_error():
+    try:
+        return tx.nbd_module().Error
+    except RuntimeError:
+        return RuntimeError
+
+
 def run(func):
     """A transfer's refusal is one line and exit 1, as the agent's errors are."""
     def wrapped(ctx, args) -> int:
         try:
             return func(ctx, args)
-        except (TransferError, RuntimeError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (TransferError, RuntimeError, _nbd_error())):
+                raise
+            if not isinstance(exc, TransferError):  # the data path broke (NBD, qemu-nbd)
+                exc = TransferError(f"the transfer broke off: {exc}; run the same command "
+                                    f"again to resume")
             if ctx.json:
                 output.emit_json({"state": "failed", "error": str(exc)})
             else:
                 output.error(str(exc))
             return output.AGENT_ERROR
     return wrapped
+
+
+def rate(p) -> None:
+    p.add_argument("--rate", type=output.parse_size, default=0, metavar="BYTES",
+                   help="at most this much data a second (e.g. 100M; default: unlimited)")
 
 
 def add_parsers(sub, common) -> None:
@@ -307,6 +324,7 @@ def add_parsers(sub, common) -> None:
                         "so); default raw")
     p.add_argument("--format", choices=("raw", "cow"),
                    help="the new volume's format (default: cow for a qcow2 FILE, else raw)")
+    rate(p)
     p.set_defaults(func=run(upload))
     p = sub.add_parser("download", parents=[common],
                        help="download a volume's guest view into a local file (again: resume)")
@@ -318,4 +336,5 @@ def add_parsers(sub, common) -> None:
                    help="only what the volume itself holds, not its chain's guest view")
     p.add_argument("--restart", action="store_true",
                    help="overwrite FILE even if it is not a partial download of SRC")
+    rate(p)
     p.set_defaults(func=run(download))

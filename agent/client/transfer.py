@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 
 import blake3
@@ -199,13 +200,34 @@ class Stats:
                 "skipped": self.skipped}
 
 
+class Pacer:
+    """At most `rate` bytes a second over all threads (0: unlimited)."""
+
+    def __init__(self, rate: int = 0):
+        self.rate, self.began, self.done = rate, time.monotonic(), 0
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            self.done += n
+            due = self.began + self.done / self.rate
+        ahead = due - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                wanted: set[int] | None = None, threads: int = 4, on_block=None,
-               stats: Stats | None = None, should_stop=lambda: False) -> dict[int, bytes]:
+               stats: Stats | None = None, should_stop=lambda: False,
+               rate: int = 0) -> dict[int, bytes]:
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
     (those in `wanted`, else all); returns each block's digest by index. `on_block(index,
-    length)` after each. Every destination connection is flushed at its end."""
+    length)` after each; at most `rate` bytes of data a second. Every destination
+    connection is flushed at its end."""
     stats = stats or Stats()
+    pacer = Pacer(rate)
     work: queue.Queue = queue.Queue(maxsize=threads * 2)
     digests: dict[int, bytes] = {}
     failures: list[BaseException] = []
@@ -222,7 +244,7 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                 continue
             try:
                 index, pieces = item
-                digests[index] = _block(src, dst, pieces, fresh, stats)
+                digests[index] = _block(src, dst, pieces, fresh, stats, pacer)
                 if on_block is not None:
                     on_block(index, sum(p[1] for p in pieces))
             except BaseException as exc:
@@ -261,7 +283,7 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     return digests
 
 
-def _block(src, dst, pieces, fresh: bool, stats: Stats) -> bytes:
+def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer) -> bytes:
     if all(zero for _, _, zero in pieces):
         length = sum(p[1] for p in pieces)
         if dst is not None and not fresh:
@@ -276,6 +298,7 @@ def _block(src, dst, pieces, fresh: bool, stats: Stats) -> bytes:
                 dst.zero(length, at)
                 stats.add(zeroed=length)
             continue
+        pacer.take(length)
         data = src.pread(length, at)
         stats.add(read=length)
         h.update(data)

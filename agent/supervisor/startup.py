@@ -66,13 +66,22 @@ def sweep_exports(run_dir, log) -> int:
     with contextlib.suppress(FileNotFoundError):
         for name in os.listdir(base):
             pid = name.split("-", 1)[0]
-            if pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
+            if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
                 continue
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             removed += 1
     if removed:
         log.info("exports_swept", removed=removed)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs: a zombie (a killed worker its new parent has yet to reap, or
+    never will) left its export behind like a dead one."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def read_text(path: str) -> str | None:
