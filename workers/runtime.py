@@ -153,7 +153,7 @@ def main(request: dict, supervisor_pid: int, prepared=None,
         logs.bind(**request.get("about", {}), op=request["op"])
         log = logs.get(component="worker")
         op = ops.get(request["op"])
-        if testseams.install_from_env():
+        if testseams.install_from_env(request["op"]):
             log.warning("test_faults_enabled", faults=os.environ[testseams.ENV])
         sock.setsockopt(zmq.IDENTITY, request["token"].encode())
         sock.setsockopt(zmq.LINGER, 2000)

@@ -5,6 +5,7 @@ worker of a real agent; nothing else in the agent changes. The variable holds JS
 
   {"crash_after_writes": N}   SIGKILL this worker right after its N-th metadata commit or
                               before its N-th data fsync (the crash-point sweep)
+  {..., "op": "export.finish"}  only in workers of that op (the others run sound)
   {"io_error": {"kind": "copy" | "fsync", "errno": "EIO", "at_offset": X}}
                               raise that OSError the first time the copy engine does `kind`
                               at or past offset X (EIO on read: the kernel-side copy call
@@ -23,11 +24,13 @@ import signal
 ENV = "HOSTAGENT_TEST_FAULTS"
 
 
-def install_from_env() -> dict | None:
+def install_from_env(op: str | None = None) -> dict | None:
     raw = os.environ.get(ENV)
     if not raw:
         return None
     spec = json.loads(raw)
+    if spec.get("op") not in (None, op):
+        return None
     from agent.storage import metadata
     from agent.storage.copy import kernel
 

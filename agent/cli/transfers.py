@@ -104,6 +104,8 @@ def upload(ctx, args) -> int:
         stats = tx.Stats()
         began = time.monotonic()
         status = _status(ctx, dst)
+        if status is not None and status.get("transfer") is None:
+            return _already_there(ctx, dst, status, local, size, stats, began)
         fresh, digests = status is None, {}
         if status is not None:
             digests = _prepare_resume(ctx, dst, status, tag, local, size, stats)
@@ -128,8 +130,8 @@ def upload(ctx, args) -> int:
                          f"command again to resume")
             return output.DETACHED
         except BaseException:
-            with contextlib.suppress(Exception):
-                ctx.client.call("Export.stop", {"taskID": export_id})
+            with contextlib.suppress(Exception):  # the agent may be the one that died
+                ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
             raise
         every = [moved.get(i) or digests.get("local", {}).get(i)
                  for i in range(tx.block_count(size))]
@@ -150,13 +152,30 @@ def _status(ctx, loc: dict) -> dict | None:
         raise
 
 
+def _already_there(ctx, dst, status, local, size, stats, began) -> int:
+    """A volume with no transfer: this upload, finished by an earlier run whose answer was
+    lost (it then holds exactly FILE: Export.finish says so from its recorded checksum),
+    or another volume, which is never written over."""
+    if status["legality"] == "LEGAL":
+        digests = tx.run_blocks(local.connect, None, size, fresh=True)
+        expected = tx.checksum([digests[i] for i in range(tx.block_count(size))])
+        try:
+            result = ctx.client.call("Export.finish", {**dst, "checksum": expected},
+                                     task_id=f"finish-{uuid.uuid4().hex[:8]}")
+        except CallError as exc:
+            if exc.name != "TransferConflict":
+                raise
+        else:
+            stats.add(skipped=size)
+            return _done(ctx, "upload", dst, result, stats, began, size, resumed=True)
+    raise TransferError(f"{show_location(dst)} exists ({status['legality']}) and has no "
+                        f"upload of this file in progress: upload into a new volume")
+
+
 def _prepare_resume(ctx, dst, status, tag, local, size, stats) -> dict:
     """An upload into a volume that exists: only its own transfer goes on. A live export of
     it (this command's, killed) is stopped first; then both ends' digests are taken."""
-    transfer = status.get("transfer")
-    if transfer is None:
-        raise TransferError(f"{show_location(dst)} exists ({status['legality']}) and has no "
-                            f"upload in progress: upload into a new volume")
+    transfer = status["transfer"]
     if transfer.get("tag") not in (None, tag):
         raise TransferError(f"{show_location(dst)} has another upload in progress (another "
                             f"file, or this file changed since): delete the volume to start "
@@ -219,8 +238,8 @@ def download(ctx, args) -> int:
                      f"resume")
         return output.DETACHED
     finally:
-        with contextlib.suppress(Exception):
-            ctx.client.call("Export.stop", {"taskID": export_id})
+        with contextlib.suppress(Exception):  # the agent may be the one that died
+            ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
     _fsync(args.file)
     os.unlink(state_path)
     return _done(ctx, "download", src, {"file": args.file, "format": fmt}, stats, began, size,

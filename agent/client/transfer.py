@@ -30,6 +30,9 @@ import blake3
 
 BLOCK = 4 << 20
 STATUS_MAX = 1 << 30
+# Each connection flushes its writes this often: unflushed writes (a qcow2's tables in
+# qemu-nbd's cache) die with a killed agent, and a resume sends again what they held.
+FLUSH_SECONDS = 0.5
 DRIVERS = {"raw": "raw", "qcow2": "qcow2"}
 QCOW2_MAGIC = b"QFI\xfb"
 _ZEROS = memoryview(bytes(BLOCK))
@@ -239,12 +242,16 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
             dst = dst_connect() if dst_connect else None
         except BaseException as exc:
             failures.append(exc)
+        flushed = time.monotonic()
         while (item := work.get()) is not None:  # taken to the end, failed or not
             if failures:
                 continue
             try:
                 index, pieces = item
                 digests[index] = _block(src, dst, pieces, fresh, stats, pacer)
+                if dst is not None and time.monotonic() - flushed >= FLUSH_SECONDS:
+                    dst.flush()  # what a crash of the far end keeps: a resume skips it
+                    flushed = time.monotonic()
                 if on_block is not None:
                     on_block(index, sum(p[1] for p in pieces))
             except BaseException as exc:

@@ -202,14 +202,15 @@ def finish(ctx, args):
 
 def _finished_before(row: dict, expected: str | None) -> dict:
     """A finish asked again (its answer lost, a client resuming): the same answer, if the
-    volume is LEGAL and (when the client says) holds what it sent."""
+    volume is LEGAL and, when the client says what it sent, its recorded checksum is that
+    (a volume the agent cannot vouch for is never said to hold a client's upload)."""
     if row["legality"] != "LEGAL":
         raise errors.TransferConflict("the volume has no transfer in progress",
                                       volumeID=row["volume_id"], reason="no-transfer",
                                       legality=row["legality"])
-    if expected and expected.startswith(checksum.BLOCKS + ":") and \
-            row["checksum"] and row["checksum"] != expected:
-        raise errors.TransferConflict("the volume is LEGAL with another checksum",
+    if expected and row["checksum"] != expected:
+        raise errors.TransferConflict("the volume has no transfer in progress, and its "
+                                      "recorded checksum is not the one given",
                                       volumeID=row["volume_id"], reason="checksum",
                                       expected=expected, found=row["checksum"])
     return {"volumeID": row["volume_id"], "legality": "LEGAL",
