@@ -41,6 +41,15 @@ _OPERATION = {"domainID": DOMAIN, "operationID": OPERATION, "type": "scrub",
               "stop_requested": None, "result": None, "error": None}
 
 
+_SOCKET = "/run/hostagent/exports/30211-k2x8wq1e/sock"
+_EXPORT = {**DST, "mode": "write", "url": f"nbd+unix:///?socket={_SOCKET}", "socket": _SOCKET,
+           "imageio_url": f"nbd:unix:{_SOCKET}", "size": GiB, "format": "raw",
+           "volume_format": "cow", "generation": 0, "inactivity_timeout": 300.0}
+_CHECKSUM = "blake3-4m:" + "5f0e" * 16
+_FINISHED = {"volumeID": DST_VOLUME, "legality": "LEGAL", "generation": 2,
+             "checksum": _CHECKSUM, "size": GiB, "format": "cow", "already": False}
+
+
 def _error(code: int, name: str, message: str, **data) -> dict:
     return {"code": code, "message": message, "data": {**data, "name": name}}
 
@@ -80,10 +89,20 @@ EXAMPLES: dict[str, dict] = {
                     "replies_refused": 0, "replies_dropped": 0, "messages_dropped": 0},
             "events": {"published": 1204, "dropped": 0, "oversized": 0},
             "workers": {"strangers": 0, "misbehaved": 0}}}},
+    "Export.finish": {"id": "finish-1", "params": {**DST, "checksum": _CHECKSUM},
+                      "result": _FINISHED},
+    "Export.start": {"id": "upload-1", "params": {**DST, "mode": "write", "tag": "disk1.qcow2",
+                                                  "create": {"size": GiB, "format": "cow"}},
+                     "result": _EXPORT},
+    "Export.stop": {"id": "finish-1", "params": {"taskID": "upload-1", "finish": True,
+                                                 "checksum": _CHECKSUM}, "result": _FINISHED},
     "Host.ping": {"params": None, "result": True},
     "Image.copy": {"id": "copy-1", "params": {"src": SRC, "dst": DST}, "result": {
         "volumeID": DST_VOLUME, "state": "copying", "generation": 0, "copied": 0,
         "total": GiB, "attempts": 1, "failures": 0}},
+    "Image.checksum": {"params": {**SRC, "algorithm": "blake2b"}, "result": {
+        "algorithm": "blake2b", "block_size": 4194304, "size": GiB,
+        "checksum": "9a41" * 16}},
     "Image.getInfo": {"params": {"domainID": DOMAIN, "imageID": IMAGE}, "result": {
         "domainID": DOMAIN, "imageID": IMAGE, "chain": _CHAIN, "chains": [_CHAIN]}},
     "Image.getStatus": {"params": DST, "result": {
@@ -93,7 +112,7 @@ EXAMPLES: dict[str, dict] = {
                  "state": "copying", "generation": 0, "attempts": 1, "failures": 0,
                  "errors": [],
                  "started": 1767225600.2, "updated": 1767225607.4, "host_id": "host-a",
-                 "task_id": "copy-1", "lease": _LEASE}}},
+                 "task_id": "copy-1", "lease": _LEASE}, "transfer": None}},
     "StorageDomain.attach": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
                              "result": _DOMAIN_INFO},
     "StorageDomain.create": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
@@ -116,9 +135,11 @@ EXAMPLES: dict[str, dict] = {
     "Volume.create": {"params": {**SRC, "size": GiB, "format": "cow"}, "result": {
         **_VOLUME, "format": "cow", "allocated": 196608,
         "path": f"/srv/hostagent/domain1/images/{IMAGE}/{VOLUME}.qcow2",
-        "lease": {**_LEASE, "op": "create", "task_id": "1", "live": False}}},
+        "lease": {**_LEASE, "op": "create", "task_id": "1", "live": False},
+        "transfer": None}},
     "Volume.delete": {"params": SRC, "result": {"volumeID": VOLUME, "deleted": True}},
     "Volume.fence": {"params": {**SRC, "generation": 3}, "result": {
         "volumeID": VOLUME, "generation": 4, "fenced": True, "waited": 71.204}},
-    "Volume.getInfo": {"params": SRC, "result": {**_VOLUME, "generation": 1, "lease": None}},
+    "Volume.getInfo": {"params": SRC, "result": {**_VOLUME, "generation": 1, "lease": None,
+                                                 "transfer": None}},
 }

@@ -221,6 +221,62 @@ class Pacer:
             time.sleep(ahead)
 
 
+class _Movers:
+    """`threads` threads, each with its own connections, taking blocks from a queue; the
+    first failure stops them all (every one still takes its end marker)."""
+
+    def __init__(self, src_connect, dst_connect, fresh: bool, stats: Stats, pacer: Pacer,
+                 on_block, threads: int):
+        self.src_connect, self.dst_connect, self.fresh = src_connect, dst_connect, fresh
+        self.stats, self.pacer, self.on_block = stats, pacer, on_block
+        self.work: queue.Queue = queue.Queue(maxsize=threads * 2)
+        self.digests: dict[int, bytes] = {}
+        self.failures: list[BaseException] = []
+        self.pool = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self.pool:
+            t.start()
+
+    def _run(self) -> None:
+        src = dst = None
+        try:
+            src = self.src_connect()
+            dst = self.dst_connect() if self.dst_connect else None
+        except BaseException as exc:
+            self.failures.append(exc)
+        flushed = time.monotonic()
+        while (item := self.work.get()) is not None:  # taken to the end, failed or not
+            if self.failures:
+                continue
+            try:
+                index, pieces = item
+                self.digests[index] = _block(src, dst, pieces, self.fresh, self.stats,
+                                             self.pacer)
+                if dst is not None and time.monotonic() - flushed >= FLUSH_SECONDS:
+                    dst.flush()  # what a crash of the far end keeps: a resume skips it
+                    flushed = time.monotonic()
+                if self.on_block is not None:
+                    self.on_block(index, sum(p[1] for p in pieces))
+            except BaseException as exc:
+                self.failures.append(exc)
+        try:
+            if dst is not None and not self.failures:
+                dst.flush()
+        except BaseException as exc:
+            self.failures.append(exc)
+        for h in (src, dst):
+            if h is not None:
+                with contextlib.suppress(Exception):
+                    h.shutdown()
+
+    def join(self) -> None:
+        for _ in self.pool:
+            self.work.put(None)
+        for t in self.pool:
+            t.join()
+        if self.failures:
+            raise self.failures[0]
+
+
 def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                wanted: set[int] | None = None, threads: int = 4, on_block=None,
                stats: Stats | None = None, should_stop=lambda: False,
@@ -228,66 +284,23 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
     (those in `wanted`, else all); returns each block's digest by index. `on_block(index,
     length)` after each; at most `rate` bytes of data a second. Every destination
-    connection is flushed at its end."""
-    stats = stats or Stats()
-    pacer = Pacer(rate)
-    work: queue.Queue = queue.Queue(maxsize=threads * 2)
-    digests: dict[int, bytes] = {}
-    failures: list[BaseException] = []
-
-    def worker():
-        src = dst = None
-        try:
-            src = src_connect()
-            dst = dst_connect() if dst_connect else None
-        except BaseException as exc:
-            failures.append(exc)
-        flushed = time.monotonic()
-        while (item := work.get()) is not None:  # taken to the end, failed or not
-            if failures:
-                continue
-            try:
-                index, pieces = item
-                digests[index] = _block(src, dst, pieces, fresh, stats, pacer)
-                if dst is not None and time.monotonic() - flushed >= FLUSH_SECONDS:
-                    dst.flush()  # what a crash of the far end keeps: a resume skips it
-                    flushed = time.monotonic()
-                if on_block is not None:
-                    on_block(index, sum(p[1] for p in pieces))
-            except BaseException as exc:
-                failures.append(exc)
-        try:
-            if dst is not None and not failures:
-                dst.flush()
-        except BaseException as exc:
-            failures.append(exc)
-        for h in (src, dst):
-            if h is not None:
-                with contextlib.suppress(Exception):
-                    h.shutdown()
-
-    pool = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
-    for t in pool:
-        t.start()
+    connection is flushed every FLUSH_SECONDS and at its end."""
+    movers = _Movers(src_connect, dst_connect, fresh, stats or Stats(), Pacer(rate),
+                     on_block, threads)
     try:
         head = src_connect()
         try:
             for item in blocks(head, size, wanted):
-                if failures or should_stop():
+                if movers.failures or should_stop():
                     break
-                work.put(item)
+                movers.work.put(item)
         finally:
             head.shutdown()
     finally:
-        for _ in pool:
-            work.put(None)
-        for t in pool:
-            t.join()
-    if failures:
-        raise failures[0]
+        movers.join()
     if should_stop():
         raise KeyboardInterrupt
-    return digests
+    return movers.digests
 
 
 def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer) -> bytes:

@@ -74,6 +74,13 @@ def test_example_results_have_the_shape_of_real_answers(agent, workdir):
     call("Task.getAll", {"states": ["done"]})
     c.send("Debug.sleep", {"seconds": 30}, id="ex-abort")
     call("Task.abort", {"taskID": "ex-abort"})
+    call("Image.checksum", {**src, "algorithm": "blake2b"})
+    up = dst_for(domain_id)
+    call("Export.start", {**up, "mode": "write", "tag": "t", "create": {"size": MiB,
+                                                                       "format": "cow"}},
+         id="ex-up")
+    call("Export.stop", {"taskID": "ex-up", "finish": True}, id="ex-fin")
+    call("Export.finish", up)
     call("StorageDomain.startScrub", {"domainID": domain_id})
     call("StorageDomain.getOperationStatuses", {"domainID": domain_id})
     for name, value in real.items():

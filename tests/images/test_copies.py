@@ -215,3 +215,15 @@ def test_copies_are_as_thin_as_their_source_in_every_cluster_layout(agent, workd
         assert held <= source, (name, held, source)
         same = compare(top["path"], "cow", info["path"], "cow")
         assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_a_size_that_is_no_multiple_of_the_storage_block_copies_to_raw(agent):
+    """A cow size need only be a multiple of 512: qemu cannot open such a raw destination
+    with O_DIRECT for writing, so it is written through the page cache (and synced)."""
+    src = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    info = agent.call("Volume.create", {**src, "size": 197120, "format": "cow"})
+    qemu_io(info["path"], "cow", "write -P 5 0 65536", "write -P 6 131072 66048")
+    dst, _ = run_copy(agent, {**src, "path": info["path"]}, "odd-size", format="raw")
+    copy = agent.call("Volume.getInfo", dst)
+    assert copy["size"] == 197120
+    assert compare(info["path"], "cow", copy["path"], "raw").returncode == 0

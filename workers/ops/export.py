@@ -68,12 +68,22 @@ def _serve_transfer(ctx, db, args):
             FORMATS[create["format"]].remove(path)
             raise
     else:
+        if row is not None:  # its headers before anything of it is recorded or opened
+            chain.inspect(db.layout, db.chain(vid), ctx.beat)
         transfer = db.begin_transfer(args["imageID"], vid, host_id=ctx.host_id,
                                      task_id=ctx.task_id, tag=args.get("tag"), create=create)
     row = db.get_volume(vid)
     rows = db.chain(vid)
-    _reopen_checked(ctx, db, rows)
-    opts = chain.image_opts(db.layout, rows, direct=qemu_img.direct_io(db.layout.data_path(row)))
+    try:
+        _reopen_checked(ctx, db, rows)
+    except errors.AgentError:  # not served: the transfer is stopped, not interrupted
+        db.touch_transfer(vid, transfer["generation"],
+                          volumes.allocated(db.layout.data_path(row)), "stopped")
+        raise
+    # O_DIRECT as copies write, unless the size is not one of the storage's blocks (qemu
+    # then cannot write the last one: an upload of a file of any size must work).
+    direct = qemu_img.direct_io(db.layout.data_path(row)) and row["size"] % 4096 == 0
+    opts = chain.image_opts(db.layout, rows, direct=direct)
     return _serve(ctx, db, args, row, opts, writable=True, transfer=transfer)
 
 

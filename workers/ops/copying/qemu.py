@@ -118,7 +118,10 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
         start = 0
     src_opts = chain.image_opts(src_db.layout, src_rows, direct=qemu_img.direct_io(before[-1][0]))
     dst_path = dst_db.layout.data_path(dst_rows[-1])
-    dst_opts = chain.image_opts(dst_db.layout, dst_rows, direct=qemu_img.direct_io(dst_path))
+    # O_DIRECT unless the size is not one of the storage's blocks: qemu cannot then open
+    # the destination for writing (a cow source's size is only a multiple of 512).
+    dst_opts = chain.image_opts(dst_db.layout, dst_rows, direct=qemu_img.direct_io(dst_path)
+                                and dst_rows[-1]["size"] % 4096 == 0)
     size = src_rows[-1]["size"]
     cfg = ctx.settings.get("copy", {})
     hasher = checksum.StreamFollower(size) if record else None
