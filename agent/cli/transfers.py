@@ -97,7 +97,7 @@ def upload(ctx, args) -> int:
     dst = parse_location(args.dst, fill=True)
     with tx.Local(args.file, fmt) as local:
         probe = local.connect()
-        size = probe.get_size()
+        size = probe.size()
         probe.shutdown()
         volume_format = args.format or ("cow" if fmt == "qcow2" else "raw")
         tag = _tag(args.file, size)

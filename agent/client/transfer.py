@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import queue
 import shutil
@@ -47,6 +48,7 @@ def nbd_module():
     return nbd
 
 
+@functools.lru_cache(maxsize=8)
 def zero_digest(n: int) -> bytes:
     return blake3.blake3(_ZEROS[:n]).digest()
 
@@ -66,20 +68,136 @@ def _die_with_parent() -> None:  # in the child, between fork and exec
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class NbdHandle:
+    """One NBD connection (libnbd), as run_blocks uses an end."""
+
+    def __init__(self, h):
+        self.h = h
+
+    def size(self) -> int:
+        return self.h.get_size()
+
+    def extents(self, start: int, end: int):
+        """(offset, length, zero) covering [start, end), from block status (zero: reads as
+        zeros, a hole or written zeros)."""
+        offset = start
+        while offset < end:
+            found, before = [], offset
+
+            def got(context, at, entries, err):
+                if context == "base:allocation":
+                    pos = at
+                    for i in range(0, len(entries), 2):
+                        found.append((pos, entries[i], bool(entries[i + 1] & 2)))
+                        pos += entries[i]
+                return 0
+            self.h.block_status(min(end - offset, STATUS_MAX), offset, got)
+            if not found:  # no answer: read it all
+                found = [(offset, end - offset, False)]
+            for at, length, zero in found:
+                length = min(length, end - at)
+                if length > 0:
+                    yield at, length, zero
+                    offset = at + length
+            if offset <= before:  # an answer that covers nothing would loop for ever
+                raise RuntimeError("block status covers nothing")
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.h.pread(n, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.h.pwrite(data, offset)
+
+    def zero(self, n: int, offset: int) -> None:
+        self.h.zero(n, offset)
+
+    def flush(self) -> None:
+        self.h.flush()
+
+    def shutdown(self) -> None:
+        self.h.shutdown()
+
+
+class FileHandle:
+    """A local raw file read and written by the kernel itself (no qemu-nbd between: a
+    raw file's guest view is its bytes); holes found with SEEK_DATA and made by punching."""
+
+    _libc = None
+
+    def __init__(self, path: str, writable: bool):
+        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def extents(self, start: int, end: int):
+        offset = start
+        while offset < end:
+            try:
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole to the end
+                data = end
+            data = min(data, end)
+            if data > offset:
+                yield offset, data - offset, True
+            if data >= end:
+                return
+            stop = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data, stop - data, False
+            offset = stop
+
+    def pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        while len(data) < n:
+            more = os.pread(self.fd, n - len(data), offset + len(data))
+            if not more:
+                return data + bytes(n - len(data))  # past the end: the guest reads zeros
+            data += more
+        return data
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def zero(self, n: int, offset: int) -> None:
+        if FileHandle._libc is None:
+            FileHandle._libc = ctypes.CDLL(None, use_errno=True)
+            FileHandle._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_int64, ctypes.c_int64]
+        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: zeros that take no room
+        if FileHandle._libc.fallocate(self.fd, 0x02 | 0x01, offset, n) != 0:
+            for at in range(offset, offset + n, BLOCK):  # no hole punching here: zeros
+                self.pwrite(_ZEROS[:min(BLOCK, offset + n - at)], at)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def shutdown(self) -> None:
+        os.close(self.fd)
+
+
 class Local:
-    """A private qemu-nbd serving a local file's guest view (read-only, or writable), on a
-    socket in a fresh 0700 directory; SIGKILLed if this process dies."""
+    """A local file's guest view: a raw file read and written directly (FileHandle), a
+    qcow2 through a private qemu-nbd (read-only, or writable) on a socket in a fresh 0700
+    directory, SIGKILLed if this process dies."""
 
     def __init__(self, path: str, fmt: str, writable: bool = False):
         self.path, self.fmt, self.writable = path, fmt, writable
+        self.proc = self.dir = None
+        if fmt != "raw":
+            self._start()
+
+    def _start(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="hostagent-local-")
         self.socket = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.socket)
             listener.listen(16)
-            argv = ["qemu-nbd", "--persistent", "--shared=16", "-f", DRIVERS[fmt],
-                    "--discard=unmap" if writable else "--read-only", path]
+            argv = ["qemu-nbd", "--persistent", "--shared=16", "-f", DRIVERS[self.fmt],
+                    "--discard=unmap" if self.writable else "--read-only", self.path]
             fd = listener.fileno()
 
             def setup():  # systemd socket activation: the listener is fd 3
@@ -101,6 +219,8 @@ class Local:
             listener.close()
 
     def connect(self):
+        if self.proc is None:
+            return FileHandle(self.path, self.writable)
         nbd = nbd_module()
         h = nbd.NBD()
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
@@ -110,9 +230,11 @@ class Local:
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() \
                 is not None else ""
             raise RuntimeError(f"qemu-nbd of {self.path}: {err.strip() or exc}") from None
-        return h
+        return NbdHandle(h)
 
     def close(self) -> None:
+        if self.proc is None:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # flushes a writable image, then exits
             try:
@@ -130,45 +252,19 @@ class Local:
         self.close()
 
 
-def connect_export(socket_path: str):
+def connect_export(socket_path: str) -> NbdHandle:
     nbd = nbd_module()
     h = nbd.NBD()
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.connect_unix(socket_path)
-    return h
-
-
-def extents(h, start: int, end: int):
-    """(offset, length, zero) covering [start, end), from block status (zero: reads as
-    zeros, a hole or written zeros)."""
-    offset = start
-    while offset < end:
-        found, before = [], offset
-
-        def got(context, at, entries, err):
-            if context == "base:allocation":
-                pos = at
-                for i in range(0, len(entries), 2):
-                    found.append((pos, entries[i], bool(entries[i + 1] & 2)))
-                    pos += entries[i]
-            return 0
-        h.block_status(min(end - offset, STATUS_MAX), offset, got)
-        if not found:  # no answer: read it all
-            found = [(offset, end - offset, False)]
-        for at, length, zero in found:
-            length = min(length, end - at)
-            if length <= 0:
-                continue
-            yield at, length, zero
-            offset = at + length
-        if offset <= before:  # an answer that covers nothing would loop for ever
-            raise RuntimeError("block status covers nothing")
+    return NbdHandle(h)
 
 
 def blocks(h, size: int, wanted: set[int] | None = None):
-    """(index, [(offset, length, zero), ...]) for each 4 MiB block (of `wanted` only)."""
+    """(index, [(offset, length, zero), ...]) for each 4 MiB block (of `wanted` only) of the
+    handle's guest view."""
     current, pieces = 0, []
-    for at, length, zero in extents(h, 0, size):
+    for at, length, zero in h.extents(0, size):
         while length:
             index = at // BLOCK
             if index != current:

@@ -5,6 +5,7 @@ of the hostile-disk suite, and nothing the image names is ever opened; a qcow2 u
 the data of a raw volume stays data."""
 
 import json
+import os
 
 import pytest
 
@@ -82,10 +83,11 @@ def test_a_qcow2_uploaded_into_a_raw_volume_stays_data(domain_agent, workdir):
     assert code == 0, err
     info = agent.call("Volume.getInfo", loc)
     assert info["format"] == "raw" and info["legality"] == "LEGAL"
+    assert info["size"] == os.path.getsize(hostile)  # the file's bytes, to the last one
     with open(info["path"], "rb") as f:
         assert f.read(4) == b"QFI\xfb"  # its bytes, as sent
     dst = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
-    agent.client().call("Image.copy", {"src": loc, "dst": dst, "format": "cow"}, id="c")
+    agent.client().call("Image.copy", {"src": loc, "dst": dst}, id="c")
     wait_for(lambda: agent.call("Image.getStatus", dst)["legality"] == "LEGAL", timeout=60,
              what="the copy LEGAL")
     code, _, err = run(agent, "download", show, str(workdir / "down.raw"))
