@@ -25,20 +25,21 @@ from bench import common
 from bench.common import GiB, MiB
 
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
-        "qcow2_cow", "queries", "boot", "boot_resume", "events", "memory")
+        "qcow2_cow", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
+        "upload_resume", "queries", "boot", "boot_resume", "events", "memory")
 
 PROFILES = {
     "full": {"repeats": 5, "copy": 2 * GiB, "sparse": 4 * GiB, "volumes": 100_000,
              "markers": 1000, "domains": 4, "tasks": 200, "spawn": 300, "rpc_seconds": 3.0,
              "events_seconds": 3.0, "qcow2": 2 * GiB, "concurrent": 512 * MiB,
-             "query_samples": 100},
+             "query_samples": 100, "transfer": 2 * GiB},
     "quick": {"repeats": 3, "copy": 512 * MiB, "sparse": 1 * GiB, "volumes": 10_000,
               "markers": 1000, "domains": 4, "tasks": 200, "spawn": 100, "rpc_seconds": 1.0,
               "events_seconds": 1.0, "qcow2": 512 * MiB, "concurrent": 128 * MiB,
-              "query_samples": 30},
+              "query_samples": 30, "transfer": 512 * MiB},
 }
 SIZE_KEYS = ("copy", "sparse", "volumes", "markers", "domains", "tasks", "spawn", "rpc_seconds",
-             "events_seconds", "qcow2", "concurrent", "query_samples")
+             "events_seconds", "qcow2", "concurrent", "query_samples", "transfer")
 UNITS = {"k": 1 << 10, "m": MiB, "g": GiB}
 
 
@@ -140,9 +141,10 @@ def main(argv=None) -> int:
         queries,
         rpc,
         spawn,
+        transfers,
     )
 
-    modules = [rpc, spawn, copy, concurrent, images, queries, boot, events, memory]
+    modules = [rpc, spawn, copy, concurrent, images, transfers, queries, boot, events, memory]
     rows, began = [], time.time()
     print(f"bench: profile {opts.profile}, {opts.repeats} repeats, rows {','.join(opts.only)}",
           file=sys.stderr, flush=True)

@@ -13,7 +13,6 @@ from tests.support.storage_flow import MiB, new_id, recorded_checksum
 from tests.transfers.helpers import (
     allocated,
     data_bytes,
-    finished,
     hostagent,
     local_image,
     run,
