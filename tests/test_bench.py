@@ -80,3 +80,31 @@ def test_bench_concurrent_copies_and_query_growth_rows(tmp_path):
         assert not _ours(str(base)), "processes left behind"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_bench_transfer_rows(tmp_path):
+    """Upload and download against imageio's client (its real daemon) and nbdcopy, and the
+    resumed upload's share, at a tiny size."""
+    out = tmp_path / "bench.json"
+    base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only",
+         "upload_qcow2,download_raw,upload_resume", "--repeats", "1", "--sizes",
+         "transfer=64M", "--data-dir", str(base), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"upload_qcow2", "download_raw", "upload_resume"}
+    for key in ("upload_qcow2", "download_raw"):
+        row = rows[key]
+        assert row["project"]["median"] > 0
+        assert set(row["baselines"]) == {"imageio client via its daemon", "nbdcopy"}
+        assert all(b["median"] > 0 for b in row["baselines"].values())
+        assert row["extra"]["ratio_to_nbdcopy"] > 0 and isinstance(row["met"], bool)
+    assert 0 < rows["upload_resume"]["project"]["median"] <= 100
+    try:
+        assert not list(base.iterdir()), f"left behind: {list(base.iterdir())}"
+        assert not _ours(str(base)), "processes left behind"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

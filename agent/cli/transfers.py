@@ -24,7 +24,7 @@ import blake3
 from agent.cli import output
 from agent.cli.copying import Bar
 from agent.cli.storage import parse_location, show_location
-from agent.client import CallError
+from agent.client import CallError, ends
 from agent.client import transfer as tx
 
 STATE_SUFFIX = ".hostagent-download"
@@ -78,7 +78,7 @@ def _wait_ended(ctx, task_id: str, seconds: float = 60.0) -> None:
 def _local_format(path: str, given: str | None) -> str:
     if given:
         return given
-    if tx.is_qcow2(path):
+    if ends.is_qcow2(path):
         raise output.UsageError(f"{path} is a qcow2 image: say --local-format qcow2 (read as "
                                 f"its guest view) or --local-format raw (its bytes as they "
                                 f"are)")
@@ -95,7 +95,7 @@ def _tag(path: str, size: int) -> str:
 def upload(ctx, args) -> int:
     fmt = _local_format(args.file, args.local_format)
     dst = parse_location(args.dst, fill=True)
-    with tx.Local(args.file, fmt) as local:
+    with ends.Local(args.file, fmt) as local:
         probe = local.connect()
         size = probe.size()
         probe.shutdown()
@@ -121,9 +121,10 @@ def upload(ctx, args) -> int:
         bar = None if ctx.json else Bar(ctx.out, f"upload {dst['volumeID'][:8]}", True)
         try:
             with bar or contextlib.nullcontext():
-                moved = tx.run_blocks(local.connect, lambda: tx.connect_export(exp["socket"]),
+                moved = tx.run_blocks(local.connect, lambda: ends.connect_export(exp["socket"]),
                                       size, fresh=fresh, wanted=wanted, stats=stats,
-                                      on_block=_progress(bar, size), rate=args.rate)
+                                      on_block=_progress(bar, size), rate=args.rate,
+                                      flush_every=tx.FLUSH_SECONDS)
         except KeyboardInterrupt:
             ctx.client.call("Export.stop", {"taskID": export_id})
             output.error(f"interrupted: {show_location(dst)} stays ILLEGAL; run the same "
@@ -214,13 +215,15 @@ def download(ctx, args) -> int:
     resume = _download_state(args, state_path, want)
     if not resume:
         _make_local(args.file, fmt, size)
-        _write_state(state_path, want)
+    else:
+        _stop_earlier(ctx, state_path)
     stats, began = tx.Stats(), time.monotonic()
     export_id = f"download-{uuid.uuid4().hex[:8]}"
+    _write_state(state_path, {**want, "export": export_id})  # a killed run's, to stop
     exp = ctx.client.call("Export.start", {**src, "mode": "layer" if args.layer else "read"},
                           task_id=export_id)
     try:
-        with tx.Local(args.file, fmt, writable=True) as local:
+        with ends.Local(args.file, fmt, writable=True) as local:
             wanted = None
             if resume:
                 remote = remote_digests(ctx, src, size, layer=args.layer)
@@ -230,7 +233,7 @@ def download(ctx, args) -> int:
                                              for i in wanted))
             bar = None if ctx.json else Bar(ctx.out, f"download {src['volumeID'][:8]}", True)
             with bar or contextlib.nullcontext():
-                tx.run_blocks(lambda: tx.connect_export(exp["socket"]), local.connect, size,
+                tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
                               fresh=not resume, wanted=wanted, stats=stats,
                               on_block=_progress(bar, size), rate=args.rate)
     except KeyboardInterrupt:
@@ -271,6 +274,15 @@ def _download_state(args, state_path: str, want: dict) -> bool:
     return True
 
 
+def _stop_earlier(ctx, state_path: str) -> None:
+    """The export a killed run of this download left serving (it would end once idle)."""
+    with open(state_path) as f:
+        earlier = json.load(f).get("export")
+    if earlier:
+        with contextlib.suppress(CallError):
+            ctx.client.call("Export.stop", {"taskID": earlier})
+
+
 def _write_state(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -302,7 +314,7 @@ def _fsync(path: str) -> None:
 
 def _nbd_error():
     try:
-        return tx.nbd_module().Error
+        return ends.nbd_module().Error
     except RuntimeError:
         return RuntimeError
 

@@ -14,250 +14,30 @@ side) and moves only the blocks that differ. Several connections move blocks at 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
 import queue
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 import blake3
 
-BLOCK = 4 << 20
-STATUS_MAX = 1 << 30
-# Each connection flushes its writes this often: unflushed writes (a qcow2's tables in
-# qemu-nbd's cache) die with a killed agent, and a resume sends again what they held.
-FLUSH_SECONDS = 0.5
-DRIVERS = {"raw": "raw", "qcow2": "qcow2"}
-QCOW2_MAGIC = b"QFI\xfb"
-_ZEROS = memoryview(bytes(BLOCK))
+from agent.client.ends import BLOCK, ZEROS
 
-
-def nbd_module():
-    try:
-        import nbd
-    except ImportError:
-        raise RuntimeError("libnbd's Python binding is missing (Debian: python3-libnbd, "
-                           "seen by a venv made with --system-site-packages)") from None
-    return nbd
+# An upload flushes the export this often (one flush covers the image, whichever connection
+# asks): unflushed writes (a qcow2's tables in qemu-nbd's cache) die with a killed agent, and
+# a resume sends again what they held. Each flush costs an fdatasync on the agent's side.
+FLUSH_SECONDS = 1.0
 
 
 @functools.lru_cache(maxsize=8)
 def zero_digest(n: int) -> bytes:
-    return blake3.blake3(_ZEROS[:n]).digest()
+    return blake3.blake3(ZEROS[:n]).digest()
 
 
 def checksum(digests: list[bytes]) -> str:
     """The blake3-4m checksum of a guest view whose blocks have these digests."""
     return "blake3-4m:" + blake3.blake3(b"".join(digests)).hexdigest()
-
-
-def is_qcow2(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == QCOW2_MAGIC
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class NbdHandle:
-    """One NBD connection (libnbd), as run_blocks uses an end."""
-
-    def __init__(self, h):
-        self.h = h
-
-    def size(self) -> int:
-        return self.h.get_size()
-
-    def extents(self, start: int, end: int):
-        """(offset, length, zero) covering [start, end), from block status (zero: reads as
-        zeros, a hole or written zeros)."""
-        offset = start
-        while offset < end:
-            found, before = [], offset
-
-            def got(context, at, entries, err):
-                if context == "base:allocation":
-                    pos = at
-                    for i in range(0, len(entries), 2):
-                        found.append((pos, entries[i], bool(entries[i + 1] & 2)))
-                        pos += entries[i]
-                return 0
-            self.h.block_status(min(end - offset, STATUS_MAX), offset, got)
-            if not found:  # no answer: read it all
-                found = [(offset, end - offset, False)]
-            for at, length, zero in found:
-                length = min(length, end - at)
-                if length > 0:
-                    yield at, length, zero
-                    offset = at + length
-            if offset <= before:  # an answer that covers nothing would loop for ever
-                raise RuntimeError("block status covers nothing")
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return self.h.pread(n, offset)
-
-    def pwrite(self, data, offset: int) -> None:
-        self.h.pwrite(data, offset)
-
-    def zero(self, n: int, offset: int) -> None:
-        self.h.zero(n, offset)
-
-    def flush(self) -> None:
-        self.h.flush()
-
-    def shutdown(self) -> None:
-        self.h.shutdown()
-
-
-class FileHandle:
-    """A local raw file read and written by the kernel itself (no qemu-nbd between: a
-    raw file's guest view is its bytes); holes found with SEEK_DATA and made by punching."""
-
-    _libc = None
-
-    def __init__(self, path: str, writable: bool):
-        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def extents(self, start: int, end: int):
-        offset = start
-        while offset < end:
-            try:
-                data = os.lseek(self.fd, offset, os.SEEK_DATA)
-            except OSError:  # ENXIO: nothing but a hole to the end
-                data = end
-            data = min(data, end)
-            if data > offset:
-                yield offset, data - offset, True
-            if data >= end:
-                return
-            stop = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
-            yield data, stop - data, False
-            offset = stop
-
-    def pread(self, n: int, offset: int) -> bytes:
-        data = os.pread(self.fd, n, offset)
-        while len(data) < n:
-            more = os.pread(self.fd, n - len(data), offset + len(data))
-            if not more:
-                return data + bytes(n - len(data))  # past the end: the guest reads zeros
-            data += more
-        return data
-
-    def pwrite(self, data, offset: int) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def zero(self, n: int, offset: int) -> None:
-        if FileHandle._libc is None:
-            FileHandle._libc = ctypes.CDLL(None, use_errno=True)
-            FileHandle._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
-                                                   ctypes.c_int64, ctypes.c_int64]
-        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: zeros that take no room
-        if FileHandle._libc.fallocate(self.fd, 0x02 | 0x01, offset, n) != 0:
-            for at in range(offset, offset + n, BLOCK):  # no hole punching here: zeros
-                self.pwrite(_ZEROS[:min(BLOCK, offset + n - at)], at)
-
-    def flush(self) -> None:
-        os.fdatasync(self.fd)
-
-    def shutdown(self) -> None:
-        os.close(self.fd)
-
-
-class Local:
-    """A local file's guest view: a raw file read and written directly (FileHandle), a
-    qcow2 through a private qemu-nbd (read-only, or writable) on a socket in a fresh 0700
-    directory, SIGKILLed if this process dies."""
-
-    def __init__(self, path: str, fmt: str, writable: bool = False):
-        self.path, self.fmt, self.writable = path, fmt, writable
-        self.proc = self.dir = None
-        if fmt != "raw":
-            self._start()
-
-    def _start(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="hostagent-local-")
-        self.socket = os.path.join(self.dir, "sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(self.socket)
-            listener.listen(16)
-            argv = ["qemu-nbd", "--persistent", "--shared=16", "-f", DRIVERS[self.fmt],
-                    "--discard=unmap" if self.writable else "--read-only", self.path]
-            fd = listener.fileno()
-
-            def setup():  # systemd socket activation: the listener is fd 3
-                _die_with_parent()
-                if fd == 3:
-                    os.set_inheritable(3, True)
-                else:
-                    os.dup2(fd, 3)
-                os.putenv("LISTEN_PID", str(os.getpid()))
-                os.putenv("LISTEN_FDS", "1")
-            # Every other descriptor of ours is close-on-exec (PEP 446): fd 3 must survive.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         close_fds=False, preexec_fn=setup)
-        except BaseException:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-        finally:
-            listener.close()
-
-    def connect(self):
-        if self.proc is None:
-            return FileHandle(self.path, self.writable)
-        nbd = nbd_module()
-        h = nbd.NBD()
-        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        try:
-            h.connect_unix(self.socket)
-        except nbd.Error as exc:
-            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() \
-                is not None else ""
-            raise RuntimeError(f"qemu-nbd of {self.path}: {err.strip() or exc}") from None
-        return NbdHandle(h)
-
-    def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # flushes a writable image, then exits
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def connect_export(socket_path: str) -> NbdHandle:
-    nbd = nbd_module()
-    h = nbd.NBD()
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_unix(socket_path)
-    return NbdHandle(h)
 
 
 def blocks(h, size: int, wanted: set[int] | None = None):
@@ -322,8 +102,10 @@ class _Movers:
     first failure stops them all (every one still takes its end marker)."""
 
     def __init__(self, src_connect, dst_connect, fresh: bool, stats: Stats, pacer: Pacer,
-                 on_block, threads: int):
+                 on_block, threads: int, flush_every: float | None):
         self.src_connect, self.dst_connect, self.fresh = src_connect, dst_connect, fresh
+        self.flush_every, self.flushed = flush_every, time.monotonic()
+        self.lock = threading.Lock()
         self.stats, self.pacer, self.on_block = stats, pacer, on_block
         self.work: queue.Queue = queue.Queue(maxsize=threads * 2)
         self.digests: dict[int, bytes] = {}
@@ -339,7 +121,6 @@ class _Movers:
             dst = self.dst_connect() if self.dst_connect else None
         except BaseException as exc:
             self.failures.append(exc)
-        flushed = time.monotonic()
         while (item := self.work.get()) is not None:  # taken to the end, failed or not
             if self.failures:
                 continue
@@ -347,9 +128,8 @@ class _Movers:
                 index, pieces = item
                 self.digests[index] = _block(src, dst, pieces, self.fresh, self.stats,
                                              self.pacer)
-                if dst is not None and time.monotonic() - flushed >= FLUSH_SECONDS:
+                if dst is not None and self._flush_due():
                     dst.flush()  # what a crash of the far end keeps: a resume skips it
-                    flushed = time.monotonic()
                 if self.on_block is not None:
                     self.on_block(index, sum(p[1] for p in pieces))
             except BaseException as exc:
@@ -364,6 +144,17 @@ class _Movers:
                 with contextlib.suppress(Exception):
                     h.shutdown()
 
+    def _flush_due(self) -> bool:
+        """Whether this thread is the one to flush now (one a period, for all of them)."""
+        if self.flush_every is None:
+            return False
+        with self.lock:
+            now = time.monotonic()
+            if now - self.flushed < self.flush_every:
+                return False
+            self.flushed = now
+            return True
+
     def join(self) -> None:
         for _ in self.pool:
             self.work.put(None)
@@ -376,13 +167,14 @@ class _Movers:
 def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                wanted: set[int] | None = None, threads: int = 4, on_block=None,
                stats: Stats | None = None, should_stop=lambda: False,
-               rate: int = 0) -> dict[int, bytes]:
+               rate: int = 0, flush_every: float | None = None) -> dict[int, bytes]:
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
     (those in `wanted`, else all); returns each block's digest by index. `on_block(index,
-    length)` after each; at most `rate` bytes of data a second. Every destination
-    connection is flushed every FLUSH_SECONDS and at its end."""
+    length)` after each; at most `rate` bytes of data a second. The destination is flushed
+    every `flush_every` seconds (by one connection: one flush covers the image), and each
+    connection at its end."""
     movers = _Movers(src_connect, dst_connect, fresh, stats or Stats(), Pacer(rate),
-                     on_block, threads)
+                     on_block, threads, flush_every)
     try:
         head = src_connect()
         try:
@@ -409,7 +201,7 @@ def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer) -> bytes:
     h = blake3.blake3()
     for at, length, zero in pieces:
         if zero:
-            h.update(_ZEROS[:length])
+            h.update(ZEROS[:length])
             if dst is not None and not fresh:
                 dst.zero(length, at)
                 stats.add(zeroed=length)

@@ -250,3 +250,34 @@ def test_a_fence_and_a_duplicate_host_id_each_wait_out_sanlock(make_agent, daemo
             make_agent, daemons, (new_id(), str(workdir / "fenced")), ("a", "b")),
         lambda: two_hosts_configured_with_one_host_id_cannot_both_join(
             make_agent, daemons, (new_id(), str(workdir / "one-id")), ("c", "d")))
+
+
+def test_a_host_that_loses_the_lockspace_has_its_upload_export_killed(make_agent, daemons,
+                                                                      shared):
+    """A write export's worker holds the volume's sanlock lease for the export's life: when
+    its host loses the lockspace, sanlock kills it, its qemu-nbd dies with it (parent-death
+    signal), and the transfer reads interrupted, ILLEGAL, from the other host."""
+    from tests.transfers.helpers import nbd_connect
+    a = first_host(make_agent, daemons, shared)
+    b = second_host(make_agent, daemons, shared)
+    loc = {"domainID": shared[0], "imageID": new_id(), "volumeID": new_id()}
+    answer = a.client().call("Export.start", {**loc, "mode": "write", "create": {
+        "size": 16 * MiB, "format": "raw"}}, id="up")
+    h = nbd_connect(answer["socket"])
+    h.pwrite(b"\x01" * MiB, 0)
+    h.flush()
+    worker = worker_of(a, "up")
+    server = [p for p in worker.children() if p.name() == "qemu-nbd"]
+    assert len(server) == 1
+    # B's daemon counts A's host live once it has seen A renew its ID (a few seconds).
+    wait_for(lambda: b.call("Image.getStatus", loc)["transfer"]["state"] == "serving",
+             timeout=30, what="the transfer serving, seen from b")
+    a.daemon.client("rem_lockspace", "-s", f"{shared[0]}:1:{shared[1]}/dom_md/ids:0")
+
+    def dead(p):
+        return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+    wait_for(lambda: dead(worker) and dead(server[0]), timeout=30,
+             what="the writer and its qemu-nbd killed")
+    wait_for(lambda: b.call("Image.getStatus", loc)["transfer"]["state"] == "interrupted",
+             timeout=30, what="the transfer interrupted, seen from b")
+    assert b.call("Image.getStatus", loc)["legality"] == "ILLEGAL"

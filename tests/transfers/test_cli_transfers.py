@@ -111,32 +111,46 @@ def test_an_upload_cut_short_resumes_sending_only_what_is_missing(domain_agent, 
     assert qemu_nbd_under(str(local)) == []
 
 
-def test_a_download_cut_short_resumes_and_a_changed_source_is_named(domain_agent, local):
-    agent = domain_agent
-    src = local_image(local / "src.raw", "raw", SIZE, seed=5)
+def _uploaded(agent, local, seed: int):
+    src = local_image(local / "src.raw", "raw", SIZE, seed=seed)
     loc = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
     code, _, err = run(agent, "upload", src, show(loc))
     assert code == 0, err
+    return src, loc
+
+
+@pytest.mark.parametrize("who", ["client", "agent"])
+def test_a_download_cut_short_resumes_fetching_only_what_is_missing(domain_agent, local, who):
+    agent = domain_agent
+    src, loc = _uploaded(agent, local, 5)
     data = data_bytes(src, "raw")
     out = str(local / "down.raw")
     proc = hostagent(agent, "download", show(loc), out, "--rate", "16M")
-    _killed_mid_way(agent, proc, out, "client")
+    _killed_mid_way(agent, proc, out, who)
+    if who == "agent":
+        agent.start()
     assert os.path.exists(out + ".hostagent-download")
     code, answer, err = run(agent, "download", show(loc), out)
     assert code == 0, err
     assert answer["resumed"] is True and 0 < answer["bytes"]["sent"] < data, answer["bytes"]
     assert compare(src, "raw", out, "raw").returncode == 0
-    # A partial download whose source changed since is named, never patched blindly.
-    out2 = str(local / "down2.raw")
-    proc = hostagent(agent, "download", show(loc), out2, "--rate", "16M")
-    _killed_mid_way(agent, proc, out2, "client")
+    assert not os.path.exists(out + ".hostagent-download")
+    assert qemu_nbd_under(str(agent.root)) == []
+
+
+def test_a_partial_download_whose_source_changed_is_named_not_patched(domain_agent, local):
+    agent = domain_agent
+    src, loc = _uploaded(agent, local, 6)
+    out = str(local / "down.raw")
+    proc = hostagent(agent, "download", show(loc), out, "--rate", "16M")
+    _killed_mid_way(agent, proc, out, "client")
     generation = agent.call("Volume.getInfo", loc)["generation"]
     agent.call("Volume.fence", {**loc, "generation": generation})
-    code, answer, err = run(agent, "download", show(loc), out2)
+    code, answer, err = run(agent, "download", show(loc), out)
     assert code == 1 and "changed" in answer["error"], (answer, err)
-    code, answer, err = run(agent, "download", show(loc), out2, "--restart")
+    code, answer, err = run(agent, "download", show(loc), out, "--restart")
     assert code == 0 and answer["resumed"] is False, err
-    assert compare(src, "raw", out2, "raw").returncode == 0
+    assert compare(src, "raw", out, "raw").returncode == 0
     code, answer, err = run(agent, "download", show(loc), str(src))  # not a partial one
     assert code == 1 and "not a partial download" in answer["error"]
 

@@ -1,0 +1,232 @@
+"""The two ends of a transfer, as agent/client/transfer.py moves blocks between them: an
+export of the agent (NBD on its unix socket), and a local file (a raw file read and written
+by the kernel; a qcow2 through a private qemu-nbd, its format given, never probed, which dies
+with this process). Each connection is a handle with the same few methods: size, extents
+(what is data and what reads as zeros), pread, pwrite, zero, flush, shutdown."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+
+BLOCK = 4 << 20
+STATUS_MAX = 1 << 30  # bytes asked of one block status request
+DRIVERS = {"raw": "raw", "qcow2": "qcow2"}
+QCOW2_MAGIC = b"QFI\xfb"
+ZEROS = memoryview(bytes(BLOCK))
+
+
+def nbd_module():
+    try:
+        import nbd
+    except ImportError:
+        raise RuntimeError("libnbd's Python binding is missing (Debian: python3-libnbd, "
+                           "seen by a venv made with --system-site-packages)") from None
+    return nbd
+
+
+def is_qcow2(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == QCOW2_MAGIC
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class NbdHandle:
+    """One NBD connection (libnbd), as run_blocks uses an end."""
+
+    def __init__(self, h):
+        self.h = h
+
+    def size(self) -> int:
+        return self.h.get_size()
+
+    def extents(self, start: int, end: int):
+        """(offset, length, zero) covering [start, end), from block status (zero: reads as
+        zeros, a hole or written zeros)."""
+        offset = start
+        while offset < end:
+            found, before = [], offset
+
+            def got(context, at, entries, err):
+                if context == "base:allocation":
+                    pos = at
+                    for i in range(0, len(entries), 2):
+                        found.append((pos, entries[i], bool(entries[i + 1] & 2)))
+                        pos += entries[i]
+                return 0
+            self.h.block_status(min(end - offset, STATUS_MAX), offset, got)
+            if not found:  # no answer: read it all
+                found = [(offset, end - offset, False)]
+            for at, length, zero in found:
+                length = min(length, end - at)
+                if length > 0:
+                    yield at, length, zero
+                    offset = at + length
+            if offset <= before:  # an answer that covers nothing would loop for ever
+                raise RuntimeError("block status covers nothing")
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return self.h.pread(n, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.h.pwrite(data, offset)
+
+    def zero(self, n: int, offset: int) -> None:
+        self.h.zero(n, offset)
+
+    def flush(self) -> None:
+        self.h.flush()
+
+    def shutdown(self) -> None:
+        self.h.shutdown()
+
+
+class FileHandle:
+    """A local raw file read and written by the kernel itself (no qemu-nbd between: a
+    raw file's guest view is its bytes); holes found with SEEK_DATA and made by punching."""
+
+    _libc = None
+
+    def __init__(self, path: str, writable: bool):
+        self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def extents(self, start: int, end: int):
+        offset = start
+        while offset < end:
+            try:
+                data = os.lseek(self.fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole to the end
+                data = end
+            data = min(data, end)
+            if data > offset:
+                yield offset, data - offset, True
+            if data >= end:
+                return
+            stop = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield data, stop - data, False
+            offset = stop
+
+    def pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        while len(data) < n:
+            more = os.pread(self.fd, n - len(data), offset + len(data))
+            if not more:
+                return data + bytes(n - len(data))  # past the end: the guest reads zeros
+            data += more
+        return data
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def zero(self, n: int, offset: int) -> None:
+        if FileHandle._libc is None:
+            FileHandle._libc = ctypes.CDLL(None, use_errno=True)
+            FileHandle._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_int64, ctypes.c_int64]
+        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: zeros that take no room
+        if FileHandle._libc.fallocate(self.fd, 0x02 | 0x01, offset, n) != 0:
+            for at in range(offset, offset + n, BLOCK):  # no hole punching here: zeros
+                self.pwrite(ZEROS[:min(BLOCK, offset + n - at)], at)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def shutdown(self) -> None:
+        os.close(self.fd)
+
+
+class Local:
+    """A local file's guest view: a raw file read and written directly (FileHandle), a
+    qcow2 through a private qemu-nbd (read-only, or writable) on a socket in a fresh 0700
+    directory, SIGKILLed if this process dies."""
+
+    def __init__(self, path: str, fmt: str, writable: bool = False):
+        self.path, self.fmt, self.writable = path, fmt, writable
+        self.proc = self.dir = None
+        if fmt != "raw":
+            self._start()
+
+    def _start(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="hostagent-local-")
+        self.socket = os.path.join(self.dir, "sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.socket)
+            listener.listen(16)
+            argv = ["qemu-nbd", "--persistent", "--shared=16", "-f", DRIVERS[self.fmt],
+                    "--discard=unmap" if self.writable else "--read-only", self.path]
+            fd = listener.fileno()
+
+            def setup():  # systemd socket activation: the listener is fd 3
+                _die_with_parent()
+                if fd == 3:
+                    os.set_inheritable(3, True)
+                else:
+                    os.dup2(fd, 3)
+                os.putenv("LISTEN_PID", str(os.getpid()))
+                os.putenv("LISTEN_FDS", "1")
+            # Every other descriptor of ours is close-on-exec (PEP 446): fd 3 must survive.
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         close_fds=False, preexec_fn=setup)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        finally:
+            listener.close()
+
+    def connect(self):
+        if self.proc is None:
+            return FileHandle(self.path, self.writable)
+        nbd = nbd_module()
+        h = nbd.NBD()
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        try:
+            h.connect_unix(self.socket)
+        except nbd.Error as exc:
+            err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() \
+                is not None else ""
+            raise RuntimeError(f"qemu-nbd of {self.path}: {err.strip() or exc}") from None
+        return NbdHandle(h)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # flushes a writable image, then exits
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect_export(socket_path: str) -> NbdHandle:
+    nbd = nbd_module()
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_unix(socket_path)
+    return NbdHandle(h)
