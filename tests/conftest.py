@@ -1,6 +1,15 @@
+import os
 import shutil
 
 import pytest
+
+
+def pytest_configure(config):
+    # pytest-xdist's workers inherit COLUMNS=80 and LINES=24 from execnet, so a `hostagent`
+    # a test runs would lay its tables out for 80 columns there and for its own default
+    # elsewhere. Tests that want a terminal's size say so (tests/e2e/test_cli_terminal.py).
+    for name in ("COLUMNS", "LINES"):
+        os.environ.pop(name, None)
 
 
 def pytest_addoption(parser):
