@@ -44,7 +44,8 @@ _OPERATION = {"domainID": DOMAIN, "operationID": OPERATION, "type": "scrub",
 _SOCKET = "/run/hostagent/exports/30211-k2x8wq1e/sock"
 _EXPORT = {**DST, "mode": "write", "url": f"nbd+unix:///?socket={_SOCKET}", "socket": _SOCKET,
            "imageio_url": f"nbd:unix:{_SOCKET}", "size": GiB, "format": "raw",
-           "volume_format": "cow", "generation": 0, "inactivity_timeout": 300.0}
+           "volume_format": "cow", "generation": 0, "inactivity_timeout": 300.0,
+           "max_connections": 8}
 _CHECKSUM = "blake3-4m:" + "5f0e" * 16
 _FINISHED = {"volumeID": DST_VOLUME, "legality": "LEGAL", "generation": 2,
              "checksum": _CHECKSUM, "size": GiB, "format": "cow", "already": False}

@@ -76,7 +76,8 @@ def start(agent: Supervisor, params):
     ("nbd+unix:///?socket=PATH", for libnbd and nbdcopy), imageio_url ("nbd:unix:PATH",
     for an ovirt-imageio ticket), socket, size (the guest view's bytes), format ("raw": the
     guest view is served, whatever the volume's format), volume_format, generation,
-    inactivity_timeout}. The socket is in a directory of its own under the agent's run dir,
+    inactivity_timeout, max_connections (clients served at once; one more waits for a
+    free slot)}. The socket is in a directory of its own under the agent's run dir,
     open to the agent's user only, or also to [exports] group (an imageio daemon's). The
     export serves several clients at once ([exports] max_connections) and stays up between
     them. The task's result, when it ends: {..., ended: "stop" | "inactive", written (write)}.

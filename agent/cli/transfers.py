@@ -85,6 +85,12 @@ def _local_format(path: str, given: str | None) -> str:
     return "raw"
 
 
+def _threads(export: dict) -> int:
+    """Connections that move blocks: 4, within what the export serves at once (one more
+    connection reads its block status; a connection past its limit would wait for ever)."""
+    return max(1, min(tx.THREADS, export.get("max_connections", 8) - 1))
+
+
 def _tag(path: str, size: int) -> str:
     """What an upload is of: the local file's identity (a changed file is another upload)."""
     st = os.stat(path)
@@ -123,6 +129,7 @@ def upload(ctx, args) -> int:
             with bar or contextlib.nullcontext():
                 moved = tx.run_blocks(local.connect, lambda: ends.connect_export(exp["socket"]),
                                       size, fresh=fresh, wanted=wanted, stats=stats,
+                                      threads=_threads(exp),
                                       on_block=_progress(bar, size), rate=args.rate,
                                       flush_every=tx.FLUSH_SECONDS)
         except KeyboardInterrupt:
@@ -235,6 +242,7 @@ def download(ctx, args) -> int:
             with bar or contextlib.nullcontext():
                 tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
                               fresh=not resume, wanted=wanted, stats=stats,
+                              threads=_threads(exp),
                               on_block=_progress(bar, size), rate=args.rate)
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "

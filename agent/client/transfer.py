@@ -28,6 +28,7 @@ from agent.client.ends import BLOCK, ZEROS
 # asks): unflushed writes (a qcow2's tables in qemu-nbd's cache) die with a killed agent, and
 # a resume sends again what they held. Each flush costs an fdatasync on the agent's side.
 FLUSH_SECONDS = 1.0
+THREADS = 4  # connections moving blocks at once (and one more reading block status)
 
 
 @functools.lru_cache(maxsize=8)
@@ -116,6 +117,7 @@ class _Movers:
 
     def _run(self) -> None:
         src = dst = None
+        buf = bytearray(BLOCK)
         try:
             src = self.src_connect()
             dst = self.dst_connect() if self.dst_connect else None
@@ -127,7 +129,7 @@ class _Movers:
             try:
                 index, pieces = item
                 self.digests[index] = _block(src, dst, pieces, self.fresh, self.stats,
-                                             self.pacer)
+                                             self.pacer, buf)
                 if dst is not None and self._flush_due():
                     dst.flush()  # what a crash of the far end keeps: a resume skips it
                 if self.on_block is not None:
@@ -165,7 +167,7 @@ class _Movers:
 
 
 def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
-               wanted: set[int] | None = None, threads: int = 4, on_block=None,
+               wanted: set[int] | None = None, threads: int = THREADS, on_block=None,
                stats: Stats | None = None, should_stop=lambda: False,
                rate: int = 0, flush_every: float | None = None) -> dict[int, bytes]:
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
@@ -191,7 +193,9 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     return movers.digests
 
 
-def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer) -> bytes:
+def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer,
+           buf: bytearray) -> bytes:
+    """One block moved (or only hashed), read into `buf` (the thread's own, reused)."""
     if all(zero for _, _, zero in pieces):
         length = sum(p[1] for p in pieces)
         if dst is not None and not fresh:
@@ -207,12 +211,13 @@ def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer) -> bytes:
                 stats.add(zeroed=length)
             continue
         pacer.take(length)
-        data = src.pread(length, at)
-        stats.add(read=length)
-        h.update(data)
-        if dst is not None:
-            dst.pwrite(data, at)
-            stats.add(sent=length)
+        with memoryview(buf)[:length] as data:
+            src.pread_into(data, at)
+            stats.add(read=length)
+            h.update(data)
+            if dst is not None:
+                dst.pwrite(data, at)
+                stats.add(sent=length)
     return h.digest()
 
 

@@ -110,7 +110,7 @@ def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,
     try:
         ctx.returned({**base, **server.urls(), "size": row["size"], "format": "raw",
                       "volume_format": row["format"], "generation": gen,
-                      "inactivity_timeout": timeout})
+                      "inactivity_timeout": timeout, "max_connections": server.max_connections})
         ctx.event("Export.state", {**base, "state": "serving", "generation": gen})
         ended = _until_ended(ctx, db, server, row, transfer, timeout)
     finally:
