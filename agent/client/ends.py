@@ -95,6 +95,15 @@ class NbdHandle:
         self.h.shutdown()
 
 
+ALIGN = 4096  # what O_DIRECT asks of a write's offset, length and buffer here
+
+
+def _aligned(view: memoryview, offset: int) -> bool:
+    if view.readonly or not len(view) or offset % ALIGN or len(view) % ALIGN:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+
+
 class FileHandle:
     """A local raw file read and written by the kernel itself (no qemu-nbd between: a
     raw file's guest view is its bytes); holes found with SEEK_DATA and made by punching."""
@@ -103,6 +112,12 @@ class FileHandle:
 
     def __init__(self, path: str, writable: bool):
         self.fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        self.direct = None  # a second descriptor, O_DIRECT, for aligned writes
+        if writable:
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:  # tmpfs and others: buffered writes only
+                pass
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
@@ -133,9 +148,16 @@ class FileHandle:
             done += n
 
     def pwrite(self, data, offset: int) -> None:
+        """Aligned writes from an aligned buffer (run_blocks' are mmap's) bypass the page
+        cache: growing it costs this kind of VM more than the disk does (measured: a 2 GiB
+        download at 0.6x imageio's client through the cache). The rest go through it."""
         view = memoryview(data)
+        if self.direct is not None and _aligned(view, offset):
+            fd = self.direct
+        else:
+            fd = self.fd
         while len(view):
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(fd, view, offset)
             view, offset = view[n:], offset + n
 
     def zero(self, n: int, offset: int) -> None:
@@ -152,6 +174,8 @@ class FileHandle:
         os.fdatasync(self.fd)
 
     def shutdown(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct)
         os.close(self.fd)
 
 

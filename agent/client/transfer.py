@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import queue
 import threading
 import time
@@ -117,7 +118,7 @@ class _Movers:
 
     def _run(self) -> None:
         src = dst = None
-        buf = bytearray(BLOCK)
+        buf = mmap.mmap(-1, BLOCK)  # page-aligned: a local file may be written O_DIRECT
         try:
             src = self.src_connect()
             dst = self.dst_connect() if self.dst_connect else None
@@ -193,8 +194,7 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     return movers.digests
 
 
-def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer,
-           buf: bytearray) -> bytes:
+def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer, buf) -> bytes:
     """One block moved (or only hashed), read into `buf` (the thread's own, reused)."""
     if all(zero for _, _, zero in pieces):
         length = sum(p[1] for p in pieces)

@@ -208,3 +208,23 @@ def test_an_upload_whose_worker_dies_at_a_metadata_write_is_finished_by_running_
     info = agent.call("Volume.getInfo", loc)
     assert info["legality"] == "LEGAL" and info["transfer"] is None
     assert compare(src, "raw", info["path"], "raw").returncode == 0
+
+
+def test_a_download_of_one_layer_holds_what_that_layer_holds(domain_agent, local):
+    """`--layer`: the snapshot's own data (its unallocated ranges read as zeros, its zeroed
+    ranges as zeros), not the chain's guest view; equal to qemu's view of the layer alone."""
+    import subprocess
+
+    from tests.images.chains import make_chain
+    agent = domain_agent
+    chain = make_chain(agent, agent.domain_id, size=64 * MiB, base_format="raw", layers=2)
+    top = {k: chain[1][k] for k in ("domainID", "imageID", "volumeID")}
+    out = str(local / "layer.raw")
+    code, answer, err = run(agent, "download", show(top), out, "--layer")
+    assert code == 0, err
+    alone = f'json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file",' \
+            f'"filename":"{chain[1]["path"]}"}}}}'
+    want = str(local / "want.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", alone, want], check=True, timeout=60)
+    assert compare(want, "raw", out, "raw").returncode == 0
+    assert compare(chain[1]["path"], "cow", out, "raw").returncode != 0  # not the guest view
