@@ -52,7 +52,6 @@ KINDS = (BLOCKS, SHA256_BLOCKS, WHOLE)
 # The hash of each block-structured kind (the same one inside and outside).
 _HASH = {BLOCKS: blake3.blake3, SHA256_BLOCKS: hashlib.sha256,
          IMAGEIO: functools.partial(hashlib.blake2b, digest_size=32)}
-STREAM_KINDS = (BLOCKS, IMAGEIO)  # what Image.checksum answers
 _ZEROS = memoryview(bytes(BLOCK))
 
 

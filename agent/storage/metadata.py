@@ -51,7 +51,6 @@ from agent.errors import (
 from agent.ids import check_uuid
 from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout
 from agent.storage.markers import Markers, new_token, size_checked
-from agent.storage.transfers import Transfers
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
 from agent.storage.schema import (
     DOMAIN_VERSION,
@@ -61,6 +60,7 @@ from agent.storage.schema import (
     REQUIRED,
     SCHEMA,
 )
+from agent.storage.transfers import Transfers
 from agent.system import fsync_dir
 
 BUSY_TIMEOUT = 30.0

@@ -49,6 +49,15 @@ def _new_dir() -> str:
     return tempfile.mkdtemp(prefix="hostagent-nbd-")
 
 
+def _log(folder: str | None) -> str:
+    """The tail of qemu-nbd's log in an export's directory ("" once it is gone)."""
+    try:
+        with open(os.path.join(folder, "qemu-nbd.log"), errors="replace") as f:
+            return f.read()[-qemu_img.DETAIL_MAX:]
+    except (OSError, TypeError):
+        return ""
+
+
 def _nbd():
     try:
         import nbd
@@ -83,11 +92,7 @@ class Export:
         self.dir = None
 
     def log(self) -> str:
-        try:
-            with open(os.path.join(self.dir, "qemu-nbd.log"), errors="replace") as f:
-                return f.read()[-qemu_img.DETAIL_MAX:]
-        except (OSError, TypeError):
-            return ""
+        return _log(self.dir)
 
     def open(self) -> "Export":
         nbd = _nbd()
@@ -183,7 +188,7 @@ class Server:
         self.socket: str | None = None
 
     def log(self) -> str:
-        return Export.log(self)
+        return _log(self.dir)
 
     def start(self) -> "Server":
         gid = _group_id(self.group)
