@@ -71,7 +71,12 @@ def makedirs(path: str, mode: int = 0o777) -> None:
 
 def fsync_dir(path: str) -> None:
     """Make a directory entry change (create, rename, unlink) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_path(path, os.O_DIRECTORY)
+
+
+def fsync_path(path: str, flags: int = 0) -> None:
+    """Make a file's data (written by anyone, through any descriptor) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:

@@ -202,8 +202,9 @@ def _download_row(opts, side: Side, fmt: str) -> Row:
 
     a, b, c = alternate(opts.repeats, ours, through(imageio), through(nbdcopy))
     side.dom.delete(loc)
-    return _row(f"download_{fmt}", f"download of a {size // MiB} MiB {'cow' if fmt == 'qcow2' else 'raw'}"
-                f" volume, half allocated, into a local raw file (synced)", a, b, c, size, data)
+    kind = "cow" if fmt == "qcow2" else "raw"
+    return _row(f"download_{fmt}", f"download of a {size // MiB} MiB {kind} volume, half "
+                f"allocated, into a local raw file (synced)", a, b, c, size, data)
 
 
 def _row(key, title, a, b, c, size, data) -> Row:

@@ -1,7 +1,8 @@
 """The `hostagent` command: run the agent, and drive it.
 
 serve, call, events and keygen are the plain tools; copy, continue, wait, upload, download,
-tasks, status, watch, top, volume and domain are for people (tables, progress bars) and, with --json, scripts.
+tasks, status, watch, top, volume and domain are for people (tables, progress bars) and,
+with --json, scripts.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from agent.cli.copying import Bar
 from agent.cli.storage import parse_location, show_location
 from agent.client import CallError, ends
 from agent.client import transfer as tx
+from agent.system import fsync_path
 
 STATE_SUFFIX = ".hostagent-download"
 CHECKSUM_BLOCKS = 4096  # block digests one Image.checksum answers
@@ -251,7 +252,7 @@ def download(ctx, args) -> int:
     finally:
         with contextlib.suppress(Exception):  # the agent may be the one that died
             ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
-    _fsync(args.file)
+    fsync_path(args.file)
     os.unlink(state_path)
     return _done(ctx, "download", src, {"file": args.file, "format": fmt}, stats, began, size,
                  resume)
@@ -308,14 +309,6 @@ def _make_local(path: str, fmt: str, size: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -3,10 +3,10 @@
 Version 2 gave volumes a creation token and copy markers their source's identity and a count
 of failures. Version 3 gave volumes a format (raw, or cow: qcow2) and a parent (the volume a
 snapshot is layered on, in the same image), and copy markers the kind of copy (collapse: the
-source's guest view into one volume; chain: one layer of a chain copied onto its parent's copy). Version 4 added the transfers table (a
-volume written through an export: agent/storage/transfers.py). `PRAGMA user_version` holds a
-domain's version; DomainDB.open migrates an older one in one transaction
-(agent/storage/metadata.py).
+source's guest view into one volume; chain: one layer of a chain copied onto its parent's
+copy). Version 4 added the transfers table (a volume written through an export:
+agent/storage/transfers.py). `PRAGMA user_version` holds a domain's version; DomainDB.open
+migrates an older one in one transaction (agent/storage/metadata.py).
 """
 
 DOMAIN_VERSION = 4

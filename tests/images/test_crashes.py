@@ -19,7 +19,7 @@ from tests.images.chains import (
     qemu_io,
     qemu_nbd_under,
 )
-from tests.support.harness import events_until, task_state, wait_for
+from tests.support.harness import events_until, task_state, wait_for, worker_of
 from tests.support.storage_flow import MiB, new_id, wait_legal
 
 pytestmark = needs_qemu
@@ -43,14 +43,6 @@ def start_agent(make_agent, domain):
     agent = make_agent(copy=COPY, recovery=RECOVERY)
     agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
     return agent
-
-
-def worker_of(agent, task_id) -> psutil.Process:
-    def find():
-        for w in agent.call("Host.getStats")["workers"]:
-            if w["taskID"] == task_id and w["pid"]:
-                return psutil.Process(w["pid"])
-    return wait_for(find, what=f"the worker of {task_id}")
 
 
 def exports_of(worker: psutil.Process) -> list[psutil.Process]:

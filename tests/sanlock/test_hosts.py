@@ -13,7 +13,7 @@ import pytest
 
 from agent.client import CallError
 from tests.sanlock.daemons import needs_sanlock
-from tests.support.harness import concurrently, task_state, wait_for
+from tests.support.harness import concurrently, task_state, wait_for, worker_of
 from tests.support.storage_flow import (
     MiB,
     dst_for,
@@ -67,14 +67,6 @@ def lockspace(agent, domain_id):
 def joined(agent, domain_id, timeout=60):
     wait_for(lambda: lockspace(agent, domain_id) == "joined", timeout, interval=0.05,
              what="the lockspace joined")
-
-
-def worker_of(agent, task_id):
-    def find():
-        for w in agent.call("Host.getStats")["workers"]:
-            if w["taskID"] == task_id and w["pid"]:
-                return psutil.Process(w["pid"])
-    return wait_for(find, what=f"the worker of {task_id}")
 
 
 def checkpointed(agent, dst):

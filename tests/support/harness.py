@@ -69,6 +69,15 @@ def task_state(agent, task_id):
         return None
 
 
+def worker_of(agent, task_id) -> psutil.Process:
+    """The worker process of an agent's task, once the agent names its pid."""
+    def find():
+        for w in agent.call("Host.getStats")["workers"]:
+            if w["taskID"] == task_id and w["pid"]:
+                return psutil.Process(w["pid"])
+    return wait_for(find, what=f"the worker of {task_id}")
+
+
 def short_tmpdir(prefix: str = "ha-") -> Path:
     # ipc socket paths must stay under ~107 bytes: pytest's tmp_path is often longer.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

@@ -14,7 +14,7 @@ import pytest
 
 from agent.client import CallError
 from tests.images.chains import compare, make_chain, needs_qemu, qemu_io, qemu_nbd_under
-from tests.support.harness import task_state, wait_for
+from tests.support.harness import task_state, wait_for, worker_of
 from tests.support.storage_flow import MiB, new_id
 from tests.transfers.helpers import nbd_connect
 
@@ -24,14 +24,6 @@ SIZE = 64 * MiB
 
 def ids(v):
     return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
-
-
-def worker_of(agent, task_id) -> psutil.Process:
-    def find():
-        for w in agent.call("Host.getStats")["workers"]:
-            if w["taskID"] == task_id and w["pid"]:
-                return psutil.Process(w["pid"])
-    return wait_for(find, what=f"the worker of {task_id}")
 
 
 def servers_of(worker: psutil.Process) -> list[psutil.Process]:

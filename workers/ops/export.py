@@ -18,10 +18,10 @@ exported again (the client resumes) or deleted.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 
 from agent import errors
+from agent.system import fsync_path
 from agent.storage import chain, checksum, leases, qemu_img, qemu_nbd, volumes
 from agent.storage.copy import nbd
 from agent.storage.volumes import FORMATS, open_domain, volume_row
@@ -117,7 +117,7 @@ def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,
         code = server.stop(beat=ctx.beat)
     path = db.layout.data_path(row)
     if writable:  # qemu-nbd flushed as it exited; make it durable whatever it did
-        _fsync(path)
+        fsync_path(path)
         if not db.touch_transfer(row["volume_id"], gen, volumes.allocated(path), "stopped"):
             raise errors.GenerationMismatch("the transfer was fenced off",
                                             volumeID=row["volume_id"], generation=gen)
@@ -156,14 +156,6 @@ def _until_ended(ctx, db, server, row, transfer, timeout: float) -> str:
         ctx.pause(POLL_SECONDS)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _acquire(ctx, db, volume_id: str, who: dict, wait: float):
     """The volume's lease, waiting up to `wait` seconds for a holder to let go (an export
     that was just asked to stop)."""
@@ -190,7 +182,7 @@ def finish(ctx, args):
             return _finished_before(row, expected)
         rows = db.chain(vid)
         path = db.layout.data_path(row)
-        _fsync(path)
+        fsync_path(path)
         chain.inspect(db.layout, rows, ctx.beat, structure=True)  # as an upload is checked
         kinds = [checksum.BLOCKS] + ([expected.split(":", 1)[0]] if expected else [])
         sums = _guest_checksums(ctx, db, rows, sorted(set(kinds)))

@@ -12,7 +12,7 @@ import os
 from agent.storage import chain, qemu_img
 from agent.storage.formats import raw
 from agent.storage.layout import SUFFIXES
-from agent.system import fsync_dir
+from agent.system import fsync_dir, fsync_path
 
 NAME = "cow"
 SUFFIX = SUFFIXES[NAME]
@@ -27,11 +27,7 @@ def create(path: str, size: int, preallocation: str = "sparse", parent: dict | N
                     backing_fmt=parent["format"] if parent else None,
                     preallocation=preallocation, cluster_size=cluster_size,
                     extended_l2=extended_l2, beat=beat)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
     fsync_dir(os.path.dirname(path))
 
 
