@@ -74,9 +74,15 @@ def test_values_move_as_work_is_done(make_agent, workdir):
     assert copy["total"] == 48 * MiB and copy["rate"] > 0
 
     wait_legal(agent, dst)
+    # The counters move as a task ends, the gauges with the snapshot the loop refreshes
+    # once a second: a scrape may fall between the two, so wait for both in one.
     after = wait_for(lambda: (s := scrape(url)) and
                      value(s, "hostagent_tasks_ended_total", method="Image.copy",
-                           state="done") == 1 and s, what="the copy counted")
+                           state="done") == 1 and
+                     value(s, "hostagent_tasks", method="Image.copy", state="running") == 0
+                     and value(s, "hostagent_domain_volumes", domain=domain_id,
+                               legality="ILLEGAL") == 0 and s,
+                     what="the copy counted, no longer running, its volume LEGAL")
     assert value(after, "hostagent_copy_bytes_total") == 48 * MiB
     assert value(after, "hostagent_task_duration_seconds_count", method="Image.copy") == 1
     assert value(after, "hostagent_task_duration_seconds_sum", method="Image.copy") > 1
