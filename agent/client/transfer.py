@@ -1,14 +1,15 @@
 """Moving a disk's guest view between a local file and an agent's export, over NBD.
 
-Both ends are libnbd handles: the export's unix socket (Export.start), and a private
-qemu-nbd of the local file, its format given (raw or qcow2: never probed), which dies with
-this process. The work is cut in 4 MiB blocks, the block of the agent's checksums; each
-block's extents come from NBD block status, so zeros and holes are never sent: on a fresh
-destination a zero range is left alone, on one that may hold something else it becomes a
-write-zeroes. Each block's BLAKE3 digest is taken as it passes, so a transfer ends knowing
-the blake3-4m checksum the agent records, and the agent's finish checks it. A resumed
-transfer compares both ends' block digests (the agent's from Image.checksum, computed on its
-side) and moves only the blocks that differ. Several connections move blocks at once.
+The two ends are agent/client/ends.py's: the export's unix socket (Export.start), and the
+local file (raw: its bytes, read and written by the kernel; qcow2: through a private
+qemu-nbd, its format given, never probed, which dies with this process). The work is cut in
+4 MiB blocks, the block of the agent's checksums; each block's extents come from block
+status (SEEK_DATA for a raw file), so zeros and holes are never sent: on a fresh destination
+a zero range is left alone, on one that may hold something else it becomes a write-zeroes.
+Each block's BLAKE3 digest is taken as it passes, so a transfer ends knowing the blake3-4m
+checksum the agent records, and the agent's finish checks it. A resumed transfer compares
+both ends' block digests (the agent's from Image.checksum, computed on its side) and moves
+only the blocks that differ. Several connections move blocks at once.
 """
 
 from __future__ import annotations
