@@ -115,7 +115,7 @@ def upload(ctx, args) -> int:
             return _already_there(ctx, dst, status, local, size, stats, began)
         fresh, digests = status is None, {}
         if status is not None:
-            digests = _prepare_resume(ctx, dst, status, tag, local, size, stats)
+            digests = _prepare_resume(ctx, dst, status, tag, local, size)
         export_id = f"upload-{uuid.uuid4().hex[:8]}"
         params = {**dst, "mode": "write", "tag": tag}
         if fresh:
@@ -124,7 +124,7 @@ def upload(ctx, args) -> int:
         wanted = None if fresh else tx.differing(digests["local"], digests["remote"],
                                                  tx.block_count(size))
         if wanted is not None:
-            stats.add(skipped=size - sum(min(tx.BLOCK, size - i * tx.BLOCK) for i in wanted))
+            stats.add(skipped=size - tx.bytes_of(wanted, size))
         bar = None if ctx.json else Bar(ctx.out, f"upload {dst['volumeID'][:8]}", True)
         try:
             with bar or contextlib.nullcontext():
@@ -181,7 +181,7 @@ def _already_there(ctx, dst, status, local, size, stats, began) -> int:
                         f"upload of this file in progress: upload into a new volume")
 
 
-def _prepare_resume(ctx, dst, status, tag, local, size, stats) -> dict:
+def _prepare_resume(ctx, dst, status, tag, local, size) -> dict:
     """An upload into a volume that exists: only its own transfer goes on. A live export of
     it (this command's, killed) is stopped first; then both ends' digests are taken."""
     transfer = status["transfer"]
@@ -237,8 +237,7 @@ def download(ctx, args) -> int:
                 remote = remote_digests(ctx, src, size, layer=args.layer)
                 mine = tx.run_blocks(local.connect, None, size, fresh=True)
                 wanted = tx.differing(mine, remote, tx.block_count(size))
-                stats.add(skipped=size - sum(min(tx.BLOCK, size - i * tx.BLOCK)
-                                             for i in wanted))
+                stats.add(skipped=size - tx.bytes_of(wanted, size))
             bar = None if ctx.json else Bar(ctx.out, f"download {src['volumeID'][:8]}", True)
             with bar or contextlib.nullcontext():
                 tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,

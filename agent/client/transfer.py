@@ -227,5 +227,10 @@ def differing(local: dict[int, bytes], remote: dict[int, bytes], count: int) -> 
     return {i for i in range(count) if local.get(i) is None or local.get(i) != remote.get(i)}
 
 
+def bytes_of(indices: set[int], size: int) -> int:
+    """The bytes the blocks of these indices cover (the last block may be short)."""
+    return sum(min(BLOCK, size - i * BLOCK) for i in indices)
+
+
 def block_count(size: int) -> int:
     return (size + BLOCK - 1) // BLOCK

@@ -35,9 +35,6 @@ class Transfers:
                                   [check_uuid(volume_id, "volumeID")]))
         return rows[0] if rows else None
 
-    def list_transfers(self) -> list[dict]:
-        return list(self.db.query("SELECT * FROM transfers ORDER BY started"))
-
     def begin_transfer(self, image_id: str, volume_id: str, *, host_id: str | None,
                        task_id: str | None, tag: str | None = None,
                        create: dict | None = None) -> dict:
@@ -58,17 +55,16 @@ class Transfers:
                     raise NoSuchVolume("no such volume", imageID=image_id, volumeID=volume_id)
                 self.insert_volume(db, image_id, volume_id, size_checked(create["size"]),
                                    "ILLEGAL", create["format"])
-                gen, created = 0, True
+                gen, created, size = 0, True, create["size"]
             else:
                 if row["image_id"] != image_id:
                     raise NoSuchVolume("no such volume in this image", imageID=image_id,
                                        volumeID=volume_id)
                 _check_writable(self, row, tag, create)
-                gen, created = row["generation"] + 1, False
+                gen, created, size = row["generation"] + 1, False, row["size"]
                 db.execute("UPDATE volumes SET legality = 'ILLEGAL', generation = ?,"
                            " checksum = NULL, updated = ? WHERE volume_id = ?",
                            [gen, now, volume_id])
-            size = (self.get_volume(volume_id))["size"]
             if self.get_transfer(volume_id) is None:
                 db["transfers"].insert({
                     "volume_id": volume_id, "image_id": image_id, "generation": gen,

@@ -25,7 +25,7 @@ from agent.system import fsync_path
 from agent.storage import chain, checksum, leases, qemu_img, qemu_nbd, volumes
 from agent.storage.copy import nbd
 from agent.storage.volumes import FORMATS, open_domain, volume_row
-from workers.ops.volume import holder
+from workers.ops.volume import acquire_waiting, holder
 from workers.protocol import Stopped
 
 TOUCH_SECONDS = 2.0  # how often a write export records what its volume holds
@@ -55,7 +55,8 @@ def _serve_transfer(ctx, db, args):
     """Under the volume's lease: the volume made (or taken over) as a transfer, served."""
     create, vid = args.get("create"), args["volumeID"]
     row = db.get_volume(vid)
-    if row is None and create is not None:  # data file first, then the row (volumes.py)
+    made = row is None and create is not None
+    if made:  # data file first, then the row (volumes.py)
         db.layout.ensure_image_dir(args["imageID"])
         volumes.remove_leftovers(db, args["imageID"], vid)
         path = db.layout.volume_path(args["imageID"], vid, create["format"])
@@ -75,7 +76,8 @@ def _serve_transfer(ctx, db, args):
     row = db.get_volume(vid)
     rows = db.chain(vid)
     try:
-        _reopen_checked(ctx, db, rows)
+        if not made and row["format"] == "cow":  # what an earlier writer left
+            _reclaim_leaks(ctx, db, rows)
     except errors.AgentError:  # not served: the transfer is stopped, not interrupted
         db.touch_transfer(vid, transfer["generation"],
                           volumes.allocated(db.layout.data_path(row)), "stopped")
@@ -87,14 +89,13 @@ def _serve_transfer(ctx, db, args):
     return _serve(ctx, db, args, row, opts, writable=True, transfer=transfer)
 
 
-def _reopen_checked(ctx, db, rows: list[dict]) -> None:
-    """What an earlier writer left is checked before qemu opens it for writing: headers
-    first; a qcow2 then by qemu-img check, leaked clusters (a killed qemu-nbd's) reclaimed."""
-    chain.inspect(db.layout, rows, ctx.beat)
+def _reclaim_leaks(ctx, db, rows: list[dict]) -> None:
+    """A qcow2 an earlier writer left (its headers already read by the agent), checked by
+    qemu-img check before qemu-nbd opens it for writing: damage refused, the leaked
+    clusters of a killed qemu-nbd reclaimed."""
     row = rows[-1]
-    if row["format"] == "cow":
-        qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False, layer_only=True),
-                       db.layout.data_path(row), repair_leaks=True, beat=ctx.beat)
+    qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False, layer_only=True),
+                   db.layout.data_path(row), repair_leaks=True, beat=ctx.beat)
 
 
 def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,
@@ -156,25 +157,12 @@ def _until_ended(ctx, db, server, row, transfer, timeout: float) -> str:
         ctx.pause(POLL_SECONDS)
 
 
-def _acquire(ctx, db, volume_id: str, who: dict, wait: float):
-    """The volume's lease, waiting up to `wait` seconds for a holder to let go (an export
-    that was just asked to stop)."""
-    manager = leases.for_domain(db)
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return manager.acquire(volume_id, who)
-        except errors.LeaseHeld:
-            if time.monotonic() >= deadline:
-                raise
-            ctx.wait(0.1)
-
-
 def finish(ctx, args):
     """Check what a transfer wrote and make the volume LEGAL (Export.finish)."""
     vid = args["volumeID"]
-    with open_domain(args) as db, \
-            _acquire(ctx, db, vid, holder(ctx, "finish"), args.get("wait", 30.0)):
+    # The lease, once an export that was just asked to stop lets it go.
+    with open_domain(args) as db, acquire_waiting(ctx, db, vid, holder(ctx, "finish"),
+                                                  args.get("wait", 30.0), interval=0.1):
         row = volume_row(db, args)
         transfer = db.get_transfer(vid)
         expected = args.get("checksum")
@@ -184,13 +172,13 @@ def finish(ctx, args):
         path = db.layout.data_path(row)
         fsync_path(path)
         chain.inspect(db.layout, rows, ctx.beat, structure=True)  # as an upload is checked
-        kinds = [checksum.BLOCKS] + ([expected.split(":", 1)[0]] if expected else [])
-        sums = _guest_checksums(ctx, db, rows, sorted(set(kinds)))
-        if expected and sums[expected.split(":", 1)[0]] != expected:
+        kind = expected.split(":", 1)[0] if expected else checksum.BLOCKS
+        sums = _guest_checksums(ctx, db, rows, sorted({checksum.BLOCKS, kind}))
+        if expected and sums[kind] != expected:
             raise errors.TransferConflict("what was written is not what the client sent "
                                           "(checksums differ): the volume stays ILLEGAL",
                                           volumeID=vid, reason="checksum", expected=expected,
-                                          found=sums[expected.split(":", 1)[0]])
+                                          found=sums[kind])
         if not db.finish_transfer(vid, transfer["generation"], sums[checksum.BLOCKS]):
             raise errors.GenerationMismatch("the transfer changed hands",
                                             volumeID=vid, generation=transfer["generation"])

@@ -27,21 +27,28 @@ def info(ctx, args):
         return volumes.info(db, args)
 
 
+def acquire_waiting(ctx, db, volume_id: str, who: dict, seconds: float,
+                    interval: float = 1.0):
+    """The volume's lease, waiting out a holder for up to `seconds` (heartbeating; an abort
+    stops the wait): LeaseHeld if it is still held then."""
+    manager = leases.for_domain(db)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return manager.acquire(volume_id, who)
+        except errors.LeaseHeld:
+            if time.monotonic() >= deadline:
+                raise
+            ctx.wait(interval)
+
+
 def fence(ctx, args):
     """Take the volume's lease (waiting out a holder, up to the timeout: a dead host's lease
     frees once sanlock counts it dead), raise its generation, let the lease go."""
     with volumes.open_domain(args) as db:
         volumes.volume_row(db, args)
-        manager = leases.for_domain(db)
-        deadline = time.monotonic() + args.get("timeout", 300)
-        while True:
-            try:
-                lease = manager.acquire(args["volumeID"], holder(ctx, "fence"))
-                break
-            except errors.LeaseHeld:
-                if time.monotonic() >= deadline:
-                    raise
-                ctx.wait(1.0)
+        lease = acquire_waiting(ctx, db, args["volumeID"], holder(ctx, "fence"),
+                                args.get("timeout", 300))
         began = args.get("began")
         with lease:
             generation = db.fence(args["volumeID"], args["generation"])
