@@ -20,6 +20,7 @@ PRAGMA integrity_check clean on both domains.
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import signal
 import subprocess
@@ -172,7 +173,9 @@ class Fleet:
         if kind == "worker":
             for w in h.agent.call("Host.getStats")["workers"]:
                 if w["pid"]:
-                    psutil.Process(w["pid"]).kill()
+                    # A worker may end between the listing and the kill (its copy done).
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        psutil.Process(w["pid"]).kill()
             return h
         h.lives.append(h.processes())
         if kind == "host":
