@@ -217,6 +217,21 @@ class TransferConflict(AgentError):
     code, name = 217, "TransferConflict"
 
 
+class VolumeInUse(AgentError):
+    """Another operation is working on the volume: a copy reads it ("copy-source") or
+    writes it ("copy-destination"), a transfer writes it ("transfer"), or it is in a merge
+    ("merge"), as data.reason says. Nothing was changed; try again when that one ends."""
+
+    code, name = 218, "VolumeInUse"
+
+
+class ShrinkRefused(AgentError):
+    """A volume never shrinks: what its guest wrote past the new end would be lost
+    (data.size, data.requested)."""
+
+    code, name = 219, "ShrinkRefused"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

@@ -5,6 +5,10 @@ worker of a real agent; nothing else in the agent changes. The variable holds JS
 
   {"crash_after_writes": N}   SIGKILL this worker right after its N-th metadata commit or
                               before its N-th data fsync (the crash-point sweep)
+  {"crash_after": "commit:merge_committed", "skip": K}
+                              SIGKILL this worker right after the (K+1)-th metadata commit
+                              or write of that name (a commit is "commit:<op>"; a merge's
+                              rewrite of its child's header is "write:repoint-header")
   {..., "op": "export.finish"}  only in workers of that op (the others run sound)
   {"io_error": {"kind": "copy" | "fsync", "errno": "EIO", "at_offset": X}}
                               raise that OSError the first time the copy engine does `kind`
@@ -43,6 +47,15 @@ def install_from_env(op: str | None = None) -> dict | None:
                 os.kill(os.getpid(), signal.SIGKILL)
         metadata._after_write_hook = count
         kernel._fault = lambda kind, offset: count(kind) if kind == "fsync" else None
+    if "crash_after" in spec:
+        seen = [int(spec.get("skip", 0))]
+
+        def named(what, *_):
+            if what == spec["crash_after"]:
+                seen[0] -= 1
+                if seen[0] < 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        metadata._after_write_hook = named
     if "io_error" in spec:
         want = spec["io_error"]
         code = getattr(errno, want.get("errno", "EIO"))

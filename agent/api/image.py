@@ -1,4 +1,5 @@
-"""Image: copies that outlive their tasks, tracked on storage by a marker any host can read."""
+"""Image: copies and merges that outlive their tasks, tracked on storage (a copy's marker, a
+merge's row) where any host reads them."""
 
 from __future__ import annotations
 
@@ -78,6 +79,60 @@ def copy(agent: Supervisor, params):
     return recovery.copy_under_policy(agent, params["src"], params["dst"], **extra)  # retried
 
 
+@verb("Image.merge", Param("domainID", "uuid"), Param("imageID", "uuid"),
+      Param("baseVolumeID", "uuid", doc="the volume that stays: top's parent"),
+      Param("topVolumeID", "uuid", doc="the snapshot folded into base, then removed"),
+      worker=True, events=("Task.state", "Task.progress", "Image.merge"))
+def merge(agent: Supervisor, params):
+    """Remove a snapshot: fold `top` into its parent `base`, so that one volume stands where
+    both stood, with base's ID, holding the guest view top had; top's child (if any) then
+    backs onto base, and top is gone. Every other volume's guest view is unchanged.
+
+    In one transaction base and top turn ILLEGAL (each generation + 1) with the merge
+    recorded on storage; then the response is sent, {volumeID (base's), baseVolumeID,
+    topVolumeID, state: "merging", step, generation, copied, total, attempts, failures},
+    and the task goes on: base grown to top's size if smaller; what top holds itself (its
+    data and its zeros, nothing else) written into base, checkpointed after a flush, at no
+    more than [copy] max_bytes_per_second; the child's backing re-pointed; then, in one
+    transaction, top's row removed and base LEGAL with generation + 1 and the checksum of
+    its new guest view. The task's result: {..., state: "done", generation}. Image.merge
+    events say where it is (started, merging with copied/total, committed, done).
+
+    A merge is resumable from any crash: asking again for the same pair (from any host)
+    continues it from its last checkpoint or step; start-up recovers it by the copy policy
+    ([recovery]); failures are retried and abandoned as a copy's are. A merge asked again
+    once done answers done ("already": true). Task.abort stops it without revert (base and
+    top stay ILLEGAL until it is continued). Image.getStatus (of base, top or top's child)
+    and Image.getInfo show a merge in progress.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld (base, top or top's child is
+    busy), 204 NoSpace (base's domain cannot take what top holds), 206 GenerationMismatch,
+    207 VolumeIllegal, 215 VolumeHasChildren, 216 ImageInvalid (the chain refused: see
+    Image.copy), 218 VolumeInUse (data.reason: copy-source (a copy in progress reads the
+    chain), copy-destination, transfer, export (an export served here), merge (another
+    merge holds one of them)), -32602 (top is not base's child; base and top the same).
+    """
+    if params["baseVolumeID"] == params["topVolumeID"]:
+        raise errors.InvalidParams("base and top are the same volume", param="topVolumeID")
+    _not_served_here(agent, params)
+    return recovery.merge_under_policy(agent, params)
+
+
+def _not_served_here(agent: Supervisor, params) -> None:
+    """VolumeInUse if this agent runs an export or a copy that reads the image: its data is
+    about to move under them (copies from any host are found on storage, by the worker)."""
+    for task in list(agent.tasks.active.values()):
+        job = task.job
+        if job is None or job.op not in ("export.start", "image.copy", "image.checksum"):
+            continue
+        loc = job.args["src"] if job.op == "image.copy" else job.args
+        if (loc.get("domainID"), loc.get("imageID")) == (params["domainID"],
+                                                         params["imageID"]):
+            raise errors.VolumeInUse("a task of this agent reads the image",
+                                     volumeID=loc.get("volumeID"), taskID=task.id,
+                                     reason="export" if job.op == "export.start"
+                                     else "copy-source")
+
+
 @verb("Image.getStatus", *VOLUME_PARAMS, worker=True)
 def get_status(agent: Supervisor, params):
     """The state of a volume and of any copy into it, read from storage (any host).
@@ -88,7 +143,11 @@ def get_status(agent: Supervisor, params):
     task_id, lease: {live, host_id, pid, task_id, op, since} | null}, transfer: null |
     {state (serving | stopped | interrupted), generation, host_id, task_id, tag, written
     (bytes its data file holds, looked at every 2 s while served), size, attempts,
-    created_volume, started, updated, lease}} (a transfer: Export.start with mode write).
+    created_volume, started, updated, lease}, merge: null | {baseVolumeID, topVolumeID,
+    childVolumeID, step (commit | committed | repointed), state (merging | abandoned),
+    copied, total, percent, generation, attempts, failures, errors, started, updated,
+    host_id, task_id, lease, running}} (a transfer: Export.start with mode write; a merge:
+    Image.merge, shown for its base, its top and top's child).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume.
     """
     return WorkerJob("image.status", jobs.with_path(agent.domains, params))
@@ -137,8 +196,9 @@ def get_info(agent: Supervisor, params):
     """An image's volumes in chain order, base first, each as Volume.getInfo shows it
     (without its lease).
 
-    Result: {domainID, imageID, chain: [volume, ...] | null, chains: [[volume, ...]]}
-    (chain is the one chain of a linear image; chains lists every leaf's chain).
+    Result: {domainID, imageID, chain: [volume, ...] | null, chains: [[volume, ...]],
+    merges: [merge, ...]} (chain is the one chain of a linear image; chains lists every
+    leaf's chain; merges: those in progress, as Image.getStatus shows them).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (no volume in the image).
     """
     return WorkerJob("image.info", jobs.with_path(agent.domains, params))

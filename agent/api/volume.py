@@ -116,3 +116,46 @@ def fence(agent: Supervisor, params):
         raise errors.InvalidParams("timeout must be in (0, 3600] seconds", param="timeout")
     args = jobs.with_path(agent.domains, params) | {"began": time.time()}
     return WorkerJob("volume.fence", args)
+
+
+@verb("Volume.extend", *VOLUME_PARAMS,
+      Param("size", "int", check=_size, doc="the new virtual size, in bytes"),
+      Param("preallocation", "str", required=False, check=one_of("sparse", "preallocated"),
+            doc="of the new range: sparse, or preallocated (default: as the volume is)"),
+      Param("generation", "int", required=False,
+            doc="refuse (206) unless the volume is still at this generation"),
+      worker=True)
+def extend(agent: Supervisor, params):
+    """Grow a volume's virtual size, under its lease, answered when done: a raw volume's
+    file is truncated (or allocated, if preallocated) to the new size, a cow volume grown
+    by qemu-img resize; then its row takes the size with generation + 1. The guest sees
+    zeros past the old end. Only a volume with no snapshots layered on it grows (a leaf, or
+    a lone volume). Asking for the size it has is answered with nothing done (extended:
+    false), so a retry is harmless.
+
+    Result: {volumeID, size, generation, extended}.
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld, 204 NoSpace, 206
+    GenerationMismatch, 207 VolumeIllegal, 215 VolumeHasChildren (an inner layer), 216
+    ImageInvalid, 218 VolumeInUse (a copy, transfer or merge writes it), 219 ShrinkRefused
+    (smaller than it is), -32602 (a cow size that is not a multiple of 512).
+    """
+    args = {k: v for k, v in params.items() if v is not None}
+    return WorkerJob("volume.extend", jobs.with_path(agent.domains, args))
+
+
+@verb("Volume.measure", *VOLUME_PARAMS,
+      Param("format", "str", required=False, check=one_of("raw", "cow"),
+            doc="the destination's format (default: the volume's)"),
+      worker=True)
+def measure(agent: Supervisor, params):
+    """What a copy of the volume's guest view (its whole chain, as the agent's metadata
+    says it is) needs in a destination format: `qemu-img measure` of the chain, after the
+    checks of Image.copy's source. `required` is what a sparse copy needs, `fully_allocated`
+    what a preallocated one does.
+
+    Result: {volumeID, format, size, required, fully_allocated} (bytes).
+    Errors: 200 NoSuchDomain, 201 NoSuchVolume, 207 VolumeIllegal (a volume of its chain is
+    being written), 216 ImageInvalid.
+    """
+    args = {k: v for k, v in params.items() if v is not None}
+    return WorkerJob("volume.measure", jobs.with_path(agent.domains, args))

@@ -81,9 +81,22 @@ def inspect(layout, rows: list[dict], beat=lambda: None, structure: bool = False
     return headers
 
 
-def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = False) -> str:
+def require_legal(rows: list[dict]) -> None:
+    """VolumeIllegal unless every layer of the chain is LEGAL: a layer being written (a
+    copy's or a transfer's destination, a merge's base or top) is nobody's to read."""
+    for row in rows:
+        if row["legality"] != "LEGAL":
+            raise errors.VolumeIllegal("a volume of the chain is not LEGAL (a copy, a transfer "
+                                       "or a merge is writing it)", volumeID=row["volume_id"])
+
+
+def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = False,
+               share: bool = False) -> str:
     """qemu's --image-opts for the chain's top (rows[-1]), every backing layer spelled out.
-    ``layer_only``: the top without its backing (reads of its unallocated parts: zeros)."""
+    ``layer_only``: the top without its backing (reads of its unallocated parts: zeros).
+    ``share``: the backing layers opened without taking qemu's image locks, for a merge,
+    whose commit writes into a backing layer that this reader reads only where the commit
+    never writes (agent/storage/merges.py)."""
     keys: dict[str, str] = {}
     chain = rows[-1:] if layer_only else rows
     prefix = ""
@@ -94,6 +107,8 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
         keys[prefix + "file.filename"] = path
         keys[prefix + "file.aio"] = "native" if direct else "threads"
         keys[prefix + "cache.direct"] = "on" if direct else "off"
+        if share and prefix:
+            keys[prefix + "force-share"] = "on"
         if row["format"] == "cow" and (layer_only or i == len(chain) - 1):
             keys[prefix + "backing"] = ""  # null: no backing opened (a base, or a lone layer)
         prefix += "backing."

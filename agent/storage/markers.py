@@ -195,7 +195,7 @@ class Markers:
             now = time.time()
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [generation + 1, now, volume_id])
-            for table in ("copy_markers", "transfers"):  # a writer of either kind fenced
+            for table in ("copy_markers", "transfers", "merges"):  # a writer of any kind
                 db.execute(f"UPDATE {table} SET generation = ?, updated = ?"
                            " WHERE volume_id = ? AND generation = ?",
                            [generation + 1, now, volume_id, generation])

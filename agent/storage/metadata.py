@@ -19,7 +19,8 @@ full domain always has a way out, format leaves a reserve file (RESERVE_BYTES) b
 database: deleting a volume that finds no room for its journal gives the reserve back, deletes,
 and the reserve is made again once the volume's data is gone (agent/storage/volumes.py).
 
-Copy markers and their generations, the fencing token: agent/storage/markers.py.
+Copy markers and their generations, the fencing token: agent/storage/markers.py; transfers:
+agent/storage/transfers.py; merges: agent/storage/merges.py.
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ from agent.errors import (
     VolumeExists,
     VolumeHasChildren,
     VolumeIllegal,
+    VolumeInUse,
 )
 from agent.ids import check_uuid
 from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout
 from agent.storage.markers import Markers, new_token, size_checked
+from agent.storage.merges import Merges
 from agent.storage.reserve import RESERVE_NAME, ensure_reserve, release_reserve
 from agent.storage.schema import (
     DOMAIN_VERSION,
@@ -100,7 +103,7 @@ def _sqlite_error(op: str, e: sqlite3.Error) -> AgentError:
     return OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__)
 
 
-class DomainDB(Markers, Transfers):
+class DomainDB(Markers, Transfers, Merges):
     def __init__(self, root: str, db: sqlite_utils.Database, domain_id: str):
         self.layout = Layout(root)
         self.db = db
@@ -294,7 +297,7 @@ class DomainDB(Markers, Transfers):
         return rows[0] if rows else None
 
     def create_volume(self, image_id: str, volume_id: str, size: int, fmt: str = "raw",
-                      parent_id: str | None = None) -> dict:
+                      parent_id: str | None = None, preallocation: str | None = None) -> dict:
         """Record a new LEGAL volume of generation 0. VolumeExists if the id is taken; with
         a parent, the parent must be the LEGAL leaf of the same image (chains are linear)."""
         image_id = check_uuid(image_id, "imageID")
@@ -303,20 +306,25 @@ class DomainDB(Markers, Transfers):
         with self.tx("create_volume") as db:
             if parent_id is not None:
                 self.check_new_parent(image_id, parent_id, size)
-            self.insert_volume(db, image_id, volume_id, size, "LEGAL", fmt, parent_id)
+            self.insert_volume(db, image_id, volume_id, size, "LEGAL", fmt, parent_id,
+                               preallocation)
         return self.get_volume(volume_id)
 
     def insert_volume(self, db, image_id: str, volume_id: str, size: int,
-                      legality: str, fmt: str = "raw", parent_id: str | None = None) -> float:
+                      legality: str, fmt: str = "raw", parent_id: str | None = None,
+                      preallocation: str | None = None) -> float:
         """A new volume's row (inside a tx): generation 0 and a fresh creation token.
-        VolumeExists if the ID is taken. Returns its creation time."""
+        VolumeExists if the ID is taken. Returns its creation time. ``preallocation``: how
+        it was made, if it was made whole or sparse on purpose (None: a copy's, a
+        transfer's, or one made before the column existed)."""
         if self.get_volume(volume_id) is not None:
             raise VolumeExists("volume exists", volume_id=volume_id)
         now = time.time()
         db["volumes"].insert({"volume_id": volume_id, "image_id": image_id, "size": size,
                               "legality": legality, "generation": 0, "checksum": None,
                               "created": now, "updated": now, "token": new_token(),
-                              "format": fmt, "parent_id": parent_id})
+                              "format": fmt, "parent_id": parent_id,
+                              "preallocation": preallocation})
         return now
 
     def check_new_parent(self, image_id: str, parent_id: str, size: int) -> dict:
@@ -389,6 +397,11 @@ class DomainDB(Markers, Transfers):
             if children:
                 raise VolumeHasChildren("the volume has snapshots layered on it: delete them "
                                         "first", volumeID=volume_id, children=children)
+            merge = self.merge_of(volume_id)
+            if merge is not None and volume_id in (merge["volume_id"], merge["top_id"]):
+                raise VolumeInUse("the volume is in a merge: continue the merge (Image.merge) "
+                                  "to end it", volumeID=volume_id, reason="merge",
+                                  base=merge["volume_id"], top=merge["top_id"])
             db.execute("DELETE FROM copy_markers WHERE volume_id = ?", [volume_id])
             db.execute("DELETE FROM transfers WHERE volume_id = ?", [volume_id])
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [volume_id])

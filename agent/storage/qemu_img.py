@@ -233,6 +233,24 @@ def measure(fmt: str, chain_opts: str, beat=lambda: None) -> dict:
                            chain_opts], beat) or "{}")
 
 
+def resize(image_opts: str, size: int, path: str, *, shrink: bool = False,
+           preallocation: str = "sparse", beat=lambda: None) -> None:
+    """The image's virtual size made `size` (one layer: `image_opts` opens no backing)."""
+    args = ["resize", "-q", "--image-opts"]
+    if shrink:
+        args.append("--shrink")
+    if preallocation == "preallocated":
+        args.append("--preallocation=metadata")
+    run([*args, image_opts, str(size)], beat, limits=CREATE, path=path)
+
+
+def rebase_unsafe(path: str, backing: str, backing_fmt: str, beat=lambda: None) -> None:
+    """A qcow2's header names another backing file (-u: only the header is written, no
+    data and no backing opened; the caller knows the new backing reads the same)."""
+    run(["rebase", "-q", "-u", "-f", driver("cow"), "-b", backing, "-F", driver(backing_fmt),
+         path], beat, path=path)
+
+
 def direct_io(path: str) -> bool:
     """Whether the file system under `path` takes O_DIRECT (tmpfs does not): qemu then
     bypasses the host page cache, as VDSM's copies do."""

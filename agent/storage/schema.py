@@ -5,18 +5,20 @@ of failures. Version 3 gave volumes a format (raw, or cow: qcow2) and a parent (
 snapshot is layered on, in the same image), and copy markers the kind of copy (collapse: the
 source's guest view into one volume; chain: one layer of a chain copied onto its parent's
 copy). Version 4 added the transfers table (a volume written through an export:
-agent/storage/transfers.py). `PRAGMA user_version` holds a domain's version; DomainDB.open
+agent/storage/transfers.py). Version 5 added the merges table (a snapshot being folded into its
+parent), the merged records of those done (agent/storage/merges.py), and volumes' preallocation
+(sparse or preallocated, as made; null when not known), which a grow and a merge keep. `PRAGMA user_version` holds a domain's version; DomainDB.open
 migrates an older one in one transaction (agent/storage/metadata.py).
 """
 
-DOMAIN_VERSION = 4
+DOMAIN_VERSION = 5
 
 # The tables (not views) and columns this version reads and writes; a domain without them is
 # damaged or not ours, whatever its version says.
 REQUIRED = {
     "domain": {"id", "version", "created"},
     "volumes": {"volume_id", "image_id", "size", "legality", "generation", "checksum",
-                "created", "updated", "token", "format", "parent_id"},
+                "created", "updated", "token", "format", "parent_id", "preallocation"},
     "copy_markers": {"volume_id", "image_id", "src_domain", "src_image", "src_volume", "size",
                      "copied", "generation", "host_id", "task_id", "state", "attempts",
                      "errors", "started", "updated", "failures", "src_generation",
@@ -24,6 +26,10 @@ REQUIRED = {
     "transfers": {"volume_id", "image_id", "generation", "host_id", "task_id", "tag",
                   "state", "size", "written", "created_volume", "attempts", "started",
                   "updated"},
+    "merges": {"volume_id", "image_id", "top_id", "child_id", "generation", "host_id",
+               "task_id", "state", "step", "copied", "size", "base_size", "checksum",
+               "attempts", "failures", "errors", "started", "updated"},
+    "merged": {"top_id", "base_id", "image_id", "generation", "checksum", "ended"},
 }
 
 # copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
@@ -34,7 +40,7 @@ SCHEMA = [
         volume_id TEXT PRIMARY KEY, image_id TEXT NOT NULL, size INTEGER NOT NULL,
         legality TEXT NOT NULL CHECK (legality IN ('LEGAL', 'ILLEGAL')),
         generation INTEGER NOT NULL, checksum TEXT, created REAL, updated REAL, token TEXT,
-        format TEXT NOT NULL DEFAULT 'raw', parent_id TEXT)""",
+        format TEXT NOT NULL DEFAULT 'raw', parent_id TEXT, preallocation TEXT)""",
     "CREATE INDEX IF NOT EXISTS volumes_image_id ON volumes (image_id)",
     "CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",
     """CREATE TABLE IF NOT EXISTS copy_markers (
@@ -60,20 +66,42 @@ TRANSFERS_SCHEMA = [
         started REAL, updated REAL)""",
 ]
 SCHEMA += TRANSFERS_SCHEMA
-# Tables a version added whole: a migration makes them (their absence is not damage).
-NEW_TABLES = {"transfers": TRANSFERS_SCHEMA}
 
-# What versions 2 and 3 added to a table, for domains formatted before them (a migration adds
+# A merge of a snapshot (top) into its parent (base), keyed by base: the volume it writes and
+# whose generation fences it; `merged` remembers what became of a merged top
+# (agent/storage/merges.py).
+MERGES_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS merges (
+        volume_id TEXT PRIMARY KEY REFERENCES volumes (volume_id) ON DELETE CASCADE,
+        image_id TEXT NOT NULL, top_id TEXT NOT NULL, child_id TEXT,
+        generation INTEGER NOT NULL, host_id TEXT, task_id TEXT,
+        state TEXT NOT NULL CHECK (state IN ('merging', 'abandoned')),
+        step TEXT NOT NULL CHECK (step IN ('commit', 'committed', 'repointed')),
+        copied INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL, base_size INTEGER NOT NULL,
+        checksum TEXT, attempts INTEGER NOT NULL DEFAULT 1,
+        failures INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
+        started REAL, updated REAL)""",
+    "CREATE INDEX IF NOT EXISTS merges_top_id ON merges (top_id)",
+    """CREATE TABLE IF NOT EXISTS merged (
+        top_id TEXT PRIMARY KEY, base_id TEXT NOT NULL, image_id TEXT NOT NULL,
+        generation INTEGER NOT NULL, checksum TEXT, ended REAL)""",
+]
+SCHEMA += MERGES_SCHEMA
+# Tables a version added whole: a migration makes them (their absence is not damage).
+NEW_TABLES = {"transfers": TRANSFERS_SCHEMA, "merges": MERGES_SCHEMA,
+              "merged": MERGES_SCHEMA}
+
+# What versions 2, 3 and 5 added to a table, for domains formatted before them (a migration adds
 # whichever columns are missing, so a version 1 domain goes to 3 in one step).
 MIGRATIONS = {
     "volumes": [("token", "TEXT"), ("format", "TEXT NOT NULL DEFAULT 'raw'"),
-                ("parent_id", "TEXT")],
+                ("parent_id", "TEXT"), ("preallocation", "TEXT")],
     "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
                      ("src_token", "TEXT"), ("kind", "TEXT NOT NULL DEFAULT 'collapse'")],
 }
 # Indexes (and whole tables) a migration makes once the columns exist.
 MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",
-                     *TRANSFERS_SCHEMA]
+                     *TRANSFERS_SCHEMA, *MERGES_SCHEMA]
 
 # Operations that outlive tasks (a scrub): one row each, written by the process that runs it
 # (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED

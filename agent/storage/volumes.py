@@ -56,6 +56,16 @@ def markers_with_leases(db: DomainDB, beat=lambda: None) -> list[dict]:
     return markers
 
 
+def merges_with_leases(db: DomainDB, beat=lambda: None) -> list[dict]:
+    """Every merge of the domain, with whether its lease (its base's) is live."""
+    merges = db.list_merges()
+    manager = leases.for_domain(db)
+    for m in merges:
+        beat()
+        m["lease_live"] = bool((manager.probe(m["volume_id"]) or {}).get("live"))
+    return merges
+
+
 def volume_row(db: DomainDB, args: dict) -> dict:
     """The volume's row, checked to belong to the image the caller named."""
     row = db.get_volume(args["volumeID"])
@@ -90,7 +100,8 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
             FORMATS[fmt].remove(path)  # a preallocation cut short must not keep its space
             raise
         try:
-            db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id)
+            db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id,
+                             args.get("preallocation", "sparse"))
         except errors.AgentError:
             FORMATS[fmt].remove(path)  # lost a race (a sibling snapshot, a deleted parent)
             raise

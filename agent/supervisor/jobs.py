@@ -45,6 +45,22 @@ def abandon(domains, dst: dict, generation: int, error: dict | None) -> WorkerJo
                                        "previous_error": error})
 
 
+def merge_location(loc: dict) -> dict:
+    return {k: loc[k] for k in ("domainID", "imageID", "baseVolumeID", "topVolumeID")}
+
+
+def merge(domains, loc: dict, on_end=None, **extra) -> WorkerJob:
+    """A merge, told every attached domain (a copy into any of them may read the image)."""
+    return WorkerJob("image.merge", {**with_path(domains, merge_location(loc)),
+                                     "domains": dict(domains.paths), **extra}, on_end=on_end)
+
+
+def merge_abandon(domains, loc: dict, generation: int, error: dict | None) -> WorkerJob:
+    return WorkerJob("image.merge_abandon", {**with_path(domains, merge_location(loc)),
+                                             "expect_generation": generation,
+                                             "previous_error": error})
+
+
 def scan(domains, domain_id: str, on_end) -> WorkerJob:
     return WorkerJob("domain.scan", {"domainID": domain_id, "path": domains.path(domain_id)},
                      on_end=on_end)

@@ -9,6 +9,10 @@ abandoning. Task IDs the agent chooses, so an engine can recognise them:
     retry:<volumeID>:<generation>    a failed copy retried (attempt n+1)
     abandon:<volumeID>:<generation>  a copy given up (Recovery.abandon)
 
+A merge (Image.merge) is recovered, retried and abandoned (Recovery.abandonMerge) the same
+way, under the same policy, its volumeID being its base's: a base is never a copy's
+destination at the same time, so the IDs cannot meet.
+
 The generation is the marker's at the moment the decision was taken; the worker takes over
 only if it is still that, so two agents deciding the same thing resume a marker once.
 
@@ -140,6 +144,7 @@ def _scan_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
             "action": action, "taskID": started.id if started else None})
         log.info("recovered", volume_id=dst["volumeID"], action=action,
                  task_id=started.id if started else None)
+    _recover_merges(agent, domain_id, result.get("merges", []))
 
 
 def _abandon(agent: Supervisor, dst: dict, gen: int, error: dict | None):
@@ -147,10 +152,68 @@ def _abandon(agent: Supervisor, dst: dict, gen: int, error: dict | None):
                    jobs.abandon(agent.domains, dst, gen, error))
 
 
+def _recover_merges(agent: Supervisor, domain_id: str, merges: list[dict]) -> None:
+    """What start-up does with each merge found on storage: as with a copy's marker (its
+    lease is base's; it reads and writes one domain, always attached here)."""
+    cfg = agent.config["recovery"]
+    for m in merges:
+        action = decide(m, policy=cfg["copy_policy"], host_id=agent.config.host_id,
+                        resume_foreign=cfg["resume_foreign"], max_attempts=cfg["max_attempts"],
+                        source_attached=True)
+        loc = {"domainID": domain_id, "imageID": m["image_id"],
+               "baseVolumeID": m["volume_id"], "topVolumeID": m["top_id"]}
+        gen, started = m["generation"], None
+        if action in ("resume", "restart"):
+            started = _submit(agent, f"recover:{m['volume_id']}:{gen}", "Image.merge",
+                              merge_under_policy(agent, loc, recover=action,
+                                                 expect_generation=gen,
+                                                 attempt=m["attempts"] + 1,
+                                                 failures=m.get("failures", 0)))
+        elif action == "abandon":
+            started = _submit(agent, f"abandon:{m['volume_id']}:{gen}", "Recovery.abandonMerge",
+                              jobs.merge_abandon(agent.domains, loc, gen, None))
+        agent.publish("Image.recovered", {
+            "domainID": domain_id, "imageID": m["image_id"], "volumeID": m["volume_id"],
+            "topVolumeID": m["top_id"], "kind": "merge", "step": m["step"],
+            "generation": gen, "copied": m["copied"], "total": m["size"],
+            "marker_host_id": m["host_id"], "policy": cfg["copy_policy"], "action": action,
+            "taskID": started.id if started else None})
+        log.info("recovered", volume_id=m["volume_id"], kind="merge", action=action,
+                 task_id=started.id if started else None)
+
+
 def _copy_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
     """A copy that failed is retried, or abandoned, by policy: if it owned its marker, or if
     it was one the agent issued itself (a retry or recovery that died before taking over
     counts as an attempt too, so a copy never stalls and never loops without end)."""
+    args = task.job.args
+    src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
+    dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
+    _after_failure(agent, task, outcome, error, dst, "Image.copy",
+                   lambda **kw: copy_under_policy(agent, src, dst, **kw),
+                   lambda gen, err: ("Recovery.abandon", jobs.abandon(agent.domains, dst, gen,
+                                                                      err)))
+
+
+def merge_under_policy(agent: Supervisor, loc: dict, **extra) -> jobs.WorkerJob:
+    """A merge (a client's, a recovered one, a retry), retried or abandoned as copies are."""
+    return jobs.merge(agent.domains, loc, on_end=_merge_ended, **extra)
+
+
+def _merge_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
+    loc = jobs.merge_location(task.job.args)
+    key = {"domainID": loc["domainID"], "imageID": loc["imageID"],
+           "volumeID": loc["baseVolumeID"], "topVolumeID": loc["topVolumeID"]}
+    _after_failure(agent, task, outcome, error, key, "Image.merge",
+                   lambda **kw: merge_under_policy(agent, loc, **kw),
+                   lambda gen, err: ("Recovery.abandonMerge",
+                                     jobs.merge_abandon(agent.domains, loc, gen, err)))
+
+
+def _after_failure(agent: Supervisor, task, outcome: str, error, key: dict, method: str,
+                   again, give_up) -> None:
+    """Retry (`again(**args)`: the job) or abandon (`give_up(generation, error)`: (method,
+    job)) a failed copy or merge, by the copy policy; `key` names it in events and logs."""
     if outcome != states.FAILED:
         return  # done, or aborted
     args = task.job.args
@@ -161,30 +224,30 @@ def _copy_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
         attempts, gen = args["attempt"], args["expect_generation"]
         failures = args.get("failures", 0) + 1
     else:
-        return  # a client's copy that never got going (LeaseHeld, CopyConflict, ...)
+        return  # a client's request that never got going (LeaseHeld, CopyConflict, ...)
     cfg = agent.config["recovery"]
     error = error.to_json() if error else {}
     name = error.get("data", {}).get("name")
     action = after_failure(name, failures, policy=cfg["copy_policy"],
                            max_attempts=cfg["max_attempts"])
-    src = {k: args["src"][k] for k in ("domainID", "imageID", "volumeID")}
-    dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
+    vid = key["volumeID"]
     # Backoff follows failures, never take-overs: a restart or an abort and continue costs
     # an attempt but is no failure, so twenty restarts never make one death wait for days.
     delay = min(cfg["backoff_seconds"] * 2 ** (failures - 1), MAX_BACKOFF)
-    log.info("copy_failed", **task.about(), error=name, attempts=attempts, failures=failures,
-             action=action, **({"retry_in": delay} if action == "retry" else {}))
-    # A worker that died could not record its own error in the marker: the next one does.
+    log.info(f"{method.split('.')[1]}_failed", **task.about(), error=name, attempts=attempts,
+             failures=failures, action=action, **({"retry_in": delay} if action == "retry"
+                                                   else {}))
+    # A worker that died could not record its own error on storage: the next one does.
     unrecorded = None if error.get("data", {}).get("recorded") else (error or None)
     if action == "retry":
         agent.call_later(delay, lambda: _submit(
-            agent, f"retry:{dst['volumeID']}:{gen}", "Image.copy",
-            copy_under_policy(agent, src, dst, recover="resume", expect_generation=gen,
-                              attempt=attempts + 1, failures=failures,
-                              previous_error=unrecorded)))
+            agent, f"retry:{vid}:{gen}", method,
+            again(recover="resume", expect_generation=gen, attempt=attempts + 1,
+                  failures=failures, previous_error=unrecorded)))
     elif action == "abandon":
-        started = _abandon(agent, dst, gen, unrecorded)
-        agent.publish("Image.copy", {**dst, "state": "abandoned", "generation": gen,
-                                     "attempts": attempts, "failures": failures,
-                                     "error": error or None,
-                                     "taskID": started.id if started else None})
+        abandon_method, job = give_up(gen, unrecorded)
+        started = _submit(agent, f"abandon:{vid}:{gen}", abandon_method, job)
+        agent.publish(method, {**key, "state": "abandoned", "generation": gen,
+                               "attempts": attempts, "failures": failures,
+                               "error": error or None,
+                               "taskID": started.id if started else None})

@@ -18,7 +18,8 @@ if TYPE_CHECKING:  # the loop's object, passed to every function of this module
 
 PROGRESS_EVENT_INTERVAL = 0.1
 # What a worker (or an operation's process, agent/supervisor/workertable.py) may ask us to publish.
-WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Operation.state", "Export.state"})
+WORKER_EVENT_TOPICS = frozenset({"Image.copy", "Image.merge", "Operation.state",
+                                 "Export.state"})
 
 
 class Reports:
@@ -79,7 +80,8 @@ class Reports:
     def _event(self, w, topic, params) -> None:
         if topic in WORKER_EVENT_TOPICS and isinstance(params, dict):
             self.agent.publish(topic, {**params, "taskID": w.task.id})
-            if topic == "Image.copy" and self.agent.tasks.active.get(w.task.id) is w.task:
+            if topic in ("Image.copy", "Image.merge") \
+                    and self.agent.tasks.active.get(w.task.id) is w.task:
                 copied = self.agent.copies.report(w.task.id, params)
                 if copied and self.agent.metrics is not None:
                     self.agent.metrics.count.copy_bytes.inc(copied)

@@ -26,7 +26,10 @@ TOPICS = {
     "Task.progress": "a task's progress changed (at most about 10 a second per task)",
     "Image.copy": "a copy's state: started, copying (about once a second: copied, total,"
                   " percent), done, or abandoned (after max_attempts, with its last error)",
-    "Image.recovered": "start-up found a copy marker and applied the recovery policy to it",
+    "Image.merge": "a merge's state: started, merging (about once a second: copied, total,"
+                   " percent; then step committed), done, or abandoned",
+    "Image.recovered": "start-up found a copy marker or a merge and applied the recovery "
+                       "policy to it (kind: merge for a merge)",
     "Operation.state": "an operation (a scrub) started or ended; best effort, from the agent "
                        "that started it while it lives: getOperationStatuses is the truth",
 }

@@ -6,7 +6,7 @@ worker imports nothing (workers/forkserver.py).
 
 from __future__ import annotations
 
-from workers.ops import debug, domain, export, image, operation, volume
+from workers.ops import debug, domain, export, image, merge, operation, volume
 
 OPS = {
     "debug.sleep": debug.sleep,
@@ -19,10 +19,14 @@ OPS = {
     "volume.delete": volume.delete,
     "volume.info": volume.info,
     "volume.fence": volume.fence,
+    "volume.extend": volume.extend,
+    "volume.measure": volume.measure,
     "image.info": image.info,
     "image.copy": image.copy,
     "image.status": image.status,
     "image.abandon": image.abandon,
+    "image.merge": merge.merge,
+    "image.merge_abandon": merge.abandon,
     "image.checksum": export.image_checksum,
     "export.start": export.start,
     "export.finish": export.finish,

@@ -39,12 +39,13 @@ def info(ctx, args):
 
 
 def scan(ctx, args):
-    """Every copy marker of the domain with whether its lease is live (start-up recovery),
-    and the data files no row names (a killed create's) removed."""
+    """Every copy marker and merge of the domain with whether its lease is live (start-up
+    recovery), and the data files no row names (a killed create's) removed."""
     with volumes.open_domain(args) as db:
         swept = volumes.sweep_leftovers(db, volumes.holder(ctx.host_id, ctx.task_id, "sweep"),
                                         ctx.beat)
         return {"domainID": db.domain_id, "markers": volumes.markers_with_leases(db, ctx.beat),
+                "merges": volumes.merges_with_leases(db, ctx.beat),
                 "leftovers_removed": swept}
 
 

@@ -45,6 +45,7 @@ def start(ctx, args):
             raise errors.VolumeIllegal("the volume is not LEGAL (a copy or a transfer into it "
                                        "has not finished)", volumeID=args["volumeID"])
         rows = db.chain(args["volumeID"])
+        chain.require_legal(rows)
         layer = args["mode"] == "layer"
         chain.inspect(db.layout, rows, ctx.beat, structure=True)
         opts = chain.image_opts(db.layout, rows, direct=False, layer_only=layer)
@@ -234,6 +235,7 @@ def image_checksum(ctx, args):
             if transfer is not None else contextlib.nullcontext()
         with held:
             rows = db.chain(args["volumeID"])
+            chain.require_legal(rows[:-1] if transfer is not None else rows)
             chain.inspect(db.layout, rows, ctx.beat)
             return _sums(ctx, db, rows, kind, args.get("blocks"), args.get("layer", False))
 

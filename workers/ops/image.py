@@ -16,6 +16,7 @@ from agent.storage.copy import kernel
 from agent.storage.markers import check_source, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
+from workers.ops import merge as merge_op
 from workers.ops.copying import chain as chain_copy
 from workers.ops.copying import qemu as qemu_copy
 from workers.ops.copying.progress import Reporter, record_error
@@ -108,6 +109,7 @@ def copy(ctx, args):
             return chain_copy.copy_chain(ctx, args, src_db, dst_db, src_row)
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
+        chain.require_legal(src_rows)  # a merge may be folding a layer beneath the source
         chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
         fmt = args.get("format") or src_row["format"]
         if fmt == "cow" and size % chain.SECTOR:  # qemu would make it a sector larger
@@ -251,7 +253,10 @@ def status(ctx, args):
         out = {"domainID": db.domain_id, "imageID": row["image_id"],
                "volumeID": row["volume_id"], "legality": row["legality"],
                "generation": row["generation"], "size": row["size"], "copy": None,
-               "transfer": volumes.transfer_status(db, args["volumeID"])}
+               "transfer": volumes.transfer_status(db, args["volumeID"]), "merge": None}
+        merge = db.merge_of(args["volumeID"])
+        if merge is not None:
+            out["merge"] = merge_op.describe(db, merge)
         if marker is not None:
             probe = leases.for_domain(db).probe(args["volumeID"])
             total = marker["size"] or 0
@@ -287,4 +292,5 @@ def abandon(ctx, args):
 def info(ctx, args):
     """An image's chain, base first (Image.getInfo)."""
     with open_domain(args) as db:
-        return volumes.image_info(db, args)
+        return {**volumes.image_info(db, args),
+                "merges": [merge_op.describe(db, m) for m in db.list_merges(args["imageID"])]}

@@ -1,11 +1,12 @@
-"""Volume operations: create, delete, inspect (agent/storage/volumes.py does the work)."""
+"""Volume operations: create, delete, inspect, fence, extend and measure
+(agent/storage/volumes.py and agent/storage/sizing.py do the work)."""
 
 from __future__ import annotations
 
 import time
 
 from agent import errors
-from agent.storage import leases, volumes
+from agent.storage import chain, leases, sizing, volumes
 
 
 def holder(ctx, op: str) -> dict:
@@ -54,3 +55,61 @@ def fence(ctx, args):
             generation = db.fence(args["volumeID"], args["generation"])
         return {"volumeID": args["volumeID"], "generation": generation, "fenced": True,
                 "waited": round(time.time() - began, 3) if began else None}
+
+
+def extend(ctx, args):
+    """Grow a volume with no children: its data file first, then its row (size, generation
+    + 1), under its lease. The same size again is answered with nothing done (a retry)."""
+    with volumes.open_domain(args) as db, \
+            leases.for_domain(db).acquire(args["volumeID"], holder(ctx, "extend")):
+        row = volumes.volume_row(db, args)
+        size = args["size"]
+        unchanged = {"volumeID": row["volume_id"], "size": row["size"],
+                     "generation": row["generation"], "extended": False}
+        if size == row["size"] and row["legality"] == "LEGAL":
+            return unchanged
+        _extendable(db, row, size)
+        if args.get("generation") is not None and args["generation"] != row["generation"]:
+            raise errors.GenerationMismatch("the volume's generation changed",
+                                            volumeID=row["volume_id"],
+                                            expected=args["generation"],
+                                            generation=row["generation"])
+        sizing.grow(db.layout, row, size, args.get("preallocation"), beat=ctx.beat)
+        if not db.extend_volume(row["volume_id"], row["generation"], size):
+            raise errors.GenerationMismatch("the volume changed during the extend",
+                                            volumeID=row["volume_id"])
+        return {"volumeID": row["volume_id"], "size": size,
+                "generation": row["generation"] + 1, "extended": True}
+
+
+def _extendable(db, row: dict, size: int) -> None:
+    vid = row["volume_id"]
+    children = db.children(vid)
+    if children:
+        raise errors.VolumeHasChildren("only a volume with no snapshots on it grows (its "
+                                       "children's size would not follow)", volumeID=vid,
+                                       children=children)
+    for busy, reason in ((db.get_marker(vid), "copy-destination"),
+                         (db.get_transfer(vid), "transfer"), (db.merge_of(vid), "merge")):
+        if busy is not None:
+            raise errors.VolumeInUse("the volume is being written", volumeID=vid,
+                                     reason=reason)
+    if row["legality"] != "LEGAL":
+        raise errors.VolumeIllegal("the volume is not LEGAL", volumeID=vid)
+    if size < row["size"]:
+        raise errors.ShrinkRefused("a volume never shrinks", volumeID=vid, size=row["size"],
+                                   requested=size)
+    if row["format"] == "cow" and size % chain.SECTOR:
+        raise errors.InvalidParams(f"a cow volume's size is a multiple of {chain.SECTOR} "
+                                   "bytes", param="size")
+
+
+def measure(ctx, args):
+    """What a copy of the volume's guest view (its whole chain) needs in a format."""
+    with volumes.open_domain(args) as db:
+        row = volumes.volume_row(db, args)
+        rows = db.chain(row["volume_id"])
+        chain.require_legal(rows)
+        fmt = args.get("format") or row["format"]
+        return {"volumeID": row["volume_id"], "format": fmt, "size": row["size"],
+                **sizing.measure(db.layout, rows, fmt, ctx.beat)}

@@ -132,8 +132,9 @@ class _Copier:
     to the checksum in order; `done` is the end of the pieces whose writes all completed."""
 
     def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int,
-                 should_stop=lambda: False):
+                 should_stop=lambda: False, punch: bool = True):
         self.src, self.dst, self.hasher, self.progress = src, dst, hasher, progress
+        self.zero_flags = 0 if punch else _no_hole()
         self.should_stop = should_stop
         self.loop = _Loop(src.h, dst.h)
         self.queue: collections.deque[_Piece] = collections.deque()
@@ -152,7 +153,8 @@ class _Copier:
             piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
             piece.read = self.src.h.aio_pread(piece.buf, piece.offset)
         elif piece.kind == ZERO:
-            piece.write = self.dst.h.aio_zero(piece.length, piece.offset)
+            piece.write = self.dst.h.aio_zero(piece.length, piece.offset,
+                                              flags=self.zero_flags)
 
     def _finish(self, piece: _Piece) -> None:
         if self.hasher is not None:
@@ -208,18 +210,26 @@ class _Copier:
             raise GenerationMismatch("copy superseded by a newer generation", offset=self.done)
 
 
+def _no_hole() -> int:
+    import nbd
+    return nbd.CMD_FLAG_NO_HOLE
+
+
 def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, hasher,
                checkpoint, progress, should_stop, chunk: int = 4 * MiB,
                max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
-               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+               checkpoint_seconds: float = 1.0, clock=time.monotonic,
+               punch: bool = True) -> int:
     """Copy guest bytes [start, size) from the `src` export to the `dst` export.
+    `punch` False: zeros are written with NO_HOLE (a preallocated destination stays whole).
 
     `hasher` (data(view), zeros(n)) gets every byte of [start, size) in order, or None.
     checkpoint(offset) -> bool after a flush (False: superseded, GenerationMismatch);
     should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
     NoSpace or OperationFailed on the exports' errors.
     """
-    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight, should_stop)
+    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight, should_stop,
+                     punch)
     pieces = _pieces(src.h, start, size, layer, fresh, chunk)
     saved, saved_at = start, clock()
     piece = next(pieces, None)

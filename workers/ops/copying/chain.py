@@ -116,10 +116,7 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
     """Called under the destination leaf's lease; returns the task's result."""
     dst = args["dst"]
     src_rows = src_db.chain(src_row["volume_id"])
-    for row in src_rows:
-        if row["legality"] != "LEGAL":
-            raise errors.VolumeIllegal("a volume of the source's chain is not LEGAL",
-                                       volumeID=row["volume_id"])
+    chain.require_legal(src_rows)
     chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
     ids = layer_ids(dst["volumeID"], src_rows)
     if dst_db.get_volume(ids[0]) is None:

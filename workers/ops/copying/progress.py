@@ -27,19 +27,25 @@ class Reporter:
     ``share`` (layer index, layers): a chain copy's progress counts every layer."""
 
     def __init__(self, ctx, dst_db: DomainDB, volume_id: str, gen: int, size: int,
-                 start: int, base: dict, follower, rate: int, share: tuple = (0, 1)):
+                 start: int, base: dict, follower, rate: int, share: tuple = (0, 1),
+                 topic: str = "Image.copy", save=None):
         self.ctx, self.dst_db, self.volume_id, self.gen = ctx, dst_db, volume_id, gen
         self.size, self.start, self.base = size, start, base
         self.follower, self.rate, self.share = follower, rate, share
+        self.topic = topic
+        # Where a checkpoint is recorded: the copy marker, or (a merge) its own row.
+        self.save = save or (lambda offset: dst_db.checkpoint(volume_id, gen, offset))
         self.began = self.last_event = time.monotonic()
 
     def checkpoint(self, offset: int) -> bool:
-        ok = self.dst_db.checkpoint(self.volume_id, self.gen, offset)
+        ok = self.save(offset)
         now = time.monotonic()
         if ok and now - self.last_event >= EVENT_INTERVAL:
             self.last_event = now
-            self.ctx.event("Image.copy", {**self.base, "state": "copying", "copied": offset,
-                                          "percent": round(100.0 * offset / self.size, 2)})
+            running = "copying" if self.topic == "Image.copy" else "merging"
+            self.ctx.event(self.topic, {**self.base, "state": running, "copied": offset,
+                                        "percent": round(100.0 * offset / self.size, 2)
+                                        if self.size else 100.0})
         return ok
 
     def progress(self, offset: int) -> None:

@@ -107,16 +107,21 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: di
 
 
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
-         report, record: bool) -> tuple[str | None, int]:
+         report, record: bool, merge: bool = False,
+         unmap: bool = True) -> tuple[str | None, int]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
-    dst_rows[-1]; returns (checksum, where the copy started)."""
+    dst_rows[-1]; returns (checksum, where the copy started). ``merge``: dst_rows[-1] is
+    src_rows[-1]'s parent, whose own data the caller checked and which is never made
+    again (workers/ops/merge.py). ``unmap`` False: zeros are written, never punched."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
-    dst_fresh = prepare_destination(dst_db, dst_rows, fresh, cluster_layout(
-        src_db, src_rows[-1]) if dst_rows[-1]["format"] == "cow" else {}, ctx.beat,
+    dst_fresh = False if merge else prepare_destination(
+        dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
+        if dst_rows[-1]["format"] == "cow" else {}, ctx.beat,
         restart=lambda: report.checkpoint(0))
     if dst_fresh and not fresh:
         start = 0
-    src_opts = chain.image_opts(src_db.layout, src_rows, direct=qemu_img.direct_io(before[-1][0]))
+    src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
+                                direct=qemu_img.direct_io(before[-1][0]))
     dst_path = dst_db.layout.data_path(dst_rows[-1])
     # O_DIRECT unless the size is not one of the storage's blocks: qemu cannot then open
     # the destination for writing (a cow source's size is only a multiple of 512).
@@ -137,6 +142,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             try:
                 nbd.copy_image(
                     src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
+                    punch=unmap,
                     checkpoint=report.checkpoint, progress=report.progress,
                     should_stop=ctx.stop_requested,
                     checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),

@@ -1,0 +1,75 @@
+"""A volume's size: growing its data file (Volume.extend, and a merge's base grown to its
+top's size) and measuring what its chain needs in a format (Volume.measure).
+
+A grow writes the data file first and the caller records the new size after, so a crash in
+between leaves the file larger than the row says: the metadata is the truth, and the next
+grow (under the same lease) starts by cutting the file back to the row's size. What lies
+past the row's end is never shown to a guest: a raw file is truncated to the row's size
+before it is extended (its new end reads as zeros whatever an earlier life left there), and
+a qcow2 whose header says more than the row is shrunk back first.
+"""
+
+from __future__ import annotations
+
+import os
+
+from agent import errors
+from agent.storage import chain, qcow2, qemu_img
+from agent.system import fsync_path
+
+
+def preallocation_of(path: str, row: dict) -> str:
+    """How the volume was made, as recorded; else (a copy's, an older one) a raw volume
+    whose every byte is allocated is preallocated, and the rest sparse."""
+    if row.get("preallocation"):
+        return row["preallocation"]
+    if row["format"] != "raw":
+        return "sparse"
+    st = os.stat(path)
+    return "preallocated" if row["size"] and st.st_blocks * 512 >= row["size"] else "sparse"
+
+
+def grow(layout, row: dict, size: int, preallocation: str | None = None,
+         beat=lambda: None) -> None:
+    """The data file of volume ``row`` made ``size`` bytes of virtual size, durable; the
+    range past the row's size reads as zeros. ``preallocation`` None: as the volume is."""
+    path = layout.data_path(row)
+    how = preallocation or preallocation_of(path, row)
+    if row["format"] == "raw":
+        _grow_raw(path, row["size"], size, how)
+        return
+    opts = chain.image_opts(layout, [row], direct=False, layer_only=True)
+    found = qcow2.read(path, row["volume_id"]).virtual_size
+    if found != size:
+        if found > row["size"]:  # an earlier grow that was not recorded: back to the row's
+            qemu_img.resize(opts, row["size"], path, shrink=True, beat=beat)
+        elif found < row["size"]:
+            raise errors.ImageInvalid("the image's virtual size is not the volume's",
+                                      volumeID=row["volume_id"], reason="size", found=found,
+                                      expected=row["size"])
+        qemu_img.resize(opts, size, path, preallocation=how, beat=beat)
+    fsync_path(path)
+
+
+def _grow_raw(path: str, old: int, size: int, how: str) -> None:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, old)  # what lies past the volume's end is not the guest's
+        os.ftruncate(fd, size)
+        if how == "preallocated" and size > old:
+            os.posix_fallocate(fd, old, size - old)
+        os.fsync(fd)
+    except OSError as exc:
+        raise errors.from_os_error(exc, "cannot grow the volume", "size") from None
+    finally:
+        os.close(fd)
+
+
+def measure(layout, rows: list[dict], fmt: str, beat=lambda: None) -> dict:
+    """What a copy of the chain's guest view (rows, base first) needs in format ``fmt``, by
+    `qemu-img measure` of the chain as the metadata says it is (checked first, as every
+    opener of a chain does): {required, fully_allocated} in bytes."""
+    chain.inspect(layout, rows, beat)
+    found = qemu_img.measure(fmt, chain.image_opts(layout, rows, direct=False), beat)
+    return {"required": found.get("required", 0),
+            "fully_allocated": found.get("fully-allocated", 0)}
