@@ -1,4 +1,5 @@
-"""`hostagent copy`, `hostagent continue` and `hostagent wait`, with a live progress bar.
+"""`hostagent copy`, `hostagent continue`, `hostagent merge` and `hostagent wait`, with a live
+progress bar.
 
 The bar is fed by the client's wait_task (agent/client/wait.py): events while they flow,
 polls of Task.getStatus when they do not, and the destination's status on storage once the
@@ -26,6 +27,7 @@ from rich.progress import (
 from rich.text import Text
 
 from agent.cli import output
+from agent.cli.output import UsageError
 from agent.cli.storage import parse_location, show_location
 from agent.client import NeedsContinuing, TaskFailed, TaskLost
 
@@ -85,8 +87,9 @@ def _outcome_json(outcome) -> dict:
             "error": outcome.error, "dst": outcome.dst}
 
 
-def follow(ctx, run, task_id, dst: dict | None, label: str) -> int:
-    """Run `run(on_progress)` (a wait that returns a done Outcome or raises) under a bar."""
+def follow(ctx, run, task_id, dst: dict | None, label: str, again: str | None = None) -> int:
+    """Run `run(on_progress)` (a wait that returns a done Outcome or raises) under a bar.
+    `again`: what to type to continue the work (default: a copy's continue)."""
     bar = None if ctx.json else Bar(ctx.out, label, in_bytes=dst is not None)
     began = time.monotonic()
     outcome = None
@@ -98,7 +101,7 @@ def follow(ctx, run, task_id, dst: dict | None, label: str) -> int:
     except KeyboardInterrupt:
         return detached(ctx, task_id, dst)
     except NeedsContinuing as exc:
-        return stopped(ctx, exc.outcome)
+        return stopped(ctx, exc.outcome, again)
     except TaskFailed as exc:
         if ctx.json:
             output.emit_json(_outcome_json(exc.outcome))
@@ -106,8 +109,9 @@ def follow(ctx, run, task_id, dst: dict | None, label: str) -> int:
         what = "was aborted" if exc.outcome.state == "aborted" else "failed"
         output.error(f"task {task_id} {what}: {exc.name} ({exc.code}): {exc.message}")
         if dst:
-            output.error(f"the destination stays ILLEGAL at its last checkpoint; continue it:"
-                         f" hostagent continue {show_location(dst)} --wait")
+            output.error(f"the {'base' if again else 'destination'} stays ILLEGAL at its last "
+                         f"checkpoint; continue it: "
+                         f"{again or f'hostagent continue {show_location(dst)} --wait'}")
         return output.AGENT_ERROR
     except TaskLost as exc:
         if ctx.json:
@@ -140,20 +144,51 @@ def detached(ctx, task_id, dst) -> int:
     return output.DETACHED
 
 
-def stopped(ctx, outcome) -> int:
+def stopped(ctx, outcome, again: str | None = None) -> int:
     if ctx.json:
         output.emit_json(_outcome_json(outcome))
         return output.NEEDS_CONTINUING
-    copy = (outcome.image or {}).get("copy") or {}
+    image = outcome.image or {}
+    copy = image.get("copy") or image.get("merge") or {}
     loc = show_location(outcome.dst)
     errs = [f"{(e.get('data') or {}).get('name')}: {e.get('message')}"
             for e in copy.get("errors") or []]
-    output.error(f"the copy into {loc} stopped at {output.size(copy.get('copied'))} of "
+    what = f"the merge into {loc}" if again else f"the copy into {loc}"
+    output.error(f"{what} stopped at {output.size(copy.get('copied'))} of "
                  f"{output.size(copy.get('total'))} ({copy.get('state')}) and nobody is "
-                 f"copying it" + (f"; errors: {'; '.join(errs)}" if errs else "") + "\n"
-                 f"  continue it: hostagent continue {loc} --wait\n"
-                 f"  or delete it: hostagent volume delete {loc}")
+                 f"working on it" + (f"; errors: {'; '.join(errs)}" if errs else "") + "\n"
+                 f"  continue it: {again or f'hostagent continue {loc} --wait'}"
+                 + ("" if again else f"\n  or delete it: hostagent volume delete {loc}"))
     return output.NEEDS_CONTINUING
+
+
+def merge(ctx, args) -> int:
+    """Remove snapshot TOP: merged into its parent (looked up, or --into: then the agent
+    checks it, and a merge done before is answered done though TOP is gone)."""
+    top = parse_location(args.top)
+    parent = args.into and parse_location(f"{top['domainID']}/{top['imageID']}/{args.into}")
+    if not parent:
+        parent = ctx.client.call("Volume.getInfo", top).get("parent")
+        if parent is None:
+            raise UsageError(f"{show_location(top)} has no parent: a base has nothing to "
+                             "merge into")
+    else:
+        parent = parent["volumeID"]
+    base = {**top, "volumeID": parent}
+    task_id = args.id or f"merge-{uuid.uuid4().hex[:8]}"
+    again = f"hostagent merge {show_location(top)} --wait"
+    if not args.wait:
+        first = ctx.client.merge_image(base, top["volumeID"], wait=False, task_id=task_id)
+        if ctx.json:
+            output.emit_json({**first, "base": base})
+        else:
+            ctx.out.print(f"merging {top['volumeID']} into {show_location(base)} as task "
+                          f"{escape(str(task_id))}\n  follow it: hostagent wait "
+                          f"{escape(str(task_id))} --dst {show_location(base)}")
+        return output.OK
+    return follow(ctx, lambda cb: ctx.client.merge_image(
+        base, top["volumeID"], True, task_id=task_id, on_progress=cb, **_wait_options(args)),
+        task_id, base, f"merge {top['volumeID'][:8]}", again)
 
 
 def _wait_options(args) -> dict:
@@ -235,6 +270,16 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--wait", action="store_true", help="follow the copy to its end")
     p.add_argument("--id", help="the task ID (default: copy-<random>)")
     p.set_defaults(func=continue_)
+    p = sub.add_parser("merge", parents=[common, waiting],
+                       help="remove a snapshot: merge it into its parent; with --wait, show "
+                            "its progress until done")
+    p.add_argument("top", metavar="TOP", help="DOMAIN/IMAGE/VOLUME: the snapshot to remove")
+    p.add_argument("--into", metavar="VOLUME",
+                   help="its parent (default: looked up; given, a merge done before is "
+                        "answered done)")
+    p.add_argument("--wait", action="store_true", help="follow the merge to its end")
+    p.add_argument("--id", help="the task ID (default: merge-<random>)")
+    p.set_defaults(func=merge)
     p = sub.add_parser("wait", parents=[common, waiting],
                        help="follow a task to its end (a copy's, across agent restarts)")
     p.add_argument("task_id", metavar="TASK_ID")

@@ -74,6 +74,15 @@ def _print_volume(ctx, info: dict, title: str) -> None:
         for err in copy.get("errors") or []:
             pairs.append(("error", f"{(err.get('data') or {}).get('name')}: "
                                    f"{err.get('message')}"))
+    merge = info.get("merge")
+    if merge:
+        pairs += [("merge", f"{merge.get('topVolumeID')} into {merge.get('baseVolumeID')}: "
+                            f"{merge.get('step')}, {output.styled(merge.get('state'))}"),
+                  ("merged", f"{output.size(merge.get('copied'))} of "
+                             f"{output.size(merge.get('total'))} ({merge.get('percent')}%)"),
+                  ("merging now", "yes" if merge.get("running") else
+                   f"no: continue it with hostagent merge "
+                   f"{info['domainID']}/{info['imageID']}/{merge.get('topVolumeID')} --wait")]
     ctx.out.print(output.fields(pairs, title), crop=False)
 
 
@@ -105,15 +114,76 @@ def volume_delete(ctx, args) -> int:
 
 
 def volume_info(ctx, args) -> int:
-    """Volume.getInfo, and for an ILLEGAL volume the copy into it (Image.getStatus)."""
+    """Volume.getInfo, the copy or merge into it (Image.getStatus), and its image's chain
+    as a tree (Image.getInfo)."""
     loc = parse_location(args.location)
     info = ctx.client.call("Volume.getInfo", loc)
-    if info.get("legality") != "LEGAL":
-        info["copy"] = ctx.client.call("Image.getStatus", loc).get("copy")
+    status = ctx.client.call("Image.getStatus", loc)
+    info["copy"], info["merge"] = status.get("copy"), status.get("merge")
+    image = ctx.client.call("Image.getInfo", {"domainID": loc["domainID"],
+                                              "imageID": loc["imageID"]})
+    info["chains"] = [[v["volumeID"] for v in c] for c in image.get("chains") or []]
     if ctx.json:
         output.emit_json(info)
+        return output.OK
+    _print_volume(ctx, info, None)
+    ctx.out.print(chain_tree(image, loc["volumeID"]), crop=False)
+    return output.OK
+
+
+def chain_tree(image: dict, mark: str | None = None):
+    """The image's volumes as a tree, base at the root, each child under its parent."""
+    from rich.tree import Tree
+    by_id = {v["volumeID"]: v for c in image.get("chains") or [] for v in c}
+    merging = {m["topVolumeID"]: m for m in image.get("merges") or []}
+
+    def label(v: dict) -> str:
+        text = (f"{v['volumeID']}  {v['format']}  {output.size(v['size'])}  "
+                f"{output.size(v.get('allocated'))} allocated  "
+                f"{output.styled(v['legality'])}")
+        if v["volumeID"] in merging:
+            m = merging[v["volumeID"]]
+            text += f"  (merging into its parent: {m['step']}, {m['percent']}%)"
+        return f"[bold]{text}[/] <" if v["volumeID"] == mark else text
+    tree = Tree(f"image {image.get('imageID')}")
+    nodes = {}
+    pending = [v for v in by_id.values() if v["parent"] is None or v["parent"] not in by_id]
+    while pending:
+        v = pending.pop(0)
+        parent = nodes.get(v["parent"], tree)
+        nodes[v["volumeID"]] = parent.add(label(v))
+        pending += [by_id[c] for c in v.get("children") or [] if c in by_id]
+    return tree
+
+
+def volume_extend(ctx, args) -> int:
+    loc = parse_location(args.location)
+    params = {**loc, "size": output.parse_size(args.size)}
+    if args.preallocation:
+        params["preallocation"] = args.preallocation
+    result = ctx.client.call("Volume.extend", params)
+    if ctx.json:
+        output.emit_json(result)
+    elif result.get("extended"):
+        ctx.out.print(f"{show_location(loc)} is now {output.size(result['size'])} "
+                      f"(generation {result['generation']})")
     else:
-        _print_volume(ctx, info, None)
+        ctx.out.print(f"{show_location(loc)} is {output.size(result['size'])} already")
+    return output.OK
+
+
+def volume_measure(ctx, args) -> int:
+    loc = parse_location(args.location)
+    params = {**loc, **({"format": args.format} if args.format else {})}
+    result = ctx.client.call("Volume.measure", params)
+    if ctx.json:
+        output.emit_json(result)
+    else:
+        ctx.out.print(output.fields([
+            ("volume", show_location(loc)), ("as", result.get("format")),
+            ("size", output.size(result.get("size"))),
+            ("a copy needs", output.size(result.get("required"))),
+            ("preallocated", output.size(result.get("fully_allocated")))], None), crop=False)
     return output.OK
 
 
@@ -182,9 +252,22 @@ def add_parsers(sub, common) -> None:
     q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
     q.set_defaults(func=volume_delete)
     q = vsub.add_parser("info", parents=[common],
-                        help="a volume's size, legality, lease, and any copy into it")
+                        help="a volume's size, legality, lease, any copy or merge into it, "
+                             "and its image's chain as a tree")
     q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
     q.set_defaults(func=volume_info)
+    q = vsub.add_parser("extend", parents=[common],
+                        help="grow a volume with no snapshots on it (a leaf)")
+    q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
+    q.add_argument("size", help="the new size: bytes, or with a binary unit: 512M, 1G")
+    q.add_argument("--preallocation", choices=("sparse", "preallocated"),
+                   help="of the new range (default: as the volume is)")
+    q.set_defaults(func=volume_extend)
+    q = vsub.add_parser("measure", parents=[common],
+                        help="what a copy of a volume's guest view needs in a format")
+    q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
+    q.add_argument("--format", choices=("raw", "cow"), help="default: the volume's")
+    q.set_defaults(func=volume_measure)
 
     p = sub.add_parser("domain", help="create, attach, inspect or list storage domains")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

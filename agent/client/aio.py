@@ -226,6 +226,36 @@ class AsyncClient:
         return await self._start_copy(src, dst, wait, task_id, on_progress, wait_options,
                                       follow_held=True)
 
+    async def merge_image(self, base: dict, top_volume_id: str, wait: bool = True, *,
+                          task_id=None, on_progress=None, **wait_options):
+        """Merge the snapshot `top_volume_id` into its parent `base` ({domainID, imageID,
+        volumeID}): as copy_image, the first answer (wait=False) or the Outcome once base is
+        LEGAL with the merge gone, followed on storage across agent restarts. Asked again
+        for a merge in progress, it continues it; if someone holds it (a recovery, a
+        retry) and wait is true, that merge is followed instead."""
+        task_id = self.new_id() if task_id is None else task_id
+        params = {"domainID": base["domainID"], "imageID": base["imageID"],
+                  "baseVolumeID": base["volumeID"], "topVolumeID": top_volume_id}
+        sub = self.subscribe() if wait else None
+        try:
+            try:
+                first = await self.call("Image.merge", params, task_id=task_id)
+            except CallError as exc:
+                if not (wait and exc.name == "LeaseHeld"):
+                    raise
+                task_id = (exc.data.get("holder") or {}).get("task_id") or task_id
+                first = {}
+            if not wait:
+                return {"taskID": task_id, **first}
+            if first.get("state") == "done":  # done before: nothing ran
+                return waiting.Outcome(task_id, "done", result=first, dst=base, via="task")
+            outcome = await self.wait_task(task_id, dst=base, on_progress=on_progress,
+                                           subscription=sub, **wait_options)
+            return outcome.raise_for_state()
+        finally:
+            if sub is not None:
+                sub.close()
+
     async def _start_copy(self, src, dst, wait, task_id, on_progress, wait_options,
                           follow_held: bool = False, how: dict | None = None):
         task_id = self.new_id() if task_id is None else task_id

@@ -163,6 +163,9 @@ class BlockingClient:
     def continue_copy(self, dst: dict, src: dict | None = None, wait: bool = True, **options):
         return self._run(self.aio.continue_copy(dst, src, wait, **options))
 
+    def merge_image(self, base: dict, top_volume_id: str, wait: bool = True, **options):
+        return self._run(self.aio.merge_image(base, top_volume_id, wait, **options))
+
     def close(self) -> None:
         if self._thread.is_alive():
             try:

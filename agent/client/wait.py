@@ -7,7 +7,7 @@ This is the recommended way to track what an agent does (AsyncClient.wait_task):
 3. Whenever the events are silent for a poll interval, lost (a seq gap) or from a new life
    of the agent (a new boot_id), re-read the truth: `Task.getStatus`.
 4. Tasks are transient: after a restart the agent answers 101 NoSuchTask. A copy persists
-   through its destination, so from then on (or once the copy's task failed after it owned
+   through its destination (a merge through its base, followed the same way), so from then on (or once the copy's task failed after it owned
    the destination: the agent retries it by policy) the destination is followed on storage
    with `Image.getStatus`, which any host attached to the domain answers:
    - LEGAL, no marker: the copy is done;
@@ -73,10 +73,16 @@ class Outcome:
         raise TaskLost(self)
 
 
+def _work(status: dict) -> dict | None:
+    """The copy into the volume, or the merge into it (a base followed on storage)."""
+    return status.get("copy") or status.get("merge")
+
+
 def copy_verdict(status: dict) -> str:
-    """What an Image.getStatus answer says of a copy: done, abandoned, copying (its lease
-    is live) or idle (a marker nobody holds: retried soon, or needing a continuation)."""
-    copy = status.get("copy")
+    """What an Image.getStatus answer says of a copy (or a merge, followed on its base):
+    done, abandoned, copying (its lease is live) or idle (recorded, nobody holds it:
+    retried soon, or needing a continuation)."""
+    copy = _work(status)
     if copy is None:
         return "done" if status.get("legality") == "LEGAL" else "idle"
     if copy.get("state") == "abandoned":
@@ -154,7 +160,8 @@ class Follower:
                 return None, True  # a retry or a recovery of our copy ended: look
         elif ev.topic == "Task.progress" and p.get("taskID") == str(self.task_id):
             self.progress(p.get("progress"), None, "event")
-        elif ev.topic == "Image.copy" and self.dst and p.get("volumeID") == self.dst["volumeID"]:
+        elif ev.topic in ("Image.copy", "Image.merge") and self.dst \
+                and p.get("volumeID") == self.dst["volumeID"]:
             if isinstance(p.get("total"), int):
                 self.total = p["total"]
             if p.get("state") in ("done", "abandoned"):
@@ -256,7 +263,7 @@ class Follower:
             return self.outcome("done", result=status, via="storage")
         if verdict == "abandoned":
             return self.outcome("needs_continuing", via="storage")
-        copy = status["copy"] or {}
+        copy = _work(status) or {}
         self.total = copy.get("total") or self.total
         self.progress(None, copy.get("copied"), "storage")
         if verdict == "copying":

@@ -3,6 +3,9 @@ sockets, sharing two domains, and an engine that drives copies on them while hos
 killed at random: an agent alone (SIGKILL), a worker alone, or a whole host (its sanlock
 daemon, then its agent and workers).
 
+Each round also removes a snapshot (Image.merge of a fresh chain's middle volume into its
+base) while the copies run; the engine follows it on storage as it does a copy.
+
 The engine tracks copies the way the README recommends for many hosts, at its last step:
 storage. A copy is followed with Image.getStatus on any live host; LEGAL ends it; a marker
 whose lease is held is left to its holder; a marker nobody holds is continued on a random
@@ -10,6 +13,7 @@ live host (Image.copy again), which takes it over from its checkpoint. Everythin
 comes from one seed.
 
 Checked every round: every copy LEGAL and equal to its source (its guest view, for qcow2);
+every merged base LEGAL and the same on every host, its chain's leaf reading what it read;
 never two processes writing one volume at once (tests/chaos/invariants.py WriterSampler:
 what /proc says, sampled every few ms; each volume's writers recorded with when they were
 first and last seen, and no two records overlap); every live host reports the
@@ -83,6 +87,7 @@ class Fleet:
         self.kills = collections.Counter()
         self.takeovers: list[float] = []  # seconds from a kill to its copies' continuation
         self.copies_done = 0
+        self.merges_done = 0
         self.round_no = 0
         self.sampler = inv.WriterSampler(marker=str(workdir))
         first = self.hosts[0]
@@ -147,10 +152,30 @@ class Fleet:
             h.agent.client().call("Image.copy", params, id=f"r{self.round_no}c{i}")
             self.sampler.paths.add(self._dst_path(h, dst, src["format"]))
             jobs.append({"src": src, "dst": dst, "host": h})
+        merges = [self._merge()]
         kill = kill or self.rng.choice(KILLS)
         victim = self._kill(kill, jobs)
-        self._drive(jobs, victim)
+        self._drive(jobs, victim, merges)
         self._check(jobs)
+        self._check_merges(merges)
+
+    def _merge(self) -> dict:
+        """A snapshot removed while the copies run: a three-volume chain made for it, its
+        leaf's guest view kept aside, then its middle volume merged into its base."""
+        domain_id = self.rng.choice(list(self.domains))
+        h = self.rng.choice(self.live())
+        chain = make_chain(h.agent, domain_id, size=48 * MiB, layers=3,
+                           seed=20 + self.round_no)
+        ref = str(self.base / f"merge-ref-{self.round_no}.raw")
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", chain[-1]["path"],
+                        ref], check=True, timeout=120)
+        base, top = ({k: v[k] for k in ("domainID", "imageID", "volumeID")}
+                     for v in chain[:2])
+        params = {"domainID": domain_id, "imageID": base["imageID"],
+                  "baseVolumeID": base["volumeID"], "topVolumeID": top["volumeID"]}
+        h.agent.client().call("Image.merge", params, id=f"r{self.round_no}m")
+        self.sampler.paths.add(chain[0]["path"])
+        return {"params": params, "base": base, "leaf": chain[-1], "ref": ref}
 
     def _dst_path(self, h: Host, dst: dict, fmt: str) -> str:
         root = self.domains[dst["domainID"]]
@@ -184,18 +209,21 @@ class Fleet:
         h.up = False
         return h
 
-    def _drive(self, jobs: list[dict], victim: Host, timeout: float = 400.0) -> None:
-        """The engine: follow every copy on storage until LEGAL, continuing the ones that
-        nobody holds; the victim comes back meanwhile."""
+    def _drive(self, jobs: list[dict], victim: Host, merges: list[dict],
+               timeout: float = 400.0) -> None:
+        """The engine: follow every copy and merge on storage until it ends, continuing
+        the ones that nobody holds; the victim comes back meanwhile."""
         free_since: dict[str, float] = {}
         continued = set()
         if not victim.up:
             victim.start(self.domains)  # a whole host: a new daemon, rejoins its ID
 
-        def all_legal() -> bool:  # one poll of the engine over every copy not yet done
+        def all_legal() -> bool:  # one poll of the engine over everything not yet done
             for j in [j for j in jobs if not j.get("done")]:
                 self._step(j, free_since, continued, victim)
-            return all(j.get("done") for j in jobs)
+            for m in [m for m in merges if not m.get("done")]:
+                self._step_merge(m, free_since)
+            return all(j.get("done") for j in jobs + merges)
         wait_for(all_legal, timeout, interval=0.05, what="every copy LEGAL")
         self.joined(victim)
 
@@ -229,7 +257,48 @@ class Fleet:
             pass  # the host is down or its answer slow: the next poll decides again
         free_since.pop(vid, None)
 
+    def _step_merge(self, m: dict, free_since: dict) -> None:
+        """A merge is followed as a copy is: ended once base is LEGAL with no merge; one
+        nobody has held for SETTLE seconds is continued (Image.merge again) on a live host."""
+        vid = m["base"]["volumeID"]
+        st = self.status(m["base"])
+        if st is None:
+            return
+        if st["legality"] == "LEGAL" and st["merge"] is None:
+            m["done"] = True
+            self.merges_done += 1
+            return
+        if ((st["merge"] or {}).get("lease") or {}).get("live"):
+            free_since.pop(vid, None)
+            return
+        if time.monotonic() - free_since.setdefault(vid, time.monotonic()) < SETTLE:
+            return
+        h = self.rng.choice(self.live())
+        try:
+            h.agent.client().call("Image.merge", m["params"],
+                                  id=f"cont-{vid[:8]}-{int(time.monotonic() * 1000)}")
+        except CallError as exc:
+            if exc.name not in ("LeaseHeld", "GenerationMismatch"):
+                raise
+        except Exception:
+            pass  # the host is down or its answer slow: the next poll decides again
+        free_since.pop(vid, None)
+
     # -- invariants ----------------------------------------------------------------------
+
+    def _check_merges(self, merges: list[dict]) -> None:
+        """Every host says the same of each merged base; the leaf reads what it read."""
+        for m in merges:
+            answers = {(st["legality"], st["generation"], st["merge"] is None)
+                       for st in (h.agent.call("Image.getStatus", m["base"])
+                                  for h in self.live())}
+            assert len(answers) == 1 and next(iter(answers))[0] == "LEGAL", answers
+            same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw",
+                                   m["leaf"]["path"], m["ref"]], capture_output=True)
+            assert same.returncode == 0, (m["params"], same.stdout)
+            check = subprocess.run(["qemu-img", "check", "-f", "qcow2", m["leaf"]["path"]],
+                                   capture_output=True)
+            assert check.returncode in (0, 3), check.stdout
 
     def _check(self, jobs: list[dict]) -> None:
         assert not self.sampler.breaches, self.sampler.breaches
@@ -261,7 +330,8 @@ class Fleet:
 
     def summary(self) -> dict:
         return {"seed": self.seed, "hosts": len(self.hosts), "rounds": self.round_no,
-                "copies": self.copies_done, "kills": dict(self.kills),
+                "copies": self.copies_done, "merges": self.merges_done,
+                "kills": dict(self.kills),
                 "takeovers": len(self.takeovers),
                 "longest_takeover_seconds": round(max(self.takeovers, default=0), 1),
                 "sampler_samples": self.sampler.samples,

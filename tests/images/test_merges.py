@@ -159,3 +159,90 @@ def test_a_merge_asked_again_is_answered_done_and_wrong_pairs_are_refused(domain
         agent.call("Image.merge", {**params, "baseVolumeID": chain[0]["volumeID"],
                                    "topVolumeID": new_id()})
     assert gone.value.error["data"]["name"] == "NoSuchVolume"
+
+
+SLOW = {"checkpoint_bytes": 4 * MiB, "checkpoint_seconds": 0.05,
+        "max_bytes_per_second": 8 * MiB}
+
+
+def test_an_aborted_merge_keeps_its_volumes_from_everyone_until_it_is_continued(
+        make_agent, workdir):
+    agent = make_agent(copy=SLOW, recovery={"copy_policy": "manual"})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id)
+    before = views(chain, workdir)
+    base, top, child = chain[1], chain[2], chain[3]
+    params = {"domainID": domain_id, "imageID": base["imageID"],
+              "baseVolumeID": base["volumeID"], "topVolumeID": top["volumeID"]}
+    agent.client().call("Image.merge", params, id="m1")
+    wait_for(lambda: (agent.call("Image.getStatus", ids(base))["merge"] or {}).get("copied"),
+             timeout=30, what="a checkpoint")
+    agent.call("Task.abort", {"taskID": "m1"})
+    wait_for(lambda: task_state(agent, "m1") == "aborted", timeout=30, what="aborted")
+    status = agent.call("Image.getStatus", ids(child))["merge"]
+    assert status["running"] is False and status["step"] == "commit"
+    assert agent.call("Volume.getInfo", ids(base))["legality"] == "ILLEGAL"
+    refusals = [
+        ("Volume.delete", ids(top), "VolumeHasChildren"),
+        ("Volume.extend", {**ids(base), "size": 128 * MiB}, "VolumeHasChildren"),
+        ("Volume.create", {**ids(top), "volumeID": new_id(),
+                           "parentVolumeID": top["volumeID"]}, "VolumeIllegal"),
+        ("Image.copy", {"src": ids(child), "dst": {**ids(child), "imageID": new_id()}},
+         "VolumeIllegal"),
+        ("Export.start", {**ids(child), "mode": "read"}, "VolumeIllegal"),
+        ("Image.merge", {**params, "baseVolumeID": chain[0]["volumeID"],
+                         "topVolumeID": base["volumeID"]}, "VolumeInUse"),
+        ("Image.merge", {**params, "baseVolumeID": child["volumeID"],
+                         "topVolumeID": new_id()}, "NoSuchVolume"),
+    ]
+    for method, p, name in refusals:
+        with pytest.raises(CallError) as refused:
+            agent.call(method, p)
+        assert refused.value.error["data"]["name"] == name, (method, refused.value.error)
+    for i in (0, 3):  # what a guest reads is untouched
+        assert compare(chain[i]["path"], chain[i]["format"], before[i], "raw").returncode == 0
+    merge(agent, base, top, task_id="m2")  # continued: done from where it stopped
+    assert compare(child["path"], "cow", before[3], "raw").returncode == 0
+    assert compare(base["path"], "cow", before[2], "raw").returncode == 0
+
+
+def test_a_merge_is_refused_while_a_copy_reads_the_chain_from_any_host(make_agent, workdir):
+    root, domain_id = str(workdir / "dom"), new_id()
+    a = make_agent("a")
+    a.call("StorageDomain.create", {"domainID": domain_id, "path": root})
+    b = make_agent("b", copy=SLOW)
+    b.call("StorageDomain.attach", {"domainID": domain_id, "path": root})
+    chain = four_volume_chain(a, domain_id)
+    params = {"domainID": domain_id, "imageID": chain[0]["imageID"],
+              "baseVolumeID": chain[1]["volumeID"], "topVolumeID": chain[2]["volumeID"]}
+    dst = {"domainID": domain_id, "imageID": new_id(), "volumeID": new_id()}
+    b.client().call("Image.copy", {"src": ids(chain[3]), "dst": dst}, id="c1")
+    for agent, reason in ((a, "copy-source"), (b, "copy-source")):  # storage; b's own task
+        with pytest.raises(CallError) as refused:
+            agent.call("Image.merge", params)
+        assert refused.value.error["data"]["name"] == "VolumeInUse"
+        assert refused.value.error["data"]["reason"] == reason
+    b.call("Task.abort", {"taskID": "c1"})
+    wait_for(lambda: task_state(b, "c1") == "aborted", timeout=30, what="the copy aborted")
+    b.call("Volume.delete", dst)  # the copy given up: the chain is no copy's source now
+    merge(a, chain[1], chain[2])
+
+
+def test_a_leaf_in_an_unfinished_merge_cannot_be_deleted(make_agent, workdir):
+    """Deleting a merge's top would leave base half-written for ever: refused by name."""
+    agent = make_agent(copy=SLOW, recovery={"copy_policy": "manual"})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id)
+    base, top = chain[2], chain[3]
+    agent.client().call("Image.merge", {
+        "domainID": domain_id, "imageID": base["imageID"], "baseVolumeID": base["volumeID"],
+        "topVolumeID": top["volumeID"]}, id="m1")
+    agent.call("Task.abort", {"taskID": "m1"})
+    wait_for(lambda: task_state(agent, "m1") == "aborted", timeout=30, what="aborted")
+    with pytest.raises(CallError) as refused:
+        agent.call("Volume.delete", ids(top))
+    assert refused.value.error["data"]["name"] == "VolumeInUse"
+    assert refused.value.error["data"]["reason"] == "merge"
+    assert agent.call("Volume.getInfo", ids(top))["legality"] == "ILLEGAL"

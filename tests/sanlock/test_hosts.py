@@ -273,3 +273,38 @@ def test_a_host_that_loses_the_lockspace_has_its_upload_export_killed(make_agent
     wait_for(lambda: b.call("Image.getStatus", loc)["transfer"]["state"] == "interrupted",
              timeout=30, what="the transfer interrupted, seen from b")
     assert b.call("Image.getStatus", loc)["legality"] == "ILLEGAL"
+
+
+def test_a_merge_whose_host_died_is_continued_by_another_host(make_agent, daemons, shared,
+                                                              workdir):
+    from tests.images.test_merge_crashes import finished, merge_params
+    from tests.images.test_merges import four_volume_chain, views
+    a = first_host(make_agent, daemons, shared)
+    b = second_host(make_agent, daemons, shared)
+    chain = four_volume_chain(a, shared[0])
+    before = views(chain, workdir)
+    base, top = chain[1], chain[2]
+    a.client().call("Image.merge", merge_params(base, top), id="m1")
+    worker = worker_of(a, "m1")
+
+    def merging():
+        m = b.call("Image.getStatus", {k: base[k] for k in ("domainID", "imageID",
+                                                             "volumeID")})["merge"]
+        return m and m["copied"] > 0 and m
+    seen = wait_for(merging, timeout=60, what="b sees a's merge checkpointed")
+    assert seen["host_id"] == "host-a" and seen["running"] is True
+    assert seen["lease"]["sanlock"]["host_id"] == 1
+    with pytest.raises(CallError) as held:  # one writer: b cannot take it over meanwhile
+        b.call("Image.merge", merge_params(base, top))
+    assert held.value.error["data"]["name"] == "LeaseHeld"
+    a.kill(signal.SIGKILL)  # the host's agent dies; sanlock frees what its worker held
+    wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
+             timeout=30, what="a's merge worker gone")
+    held = [{k: v[k] for k in ("domainID", "imageID", "volumeID")} for v in chain[1:]]
+    wait_for(lambda: not any((b.call("Volume.getInfo", loc)["lease"] or {}).get("live")
+                             for loc in held), timeout=30,
+             what="sanlock freed every lease of the dead worker")
+    again = b.client().call("Image.merge", merge_params(base, top), id="m2")
+    assert again["step"] == "commit" and again["copied"] >= seen["copied"] > 0
+    wait_for(lambda: task_state(b, "m2") == "done", timeout=120, what="b's merge done")
+    finished(b, chain, before, 2)

@@ -263,6 +263,11 @@ class SanlockLeases:
             if owner and owner.get("sanlock"):
                 raise errors.LeaseHeld("the volume's lease is held", volumeID=volume_id,
                                        holder=owner) from None
+            if exc.errno == errno.EEXIST:  # in this daemon's own list: another process of
+                # this host holds it, or one that died and whose release is not done yet
+                raise errors.LeaseHeld("the volume's lease is held by a process of this host "
+                                       "(or is being released after its death)",
+                                       volumeID=volume_id, holder=owner) from None
             raise _failed("cannot acquire the volume's lease", exc, volumeID=volume_id) \
                 from None
         owners = self._owners(volume_id)
