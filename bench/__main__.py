@@ -25,7 +25,7 @@ from bench import common
 from bench.common import GiB, MiB
 
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
-        "qcow2_cow", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
+        "qcow2_cow", "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
         "upload_resume", "queries", "boot", "boot_resume", "events", "memory")
 
 PROFILES = {
@@ -138,13 +138,15 @@ def main(argv=None) -> int:
         events,
         images,
         memory,
+        merge,
         queries,
         rpc,
         spawn,
         transfers,
     )
 
-    modules = [rpc, spawn, copy, concurrent, images, transfers, queries, boot, events, memory]
+    modules = [rpc, spawn, copy, concurrent, images, merge, transfers, queries, boot, events,
+               memory]
     rows, began = [], time.time()
     print(f"bench: profile {opts.profile}, {opts.repeats} repeats, rows {','.join(opts.only)}",
           file=sys.stderr, flush=True)

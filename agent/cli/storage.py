@@ -166,9 +166,10 @@ def volume_extend(ctx, args) -> int:
         output.emit_json(result)
     elif result.get("extended"):
         ctx.out.print(f"{show_location(loc)} is now {output.size(result['size'])} "
-                      f"(generation {result['generation']})")
+                      f"(generation {result['generation']})", soft_wrap=True)
     else:
-        ctx.out.print(f"{show_location(loc)} is {output.size(result['size'])} already")
+        ctx.out.print(f"{show_location(loc)} is {output.size(result['size'])} already",
+                      soft_wrap=True)
     return output.OK
 
 

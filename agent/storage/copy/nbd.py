@@ -148,7 +148,7 @@ class _Copier:
     def issue(self, piece: _Piece) -> None:
         import nbd
         self.queue.append(piece)
-        if piece.kind in (DATA, READ):
+        if piece.kind == DATA or (piece.kind == READ and self.hasher is not None):
             piece.view = self.spare.pop() if self.spare else bytearray(self.chunk)
             piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
             piece.read = self.src.h.aio_pread(piece.buf, piece.offset)
