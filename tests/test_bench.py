@@ -108,3 +108,26 @@ def test_bench_transfer_rows(tmp_path):
         assert not _ours(str(base)), "processes left behind"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_bench_merge_row(tmp_path):
+    """Image.merge against qemu-img commit of the same chain, at a tiny size."""
+    out = tmp_path / "bench.json"
+    base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "merge", "--repeats", "1",
+         "--sizes", "qcow2=64M", "--data-dir", str(base), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"merge"}
+    row = rows["merge"]
+    assert row["project"]["median"] > 0 and row["ratio"] > 0 and isinstance(row["met"], bool)
+    assert row["baselines"]["qemu-img commit -t none"]["median"] > 0
+    assert row["extra"]["data_bytes"] == 32 << 20
+    try:
+        assert not list(base.iterdir()), f"left behind: {list(base.iterdir())}"
+        assert not _ours(str(base)), "processes left behind"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
