@@ -105,7 +105,14 @@ EXAMPLES: dict[str, dict] = {
         "algorithm": "blake2b", "block_size": 4194304, "size": GiB,
         "checksum": "9a41" * 16}},
     "Image.getInfo": {"params": {"domainID": DOMAIN, "imageID": IMAGE}, "result": {
-        "domainID": DOMAIN, "imageID": IMAGE, "chain": _CHAIN, "chains": [_CHAIN]}},
+        "domainID": DOMAIN, "imageID": IMAGE, "chain": _CHAIN, "chains": [_CHAIN],
+        "merges": []}},
+    "Image.merge": {"id": "merge-1", "params": {
+        "domainID": DOMAIN, "imageID": IMAGE, "baseVolumeID": VOLUME,
+        "topVolumeID": _SNAPSHOT}, "result": {
+        "volumeID": VOLUME, "baseVolumeID": VOLUME, "topVolumeID": _SNAPSHOT,
+        "state": "merging", "step": "commit", "generation": 1, "copied": 0, "total": GiB,
+        "attempts": 1, "failures": 0}},
     "Image.getStatus": {"params": DST, "result": {
         "domainID": DOMAIN, "imageID": DST_IMAGE, "volumeID": DST_VOLUME,
         "legality": "ILLEGAL", "generation": 0, "size": GiB,
@@ -113,7 +120,7 @@ EXAMPLES: dict[str, dict] = {
                  "state": "copying", "generation": 0, "attempts": 1, "failures": 0,
                  "errors": [],
                  "started": 1767225600.2, "updated": 1767225607.4, "host_id": "host-a",
-                 "task_id": "copy-1", "lease": _LEASE}, "transfer": None}},
+                 "task_id": "copy-1", "lease": _LEASE}, "transfer": None, "merge": None}},
     "StorageDomain.attach": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
                              "result": _DOMAIN_INFO},
     "StorageDomain.create": {"params": {"domainID": DOMAIN, "path": "/srv/hostagent/domain1"},
@@ -141,6 +148,11 @@ EXAMPLES: dict[str, dict] = {
     "Volume.delete": {"params": SRC, "result": {"volumeID": VOLUME, "deleted": True}},
     "Volume.fence": {"params": {**SRC, "generation": 3}, "result": {
         "volumeID": VOLUME, "generation": 4, "fenced": True, "waited": 71.204}},
+    "Volume.extend": {"params": {**SRC, "size": 2 * GiB}, "result": {
+        "volumeID": VOLUME, "size": 2 * GiB, "generation": 1, "extended": True}},
+    "Volume.measure": {"params": {**SRC, "format": "cow"}, "result": {
+        "volumeID": VOLUME, "format": "cow", "size": GiB, "required": 537264128,
+        "fully_allocated": 1074135040}},
     "Volume.getInfo": {"params": SRC, "result": {**_VOLUME, "generation": 1, "lease": None,
                                                  "transfer": None}},
 }

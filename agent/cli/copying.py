@@ -153,10 +153,11 @@ def stopped(ctx, outcome, again: str | None = None) -> int:
     loc = show_location(outcome.dst)
     errs = [f"{(e.get('data') or {}).get('name')}: {e.get('message')}"
             for e in copy.get("errors") or []]
-    what = f"the merge into {loc}" if again else f"the copy into {loc}"
+    what, verb = (f"the merge into {loc}", "merging") if again else (f"the copy into {loc}",
+                                                                       "copying")
     output.error(f"{what} stopped at {output.size(copy.get('copied'))} of "
                  f"{output.size(copy.get('total'))} ({copy.get('state')}) and nobody is "
-                 f"working on it" + (f"; errors: {'; '.join(errs)}" if errs else "") + "\n"
+                 f"{verb} it" + (f"; errors: {'; '.join(errs)}" if errs else "") + "\n"
                  f"  continue it: {again or f'hostagent continue {loc} --wait'}"
                  + ("" if again else f"\n  or delete it: hostagent volume delete {loc}"))
     return output.NEEDS_CONTINUING

@@ -246,3 +246,15 @@ def test_a_leaf_in_an_unfinished_merge_cannot_be_deleted(make_agent, workdir):
     assert refused.value.error["data"]["name"] == "VolumeInUse"
     assert refused.value.error["data"]["reason"] == "merge"
     assert agent.call("Volume.getInfo", ids(top))["legality"] == "ILLEGAL"
+
+
+def test_a_merge_honours_the_copy_rate_limit(make_agent, workdir):
+    """[copy] max_bytes_per_second paces a merge as it paces a copy: 64 MiB of guest view
+    at 32 MiB/s take two seconds at least, whatever the machine (a lower bound only)."""
+    agent = make_agent(copy={"max_bytes_per_second": 32 * MiB, "checkpoint_seconds": 0.1})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id)
+    merge(agent, chain[0], chain[1])
+    record = agent.call("Task.getStatus", {"taskID": "m1"})
+    assert record["ended"] - record["started"] >= 1.9, record
