@@ -12,6 +12,9 @@ marker's is its destination's). Its steps, each recorded before the next begins:
     (gone)      one transaction: top's row deleted, base LEGAL with generation + 1 and the
                 checksum, the row gone, a `merged` record left; then top's file is removed
 
+A top with no child (the leaf) has nothing to re-point: its commit's end is that last
+transaction, with the checksum, and no step between is recorded.
+
 begin_merge makes base and top ILLEGAL (each generation + 1) with the row, in one
 transaction: from then on neither is read, copied, snapshotted, written or deleted by
 anyone but the merge, and top's child reads as it did (its chain's data is not changed by
@@ -202,14 +205,20 @@ class Merges:
             db.execute("UPDATE merges SET step = 'repointed' WHERE volume_id = ?", [base_id])
             return True
 
-    def complete_merge(self, base_id: str, generation: int) -> bool:
+    def complete_merge(self, base_id: str, generation: int,
+                       checksum: str | None = None) -> bool:
         """Top's row gone, base LEGAL with generation + 1 and the merged view's checksum,
         the merge's row replaced by a `merged` record, in one transaction (top's data file
-        is the caller's to remove next). False if superseded or not yet repointed."""
+        is the caller's to remove next). A top with a child must be repointed first; one
+        without may end straight from its commit (``checksum``: the commit's). False if
+        superseded or not yet repointed."""
         with self.tx("complete_merge") as db:
             merge = self.get_merge(base_id, generation)
-            if merge is None or merge["step"] != "repointed":
+            if merge is None or (merge["step"] != "repointed"
+                                 and self.children(merge["top_id"])):
                 return False
+            if merge["step"] == "commit":
+                merge["checksum"] = checksum
             now, top_id = time.time(), merge["top_id"]
             db.execute("DELETE FROM volumes WHERE volume_id = ?", [top_id])
             db.execute("UPDATE volumes SET legality = 'LEGAL', generation = ?, checksum = ?,"

@@ -161,16 +161,19 @@ def _check_room(db: DomainDB, base: dict, top: dict) -> None:
 
 def _run(ctx, db: DomainDB, m: dict, base: dict) -> None:
     base_id, gen = m["volume_id"], m["generation"]
+    digest = None
     if m["step"] == "commit":
         digest = _commit(ctx, db, m, base)
-        if not db.merge_committed(base_id, gen, digest):
-            raise errors.GenerationMismatch("superseded during the merge", volumeID=base_id)
         ctx.event("Image.merge", {**base, "state": "merging", "step": "committed",
                                   "copied": m["size"]})
-        m.update(step="committed")
+        if db.children(m["top_id"]):  # else the last transaction ends it at once
+            if not db.merge_committed(base_id, gen, digest):
+                raise errors.GenerationMismatch("superseded during the merge",
+                                                volumeID=base_id)
+            m.update(step="committed")
     if m["step"] == "committed":
         _repoint(ctx, db, m)
-    if not db.complete_merge(base_id, gen):
+    if not db.complete_merge(base_id, gen, checksum=digest):
         raise errors.GenerationMismatch("superseded during the merge", volumeID=base_id)
 
 
