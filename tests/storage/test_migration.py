@@ -61,6 +61,9 @@ def test_a_schema_1_domain_is_migrated_when_opened(v1_domain):
         # in progress are collapse copies.
         assert (source["format"], source["parent_id"]) == ("raw", None)
         assert db.chain(src) == [source] and db.children(src) == []
+        # Version 5: no merges yet, and how a volume was made is not known.
+        assert db.list_merges() == [] and db.get_merged(src) is None
+        assert source["preallocation"] is None
         marker = db.get_marker(dst)
         assert marker["kind"] == "collapse"
         assert (marker["copied"], marker["generation"], marker["attempts"], marker["failures"],
