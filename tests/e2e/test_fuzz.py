@@ -24,7 +24,7 @@ from tests.support.harness import recv_json
 MAX_BATCH = 1000
 SERVED = ["Host.ping", "Host.getStats", "Host.getCapabilities", "Task.getStatus",
           "Task.getAll", "Task.abort", "StorageDomain.list", "Image.getStatus",
-          "Volume.getInfo"]
+          "Volume.getInfo", "Image.merge", "Volume.extend", "Volume.measure"]
 NOT_SERVED = ["", "rpc.discover", "host.ping", "Debug.sleep", "Nope.nope", "Host.ping "]
 
 
