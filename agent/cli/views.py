@@ -69,7 +69,8 @@ def copies_table(copies: list[dict], title: str | None = None):
     for c in copies:
         total, copied = c.get("total"), c.get("copied")
         percent = f"{100.0 * copied / total:.1f}%" if total and copied is not None else "-"
-        t.add_row(escape(str(c.get("taskID"))), str(c.get("volumeID")),
+        volume = str(c.get("volumeID")) + (" (merge)" if c.get("kind") == "merge" else "")
+        t.add_row(escape(str(c.get("taskID"))), volume,
                   f"{output.size(copied)} of {output.size(total)}", percent, rate(c.get("rate")),
                   eta(c))
     return t

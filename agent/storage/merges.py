@@ -38,7 +38,6 @@ from agent.errors import (
 from agent.ids import check_uuid
 from agent.storage.markers import MAX_ERRORS
 
-STEPS = ("commit", "committed", "repointed")
 RETAIN_MERGED = 1000  # merged records kept per domain (what a late retry is answered from)
 
 
@@ -231,16 +230,4 @@ class Merges:
                         merge["checksum"], now])
             db.execute("DELETE FROM merged WHERE top_id IN (SELECT top_id FROM merged"
                        " ORDER BY ended DESC LIMIT -1 OFFSET ?)", [RETAIN_MERGED])
-            return True
-
-    def extend_volume(self, volume_id: str, generation: int, size: int) -> bool:
-        """A volume's new virtual size (its file grown first) with generation + 1, if it is
-        still at ``generation``, LEGAL, with no children (checked again under the lock)."""
-        with self.tx("extend_volume") as db:
-            row = self.get_volume(volume_id)
-            if row is None or row["generation"] != generation or row["legality"] != "LEGAL" \
-                    or self.children(volume_id):
-                return False
-            db.execute("UPDATE volumes SET size = ?, generation = ?, updated = ?"
-                       " WHERE volume_id = ?", [size, generation + 1, time.time(), volume_id])
             return True

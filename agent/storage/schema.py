@@ -5,10 +5,11 @@ of failures. Version 3 gave volumes a format (raw, or cow: qcow2) and a parent (
 snapshot is layered on, in the same image), and copy markers the kind of copy (collapse: the
 source's guest view into one volume; chain: one layer of a chain copied onto its parent's
 copy). Version 4 added the transfers table (a volume written through an export:
-agent/storage/transfers.py). Version 5 added the merges table (a snapshot being folded into its
-parent), the merged records of those done (agent/storage/merges.py), and volumes' preallocation
-(sparse or preallocated, as made; null when not known), which a grow and a merge keep. `PRAGMA user_version` holds a domain's version; DomainDB.open
-migrates an older one in one transaction (agent/storage/metadata.py).
+agent/storage/transfers.py). Version 5 added the merges table (a snapshot being folded into
+its parent), the merged records of those done (agent/storage/merges.py), and volumes'
+preallocation (sparse or preallocated, as made; null when not known), which a grow and a
+merge keep. `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
+one in one transaction (agent/storage/metadata.py).
 """
 
 DOMAIN_VERSION = 5

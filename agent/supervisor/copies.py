@@ -1,6 +1,7 @@
 """Copies in progress, as their workers report them: bytes copied and a rate for each.
 
-A copy's worker publishes an Image.copy event at its checkpoints (about once a second):
+A copy's worker publishes an Image.copy event at its checkpoints (about once a second; a
+merge's, an Image.merge event, counted here as a copy into its base, of kind merge):
 {domainID, imageID, volumeID, state, copied, total}. The supervisor passes each one here, so
 `hostagent status`, `hostagent top` (through Host.getStats) and the metrics can say how fast
 each copy goes without asking storage. One entry per active task, forgotten when the task
@@ -26,10 +27,12 @@ class Copy:
     began: float
     at: float
     rate: float | None = None  # bytes a second, once two reports are in
+    kind: str = "copy"  # or merge: a merge's commit, reported on its base
 
     def record(self) -> dict:
         return {"taskID": self.task_id, "domainID": self.domain_id, "imageID": self.image_id,
-                "volumeID": self.volume_id, "copied": self.copied, "total": self.total,
+                "volumeID": self.volume_id, "kind": self.kind, "copied": self.copied,
+                "total": self.total,
                 "rate": None if self.rate is None else round(self.rate),
                 "seconds": round(self.at - self.began, 3)}
 
@@ -55,7 +58,8 @@ class CopyMeter:
         if entry is None or entry.volume_id != volume_id:
             self._by_task[task_id] = Copy(task_id, str(params.get("domainID")),
                                           str(params.get("imageID")), volume_id, copied,
-                                          _count(params.get("total")), now, now)
+                                          _count(params.get("total")), now, now,
+                                          kind="merge" if "topVolumeID" in params else "copy")
             return 0
         delta, elapsed = max(0, copied - entry.copied), now - entry.at
         if elapsed > 0:

@@ -178,6 +178,9 @@ def test_an_aborted_merge_keeps_its_volumes_from_everyone_until_it_is_continued(
     agent.client().call("Image.merge", params, id="m1")
     wait_for(lambda: (agent.call("Image.getStatus", ids(base))["merge"] or {}).get("copied"),
              timeout=30, what="a checkpoint")
+    wait_for(lambda: any(c["kind"] == "merge" and c["volumeID"] == base["volumeID"]
+                         for c in agent.call("Host.getStats")["copies"]), timeout=30,
+             what="the merge among the work in progress, with its rate")
     agent.call("Task.abort", {"taskID": "m1"})
     wait_for(lambda: task_state(agent, "m1") == "aborted", timeout=30, what="aborted")
     status = agent.call("Image.getStatus", ids(child))["merge"]
