@@ -61,7 +61,9 @@ def copy(agent: Supervisor, params):
     attempts counts take-overs; failures counts the copy's own failures, each with its
     reason in the marker's errors ([recovery] max_attempts bounds failures, not restarts).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume (source), 202 VolumeExists (destination
-    LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace, 205 CopyConflict, 207
+    LEGAL), 203 LeaseHeld (someone is copying it), 204 NoSpace (checked before anything is
+    made: the destination domain has less room than the source's data, what a copy's sparse
+    destination holds, data.needed and data.free), 205 CopyConflict, 207
     VolumeIllegal (source not LEGAL), 213 VolumeTruncated (also a raw base shorter than its
     size), 216 ImageInvalid (the source's chain refused before qemu opened it, data.reason
     the check that failed: not-qcow2, corrupt (also what `qemu-img check` finds damaged),

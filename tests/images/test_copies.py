@@ -185,6 +185,24 @@ def test_a_copy_that_cannot_fit_is_refused_before_anything_is_made(agent, workdi
         assert info["volumes"] == 0 and info["copies"] == 0
 
 
+@pytest.mark.parametrize("fmt", ["raw", "cow"])
+def test_a_sparse_copy_needs_room_for_its_data_not_its_virtual_size(agent, workdir, fmt):
+    """A 1 GiB disk holding a few MiB copied into a 48 MiB domain: measure's raw figure (the
+    whole virtual size) would refuse it; the copy holds only the data, and fits."""
+    from tests.support.storage_flow import tmpfs
+    chain = make_chain(agent, agent.domain_id, size=1 << 30, layers=2)
+    with tmpfs(workdir / "small", "48M") as small:
+        small_id = new_id()
+        agent.call("StorageDomain.create", {"domainID": small_id, "path": str(small)})
+        dst = {"domainID": small_id, "imageID": new_id(), "volumeID": new_id()}
+        agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst,
+                                           "format": fmt}, id="sparse")
+        wait_legal(agent, dst)
+        info = agent.call("Volume.getInfo", dst)
+        assert info["size"] == 1 << 30 and info["allocated"] < 40 * MiB
+        assert compare(chain[-1]["path"], "cow", info["path"], fmt).returncode == 0
+
+
 LAYOUTS = [("2M", "on"), ("2M", "off"), ("64k", "on"), ("512", "off"), ("1M", "on")]
 
 

@@ -52,18 +52,22 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
 def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats: list[str],
                beat) -> None:
     """NoSpace before anything is made if the destination's domain cannot hold the copy:
-    qemu-img measure of what it needs (a chain copy: each layer's own data), in the
-    destination's format(s), against the domain's free space."""
+    qemu-img measure of what it needs (a chain copy: each layer's own data), against the
+    domain's free space. A copy's destination is sparse (holes and zeros are not written),
+    so what it holds is the source's data: for a raw destination that is what measure says
+    a qcow2 needs (the data and a little metadata), not measure's raw figure, which is the
+    whole virtual size (a 1 TiB disk holding 1 GiB needs 1 GiB, not 1 TiB)."""
     need = 0
     for i, fmt in enumerate(formats):
         layer = len(formats) > 1 and i > 0
         rows = src_rows[:i + 1] if len(formats) > 1 else src_rows
         opts = chain.image_opts(src_db.layout, rows, direct=False, layer_only=layer)
-        need += qemu_img.measure(fmt, opts, beat).get("required", 0)
+        need += qemu_img.measure("cow", opts, beat).get("required", 0)
     st = os.statvfs(dst_db.layout.root)
     free = st.f_bavail * st.f_frsize
     if need > free:
-        raise errors.NoSpace(f"the copy needs {need} bytes, the domain has {free} free",
+        raise errors.NoSpace(f"the copy needs {need} bytes (the source's data: its "
+                             f"destination is sparse), the domain has {free} free",
                              needed=need, free=free)
 
 
