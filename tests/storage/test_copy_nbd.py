@@ -83,3 +83,31 @@ def test_stopped_anywhere_and_resumed_it_ends_equal_with_the_files_checksum(
             ["qemu-img", "map", "--output=json", "-f", "qcow2", src], capture_output=True,
             text=True, check=True).stdout) if e["data"])
         assert os.stat(dst).st_blocks * 512 <= held + 4 * MiB
+
+
+def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
+    """An empty 64 GiB qcow2 copied with checkpoints due every MiB of data: no checkpoint
+    (no data moved, and the time trigger far away), one block status request per 4 GiB, one
+    piece for the whole hole, and the checksum of 64 GiB of zeros."""
+    size = 64 << 30
+    src, dst = str(tmp_path / "empty.qcow2"), str(tmp_path / "dst.raw")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, str(size)], check=True)
+    open(dst, "wb").truncate(size)
+    hasher, points, seen = checksum.StreamHasher(size), [], []
+    with qemu_nbd.export(opts(src, "qcow2")) as s, \
+            qemu_nbd.export(opts(dst, "raw"), writable=True) as d:
+        real = s.h.block_status
+
+        def counted(*args, **kw):
+            seen.append(args[0])
+            return real(*args, **kw)
+        s.h.block_status = counted
+        nbd.copy_image(s, d, 0, size, layer=False, fresh=True, hasher=hasher,
+                       checkpoint=lambda o: points.append(o) or True, progress=lambda o: None,
+                       should_stop=lambda: False, checkpoint_bytes=MiB,
+                       checkpoint_seconds=3600)
+    assert points == [] and 0 < len(seen) <= size // (4 << 30) + 1, (points, len(seen))
+    zeros = checksum.StreamHasher(size)
+    zeros.zeros(size)
+    assert hasher.hexdigest() == zeros.hexdigest()
+    assert os.stat(dst).st_blocks == 0
