@@ -25,7 +25,8 @@ from bench import common
 from bench.common import GiB, MiB
 
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
-        "qcow2_cow", "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
+        "qcow2_cow", "huge_empty_raw", "huge_empty_cow", "huge_data_raw", "huge_data_cow",
+        "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
         "upload_resume", "queries", "boot", "boot_resume", "events", "memory")
 
 PROFILES = {
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
         concurrent,
         copy,
         events,
+        huge,
         images,
         memory,
         merge,
@@ -145,8 +147,8 @@ def main(argv=None) -> int:
         transfers,
     )
 
-    modules = [rpc, spawn, copy, concurrent, images, merge, transfers, queries, boot, events,
-               memory]
+    modules = [rpc, spawn, copy, concurrent, images, huge, merge, transfers, queries, boot,
+               events, memory]
     rows, began = [], time.time()
     print(f"bench: profile {opts.profile}, {opts.repeats} repeats, rows {','.join(opts.only)}",
           file=sys.stderr, flush=True)

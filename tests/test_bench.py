@@ -110,18 +110,23 @@ def test_bench_transfer_rows(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_bench_merge_row(tmp_path):
-    """Image.merge against qemu-img commit of the same chain, at a tiny size."""
+def test_bench_merge_and_huge_disk_rows(tmp_path):
+    """Image.merge against qemu-img commit of the same chain, at a tiny size; an empty 8 TiB
+    disk copied against qemu-img convert."""
     out = tmp_path / "bench.json"
     base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "merge", "--repeats", "1",
+        [sys.executable, "-m", "bench", "--quick", "--only", "merge,huge_empty_cow",
+         "--repeats", "1",
          "--sizes", "qcow2=64M", "--data-dir", str(base), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"merge"}
+    assert set(rows) == {"merge", "huge_empty_cow"}
+    huge = rows["huge_empty_cow"]
+    assert huge["project"]["median"] > 0 and huge["extra"]["virtual_bytes"] == 8 << 40
+    assert isinstance(huge["met"], bool)
     row = rows["merge"]
     assert row["project"]["median"] > 0 and row["ratio"] > 0 and isinstance(row["met"], bool)
     assert row["baselines"]["qemu-img commit -t none"]["median"] > 0
