@@ -45,25 +45,26 @@ def domain_info(db: DomainDB, path: str) -> dict:
             "copies": len(db.list_markers())}
 
 
+def _with_leases(db: DomainDB, rows: list[dict], beat) -> list[dict]:
+    """Each row (a copy marker, a merge) with whether the lease of its volume is live."""
+    manager = leases.for_domain(db)
+    for row in rows:
+        beat()
+        row["lease_live"] = bool((manager.probe(row["volume_id"]) or {}).get("live"))
+    return rows
+
+
 def markers_with_leases(db: DomainDB, beat=lambda: None) -> list[dict]:
     """Every copy marker of the domain, with whether its lease is live (start-up recovery)."""
-    markers = db.list_markers()
-    manager = leases.for_domain(db)
+    markers = _with_leases(db, db.list_markers(), beat)
     for m in markers:
-        beat()
-        m["lease_live"] = bool((manager.probe(m["volume_id"]) or {}).get("live"))
         m["has_children"] = bool(db.children(m["volume_id"]))
     return markers
 
 
 def merges_with_leases(db: DomainDB, beat=lambda: None) -> list[dict]:
     """Every merge of the domain, with whether its lease (its base's) is live."""
-    merges = db.list_merges()
-    manager = leases.for_domain(db)
-    for m in merges:
-        beat()
-        m["lease_live"] = bool((manager.probe(m["volume_id"]) or {}).get("live"))
-    return merges
+    return _with_leases(db, db.list_merges(), beat)
 
 
 def volume_row(db: DomainDB, args: dict) -> dict:

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.test_cli import HOSTAGENT, LineReader, clean_env, processes  # noqa: F401
+from tests.e2e.test_cli import HOSTAGENT, clean_env, processes  # noqa: F401
 from tests.e2e.test_cli_people import ha, loc, ok_json, readable_error
 from tests.images.chains import compare, needs_qemu, qemu_io
 from tests.support.harness import wait_for
