@@ -261,3 +261,22 @@ def test_a_merge_honours_the_copy_rate_limit(make_agent, workdir):
     merge(agent, chain[0], chain[1])
     record = agent.call("Task.getStatus", {"taskID": "m1"})
     assert record["ended"] - record["started"] >= 1.9, record
+
+
+def test_a_merge_under_an_export_served_here_is_refused_until_it_ends(domain):
+    """A read export of the chain's leaf reads base and top: their data must not move under
+    it. Refused by name while it serves; once stopped, the merge runs."""
+    agent, domain_id = domain
+    chain = four_volume_chain(agent, domain_id)
+    client = agent.client()
+    client.call("Export.start", {**ids(chain[-1]), "mode": "read"}, id="read")
+    params = {"domainID": domain_id, "imageID": chain[0]["imageID"],
+              "baseVolumeID": chain[1]["volumeID"], "topVolumeID": chain[2]["volumeID"]}
+    with pytest.raises(CallError) as refused:
+        agent.call("Image.merge", params)
+    assert refused.value.error["data"]["name"] == "VolumeInUse"
+    assert refused.value.error["data"]["reason"] == "export"
+    assert agent.call("Volume.getInfo", ids(chain[1]))["legality"] == "LEGAL"
+    agent.call("Export.stop", {"taskID": "read"})
+    wait_for(lambda: task_state(agent, "read") == "done", timeout=30, what="export ended")
+    merge(agent, chain[1], chain[2])
