@@ -66,9 +66,10 @@ def _merged_before(db: DomainDB, args: dict) -> dict | None:
         return None  # NoSuchVolume follows from the checks
     if args.get("expect_generation") is not None:
         raise errors.GenerationMismatch("the merge ended", volumeID=args["baseVolumeID"])
+    base = db.get_volume(record["base_id"]) or {}
     return {"volumeID": record["base_id"], "baseVolumeID": record["base_id"],
             "topVolumeID": record["top_id"], "state": "done", "step": "done",
-            "generation": record["generation"], "already": True}
+            "generation": record["generation"], "total": base.get("size"), "already": True}
 
 
 @contextlib.contextmanager
