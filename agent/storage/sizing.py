@@ -47,8 +47,16 @@ def grow(layout, row: dict, size: int, preallocation: str | None = None,
             raise errors.ImageInvalid("the image's virtual size is not the volume's",
                                       volumeID=row["volume_id"], reason="size", found=found,
                                       expected=row["size"])
-        qemu_img.resize(opts, size, path, preallocation=how, beat=beat)
+        if size != row["size"]:
+            qemu_img.resize(opts, size, path, preallocation=how, beat=beat)
     fsync_path(path)
+
+
+def grown_unrecorded(layout, row: dict) -> bool:
+    """Whether a cow volume's header says more than its row: a grow a crash cut short."""
+    if row["format"] != "cow":
+        return False
+    return qcow2.read(layout.data_path(row), row["volume_id"]).virtual_size > row["size"]
 
 
 def _grow_raw(path: str, old: int, size: int, how: str) -> None:

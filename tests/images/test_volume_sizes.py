@@ -97,6 +97,12 @@ def test_an_extend_whose_row_was_never_written_is_mended_by_the_next(agent):
     with pytest.raises(CallError) as refused:  # readers trust the row, not the header
         agent.call("Volume.measure", loc)
     assert refused.value.error["data"]["reason"] == "size"
+    mended = agent.call("Volume.extend", {**loc, "size": 8 * MiB})  # the size it has
+    assert mended["size"] == 8 * MiB and header(made["path"], "cow")["virtual-size"] == 8 * MiB
+    assert agent.call("Volume.measure", loc)["size"] == 8 * MiB  # readable again
+    subprocess.run(["qemu-img", "resize", "-q", "-f", "qcow2", made["path"], str(16 * MiB)],
+                   check=True, timeout=60)
+    qemu_io(made["path"], "cow", f"write -P 5 {10 * MiB} {MiB}")
     agent.call("Volume.extend", {**loc, "size": 32 * MiB})
     assert read(made["path"], "cow", 10 * MiB, 64) == bytes(64)
     assert header(made["path"], "cow")["virtual-size"] == 32 * MiB

@@ -66,8 +66,9 @@ def extend(ctx, args):
         size = args["size"]
         unchanged = {"volumeID": row["volume_id"], "size": row["size"],
                      "generation": row["generation"], "extended": False}
-        if size == row["size"] and row["legality"] == "LEGAL":
-            return unchanged
+        if size == row["size"] and row["legality"] == "LEGAL" \
+                and not sizing.grown_unrecorded(db.layout, row):
+            return unchanged  # a retry; unless a crash left the header to mend
         _extendable(db, row, size)
         if args.get("generation") is not None and args["generation"] != row["generation"]:
             raise errors.GenerationMismatch("the volume's generation changed",
