@@ -329,14 +329,17 @@ class DomainDB(Markers, Transfers, Merges):
 
     def extend_volume(self, volume_id: str, generation: int, size: int) -> bool:
         """A volume's new virtual size (its file grown first) with generation + 1, if it is
-        still at ``generation``, LEGAL, with no children (checked again under the lock)."""
+        still at ``generation``, LEGAL, with no children (checked again under the lock). Its
+        recorded checksum is of the shorter guest view: dropped, so a scrub records the new
+        one instead of calling the grown volume a mismatch."""
         with self.tx("extend_volume") as db:
             row = self.get_volume(volume_id)
             if row is None or row["generation"] != generation or row["legality"] != "LEGAL" \
                     or self.children(volume_id):
                 return False
-            db.execute("UPDATE volumes SET size = ?, generation = ?, updated = ?"
-                       " WHERE volume_id = ?", [size, generation + 1, time.time(), volume_id])
+            db.execute("UPDATE volumes SET size = ?, generation = ?, checksum = NULL,"
+                       " updated = ? WHERE volume_id = ?",
+                       [size, generation + 1, time.time(), volume_id])
             return True
 
     def check_new_parent(self, image_id: str, parent_id: str, size: int) -> dict:

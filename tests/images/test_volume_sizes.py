@@ -68,6 +68,20 @@ def test_a_volume_grows_with_its_data_and_zeros_past_the_old_end(agent, fmt, pre
     assert again["extended"] is False and again["generation"] == grown["generation"]
 
 
+def test_a_grown_volume_drops_the_checksum_of_its_shorter_view(agent, workdir):
+    """A copy records its destination's checksum; growing it makes that the checksum of a
+    shorter guest view, so it is dropped (a scrub records the new one)."""
+    from tests.support.storage_flow import make_source, recorded_checksum, wait_legal
+    src = make_source(agent, agent.domain_id, 8 * MiB)
+    dst = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    agent.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
+    wait_legal(agent, dst)
+    root = workdir / "dom"
+    assert recorded_checksum(root, dst["volumeID"])
+    agent.call("Volume.extend", {**dst, "size": 16 * MiB})
+    assert recorded_checksum(root, dst["volumeID"]) is None
+
+
 def test_what_cannot_grow_is_refused_by_name_and_left_as_it_was(agent):
     chain = four_volume_chain(agent, agent.domain_id)
     leaf, inner = chain[-1], chain[1]

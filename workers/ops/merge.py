@@ -190,7 +190,9 @@ def _commit(ctx, db: DomainDB, m: dict, base: dict) -> str | None:
     whole = sizing.preallocation_of(db.layout.data_path(row), row) == "preallocated"
     rows = db.chain(m["top_id"])  # [..., base, top]
     chain.inspect(db.layout, rows, ctx.beat)
-    if rows[-2]["format"] == "cow":  # what a killed writer allocated and never linked
+    # A resumed merge's cow base: what a killed writer allocated and never linked is
+    # reclaimed (a fresh merge's base was checked whole before its answer).
+    if rows[-2]["format"] == "cow" and m["attempts"] > 1:
         qemu_img.check(chain.image_opts(db.layout, rows[-2:-1], direct=False,
                                         layer_only=True), db.layout.data_path(rows[-2]),
                        repair_leaks=True, beat=ctx.beat)
@@ -201,7 +203,7 @@ def _commit(ctx, db: DomainDB, m: dict, base: dict) -> str | None:
     digest, _ = qemu_copy.move(ctx, src_db=db, src_rows=rows, dst_db=db, dst_rows=rows[:-1],
                                start=m["copied"], fresh=False, layer=True, report=report,
                                record=cfg.get("record_checksum", True), merge=True,
-                               unmap=not whole)  # a preallocated base keeps its blocks
+                               punch=not whole)  # a preallocated base keeps its blocks
     return digest
 
 

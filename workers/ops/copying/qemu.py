@@ -112,11 +112,11 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: di
 
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
          report, record: bool, merge: bool = False,
-         unmap: bool = True) -> tuple[str | None, int]:
+         punch: bool = True) -> tuple[str | None, int]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
     dst_rows[-1]; returns (checksum, where the copy started). ``merge``: dst_rows[-1] is
     src_rows[-1]'s parent, whose own data the caller checked and which is never made
-    again (workers/ops/merge.py). ``unmap`` False: zeros are written, never punched."""
+    again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     dst_fresh = False if merge else prepare_destination(
         dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
@@ -146,7 +146,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             try:
                 nbd.copy_image(
                     src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
-                    punch=unmap,
+                    punch=punch,
                     checkpoint=report.checkpoint, progress=report.progress,
                     should_stop=ctx.stop_requested,
                     checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
