@@ -232,6 +232,35 @@ class ShrinkRefused(AgentError):
     code, name = 219, "ShrinkRefused"
 
 
+class NoSuchBitmap(AgentError):
+    """The volume has no dirty bitmap of that name in the agent's metadata (data.bitmap)."""
+
+    code, name = 220, "NoSuchBitmap"
+
+
+class BitmapExists(AgentError):
+    """The volume already has a dirty bitmap of that name (data.bitmap; data.state says
+    whether it is usable)."""
+
+    code, name = 221, "BitmapExists"
+
+
+class BitmapBroken(AgentError):
+    """A dirty bitmap cannot be trusted, so it is not used: data.reason says why (in-use: a
+    writer of the image died with it open; missing: the image lacks it; recorded: an
+    operation of the agent was cut short while it changed; chain: a layer of the chain does
+    not carry it; granularity, disabled, inconsistent). Remove it (or clear the volume's
+    bitmaps) and take a full backup."""
+
+    code, name = 222, "BitmapBroken"
+
+
+class BitmapsUnsupported(AgentError):
+    """Dirty bitmaps live in qcow2 images only: a raw volume has none (data.format)."""
+
+    code, name = 223, "BitmapsUnsupported"
+
+
 class ResourceExhausted(AgentError):
     """max_active_tasks operations are active; queries are still served."""
 

@@ -4,10 +4,10 @@ docs/api.md (apidoc.py) with its examples (examples.py)."""
 
 from __future__ import annotations
 
-from agent.api import debug, export, host, image, storage_domain, task, volume
+from agent.api import bitmap, debug, export, host, image, storage_domain, task, volume
 from agent.wire.verbs import REGISTRY, Verb
 
-NAMESPACES = (host, task, debug, storage_domain, volume, image, export)
+NAMESPACES = (host, task, debug, storage_domain, volume, image, export, bitmap)
 
 
 def load_all() -> dict[str, Verb]:

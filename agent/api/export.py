@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from agent import errors
 from agent.api.volume import SECTOR, VOLUME_PARAMS
+from agent.storage.bitmaps import checked_name
 from agent.supervisor import jobs, states
 from agent.supervisor.jobs import WorkerJob
 from agent.wire.verbs import Param, one_of, verb
@@ -67,6 +68,12 @@ def checked_checksum(value: str) -> str:
       Param("tag", "str", required=False, check=_tag,
             doc="write only: what the client is sending (its file's identity); a transfer "
                 "in progress with another tag is refused (217)"),
+      Param("bitmap", "str", required=False, check=checked_name,
+            doc="read only: also serve this dirty bitmap, the union over the chain's "
+                "layers, as the meta context qemu:dirty-bitmap:NAME (an incremental backup)"),
+      Param("checkpoint", "str", required=False, check=checked_name,
+            doc="read only, of a leaf: first start this new dirty bitmap in the volume, in "
+                "the same step (no write falls between this backup and the next)"),
       worker=True, events=("Task.state", "Export.state"))
 def start(agent: Supervisor, params):
     """Serve a volume over NBD until stopped (Export.stop, or Task.abort), until no client
@@ -96,9 +103,23 @@ def start(agent: Supervisor, params):
     CopyConflict (a copy in progress; data.reason), 207 VolumeIllegal (read or layer of an
     ILLEGAL volume), 215 VolumeHasChildren (write of an inner layer), 216 ImageInvalid,
     217 TransferConflict (another client's transfer: data.reason tag, or shape), -32602.
+
+    A backup's export (read, with `bitmap` and/or `checkpoint`): under the volume's lease,
+    `bitmap` is checked in every layer it spans (its rows against the images: 220
+    NoSuchBitmap, 222 BitmapBroken with data.reason, never served broken), then
+    `checkpoint` is added to the volume (as Bitmap.add; one that exists and is ok is kept),
+    then the bitmap's union over the chain is made in a private qcow2 overlay on top of
+    the chain, which qemu-nbd serves with `-B`; the answer then also says {bitmap,
+    checkpoint}. A client reads the dirty extents of the meta context
+    qemu:dirty-bitmap:NAME (an imageio ticket with "dirty": true does). Errors also: 218
+    VolumeInUse (reason open: a guest has the image open), 221 BitmapExists (a checkpoint
+    that exists broken), 223 BitmapsUnsupported.
     """
     if params["mode"] != "write" and (params["create"] or params["tag"]):
         raise errors.InvalidParams("create and tag are for a write export", param="mode")
+    if params["mode"] != "read" and (params["bitmap"] or params["checkpoint"]):
+        raise errors.InvalidParams("bitmap and checkpoint are for a read export",
+                                   param="mode")
     args = {k: v for k, v in params.items() if v is not None}
     return WorkerJob(START, jobs.with_path(agent.domains, args))
 

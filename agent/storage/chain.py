@@ -91,15 +91,19 @@ def require_legal(rows: list[dict]) -> None:
 
 
 def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = False,
-               share: bool = False) -> str:
+               share: bool = False, overlay: str | None = None) -> str:
     """qemu's --image-opts for the chain's top (rows[-1]), every backing layer spelled out.
     ``layer_only``: the top without its backing (reads of its unallocated parts: zeros).
     ``share``: the backing layers opened without taking qemu's image locks, for a merge,
     whose commit writes into a backing layer that this reader reads only where the commit
-    never writes (agent/storage/merges.py)."""
+    never writes (agent/storage/merges.py). ``overlay``: a private qcow2 on top of the chain
+    (a backup's export: it holds the bitmap served, never data)."""
     keys: dict[str, str] = {}
     chain = rows[-1:] if layer_only else rows
     prefix = ""
+    if overlay is not None:
+        keys.update({"driver": "qcow2", "file.driver": "file", "file.filename": overlay})
+        prefix = "backing."
     for i, row in enumerate(reversed(chain)):
         path = layout.data_path(row)
         keys[prefix + "driver"] = qemu_img.driver(row["format"])

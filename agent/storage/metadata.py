@@ -51,6 +51,7 @@ from agent.errors import (
     VolumeInUse,
 )
 from agent.ids import check_uuid
+from agent.storage.bitmaps import Bitmaps
 from agent.storage.layout import DB_NAME, DOM_MD, IMAGES, LEASES, Layout
 from agent.storage.markers import Markers, new_token, size_checked
 from agent.storage.merges import Merges
@@ -103,7 +104,7 @@ def _sqlite_error(op: str, e: sqlite3.Error) -> AgentError:
     return OperationFailed(f"metadata {op} failed: {e}", sqlite=type(e).__name__)
 
 
-class DomainDB(Markers, Transfers, Merges):
+class DomainDB(Markers, Transfers, Merges, Bitmaps):
     def __init__(self, root: str, db: sqlite_utils.Database, domain_id: str):
         self.layout = Layout(root)
         self.db = db
@@ -297,9 +298,11 @@ class DomainDB(Markers, Transfers, Merges):
         return rows[0] if rows else None
 
     def create_volume(self, image_id: str, volume_id: str, size: int, fmt: str = "raw",
-                      parent_id: str | None = None, preallocation: str | None = None) -> dict:
+                      parent_id: str | None = None, preallocation: str | None = None,
+                      bitmaps: tuple = ()) -> dict:
         """Record a new LEGAL volume of generation 0. VolumeExists if the id is taken; with
-        a parent, the parent must be the LEGAL leaf of the same image (chains are linear)."""
+        a parent, the parent must be the LEGAL leaf of the same image (chains are linear).
+        `bitmaps`: the rows of the dirty bitmaps its file was made with (a snapshot's)."""
         image_id = check_uuid(image_id, "imageID")
         volume_id = check_uuid(volume_id, "volumeID")
         size = size_checked(size)
@@ -308,6 +311,9 @@ class DomainDB(Markers, Transfers, Merges):
                 self.check_new_parent(image_id, parent_id, size)
             self.insert_volume(db, image_id, volume_id, size, "LEGAL", fmt, parent_id,
                                preallocation)
+            for b in bitmaps:
+                self.insert_bitmap(db, volume_id, b["name"], b["granularity"],
+                                   b.get("continues", False))
         return self.get_volume(volume_id)
 
     def insert_volume(self, db, image_id: str, volume_id: str, size: int,

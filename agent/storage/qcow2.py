@@ -12,7 +12,13 @@ here, from the bytes, with the reason of the check that failed (ImageInvalid, da
     corrupt       marked corrupt by qemu, or a header whose fields cannot be right
     encrypted     AES or LUKS encryption (the agent holds no keys)
     data-file     an external data file: qemu would read the guest's data from another file
-    limits        more internal snapshots than MAX_SNAPSHOTS (metadata qemu's tools load whole)
+    limits        more internal snapshots than MAX_SNAPSHOTS, or more persistent dirty bitmaps
+                  (or a larger bitmap directory) than MAX_BITMAPS (MAX_BITMAP_DIRECTORY):
+                  metadata qemu's tools load whole
+
+`bitmaps` reads the persistent dirty bitmaps' directory (names, flags, granularity) from the
+bytes, within the same bounds, so that what the image says of them is checked against the
+agent's metadata without a qemu process opening it (agent/storage/tracking.py).
 
 The layout (docs/interop/qcow2.txt in qemu): a big-endian header, then header extensions
 (type, length, data padded to 8 bytes) up to the end of the first cluster.
@@ -30,6 +36,10 @@ MAGIC = b"QFI\xfb"
 V2_HEADER = 72
 MAX_SNAPSHOTS = 1000  # qemu allows 65,536; a header of that many made `info` grow to 490 MiB
 MAX_BACKING_NAME = 1023  # qemu's own bound on a backing file name
+MAX_BITMAPS = 256  # qemu allows 65,535; an engine keeps a few checkpoints a disk
+MAX_BITMAP_DIRECTORY = 1 << 20  # bytes; qemu allows 64 MiB
+BITMAPS_CONSISTENT = 1  # autoclear bit 0: the bitmaps extension was kept by a qemu that knows it
+IN_USE, AUTO = 1, 2  # a bitmap directory entry's flags
 
 # incompatible_features bits
 DIRTY, CORRUPT, DATA_FILE, COMPRESSION_TYPE, EXTENDED_L2 = (1 << i for i in range(5))
@@ -50,6 +60,17 @@ class Header:
     dirty: bool
     snapshots: int
     file_size: int
+    bitmaps: int = 0  # persistent dirty bitmaps in the directory
+    bitmap_directory: tuple[int, int] = (0, 0)  # (offset, size) in the file
+    bitmaps_consistent: bool = True  # the autoclear bit qemu clears when it could not keep them
+
+
+@dataclass(frozen=True)
+class Bitmap:
+    name: str
+    in_use: bool  # a writer opened the image and has not stored the bitmap since
+    auto: bool  # enabled: qemu records writes into it whenever it writes the image
+    granularity: int
 
 
 def _invalid(reason: str, message: str, volume_id: str | None, **data) -> errors.ImageInvalid:
@@ -101,7 +122,7 @@ def read(path: str, volume_id: str | None = None) -> Header:
         raise _invalid("limits", f"the image holds {snapshots} internal snapshots (at most "
                        f"{MAX_SNAPSHOTS})", volume_id, limit="internal snapshots",
                        found=snapshots, allowed=MAX_SNAPSHOTS)
-    backing_format = _extensions(first, header_length, cluster, volume_id)
+    backing_format, bitmap_ext = _extensions(first, header_length, cluster, volume_id)
     backing = None
     if backing_offset:
         if backing_size > MAX_BACKING_NAME or backing_offset + backing_size > len(first):
@@ -111,18 +132,21 @@ def read(path: str, volume_id: str | None = None) -> Header:
             "utf-8", errors="replace")
     return Header(version=version, cluster_size=cluster, virtual_size=size, backing=backing,
                   backing_format=backing_format, extended_l2=bool(incompatible & EXTENDED_L2),
-                  dirty=bool(incompatible & DIRTY), snapshots=snapshots, file_size=file_size)
+                  dirty=bool(incompatible & DIRTY), snapshots=snapshots, file_size=file_size,
+                  bitmaps=bitmap_ext[0], bitmap_directory=bitmap_ext[1:],
+                  bitmaps_consistent=bool(autoclear & BITMAPS_CONSISTENT))
 
 
-def _extensions(first: bytes, offset: int, cluster: int, volume_id) -> str | None:
-    """Walk the header extensions; the backing format named, if any."""
-    backing_format = None
+def _extensions(first: bytes, offset: int, cluster: int, volume_id):
+    """Walk the header extensions; the backing format named, if any, and the bitmaps
+    extension's (count, directory offset, directory size)."""
+    backing_format, bitmaps = None, (0, 0, 0)
     end = min(len(first), cluster)
     while offset + 8 <= end:
         kind, length = struct.unpack_from(">II", first, offset)
         offset += 8
         if kind == EXT_END:
-            return backing_format
+            return backing_format, bitmaps
         if offset + length > end:
             raise _invalid("corrupt", "a qcow2 header extension runs past the header",
                            volume_id)
@@ -133,5 +157,48 @@ def _extensions(first: bytes, offset: int, cluster: int, volume_id) -> str | Non
             raise _invalid("encrypted", "the image is encrypted", volume_id)
         if kind == EXT_BACKING_FORMAT:
             backing_format = data.decode("ascii", errors="replace")
+        if kind == EXT_BITMAPS:
+            bitmaps = _bitmaps_extension(data, volume_id)
         offset += (length + 7) & ~7
-    return backing_format
+    return backing_format, bitmaps
+
+
+def _bitmaps_extension(data: bytes, volume_id) -> tuple[int, int, int]:
+    if len(data) < 24:
+        raise _invalid("corrupt", "the qcow2 bitmaps extension is cut short", volume_id)
+    count, _reserved, size, offset = struct.unpack_from(">IIQQ", data)
+    if count > MAX_BITMAPS or size > MAX_BITMAP_DIRECTORY:
+        raise _invalid("limits", f"the image holds {count} dirty bitmaps in a directory of "
+                       f"{size} bytes (at most {MAX_BITMAPS} in {MAX_BITMAP_DIRECTORY})",
+                       volume_id, limit="bitmaps", found=count, allowed=MAX_BITMAPS)
+    return count, offset, size
+
+
+def bitmaps(path: str, header: Header, volume_id: str | None = None) -> list[Bitmap]:
+    """The image's persistent dirty bitmaps as its directory lists them (read from the
+    bytes, bounded by the header's checks): ImageInvalid reason corrupt if the directory
+    does not parse."""
+    if not header.bitmaps:
+        return []
+    offset, size = header.bitmap_directory
+    if offset % 8 or offset + size > header.file_size:
+        raise _invalid("corrupt", "the image's bitmap directory is out of bounds", volume_id)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    out, at = [], 0
+    for _ in range(header.bitmaps):
+        if at + 24 > len(data):
+            raise _invalid("corrupt", "the image's bitmap directory is cut short", volume_id)
+        (_table, _table_size, flags, _kind, granularity_bits, name_size,
+         extra) = struct.unpack_from(">QIIBBHI", data, at)
+        name_at = at + 24 + extra
+        if name_at + name_size > len(data) or not 9 <= granularity_bits <= 31:
+            raise _invalid("corrupt", "a bitmap directory entry is impossible", volume_id)
+        name = data[name_at:name_at + name_size].decode("utf-8", errors="replace")
+        out.append(Bitmap(name=name, in_use=bool(flags & IN_USE), auto=bool(flags & AUTO),
+                          granularity=1 << granularity_bits))
+        at = (name_at + name_size + 7) & ~7
+    return out

@@ -42,7 +42,7 @@ def configure(base: str | None) -> None:
     _base = base
 
 
-def _new_dir() -> str:
+def new_dir() -> str:
     if _base is not None and len(_base) + 32 < SOCKET_PATH_MAX:
         os.makedirs(_base, mode=0o700, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=_base)  # 0700
@@ -96,7 +96,7 @@ class Export:
 
     def open(self) -> "Export":
         nbd = _nbd()
-        self.dir = _new_dir()
+        self.dir = new_dir()
         path = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -180,9 +180,9 @@ class Server:
     """
 
     def __init__(self, opts: str, *, writable: bool, depth: bool = False,
-                 group: str = "", max_connections: int = 8):
+                 group: str = "", max_connections: int = 8, bitmap: str | None = None):
         self.opts, self.writable, self.depth = opts, writable, depth
-        self.group, self.max_connections = group, max_connections
+        self.group, self.max_connections, self.bitmap = group, max_connections, bitmap
         self.proc: subprocess.Popen | None = None
         self.dir: str | None = None
         self.socket: str | None = None
@@ -192,7 +192,7 @@ class Server:
 
     def start(self) -> "Server":
         gid = _group_id(self.group)
-        self.dir = _new_dir()
+        self.dir = new_dir()
         self.socket = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -213,6 +213,8 @@ class Server:
             argv.insert(1, "--discard=unmap" if self.writable else "--read-only")
             if self.depth:
                 argv.insert(1, "--allocation-depth")
+            if self.bitmap:  # the meta context qemu:dirty-bitmap:NAME
+                argv[1:1] = ["--bitmap", self.bitmap]
             with open(os.path.join(self.dir, "qemu-nbd.log"), "wb") as log:
                 self.proc = qemu_img.start(argv, listener.fileno(), log.fileno(),
                                            limits=qemu_img.SERVER)

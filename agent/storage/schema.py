@@ -8,11 +8,12 @@ copy). Version 4 added the transfers table (a volume written through an export:
 agent/storage/transfers.py). Version 5 added the merges table (a snapshot being folded into
 its parent), the merged records of those done (agent/storage/merges.py), and volumes'
 preallocation (sparse or preallocated, as made; null when not known), which a grow and a
-merge keep. `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
+merge keep. Version 6 added the bitmaps table: the persistent dirty bitmaps the agent keeps in
+its qcow2 volumes (agent/storage/bitmaps.py). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
 one in one transaction (agent/storage/metadata.py).
 """
 
-DOMAIN_VERSION = 5
+DOMAIN_VERSION = 6
 
 # The tables (not views) and columns this version reads and writes; a domain without them is
 # damaged or not ours, whatever its version says.
@@ -31,6 +32,8 @@ REQUIRED = {
                "task_id", "state", "step", "copied", "size", "base_size", "checksum",
                "attempts", "failures", "errors", "started", "updated"},
     "merged": {"top_id", "base_id", "image_id", "generation", "checksum", "ended"},
+    "bitmaps": {"volume_id", "name", "granularity", "continues", "broken", "created",
+                "updated"},
 }
 
 # copy_markers is its own table so the boot scan for unfinished copies is one cheap query,
@@ -88,9 +91,20 @@ MERGES_SCHEMA = [
         generation INTEGER NOT NULL, checksum TEXT, ended REAL)""",
 ]
 SCHEMA += MERGES_SCHEMA
+
+# A volume's persistent dirty bitmaps as the agent made them: each also lives in the qcow2,
+# and the two are checked against each other before one is used (agent/storage/bitmaps.py).
+BITMAPS_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS bitmaps (
+        volume_id TEXT NOT NULL REFERENCES volumes (volume_id) ON DELETE CASCADE,
+        name TEXT NOT NULL, granularity INTEGER NOT NULL,
+        continues INTEGER NOT NULL DEFAULT 0, broken TEXT, created REAL, updated REAL,
+        PRIMARY KEY (volume_id, name))""",
+]
+SCHEMA += BITMAPS_SCHEMA
 # Tables a version added whole: a migration makes them (their absence is not damage).
 NEW_TABLES = {"transfers": TRANSFERS_SCHEMA, "merges": MERGES_SCHEMA,
-              "merged": MERGES_SCHEMA}
+              "merged": MERGES_SCHEMA, "bitmaps": BITMAPS_SCHEMA}
 
 # What versions 2, 3 and 5 added to a table, for domains formatted before them (a migration adds
 # whichever columns are missing, so a version 1 domain goes to 3 in one step).
@@ -102,7 +116,7 @@ MIGRATIONS = {
 }
 # Indexes (and whole tables) a migration makes once the columns exist.
 MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",
-                     *TRANSFERS_SCHEMA, *MERGES_SCHEMA]
+                     *TRANSFERS_SCHEMA, *MERGES_SCHEMA, *BITMAPS_SCHEMA]
 
 # Operations that outlive tasks (a scrub): one row each, written by the process that runs it
 # (agent/storage/operations.py). UNKNOWN is never stored: it is what a NOT_STARTED or STARTED

@@ -20,7 +20,7 @@ import os
 
 from agent import errors
 from agent.ids import check_uuid
-from agent.storage import chain, leases
+from agent.storage import chain, leases, tracking
 from agent.storage.formats import cow, raw
 from agent.storage.layout import SUFFIXES
 from agent.storage.metadata import DomainDB
@@ -97,16 +97,32 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
         try:
             FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
                                 parent=parent, beat=beat)
+            child = {"image_id": args["imageID"], "volume_id": args["volumeID"], "format": fmt}
+            carried = _continue_bitmaps(db, parent, child, beat) if parent else []
         except errors.AgentError:
             FORMATS[fmt].remove(path)  # a preallocation cut short must not keep its space
             raise
         try:
             db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id,
-                             args.get("preallocation", "sparse"))
+                             args.get("preallocation", "sparse"), bitmaps=carried)
         except errors.AgentError:
             FORMATS[fmt].remove(path)  # lost a race (a sibling snapshot, a deleted parent)
             raise
     return info(db, args)
+
+
+def _continue_bitmaps(db: DomainDB, parent: dict, child: dict, beat) -> list[dict]:
+    """A snapshot's file gets the parent's usable dirty bitmaps, empty and enabled, so that
+    tracking goes on in the new leaf (its rows are written with the volume's); a broken one
+    is not continued (the chain then says so: agent/storage/tracking.py)."""
+    if parent["format"] != "cow":
+        return []
+    rows = tracking.ok_rows(db, parent)
+    for r in rows:
+        tracking.add(tracking.layer_opts(db.layout, child), db.layout.data_path(child),
+                     r["name"], r["granularity"], beat)
+    return [{"name": r["name"], "granularity": r["granularity"], "continues": True}
+            for r in rows]
 
 
 def remove_leftovers(db: DomainDB, image_id: str, volume_id: str) -> list[str]:

@@ -6,7 +6,7 @@ worker imports nothing (workers/forkserver.py).
 
 from __future__ import annotations
 
-from workers.ops import debug, domain, export, image, merge, operation, volume
+from workers.ops import bitmap, debug, domain, export, image, merge, operation, volume
 
 OPS = {
     "debug.sleep": debug.sleep,
@@ -21,6 +21,10 @@ OPS = {
     "volume.fence": volume.fence,
     "volume.extend": volume.extend,
     "volume.measure": volume.measure,
+    "bitmap.add": bitmap.add,
+    "bitmap.remove": bitmap.remove,
+    "bitmap.clear": bitmap.clear,
+    "bitmap.list": bitmap.list_,
     "image.info": image.info,
     "image.copy": image.copy,
     "image.status": image.status,

@@ -25,6 +25,7 @@ from agent.system import fsync_path
 from agent.storage import chain, checksum, leases, qemu_img, qemu_nbd, volumes
 from agent.storage.copy import nbd
 from agent.storage.volumes import FORMATS, open_domain, volume_row
+from workers.ops import backup
 from workers.ops.volume import acquire_waiting, holder
 from workers.protocol import Stopped
 
@@ -48,6 +49,10 @@ def start(ctx, args):
         chain.require_legal(rows)
         layer = args["mode"] == "layer"
         chain.inspect(db.layout, rows, ctx.beat, structure=True)
+        if args.get("bitmap") or args.get("checkpoint"):
+            with backup.prepared(ctx, db, args, rows) as opts:
+                return _serve(ctx, db, args, row, opts, writable=False,
+                              bitmap=args.get("bitmap"))
         opts = chain.image_opts(db.layout, rows, direct=False, layer_only=layer)
         return _serve(ctx, db, args, row, opts, writable=False, depth=layer)
 
@@ -100,19 +105,21 @@ def _reclaim_leaks(ctx, db, rows: list[dict]) -> None:
 
 
 def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,
-           transfer: dict | None = None):
+           transfer: dict | None = None, bitmap: str | None = None):
     cfg = ctx.settings.get("exports", {})
     timeout = args.get("timeout") or cfg.get("inactivity_seconds", 300.0)
     server = qemu_nbd.Server(opts, writable=writable, depth=depth, group=cfg.get("group", ""),
-                             max_connections=cfg.get("max_connections", 8))
+                             max_connections=cfg.get("max_connections", 8), bitmap=bitmap)
     base = {"domainID": args["domainID"], "imageID": args["imageID"],
             "volumeID": args["volumeID"], "mode": args["mode"]}
+    marks = {k: args[k] for k in ("bitmap", "checkpoint") if args.get(k)}
     gen = transfer["generation"] if transfer else row["generation"]
     server.start()
     try:
         ctx.returned({**base, **server.urls(), "size": row["size"], "format": "raw",
                       "volume_format": row["format"], "generation": gen,
-                      "inactivity_timeout": timeout, "max_connections": server.max_connections})
+                      "inactivity_timeout": timeout, "max_connections": server.max_connections,
+                      **marks})
         ctx.event("Export.state", {**base, "state": "serving", "generation": gen})
         ended = _until_ended(ctx, db, server, row, transfer, timeout)
     finally:
