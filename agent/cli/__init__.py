@@ -13,7 +13,7 @@ import sys
 
 from agent import __version__
 from agent import config as configmod
-from agent.cli import basic, copying, output, settings, storage, transfers, views
+from agent.cli import backup, basic, copying, output, settings, storage, transfers, views
 from agent.cli import top as top_view
 
 
@@ -94,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     basic.key_flags(common)
     copying.add_parsers(sub, common)
     transfers.add_parsers(sub, common)
+    backup.add_parsers(sub, common)
     views.add_parsers(sub, common)
     top_view.add_parsers(sub, common)
     storage.add_parsers(sub, common)

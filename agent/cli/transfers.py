@@ -213,13 +213,15 @@ def _done(ctx, what, loc, result, stats, began, size, resumed) -> int:
     return output.OK
 
 
-def download(ctx, args) -> int:
+def download(ctx, args, checkpoint: str | None = None, what: str = "download") -> int:
+    """A volume's guest view into FILE (resumed if FILE is a partial download of it);
+    `checkpoint`: a full backup's, the bitmap its export starts (agent/cli/backup.py)."""
     src = parse_location(args.src)
     info = ctx.client.call("Volume.getInfo", src)
     size, fmt = info["size"], args.format
     state_path = args.file + STATE_SUFFIX
     want = {"src": src, "generation": info["generation"], "size": size, "format": fmt,
-            "layer": args.layer}
+            "layer": args.layer, **({"checkpoint": checkpoint} if checkpoint else {})}
     resume = _download_state(args, state_path, want)
     if not resume:
         _make_local(args.file, fmt, size)
@@ -228,8 +230,10 @@ def download(ctx, args) -> int:
     stats, began = tx.Stats(), time.monotonic()
     export_id = f"download-{uuid.uuid4().hex[:8]}"
     _write_state(state_path, {**want, "export": export_id})  # a killed run's, to stop
-    exp = ctx.client.call("Export.start", {**src, "mode": "layer" if args.layer else "read"},
-                          task_id=export_id)
+    params = {**src, "mode": "layer" if args.layer else "read"}
+    if checkpoint:
+        params["checkpoint"] = checkpoint
+    exp = ctx.client.call("Export.start", params, task_id=export_id)
     try:
         with ends.Local(args.file, fmt, writable=True) as local:
             wanted = None
@@ -238,7 +242,7 @@ def download(ctx, args) -> int:
                 mine = tx.run_blocks(local.connect, None, size, fresh=True)
                 wanted = tx.differing(mine, remote, tx.block_count(size))
                 stats.add(skipped=size - tx.bytes_of(wanted, size))
-            bar = None if ctx.json else Bar(ctx.out, f"download {src['volumeID'][:8]}", True)
+            bar = None if ctx.json else Bar(ctx.out, f"{what} {src['volumeID'][:8]}", True)
             with bar or contextlib.nullcontext():
                 tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
                               fresh=not resume, wanted=wanted, stats=stats,
@@ -253,7 +257,7 @@ def download(ctx, args) -> int:
             ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
     fsync_path(args.file)
     os.unlink(state_path)
-    return _done(ctx, "download", src, {"file": args.file, "format": fmt}, stats, began, size,
+    return _done(ctx, what, src, {"file": args.file, "format": fmt}, stats, began, size,
                  resume)
 
 
@@ -271,8 +275,8 @@ def _download_state(args, state_path: str, want: dict) -> bool:
                             f"another file, or --restart to overwrite it") from None
     except ValueError:
         raise TransferError(f"{state_path} is damaged: --restart to start over") from None
-    if {k: had.get(k) for k in ("src", "size", "format", "layer")} != {
-            k: want[k] for k in ("src", "size", "format", "layer")}:
+    keys = ("src", "size", "format", "layer", "checkpoint", "bitmap", "base")
+    if {k: had.get(k) for k in keys} != {k: want.get(k) for k in keys}:
         raise TransferError(f"{args.file} is a partial download of another volume or format: "
                             f"--restart to start over")
     if had.get("generation") != want["generation"]:

@@ -261,9 +261,65 @@ class Local:
         self.close()
 
 
-def connect_export(socket_path: str) -> NbdHandle:
+def connect_export(socket_path: str, dirty: str | None = None) -> NbdHandle:
+    """A connection to an agent's export; `dirty`: a backup's, whose extents are only those
+    its bitmap of that name marks dirty (DirtyHandle)."""
     nbd = nbd_module()
     h = nbd.NBD()
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    if dirty:
+        h.add_meta_context(DIRTY + dirty)
     h.connect_unix(socket_path)
-    return NbdHandle(h)
+    if dirty and not h.can_meta_context(DIRTY + dirty):
+        h.shutdown()
+        raise RuntimeError(f"the export serves no dirty bitmap {dirty!r}")
+    return DirtyHandle(h, DIRTY + dirty) if dirty else NbdHandle(h)
+
+
+DIRTY = "qemu:dirty-bitmap:"
+
+
+class DirtyHandle(NbdHandle):
+    """A backup export's connection whose extents are the dirty ones only: what changed
+    since the bitmap began, each piece zero or data as base:allocation says (a range
+    discarded or zeroed since is sent as zeros, so it hides what the previous backup
+    holds there)."""
+
+    def __init__(self, h, context: str):
+        super().__init__(h)
+        self.context = context
+
+    def extents(self, start: int, end: int):
+        offset = start
+        while offset < end:
+            dirty, alloc = [], []
+
+            def got(context, at, entries, err):
+                into = dirty if context == self.context else (
+                    alloc if context == "base:allocation" else None)
+                if into is not None:
+                    pos = at
+                    for i in range(0, len(entries), 2):
+                        into.append((pos, entries[i], entries[i + 1]))
+                        pos += entries[i]
+                return 0
+            self.h.block_status(min(end - offset, STATUS_MAX), offset, got)
+            stop = min(_reach(dirty), _reach(alloc), end)
+            if stop <= offset:  # an answer that covers nothing would loop for ever
+                raise RuntimeError("block status covers nothing")
+            for at, length, flags in dirty:
+                if flags & 1:
+                    yield from _pieces(at, min(at + length, stop), alloc)
+            offset = stop
+
+
+def _reach(entries) -> int:
+    return entries[-1][0] + entries[-1][1] if entries else 0
+
+
+def _pieces(start: int, end: int, alloc):
+    """[start, end) cut where base:allocation's extents change: (offset, length, zero)."""
+    for at, length, flags in alloc:
+        lo, hi = max(start, at), min(end, at + length)
+        if lo < hi:
+            yield lo, hi - lo, bool(flags & 2)

@@ -171,16 +171,19 @@ class _Movers:
 def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                wanted: set[int] | None = None, threads: int = THREADS, on_block=None,
                stats: Stats | None = None, should_stop=lambda: False,
-               rate: int = 0, flush_every: float | None = None) -> dict[int, bytes]:
+               rate: int = 0, flush_every: float | None = None,
+               extents_of=None) -> dict[int, bytes]:
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
     (those in `wanted`, else all); returns each block's digest by index. `on_block(index,
     length)` after each; at most `rate` bytes of data a second. The destination is flushed
     every `flush_every` seconds (by one connection: one flush covers the image), and each
-    connection at its end."""
+    connection at its end. `extents_of`: the connection whose extents say what to move
+    (a backup's dirty ones; default a source connection's, the whole guest view): a block
+    then moves only its pieces, and its digest is of them alone."""
     movers = _Movers(src_connect, dst_connect, fresh, stats or Stats(), Pacer(rate),
                      on_block, threads, flush_every)
     try:
-        head = src_connect()
+        head = (extents_of or src_connect)()
         try:
             for item in blocks(head, size, wanted):
                 if movers.failures or should_stop():

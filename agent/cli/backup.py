@@ -1,0 +1,123 @@
+"""`hostagent backup SRC FILE`: a full backup (the guest view into a raw or qcow2 FILE,
+as a download) or, with `--incremental BITMAP --base PREVIOUS`, an incremental one: a qcow2
+FILE whose backing file is PREVIOUS, holding only the extents the bitmap marks dirty (data
+read and written, zeros written as zeros so that they hide what PREVIOUS holds there).
+`--checkpoint NAME` starts the next backup's bitmap in the same step as the export (no
+write falls between two backups: agent/api/export.py).
+
+Cut short, the same command resumes: a full backup as a download does (block digests of
+both ends compared, only what differs sent); an incremental one by writing its dirty
+extents again into the partial FILE (they are what it holds; a resumed checkpoint is kept,
+and tracks from the first attempt on, so the next backup reads a little more, never less).
+A state file beside FILE says what it is a partial backup of.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import uuid
+
+from agent.cli import output, transfers
+from agent.cli.copying import Bar
+from agent.cli.storage import parse_location
+from agent.client import ends
+from agent.client import transfer as tx
+from agent.system import fsync_path
+
+
+def backup(ctx, args) -> int:
+    if args.incremental is None:
+        if args.base:
+            raise output.UsageError("--base is for an incremental backup (--incremental)")
+        args.layer = False
+        return transfers.download(ctx, args, checkpoint=args.checkpoint, what="backup")
+    if not args.base:
+        raise output.UsageError("an incremental backup needs --base PREVIOUS (the backup "
+                                "it adds to)")
+    if args.format != "qcow2":
+        raise output.UsageError("an incremental backup is a qcow2 (its backing file is "
+                                "PREVIOUS): --format qcow2")
+    return _incremental(ctx, args)
+
+
+def _incremental(ctx, args) -> int:
+    src = parse_location(args.src)
+    info = ctx.client.call("Volume.getInfo", src)
+    size = info["size"]
+    base = os.path.realpath(args.base)
+    if not os.path.isfile(base):
+        raise transfers.TransferError(f"{args.base} is not a file (the previous backup)")
+    state_path = args.file + transfers.STATE_SUFFIX
+    want = {"src": src, "size": size, "format": "qcow2", "layer": False,
+            "bitmap": args.incremental, "base": base, "generation": info["generation"],
+            **({"checkpoint": args.checkpoint} if args.checkpoint else {})}
+    resume = transfers._download_state(args, state_path, want)
+    if resume:
+        transfers._stop_earlier(ctx, state_path)
+    else:
+        _make_overlay(args.file, base, size)
+    export_id = f"backup-{uuid.uuid4().hex[:8]}"
+    transfers._write_state(state_path, {**want, "export": export_id})
+    params = {**src, "mode": "read", "bitmap": args.incremental}
+    if args.checkpoint:
+        params["checkpoint"] = args.checkpoint
+    exp = ctx.client.call("Export.start", params, task_id=export_id,
+                          timeout=max(ctx.settings.timeout, 600))
+    stats, began = tx.Stats(), time.monotonic()
+    try:
+        with ends.Local(args.file, "qcow2", writable=True) as local:
+            bar = None if ctx.json else Bar(ctx.out, f"backup {src['volumeID'][:8]}", True)
+            with bar or contextlib.nullcontext():
+                tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
+                              fresh=False, stats=stats, threads=transfers._threads(exp),
+                              on_block=transfers._progress(bar, size), rate=args.rate,
+                              extents_of=lambda: ends.connect_export(
+                                  exp["socket"], dirty=args.incremental))
+    except KeyboardInterrupt:
+        output.error(f"interrupted: {args.file} is partial; run the same command again to "
+                     f"resume")
+        return output.DETACHED
+    finally:
+        with contextlib.suppress(Exception):  # the agent may be the one that died
+            ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
+    fsync_path(args.file)
+    os.unlink(state_path)
+    return transfers._done(ctx, "backup", src, {"file": args.file, "format": "qcow2",
+                                                "base": base, "bitmap": args.incremental,
+                                                "checkpoint": args.checkpoint},
+                           stats, began, size, resume)
+
+
+def _make_overlay(path: str, base: str, size: int) -> None:
+    """FILE: an empty qcow2 on PREVIOUS (named relative to FILE's directory when it is
+    there, so the chain of backups moves as a whole), PREVIOUS's format given."""
+    fmt = "qcow2" if ends.is_qcow2(base) else "raw"
+    here = os.path.dirname(os.path.realpath(path))
+    name = os.path.basename(base) if os.path.dirname(base) == here else base
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1", "-b", name,
+                    "-F", fmt, path, str(size)], check=True, capture_output=True, timeout=120)
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("backup", parents=[common],
+                       help="back a volume up into a local file, full or incremental "
+                            "(again: resume)")
+    p.add_argument("src", metavar="SRC", help="DOMAIN/IMAGE/VOLUME")
+    p.add_argument("file", metavar="FILE", help="the backup file (made sparse)")
+    p.add_argument("--format", choices=("raw", "qcow2"), default="qcow2",
+                   help="FILE's format (default qcow2; an incremental backup is qcow2)")
+    p.add_argument("--incremental", metavar="BITMAP",
+                   help="only what changed since BITMAP began (Bitmap.add, or an earlier "
+                        "backup's --checkpoint)")
+    p.add_argument("--base", metavar="PREVIOUS",
+                   help="with --incremental: the previous backup, FILE's backing file")
+    p.add_argument("--checkpoint", metavar="NAME",
+                   help="start bitmap NAME in the volume in the same step (the next "
+                        "backup's --incremental)")
+    p.add_argument("--restart", action="store_true",
+                   help="overwrite FILE even if it is not a partial backup of SRC")
+    transfers.rate(p)
+    p.set_defaults(func=transfers.run(backup))
