@@ -31,6 +31,9 @@ def _checked_location(value: dict) -> dict:
                 "volume of its chain, same structure"),
       Param("format", "str", required=False, check=one_of("raw", "cow"),
             doc="collapse only: the destination's format (default: the source's)"),
+      Param("bitmaps", "bool", required=False, default=False,
+            doc="collapse into cow only: carry every usable dirty bitmap of the source, "
+                "its union over the chain (a chain copy always carries each layer's)"),
       worker=True, events=("Task.state", "Task.progress", "Image.copy"))
 def copy(agent: Supervisor, params):
     """Copy a volume's data to a destination volume that outlives this task.
@@ -42,7 +45,10 @@ def copy(agent: Supervisor, params):
     file its parent's copy; each destination layer has its own marker and resumes on its
     own; the layers keep the source's volume IDs when dst.volumeID is the source's (a move
     to another domain), else they are derived from dst.volumeID (result "chain", base
-    first). Raw to raw of a lone volume is a kernel copy; every other copy goes through
+    first), with each layer's dirty bitmaps; a collapse into cow carries the source's
+    usable bitmaps (the union of each over the chain) when `bitmaps` is asked, once its
+    data is copied (recorded in its marker: whoever continues it carries them; a broken
+    one is left behind). Raw to raw of a lone volume is a kernel copy; every other copy goes through
     qemu-nbd and libnbd, holes and zeros kept, checkpointed after a flush. A continued copy
     keeps the mode and format it began with (205 CopyConflict, data.reason "kind" or
     "format", if another is asked).
@@ -76,8 +82,11 @@ def copy(agent: Supervisor, params):
         raise errors.InvalidParams("src and dst are the same volume")
     if params["mode"] == "chain" and params["format"] is not None:
         raise errors.InvalidParams("a chain copy keeps each layer's format", param="format")
-    extra = {k: v for k, v in (("kind", params["mode"]), ("format", params["format"]))
-             if v is not None}
+    if params["bitmaps"] and (params["mode"] == "chain" or params["format"] == "raw"):
+        raise errors.InvalidParams("bitmaps are carried by a collapse into cow (a chain copy "
+                                   "carries them always)", param="bitmaps")
+    extra = {k: v for k, v in (("kind", params["mode"]), ("format", params["format"]),
+                               ("bitmaps", params["bitmaps"] or None)) if v is not None}
     return recovery.copy_under_policy(agent, params["src"], params["dst"], **extra)  # retried
 
 

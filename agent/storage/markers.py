@@ -59,16 +59,18 @@ class Markers:
     def begin_copy(self, dst_image: str, dst_volume: str, size: int, src: dict,
                    host_id: str | None, task_id: str | None,
                    src_identity: dict | None = None, fmt: str = "raw",
-                   kind: str = "collapse") -> dict:
+                   kind: str = "collapse", bitmaps: bool = False) -> dict:
         """Create the destination ILLEGAL (generation 0) with its copy marker, in one tx.
 
         ``src_identity`` (source_identity() of the source's row) binds the marker to the
         source volume it copies. VolumeExists if the destination exists: the caller decides
-        continue-vs-conflict by looking at get_marker() first.
+        continue-vs-conflict by looking at get_marker() first. ``bitmaps``: a collapse that
+        ends by carrying the source's dirty bitmaps (whoever continues it).
         """
         return self.begin_chain([{"imageID": dst_image, "volumeID": dst_volume, "size": size,
                                   "src": src, "src_identity": src_identity, "format": fmt,
-                                  "parent_id": None, "kind": kind}], host_id, task_id)[0]
+                                  "parent_id": None, "kind": kind, "bitmaps": bitmaps}],
+                                host_id, task_id)[0]
 
     def begin_chain(self, layers: list[dict], host_id: str | None,
                     task_id: str | None) -> list[dict]:
@@ -95,7 +97,8 @@ class Markers:
                     "copied": 0, "generation": 0, "host_id": host_id, "task_id": task_id,
                     "state": "copying", "attempts": 1, "errors": "[]", "started": now,
                     "updated": now, "failures": 0, "src_generation": ident.get("generation"),
-                    "src_token": ident.get("token"), "kind": layer.get("kind", "collapse")})
+                    "src_token": ident.get("token"), "kind": layer.get("kind", "collapse"),
+                    "bitmaps": int(bool(layer.get("bitmaps")))})
             return [self.get_marker(volume) for _, volume, _, _, _ in rows]
 
     def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,

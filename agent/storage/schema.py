@@ -9,7 +9,8 @@ agent/storage/transfers.py). Version 5 added the merges table (a snapshot being 
 its parent), the merged records of those done (agent/storage/merges.py), and volumes'
 preallocation (sparse or preallocated, as made; null when not known), which a grow and a
 merge keep. Version 6 added the bitmaps table: the persistent dirty bitmaps the agent keeps in
-its qcow2 volumes (agent/storage/bitmaps.py). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
+its qcow2 volumes (agent/storage/bitmaps.py), and copy markers' `bitmaps` (a collapse asked
+to carry the source's bitmaps). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
 one in one transaction (agent/storage/metadata.py).
 """
 
@@ -24,7 +25,7 @@ REQUIRED = {
     "copy_markers": {"volume_id", "image_id", "src_domain", "src_image", "src_volume", "size",
                      "copied", "generation", "host_id", "task_id", "state", "attempts",
                      "errors", "started", "updated", "failures", "src_generation",
-                     "src_token", "kind"},
+                     "src_token", "kind", "bitmaps"},
     "transfers": {"volume_id", "image_id", "generation", "host_id", "task_id", "tag",
                   "state", "size", "written", "created_volume", "attempts", "started",
                   "updated"},
@@ -55,7 +56,8 @@ SCHEMA = [
         state TEXT NOT NULL CHECK (state IN ('copying', 'abandoned')),
         attempts INTEGER NOT NULL DEFAULT 1, errors TEXT NOT NULL DEFAULT '[]',
         started REAL, updated REAL, failures INTEGER NOT NULL DEFAULT 0,
-        src_generation INTEGER, src_token TEXT, kind TEXT NOT NULL DEFAULT 'collapse')""",
+        src_generation INTEGER, src_token TEXT, kind TEXT NOT NULL DEFAULT 'collapse',
+        bitmaps INTEGER NOT NULL DEFAULT 0)""",
 ]
 
 # A transfer: a volume being written through a writable export (an upload), ILLEGAL until
@@ -106,13 +108,14 @@ SCHEMA += BITMAPS_SCHEMA
 NEW_TABLES = {"transfers": TRANSFERS_SCHEMA, "merges": MERGES_SCHEMA,
               "merged": MERGES_SCHEMA, "bitmaps": BITMAPS_SCHEMA}
 
-# What versions 2, 3 and 5 added to a table, for domains formatted before them (a migration adds
+# What versions 2, 3, 5 and 6 added to a table, for domains formatted before them (a migration adds
 # whichever columns are missing, so a version 1 domain goes to 3 in one step).
 MIGRATIONS = {
     "volumes": [("token", "TEXT"), ("format", "TEXT NOT NULL DEFAULT 'raw'"),
                 ("parent_id", "TEXT"), ("preallocation", "TEXT")],
     "copy_markers": [("failures", "INTEGER NOT NULL DEFAULT 0"), ("src_generation", "INTEGER"),
-                     ("src_token", "TEXT"), ("kind", "TEXT NOT NULL DEFAULT 'collapse'")],
+                     ("src_token", "TEXT"), ("kind", "TEXT NOT NULL DEFAULT 'collapse'"),
+                     ("bitmaps", "INTEGER NOT NULL DEFAULT 0")],
 }
 # Indexes (and whole tables) a migration makes once the columns exist.
 MIGRATION_INDEXES = ["CREATE INDEX IF NOT EXISTS volumes_parent_id ON volumes (parent_id)",

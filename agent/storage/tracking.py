@@ -180,3 +180,82 @@ def merge_chain(layout, parts: list[dict], name: str, opts: str, path: str,
     add(opts, path, target, parts[0]["bitmap_granularity"], beat)
     for part in parts:
         merge_from(opts, path, target, layout, part, name, beat)
+
+
+def fold(db, base: dict, top: dict, beat=lambda: None) -> None:
+    """A merge's, after its commit: top's bitmaps merged into base's (a name base lacks is
+    added first), base's rows rewritten in one transaction. What cannot be right is
+    recorded broken: a bitmap of base a killed commit left in use, and whatever a broken
+    bitmap of top was merged into. Run again after a crash, it does the same (a merge of
+    bits is idempotent; a name it added to base but did not record is added afresh)."""
+    if base["format"] != "cow":
+        return  # a raw base holds no bitmaps: a child that continues top's finds them broken
+    bhead, bfound = on_disk(db.layout, base)
+    thead, tfound = on_disk(db.layout, top)
+    opts, path = layer_opts(db.layout, base), db.layout.data_path(base)
+    rows = {}
+    for rec in db.bitmaps_of(base["volume_id"]):
+        reason = verdict(rec, bfound.get(rec["name"]), bhead, leaf=False)
+        rows[rec["name"]] = {**rec, "broken": reason}
+    top_leaf = not db.children(top["volume_id"])
+    for rec in db.bitmaps_of(top["volume_id"]):
+        name = rec["name"]
+        reason = verdict(rec, tfound.get(name), thead, leaf=top_leaf)
+        mine = rows.get(name)
+        if mine is None:
+            mine = rows[name] = {**rec, "broken": "merged-broken" if reason else None}
+            if name in bfound:
+                remove(opts, path, name, beat, base["volume_id"])
+            if reason:
+                continue
+            add(opts, path, name, rec["granularity"], beat, base["volume_id"])
+        elif mine["broken"]:
+            continue
+        elif reason:
+            mine["broken"] = "merged-broken"
+            continue
+        merge_from(opts, path, name, db.layout, top, beat=beat, volume_id=base["volume_id"])
+    db.set_bitmaps(base["volume_id"], list(rows.values()))
+
+
+def carry(src_db, src: dict, dst_db, dst: dict, beat=lambda: None) -> None:
+    """A chain copy's, after a layer's data: the destination layer's bitmaps made the
+    source layer's (what an earlier attempt left removed first), rows written after the
+    image; a broken one is recorded broken, not copied."""
+    if src["format"] != "cow" or dst["format"] != "cow":
+        return
+    shead, sfound = on_disk(src_db.layout, src)
+    _dhead, dfound = on_disk(dst_db.layout, dst)
+    opts, path = layer_opts(dst_db.layout, dst), dst_db.layout.data_path(dst)
+    for name in sorted(dfound):
+        remove(opts, path, name, beat, dst["volume_id"])
+    leaf = not src_db.children(src["volume_id"])
+    rows = []
+    for rec in src_db.bitmaps_of(src["volume_id"]):
+        reason = verdict(rec, sfound.get(rec["name"]), shead, leaf)
+        rows.append({**rec, "broken": reason})
+        if not reason:
+            add(opts, path, rec["name"], rec["granularity"], beat, dst["volume_id"])
+            merge_from(opts, path, rec["name"], src_db.layout, src, beat=beat,
+                       volume_id=dst["volume_id"])
+    dst_db.set_bitmaps(dst["volume_id"], rows)
+
+
+def collapse(src_db, src_rows: list[dict], dst_db, dst: dict, beat=lambda: None) -> list:
+    """A collapse's into a cow volume, when asked: every bitmap usable over the source's
+    chain, as its union, in the destination (rows after the image; a broken one is not
+    carried). The names carried."""
+    _dhead, dfound = on_disk(dst_db.layout, dst)
+    opts, path = layer_opts(dst_db.layout, dst), dst_db.layout.data_path(dst)
+    for name in sorted(dfound):
+        remove(opts, path, name, beat, dst["volume_id"])
+    rows = []
+    for rec in src_db.bitmaps_of(src_rows[-1]["volume_id"]):
+        try:
+            parts = layers(src_db, src_rows, rec["name"])
+        except errors.BitmapBroken:
+            continue
+        merge_chain(src_db.layout, parts, rec["name"], opts, path, rec["name"], beat)
+        rows.append({"name": rec["name"], "granularity": rec["granularity"]})
+    dst_db.set_bitmaps(dst["volume_id"], rows)
+    return [r["name"] for r in rows]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import chain, checksum, leases, volumes
+from agent.storage import chain, checksum, leases, tracking, volumes
 from agent.storage.copy import kernel
 from agent.storage.markers import check_source, source_identity
 from agent.storage.metadata import DomainDB
@@ -50,7 +50,8 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
         if args.get("expect_generation") is not None:  # a retry or recovery: copy went away
             raise errors.GenerationMismatch("the copy marker is gone", volumeID=dst["volumeID"])
         marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], src_row["size"], src,
-                                   ctx.host_id, ctx.task_id, src_identity=identity, fmt=fmt)
+                                   ctx.host_id, ctx.task_id, src_identity=identity, fmt=fmt,
+                                   bitmaps=bool(args.get("bitmaps")) and fmt == "cow")
         return marker, True
     marker = dst_db.get_marker(dst["volumeID"])
     if marker is None:
@@ -116,6 +117,9 @@ def copy(ctx, args):
             raise errors.InvalidParams(f"a cow copy needs a size that is a multiple of "
                                        f"{chain.SECTOR} bytes (the source's is {size})",
                                        param="format")
+        if args.get("bitmaps") and fmt != "cow":
+            raise errors.InvalidParams("bitmaps live in a cow volume: a collapse into raw "
+                                       "cannot carry them", param="bitmaps")
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
             qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
@@ -141,6 +145,8 @@ def copy(ctx, args):
                     start=start, fresh=fresh, layer=False, report=report,
                     record=ctx.settings.get("copy", {}).get("record_checksum", True))
                 _source_row_still(src_db, src, marker)
+                if marker.get("bitmaps"):
+                    tracking.collapse(src_db, src_rows, dst_db, dst_row, ctx.beat)
         except errors.AgentError as exc:
             record_error(dst_db, dst["volumeID"], gen, exc, ctx.task_id)
             raise

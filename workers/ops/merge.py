@@ -7,7 +7,9 @@ qemu:allocation-depth, base written through another; only what top holds itself 
 and its zeros) is written, each checkpoint after a flush, and every range of the guest view
 is hashed on the way (top's data as it passes, the rest read from below), so base ends with
 the checksum of the view it now holds. Base's own ranges are read where the commit never
-writes, which is why its reader may open base while its writer has it open.
+writes, which is why its reader may open base while its writer has it open. Top's dirty
+bitmaps are then merged into base's (agent/storage/tracking.py, fold) before the commit's
+end is recorded.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import time
 
 from agent import errors
-from agent.storage import chain, leases, metadata, qcow2, qemu_img, sizing, volumes
+from agent.storage import chain, leases, metadata, qcow2, qemu_img, sizing, tracking, volumes
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS, open_domain
 from workers.ops.copying import qemu as qemu_copy
@@ -165,6 +167,7 @@ def _run(ctx, db: DomainDB, m: dict, base: dict) -> None:
     digest = None
     if m["step"] == "commit":
         digest = _commit(ctx, db, m, base)
+        tracking.fold(db, db.get_volume(base_id), db.get_volume(m["top_id"]), ctx.beat)
         ctx.event("Image.merge", {**base, "state": "merging", "step": "committed",
                                   "copied": m["size"]})
         if db.children(m["top_id"]):  # else the last transaction ends it at once

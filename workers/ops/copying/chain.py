@@ -4,8 +4,8 @@ copy). How a disk with snapshots moves to another domain.
 
 Every layer's destination has its own marker, made with the others in one transaction, so
 the answer names volumes that all exist and each layer resumes on its own. Layers are
-copied base first and each turns LEGAL as it ends; the copy holds every layer's lease for
-its life. The destination's layers keep the source's volume IDs when the caller names the
+copied base first and each turns LEGAL as it ends, with the source layer's dirty bitmaps
+(agent/storage/tracking.py, carry); the copy holds every layer's lease for its life. The destination's layers keep the source's volume IDs when the caller names the
 source's volumeID as the destination's (a move to another domain, as oVirt does); otherwise
 each is derived from the destination's volumeID and its source layer (uuid5), so a continue
 finds the same volumes. Start-up recovery continues a chain from its leaf's marker.
@@ -17,7 +17,7 @@ import contextlib
 import uuid
 
 from agent import errors
-from agent.storage import chain, leases
+from agent.storage import chain, leases, tracking
 from agent.storage.markers import source_identity
 from agent.storage.metadata import DomainDB
 from workers.ops.copying import qemu
@@ -102,6 +102,7 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
         if now is None or source_identity(now) != source_identity(src_rows[i]):
             raise errors.CopyConflict("the source was deleted or changed during the copy",
                                       volumeID=vid, reason="source-gone")
+        tracking.carry(src_db, now, dst_db, dst_db.get_volume(vid), ctx.beat)
     except errors.AgentError as exc:
         record_error(dst_db, vid, gen, exc, ctx.task_id)
         raise
