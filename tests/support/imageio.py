@@ -97,11 +97,13 @@ class Daemon:
         finally:
             conn.close()
 
-    def ticket(self, export: dict, ops: list[str]) -> str:
+    def ticket(self, export: dict, ops: list[str], dirty: bool = False) -> str:
+        """A ticket for an export; `dirty`: a backup's, whose bitmap imageio serves as
+        the dirty extents (download(incremental=True))."""
         ticket_id = str(uuid.uuid4())
         status, body = self.control("PUT", f"/tickets/{ticket_id}", {
             "uuid": ticket_id, "size": export["size"], "url": export["imageio_url"],
-            "ops": ops, "timeout": 300, "sparse": True, "dirty": False,
+            "ops": ops, "timeout": 300, "sparse": True, "dirty": dirty,
             "transfer_id": ticket_id})
         assert status == 200, body
         return f"http://127.0.0.1:{self.port}/images/{ticket_id}"

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.images.chains import compare, needs_qemu, qemu_io
+from tests.support.harness import task_state, wait_for
 from tests.support.storage_flow import MiB, new_id
 from tests.transfers.helpers import run
 
@@ -68,3 +69,82 @@ def test_incremental_backups_read_only_what_changed_and_restore_the_disk(domain_
     answer = backup(agent, loc, inc2, "--incremental", "c2", "--base", str(inc1))
     assert answer["bytes"]["read"] == 0
     restored_equal(str(inc2), path)
+
+
+def copy_done(agent, src, dst, **extra) -> None:
+    tid = f"copy-{new_id()[:8]}"
+    agent.call("Image.copy", {"src": src, "dst": dst, **extra}, id=tid)
+    wait_for(lambda: task_state(agent, tid) in ("done", "failed"), 120, what="the copy")
+    assert task_state(agent, tid) == "done", agent.call("Task.getStatus", {"taskID": tid})
+
+
+def merge_done(agent, loc, base, top) -> None:
+    tid = f"merge-{new_id()[:8]}"
+    agent.call("Image.merge", {"domainID": loc["domainID"], "imageID": loc["imageID"],
+                               "baseVolumeID": base, "topVolumeID": top}, id=tid)
+    wait_for(lambda: task_state(agent, tid) in ("done", "failed"), 120, what="the merge")
+    assert task_state(agent, tid) == "done", agent.call("Task.getStatus", {"taskID": tid})
+
+
+def states(agent, loc) -> dict:
+    return {b["name"]: (b["state"], b["continues"])
+            for b in agent.call("Bitmap.list", loc)["bitmaps"]}
+
+
+def test_backups_go_on_across_a_snapshot_a_merge_and_copies(domain_agent, workdir):
+    agent = domain_agent
+    other = new_id()
+    agent.call("StorageDomain.create", {"domainID": other, "path": str(workdir / "other")})
+    v0 = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    p0 = agent.call("Volume.create", {**v0, "size": SIZE, "format": "cow"})["path"]
+    qemu_io(p0, "cow", f"write -P 1 0 {16 * MiB}")
+    backup(agent, v0, workdir / "full.qcow2", "--checkpoint", "c1")
+
+    # a snapshot continues c1; the backup reads the union of both layers
+    qemu_io(p0, "cow", f"write -P 2 {20 * MiB} {MiB}")
+    v1 = {**v0, "volumeID": new_id()}
+    p1 = agent.call("Volume.create", {**v1, "parentVolumeID": v0["volumeID"]})["path"]
+    assert states(agent, v1) == {"c1": ("ok", True)}
+    qemu_io(p1, "cow", f"write -P 3 {30 * MiB} {MiB}", f"write -z 0 {MiB}",
+            f"discard {8 * MiB} {MiB}")
+    answer = backup(agent, v1, workdir / "inc1.qcow2", "--incremental", "c1", "--base",
+                    str(workdir / "full.qcow2"), "--checkpoint", "c2")
+    assert answer["bytes"]["read"] == 2 * MiB
+    restored_equal(str(workdir / "inc1.qcow2"), p1)
+
+    # the snapshot merged into its parent: c1 and c2 now live in the one volume
+    qemu_io(p1, "cow", f"write -P 4 {40 * MiB} {MiB}")
+    merge_done(agent, v0, v0["volumeID"], v1["volumeID"])
+    assert states(agent, v0) == {"c1": ("ok", False), "c2": ("ok", False)}
+    qemu_io(p0, "cow", f"write -P 5 {50 * MiB} {MiB}")
+    answer = backup(agent, v0, workdir / "inc2.qcow2", "--incremental", "c2", "--base",
+                    str(workdir / "inc1.qcow2"))
+    assert answer["bytes"]["read"] == 2 * MiB  # c2: 40 MiB (carried from top) and 50
+    restored_equal(str(workdir / "inc2.qcow2"), p0)
+
+    # a snapshot again, then the chain copied to another domain: each layer's bitmaps
+    v2 = {**v0, "volumeID": new_id()}
+    p2 = agent.call("Volume.create", {**v2, "parentVolumeID": v0["volumeID"]})["path"]
+    qemu_io(p2, "cow", f"write -P 6 {52 * MiB} {MiB}")
+    moved = {**v2, "domainID": other}
+    copy_done(agent, v2, moved, mode="chain")
+    assert states(agent, moved) == {"c1": ("ok", True), "c2": ("ok", True)}
+    assert states(agent, {**v0, "domainID": other}) == {"c1": ("ok", False),
+                                                         "c2": ("ok", False)}
+    moved_path = agent.call("Volume.getInfo", moved)["path"]
+    qemu_io(moved_path, "cow", f"write -P 7 {54 * MiB} {MiB}")
+    answer = backup(agent, moved, workdir / "inc3.qcow2", "--incremental", "c2", "--base",
+                    str(workdir / "inc2.qcow2"))
+    assert answer["bytes"]["read"] == 4 * MiB  # c2: 40, 50, 52 and 54 MiB
+    restored_equal(str(workdir / "inc3.qcow2"), moved_path)
+
+    # a collapse into cow carries the union when asked
+    flat = {"domainID": other, "imageID": new_id(), "volumeID": new_id()}
+    copy_done(agent, moved, flat, format="cow", bitmaps=True)
+    assert states(agent, flat) == {"c1": ("ok", False), "c2": ("ok", False)}
+    flat_path = agent.call("Volume.getInfo", flat)["path"]
+    qemu_io(flat_path, "cow", f"write -P 8 {60 * MiB} {MiB}")
+    answer = backup(agent, flat, workdir / "inc4.qcow2", "--incremental", "c2", "--base",
+                    str(workdir / "inc3.qcow2"))
+    assert answer["bytes"]["read"] == 5 * MiB
+    restored_equal(str(workdir / "inc4.qcow2"), flat_path)

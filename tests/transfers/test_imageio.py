@@ -5,6 +5,7 @@ through it; its checksum of the original equals the agent's of the volume."""
 import http.client
 import json
 import shutil
+import subprocess
 
 import pytest
 
@@ -71,3 +72,40 @@ def _get(port: int, url: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def test_imageio_downloads_incremental_backups_through_a_bitmap_export(domain_agent, imageio,
+                                                                      workdir):
+    """imageio's own incremental backup: its daemon serves the export's bitmap as the dirty
+    extents, its client downloads only those into a qcow2 on the previous backup."""
+    from ovirt_imageio import client
+
+    from tests.images.chains import qemu_io
+    agent = domain_agent
+    loc = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    path = agent.call("Volume.create", {**loc, "size": SIZE, "format": "cow"})["path"]
+    qemu_io(path, "cow", f"write -P 1 0 {16 * MiB}")
+    full = str(workdir / "full.qcow2")
+    exp = agent.client().call("Export.start", {**loc, "checkpoint": "c1"}, id="full")
+    client.download(imageio.ticket(exp, ["read"]), full, None, fmt="qcow2", secure=False)
+    agent.call("Export.stop", {"taskID": "full"})
+    wait_for(lambda: task_state(agent, "full") == "done", what="the full backup's end")
+
+    qemu_io(path, "cow", f"write -P 2 {MiB} {MiB}", f"write -z {8 * MiB} {MiB}",
+            f"discard {12 * MiB} {MiB}", f"write -P 3 {40 * MiB} {MiB}")
+    exp = agent.client().call("Export.start", {**loc, "bitmap": "c1"}, id="inc")
+    url = imageio.ticket(exp, ["read"], dirty=True)
+    status, body = _get(imageio.port, url + "/extents?context=dirty")
+    assert status == 200
+    dirty = [(e["start"], e["length"]) for e in json.loads(body) if e["dirty"]]
+    assert dirty == [(MiB, MiB), (8 * MiB, MiB), (12 * MiB, MiB), (40 * MiB, MiB)]
+    inc = str(workdir / "inc.qcow2")
+    client.download(url, inc, None, fmt="qcow2", incremental=True, backing_file=full,
+                    backing_format="qcow2", secure=False)
+    agent.call("Export.stop", {"taskID": "inc"})
+    assert compare(inc, "cow", path, "cow").returncode == 0
+    allocated = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", inc], capture_output=True,
+        text=True, check=True).stdout)
+    own = sum(e["length"] for e in allocated if e["depth"] == 0 and e["data"])
+    assert own <= 4 * MiB  # only what changed lives in the incremental
