@@ -8,6 +8,7 @@ id can never name two files.
 
 from __future__ import annotations
 
+import re
 import uuid
 
 from agent.errors import InvalidParams
@@ -28,3 +29,15 @@ def check_uuid(value, field: str) -> str:
             except ValueError:
                 pass
     raise InvalidParams(f"{field} must be a UUID", field=field)
+
+
+# A dirty bitmap's name: it is handed to qemu-img and written into a qcow2, so only a plain
+# word passes (a checkpoint's UUID fits), never an option or a path.
+_BITMAP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
+
+
+def checked_bitmap_name(value) -> str:
+    """A Param check: ValueError unless `value` is a bitmap name that passes."""
+    if not isinstance(value, str) or not _BITMAP_NAME.fullmatch(value):
+        raise ValueError("must be 1..128 of A-Z a-z 0-9 . _ : + - (not starting with a mark)")
+    return value

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from agent.api.volume import VOLUME_PARAMS
-from agent.storage.bitmaps import checked_name
+from agent.ids import checked_bitmap_name as checked_name
 from agent.supervisor import jobs
 from agent.supervisor.jobs import WorkerJob
 from agent.wire.verbs import Param, verb

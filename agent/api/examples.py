@@ -56,6 +56,18 @@ def _error(code: int, name: str, message: str, **data) -> dict:
 
 
 EXAMPLES: dict[str, dict] = {
+    "Bitmap.add": {"params": {**SRC, "name": "checkpoint-7"}, "result": {
+        "volumeID": VOLUME, "name": "checkpoint-7", "granularity": 65536, "added": True,
+        "already": False}},
+    "Bitmap.remove": {"params": {**SRC, "name": "checkpoint-6"}, "result": {
+        "volumeID": VOLUME, "name": "checkpoint-6", "removed": True}},
+    "Bitmap.clear": {"params": SRC, "result": {"volumeID": VOLUME,
+                                                "removed": ["checkpoint-6", "checkpoint-7"]}},
+    "Bitmap.list": {"params": SRC, "result": {"volumeID": VOLUME, "bitmaps": [
+        {"name": "checkpoint-6", "state": "broken", "reason": "in-use", "granularity": 65536,
+         "continues": False, "in_image": True},
+        {"name": "checkpoint-7", "state": "ok", "reason": None, "granularity": 65536,
+         "continues": True, "in_image": True}]}},
     "Debug.crash": {"params": None, "error": _error(-32603, "InternalError", "internal error")},
     "Debug.fault": {"params": {"where": "timer"}, "result": True},
     "Debug.sleep": {"params": {"seconds": 0.5}, "result": {"slept": 0.5}},

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from agent import errors
 from agent.api.volume import SECTOR, VOLUME_PARAMS
-from agent.storage.bitmaps import checked_name
+from agent.ids import checked_bitmap_name as checked_name
 from agent.supervisor import jobs, states
 from agent.supervisor.jobs import WorkerJob
 from agent.wire.verbs import Param, one_of, verb

@@ -17,16 +17,7 @@ used), never wrong.
 
 from __future__ import annotations
 
-import re
 import time
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # a checkpoint's UUID fits
-
-
-def checked_name(value: str) -> str:
-    if not isinstance(value, str) or not NAME.fullmatch(value):
-        raise ValueError("must be 1..128 of A-Z a-z 0-9 . _ : + - (not starting with a mark)")
-    return value
 
 
 class Bitmaps:

@@ -66,6 +66,10 @@ def test_a_schema_1_domain_is_migrated_when_opened(v1_domain):
         assert source["preallocation"] is None
         marker = db.get_marker(dst)
         assert marker["kind"] == "collapse"
+        # Version 6: no dirty bitmaps, and a copy in progress carries none.
+        assert db.bitmaps_of(src) == [] and marker["bitmaps"] == 0
+        db.record_bitmap(src, "b1", 65536)
+        assert [b["name"] for b in db.bitmaps_of(src)] == ["b1"]
         assert (marker["copied"], marker["generation"], marker["attempts"], marker["failures"],
                 marker["src_token"]) == (1024, 3, 2, 0, None)
         # Its next take-over binds it to the source as it is then; a continue from another

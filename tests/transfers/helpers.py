@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 from tests.images.chains import qemu_io
-from tests.support.harness import REPO
+from tests.support.harness import REPO, wait_for
 from tests.support.storage_flow import MiB
 
 
@@ -71,3 +72,19 @@ def nbd_connect(socket_path: str):
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.connect_unix(socket_path)
     return h
+
+
+def killed_mid_way(agent, proc, path, who: str, at: int = 24 * MiB) -> None:
+    """Kill the transfer's `who` (client: the command; agent: the agent under it) once
+    `path` holds `at` bytes."""
+    def written():
+        try:
+            return allocated(path) >= at
+        except FileNotFoundError:
+            return False
+    wait_for(written, timeout=60, what="the transfer half-way")
+    if who == "client":
+        proc.kill()
+    else:
+        agent.kill(signal.SIGKILL)
+    proc.wait(60)

@@ -10,10 +10,10 @@ import subprocess
 
 import pytest
 
-from tests.images.chains import compare, needs_qemu, qemu_io
+from tests.images.chains import compare, needs_qemu, qemu_io, qemu_nbd_under
 from tests.support.harness import task_state, wait_for
 from tests.support.storage_flow import MiB, new_id
-from tests.transfers.helpers import run
+from tests.transfers.helpers import hostagent, killed_mid_way, run
 
 pytestmark = [needs_qemu, pytest.mark.timeout(300)]
 SIZE = 64 * MiB
@@ -148,3 +148,38 @@ def test_backups_go_on_across_a_snapshot_a_merge_and_copies(domain_agent, workdi
                     str(workdir / "inc3.qcow2"))
     assert answer["bytes"]["read"] == 5 * MiB
     restored_equal(str(workdir / "inc4.qcow2"), flat_path)
+
+
+@pytest.mark.parametrize("who", ["client", "agent"])
+@pytest.mark.parametrize("kind", ["full", "incremental"])
+def test_a_backup_cut_short_resumes_and_its_checkpoint_holds(domain_agent, workdir, who,
+                                                             kind):
+    """The backup command SIGKILLed, or the agent SIGKILLed under it, half-way: the same
+    command again finishes it, the chain of backups restores the disk, and the checkpoint
+    it started marks every write since."""
+    agent = domain_agent
+    loc = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    path = agent.call("Volume.create", {**loc, "size": SIZE, "format": "cow"})["path"]
+    qemu_io(path, "cow", f"write -P 1 0 {40 * MiB}")
+    full = workdir / "full.qcow2"
+    args = ["--checkpoint", "c1"]
+    out = full
+    if kind == "incremental":
+        backup(agent, loc, full, "--checkpoint", "c1")
+        qemu_io(path, "cow", f"write -P 2 {8 * MiB} {40 * MiB}")
+        out = workdir / "inc.qcow2"
+        args = ["--incremental", "c1", "--base", str(full), "--checkpoint", "c2"]
+    proc = hostagent(agent, "backup", spec(loc), str(out), *args, "--rate", "16M")
+    killed_mid_way(agent, proc, str(out), who, at=12 * MiB)
+    if who == "agent":
+        agent.start()
+    answer = backup(agent, loc, out, *args)
+    assert answer["resumed"] is True
+    restored_equal(str(out), path)
+    checkpoint = args[args.index("--checkpoint") + 1]
+    qemu_io(path, "cow", f"write -P 3 {60 * MiB} {MiB}")
+    after = workdir / "after.qcow2"
+    answer = backup(agent, loc, after, "--incremental", checkpoint, "--base", str(out))
+    assert answer["bytes"]["read"] >= MiB  # the write since, and what the resume re-read
+    restored_equal(str(after), path)
+    assert qemu_nbd_under(str(workdir)) == []

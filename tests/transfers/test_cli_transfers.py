@@ -3,7 +3,6 @@ and transfers cut short by a SIGKILL of the command or of the agent that the sam
 resumes, sending less than the whole (counted), never turning a partial upload LEGAL."""
 
 import os
-import signal
 
 import pytest
 
@@ -14,6 +13,7 @@ from tests.transfers.helpers import (
     allocated,
     data_bytes,
     hostagent,
+    killed_mid_way,
     local_image,
     run,
 )
@@ -68,20 +68,6 @@ def test_an_upload_and_its_downloads_equal_the_source_and_stay_thin(domain_agent
     assert qemu_nbd_under(str(agent.root)) == []
 
 
-def _killed_mid_way(agent, proc, path, who: str, at: int = 24 * MiB) -> None:
-    def written():
-        try:
-            return allocated(path) >= at
-        except FileNotFoundError:
-            return False
-    wait_for(written, timeout=60, what="the transfer half-way")
-    if who == "client":
-        proc.kill()
-    else:
-        agent.kill(signal.SIGKILL)
-    proc.wait(60)
-
-
 @pytest.mark.parametrize("who", ["client", "agent"])
 @pytest.mark.parametrize("local_fmt", ["raw", "qcow2"])
 def test_an_upload_cut_short_resumes_sending_only_what_is_missing(domain_agent, local, who,
@@ -93,7 +79,7 @@ def test_an_upload_cut_short_resumes_sending_only_what_is_missing(domain_agent, 
     loc = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
     proc = hostagent(agent, "upload", src, show(loc), "--local-format", local_fmt,
                      "--rate", "16M")
-    _killed_mid_way(agent, proc, where(agent, loc, fmt), who)
+    killed_mid_way(agent, proc, where(agent, loc, fmt), who)
     if who == "agent":
         agent.start()
     else:
@@ -126,7 +112,7 @@ def test_a_download_cut_short_resumes_fetching_only_what_is_missing(domain_agent
     data = data_bytes(src, "raw")
     out = str(local / "down.raw")
     proc = hostagent(agent, "download", show(loc), out, "--rate", "16M")
-    _killed_mid_way(agent, proc, out, who)
+    killed_mid_way(agent, proc, out, who)
     if who == "agent":
         agent.start()
     assert os.path.exists(out + ".hostagent-download")
@@ -143,7 +129,7 @@ def test_a_partial_download_whose_source_changed_is_named_not_patched(domain_age
     src, loc = _uploaded(agent, local, 6)
     out = str(local / "down.raw")
     proc = hostagent(agent, "download", show(loc), out, "--rate", "16M")
-    _killed_mid_way(agent, proc, out, "client")
+    killed_mid_way(agent, proc, out, "client")
     generation = agent.call("Volume.getInfo", loc)["generation"]
     agent.call("Volume.fence", {**loc, "generation": generation})
     code, answer, err = run(agent, "download", show(loc), out)
@@ -164,7 +150,7 @@ def test_a_qcow2_file_must_say_its_format_and_another_upload_is_never_resumed(
     assert code == 2 and "--local-format qcow2" in err
     other = local_image(local / "other.raw", "raw", 128 * MiB, seed=9)
     proc = hostagent(agent, "upload", other, show(loc), "--rate", "8M")
-    _killed_mid_way(agent, proc, where(agent, loc, "raw"), "client", at=10 * MiB)
+    killed_mid_way(agent, proc, where(agent, loc, "raw"), "client", at=10 * MiB)
     code, answer, err = run(agent, "upload", src, show(loc), "--local-format", "qcow2")
     assert code == 1 and "another upload" in answer["error"], (answer, err)
     assert agent.call("Image.getStatus", loc)["legality"] == "ILLEGAL"
