@@ -149,6 +149,28 @@ def not_qcow2(fmt: str):
     return plant
 
 
+def bitmaps_extension(count: int = 0, directory_offset: int | None = None):
+    """A bitmap added by qemu, then its header extension made to claim `count` bitmaps, or
+    a directory elsewhere: metadata qemu would load whole, or read past the file."""
+    def plant(volume, parent, scratch, targets):
+        _qemu_img("bitmap", "--add", volume["path"], "b0")
+        with open(volume["path"], "rb") as f:
+            head = f.read(65536)
+        at = struct.unpack_from(">I", head, 100)[0]  # header_length
+        while True:
+            kind, length = struct.unpack_from(">II", head, at)
+            assert kind, "no bitmaps extension"
+            if kind == 0x23852875:
+                break
+            at += 8 + ((length + 7) & ~7)
+        if count:
+            _poke(volume["path"], at + 8, struct.pack(">I", count))
+        if directory_offset is not None:
+            _poke(volume["path"], at + 24, struct.pack(">Q", directory_offset))
+        return []
+    return plant
+
+
 HEADER_KINDS = {  # refused from the header alone: before any qemu process opens the file
     "data-file-host": (data_file("host", False), "data-file"),
     "data-file-host-raw": (data_file("host", True), "data-file"),
@@ -160,6 +182,7 @@ HEADER_KINDS = {  # refused from the header alone: before any qemu process opens
     "marked-corrupt": (incompatible_bit(1), "corrupt"),
     "unknown-feature": (incompatible_bit(40), "unsupported"),
     "65536-snapshots": (header_field(60, struct.pack(">I", 65536)), "limits"),
+    "65535-bitmaps": (bitmaps_extension(count=65535), "limits"),
     "virtual-size": (header_field(24, struct.pack(">Q", SIZE * 2)), "size"),
     "version-9": (header_field(4, struct.pack(">I", 9)), "unsupported"),
     "zeros": (header_field(0, b"\0" * 512), "not-qcow2"),
@@ -218,6 +241,9 @@ def test_a_hostile_header_is_refused_by_every_verb_before_qemu_opens_anything(ag
                                     "baseVolumeID": chain[0]["volumeID"],
                                     "topVolumeID": top["volumeID"]}, reason)
     _refused(agent, "Volume.measure", top, reason)
+    for verb, extra in (("Bitmap.add", {"name": "b1"}), ("Bitmap.list", {}),
+                        ("Bitmap.clear", {}), ("Export.start", {"checkpoint": "c1"})):
+        _refused(agent, verb, {**top, **extra}, reason)
     if kind != "virtual-size":  # that one reads as a grow a crash cut short: mended
         _refused(agent, "Volume.extend", {**top, "size": 2 * SIZE}, reason)
     assert agent.call("Volume.getInfo", ids(chain[0]))["legality"] == "LEGAL"

@@ -268,3 +268,42 @@ def test_a_chain_copy_killed_at_every_write_carries_the_bitmaps_or_names_them(sw
         return False
 
     assert sweep(swept, "image.copy", setup, copy) >= 3
+
+
+def test_the_agent_killed_mid_merge_leaves_bitmaps_right_or_named_once_recovered(
+        make_agent, workdir):
+    """The agent itself SIGKILLed while the merge's commit writes base; its start-up
+    finishes the merge: the bitmaps base's killed writer held open are named broken (as
+    qemu names them), the one only top had is folded right."""
+    a = make_agent(copy={"checkpoint_bytes": MiB, "checkpoint_seconds": 0.05,
+                         "max_bytes_per_second": 4 * MiB},
+                   recovery={"copy_policy": "resume", "backoff_seconds": 0.1})
+    domain_id = new_id()
+    a.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    disk = volume(a, domain_id)
+    snapshot(disk)
+    a.call("Bitmap.add", {**disk.loc(), "name": "top-only"})
+    disk.probe()
+    qemu_io(disk.path(), "cow", f"write -P 7 {4 * MiB} {12 * MiB}")
+    base, top = disk.chain
+    a.call("Image.merge", {"domainID": domain_id, "imageID": disk.image,
+                           "baseVolumeID": base["volumeID"], "topVolumeID": top["volumeID"]},
+           id="m1")
+
+    def mid_commit():  # the commit's qemu-nbd holds base open for writing
+        progress = a.call("Task.getStatus", {"taskID": "m1"})["progress"]
+        return progress is not None and 20 < progress < 80
+    wait_for(mid_commit, 60, what="the commit half-way")
+    a.kill(signal.SIGKILL)
+    a.start()
+    wait_for(lambda: a.call("Volume.getInfo", base)["legality"] == "LEGAL", 120,
+             what="the merge finished by start-up recovery")
+    disk.resync()
+    assert [v["volumeID"] for v in disk.chain] == [base["volumeID"]]
+    states = {b["name"]: (b["state"], b["reason"])
+              for b in a.call("Bitmap.list", base)["bitmaps"]}
+    assert states == {"b1": ("broken", "in-use"), "b2": ("broken", "in-use"),
+                      "top-only": ("ok", None)}
+    right_or_broken(disk)
+    disk.probe()
+    right_or_broken(disk)

@@ -212,3 +212,54 @@ def test_a_backup_export_serves_the_union_of_a_bitmap_over_the_chain(agent):
     wait_for(lambda: task_state(agent, "backup") == "done", 30, what="the export's end")
     assert listed(agent, top)["b2"]["state"] == "ok"
     assert image_bitmaps(top["path"])["b2"]["flags"] == ["auto"]
+
+
+def test_the_bitmap_directory_is_read_from_the_bytes_as_qemu_reads_it(tmp_path):
+    """The agent's own reading of the directory agrees with qemu's on names, flags and
+    granularities, and a directory the header places past the file's end is refused."""
+    import struct
+
+    from agent import errors
+    from agent.storage import qcow2
+    path = str(tmp_path / "a.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
+    for name, gran in (("a", 65536), ("checkpoint-0b5c", 1 << 20), ("z" * 100, 512)):
+        subprocess.run(["qemu-img", "bitmap", "--add", "-g", str(gran), path, name],
+                       check=True)
+    subprocess.run(["qemu-img", "bitmap", "--disable", path, "a"], check=True)
+    head = qcow2.read(path)
+    ours = {b.name: (b.granularity, b.auto, b.in_use) for b in qcow2.bitmaps(path, head)}
+    theirs = {n: (b["granularity"], "auto" in b["flags"], "in-use" in b["flags"])
+              for n, b in image_bitmaps(path).items()}
+    assert ours == theirs and len(ours) == 3
+    offset = None
+    with open(path, "rb") as f:
+        data = f.read(65536)
+    at = struct.unpack_from(">I", data, 100)[0]
+    while offset is None:
+        kind, length = struct.unpack_from(">II", data, at)
+        if kind == qcow2.EXT_BITMAPS:
+            offset = at + 24
+        at += 8 + ((length + 7) & ~7)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", 1 << 40))
+    with pytest.raises(errors.ImageInvalid) as exc:
+        qcow2.bitmaps(path, qcow2.read(path))
+    assert exc.value.data["reason"] == "corrupt"
+
+
+def test_a_grown_volume_keeps_its_bitmaps_tracking(agent):
+    """qemu-img resize carries the bitmaps to the new size: what the guest writes past the
+    old end, and before it, is marked."""
+    vol = volume(agent, size=16 * MiB)
+    agent.call("Bitmap.add", {**loc_of(vol), "name": "b1"})
+    qemu_io(vol["path"], "cow", f"write -P 1 {MiB} {MiB}")
+    agent.call("Volume.extend", {**loc_of(vol), "size": 48 * MiB})
+    qemu_io(vol["path"], "cow", f"write -P 2 {40 * MiB} {MiB}")
+    assert listed(agent, vol)["b1"]["state"] == "ok"
+    exp = agent.call("Export.start", {**loc_of(vol), "bitmap": "b1"}, id="grown")
+    assert exp["size"] == 48 * MiB
+    assert dirty_extents(exp["socket"], "b1") == [(MiB, MiB), (40 * MiB, MiB)]
+    agent.call("Export.stop", {"taskID": "grown"})
+    wait_for(lambda: task_state(agent, "grown") == "done", 30, what="the export's end")

@@ -14,12 +14,13 @@ writes. The order of each makes a crash between its two writes read as a named s
 from __future__ import annotations
 
 from agent import errors
-from agent.storage import leases, tracking, volumes
+from agent.storage import chain, leases, tracking, volumes
 from workers.ops.volume import holder
 
 
-def _checked(db, args: dict, need_legal: bool = True) -> dict:
-    """The volume's row, if bitmaps may change in it now."""
+def _checked(db, args: dict, beat, need_legal: bool = True) -> dict:
+    """The volume's row, if bitmaps may change in it now; its chain's headers read and
+    checked as every opener checks them (agent/storage/chain.py) before qemu-img opens it."""
     row = volumes.volume_row(db, args)
     vid = row["volume_id"]
     if row["format"] != "cow":
@@ -32,7 +33,8 @@ def _checked(db, args: dict, need_legal: bool = True) -> dict:
                                      reason=reason)
     if need_legal and row["legality"] != "LEGAL":
         raise errors.VolumeIllegal("the volume is not LEGAL", volumeID=vid)
-    return row  # its header is read (and refused, if it must be) by tracking.on_disk
+    chain.inspect(db.layout, db.chain(vid), beat)
+    return row
 
 
 def _opts(db, row: dict) -> tuple[str, str]:
@@ -43,7 +45,7 @@ def add(ctx, args):
     name, vid = args["name"], args["volumeID"]
     with volumes.open_domain(args) as db, \
             leases.for_domain(db).acquire(vid, holder(ctx, "bitmap-add")):
-        row = _checked(db, args)
+        row = _checked(db, args, ctx.beat)
         added = tracking.start(db, row, name, args.get("granularity") or tracking.GRANULARITY,
                                ctx.beat)
         return _answer(row, db.get_bitmap(vid, name), already=not added)
@@ -58,7 +60,7 @@ def remove(ctx, args):
     name, vid = args["name"], args["volumeID"]
     with volumes.open_domain(args) as db, \
             leases.for_domain(db).acquire(vid, holder(ctx, "bitmap-remove")):
-        row = _checked(db, args, need_legal=False)
+        row = _checked(db, args, ctx.beat, need_legal=False)
         _head, found = tracking.on_disk(db.layout, row)
         recorded = db.drop_bitmaps(vid, [name])
         if not recorded and name not in found:
@@ -73,7 +75,7 @@ def clear(ctx, args):
     vid = args["volumeID"]
     with volumes.open_domain(args) as db, \
             leases.for_domain(db).acquire(vid, holder(ctx, "bitmap-clear")):
-        row = _checked(db, args, need_legal=False)
+        row = _checked(db, args, ctx.beat, need_legal=False)
         _head, found = tracking.on_disk(db.layout, row)
         names = sorted({r["name"] for r in db.bitmaps_of(vid)} | set(found))
         db.drop_bitmaps(vid)
@@ -88,4 +90,5 @@ def list_(ctx, args):
         row = volumes.volume_row(db, args)
         if row["format"] != "cow":
             return {"volumeID": row["volume_id"], "bitmaps": []}
+        chain.inspect(db.layout, db.chain(row["volume_id"]), ctx.beat)
         return {"volumeID": row["volume_id"], "bitmaps": tracking.states(db, row)}
