@@ -64,6 +64,10 @@ def _child_setup(listen_fd: int | None, limits: Limits):
             os._exit(1)
         if limits.address_space:
             resource.setrlimit(resource.RLIMIT_AS, (limits.address_space,) * 2)
+            # glibc reserves 64 MiB of address space for each thread's malloc arena: a
+            # tool whose I/O thread pool grows on a busy host (measured: qemu-img bitmap
+            # --merge) ran out of its limit creating threads, not using memory.
+            os.putenv("MALLOC_ARENA_MAX", "2")
         if limits.cpu_seconds:  # SIGXCPU at the soft limit, SIGKILL a second later
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds,
                                                      limits.cpu_seconds + 1))

@@ -84,7 +84,7 @@ def right_or_broken(disk: Disk) -> None:
             exp = agent.client().call("Export.start", {**disk.loc(), "bitmap": b["name"]},
                                       id=tid, timeout=60)
         except CallError as exc:
-            assert exc.name in ("BitmapBroken", "NoSuchBitmap"), exc
+            assert exc.name in ("BitmapBroken", "NoSuchBitmap"), json.dumps(exc.data)
             assert b["state"] != "ok" or exc.name == "BitmapBroken", (b, exc)
             disk.must.pop(b["name"], None)  # named: a client starts over with a full backup
             agent.named_broken = getattr(agent, "named_broken", 0) + 1
@@ -215,7 +215,8 @@ def test_a_merge_killed_at_every_write_folds_the_bitmaps_or_names_them_broken(sw
         wait_for(lambda: task_state(disk.agent, tid) in ("done", "failed"), 120,
                  what="the merge")
         if task_state(disk.agent, tid) == "failed":
-            assert expect_crash, disk.agent.call("Task.getStatus", {"taskID": tid})
+            assert expect_crash, (disk.agent.call("Task.getStatus", {"taskID": tid})["error"],
+                                  disk.agent.log()[-4000:])
             return True
         disk.chain.pop()
         for name in list(disk.must):  # top's probes now live in base, under its names
@@ -258,7 +259,8 @@ def test_a_chain_copy_killed_at_every_write_carries_the_bitmaps_or_names_them(sw
         wait_for(lambda: task_state(disk.agent, tid) in ("done", "failed"), 120,
                  what="the copy")
         if task_state(disk.agent, tid) == "failed":
-            assert expect_crash
+            assert expect_crash, (disk.agent.call("Task.getStatus", {"taskID": tid})["error"],
+                                  disk.agent.log()[-4000:])
             return True
         copied = Disk(disk.agent, other)
         copied.image, copied.chain = disk.image, [disk.copy]
