@@ -27,7 +27,7 @@ from bench.common import GiB, MiB
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
         "qcow2_cow", "huge_empty_raw", "huge_empty_cow", "huge_data_raw", "huge_data_cow",
         "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
-        "upload_resume", "queries", "boot", "boot_resume", "events", "memory")
+        "upload_resume", "backup_incremental", "queries", "boot", "boot_resume", "events", "memory")
 
 PROFILES = {
     "full": {"repeats": 5, "copy": 2 * GiB, "sparse": 4 * GiB, "volumes": 100_000,
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     if opts.agent_repo:
         common.AGENT_REPO = Path(opts.agent_repo).resolve()
     from bench import (
+        backup,
         boot,
         concurrent,
         copy,
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
         transfers,
     )
 
-    modules = [rpc, spawn, copy, concurrent, images, huge, merge, transfers, queries, boot,
+    modules = [rpc, spawn, copy, concurrent, images, huge, merge, transfers, backup, queries,
+               boot,
                events, memory]
     rows, began = [], time.time()
     print(f"bench: profile {opts.profile}, {opts.repeats} repeats, rows {','.join(opts.only)}",

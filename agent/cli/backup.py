@@ -45,27 +45,34 @@ def backup(ctx, args) -> int:
 
 def _incremental(ctx, args) -> int:
     src = parse_location(args.src)
-    info = ctx.client.call("Volume.getInfo", src)
-    size = info["size"]
     base = os.path.realpath(args.base)
     if not os.path.isfile(base):
         raise transfers.TransferError(f"{args.base} is not a file (the previous backup)")
     state_path = args.file + transfers.STATE_SUFFIX
-    want = {"src": src, "size": size, "format": "qcow2", "layer": False,
-            "bitmap": args.incremental, "base": base, "generation": info["generation"],
-            **({"checkpoint": args.checkpoint} if args.checkpoint else {})}
-    resume = transfers._download_state(args, state_path, want)
-    if resume:
-        transfers._stop_earlier(ctx, state_path)
-    else:
-        _make_overlay(args.file, base, size)
+    want = {"src": src, "format": "qcow2", "layer": False, "bitmap": args.incremental,
+            "base": base, **({"checkpoint": args.checkpoint} if args.checkpoint else {})}
     export_id = f"backup-{uuid.uuid4().hex[:8]}"
-    transfers._write_state(state_path, {**want, "export": export_id})
     params = {**src, "mode": "read", "bitmap": args.incremental}
     if args.checkpoint:
         params["checkpoint"] = args.checkpoint
+    resume = os.path.exists(args.file) and not args.restart
+    if resume:  # FILE must be a partial backup of this, and its export of it is stopped
+        info = ctx.client.call("Volume.getInfo", src)
+        want.update(size=info["size"], generation=info["generation"])
+        resume = transfers._download_state(args, state_path, want)
+        transfers._stop_earlier(ctx, state_path)
+    elif os.path.exists(state_path):  # a run killed before it made FILE: its export
+        with contextlib.suppress(ValueError, OSError):
+            transfers._stop_earlier(ctx, state_path)
+    # A fresh backup asks nothing first: the export's answer says the size and generation
+    # (one round trip less; a run killed before its state file leaves an idle export).
     exp = ctx.client.call("Export.start", params, task_id=export_id,
                           timeout=max(ctx.settings.timeout, 600))
+    size = exp["size"]
+    want.update(size=size, generation=exp["generation"])
+    transfers._write_state(state_path, {**want, "export": export_id})
+    if not resume:
+        _make_overlay(args.file, base, size)
     stats, began = tx.Stats(), time.monotonic()
     try:
         with ends.Local(args.file, "qcow2", writable=True) as local:
@@ -75,7 +82,7 @@ def _incremental(ctx, args) -> int:
                               fresh=False, stats=stats, threads=transfers._threads(exp),
                               on_block=transfers._progress(bar, size), rate=args.rate,
                               extents_of=lambda: ends.connect_export(
-                                  exp["socket"], dirty=args.incremental))
+                                  exp["socket"], dirty=args.incremental), digests=False)
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "
                      f"resume")

@@ -246,8 +246,8 @@ def download(ctx, args, checkpoint: str | None = None, what: str = "download") -
             with bar or contextlib.nullcontext():
                 tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
                               fresh=not resume, wanted=wanted, stats=stats,
-                              threads=_threads(exp),
-                              on_block=_progress(bar, size), rate=args.rate)
+                              threads=_threads(exp), on_block=_progress(bar, size),
+                              rate=args.rate, digests=False)
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "
                      f"resume")

@@ -105,11 +105,11 @@ class _Movers:
     first failure stops them all (every one still takes its end marker)."""
 
     def __init__(self, src_connect, dst_connect, fresh: bool, stats: Stats, pacer: Pacer,
-                 on_block, threads: int, flush_every: float | None):
+                 on_block, threads: int, flush_every: float | None, hasher=blake3.blake3):
         self.src_connect, self.dst_connect, self.fresh = src_connect, dst_connect, fresh
         self.flush_every, self.flushed = flush_every, time.monotonic()
         self.lock = threading.Lock()
-        self.stats, self.pacer, self.on_block = stats, pacer, on_block
+        self.stats, self.pacer, self.on_block, self.hasher = stats, pacer, on_block, hasher
         self.work: queue.Queue = queue.Queue(maxsize=threads * 2)
         self.digests: dict[int, bytes] = {}
         self.failures: list[BaseException] = []
@@ -131,7 +131,7 @@ class _Movers:
             try:
                 index, pieces = item
                 self.digests[index] = _block(src, dst, pieces, self.fresh, self.stats,
-                                             self.pacer, buf)
+                                             self.pacer, buf, self.hasher)
                 if dst is not None and self._flush_due():
                     dst.flush()  # what a crash of the far end keeps: a resume skips it
                 if self.on_block is not None:
@@ -172,7 +172,7 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
                wanted: set[int] | None = None, threads: int = THREADS, on_block=None,
                stats: Stats | None = None, should_stop=lambda: False,
                rate: int = 0, flush_every: float | None = None,
-               extents_of=None) -> dict[int, bytes]:
+               extents_of=None, digests: bool = True) -> dict[int, bytes]:
     """Move (or, without `dst_connect`, only hash) the blocks of the source's guest view
     (those in `wanted`, else all); returns each block's digest by index. `on_block(index,
     length)` after each; at most `rate` bytes of data a second. The destination is flushed
@@ -181,7 +181,7 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     (a backup's dirty ones; default a source connection's, the whole guest view): a block
     then moves only its pieces, and its digest is of them alone."""
     movers = _Movers(src_connect, dst_connect, fresh, stats or Stats(), Pacer(rate),
-                     on_block, threads, flush_every)
+                     on_block, threads, flush_every, blake3.blake3 if digests else _Unhashed)
     try:
         head = (extents_of or src_connect)()
         try:
@@ -198,15 +198,26 @@ def run_blocks(src_connect, dst_connect, size: int, *, fresh: bool,
     return movers.digests
 
 
-def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer, buf) -> bytes:
+class _Unhashed:
+    """A hasher that hashes nothing (digests nobody reads cost a core's time)."""
+
+    def update(self, data) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        return b""
+
+
+def _block(src, dst, pieces, fresh: bool, stats: Stats, pacer: Pacer, buf,
+           hasher=blake3.blake3) -> bytes:
     """One block moved (or only hashed), read into `buf` (the thread's own, reused)."""
     if all(zero for _, _, zero in pieces):
         length = sum(p[1] for p in pieces)
         if dst is not None and not fresh:
             dst.zero(length, pieces[0][0])
             stats.add(zeroed=length)
-        return zero_digest(length)
-    h = blake3.blake3()
+        return zero_digest(length) if hasher is not _Unhashed else b""
+    h = hasher()
     for at, length, zero in pieces:
         if zero:
             h.update(ZEROS[:length])
