@@ -83,19 +83,26 @@ def test_bench_concurrent_copies_and_query_growth_rows(tmp_path):
 
 
 def test_bench_transfer_rows(tmp_path):
-    """Upload and download against imageio's client (its real daemon) and nbdcopy, and the
-    resumed upload's share, at a tiny size."""
+    """Upload and download against imageio's client (its real daemon) and nbdcopy, the
+    resumed upload's share, and an incremental backup against a full one and imageio's
+    incremental download, at a tiny size."""
     out = tmp_path / "bench.json"
     base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--only",
-         "upload_qcow2,download_raw,upload_resume", "--repeats", "1", "--sizes",
+         "upload_qcow2,download_raw,upload_resume,backup_incremental", "--repeats", "1",
+         "--sizes",
          "transfer=64M", "--data-dir", str(base), "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"upload_qcow2", "download_raw", "upload_resume"}
+    assert set(rows) == {"upload_qcow2", "download_raw", "upload_resume", "backup_incremental"}
+    backup = rows["backup_incremental"]
+    assert backup["project"]["median"] > 0 and backup["ratio"] > 0
+    assert set(backup["baselines"]) == {"imageio download(incremental) via its daemon",
+                                        "full hostagent backup"}
+    assert backup["extra"]["changed_bytes"] == 3 << 20 and isinstance(backup["met"], bool)
     for key in ("upload_qcow2", "download_raw"):
         row = rows[key]
         assert row["project"]["median"] > 0
