@@ -22,7 +22,7 @@ import uuid
 
 from agent.cli import output, transfers
 from agent.cli.copying import Bar
-from agent.cli.storage import parse_location
+from agent.cli.storage import parse_location, show_location
 from agent.client import ends
 from agent.client import transfer as tx
 from agent.system import fsync_path
@@ -108,7 +108,53 @@ def _make_overlay(path: str, base: str, size: int) -> None:
                     "-F", fmt, path, str(size)], check=True, capture_output=True, timeout=120)
 
 
+def bitmap(ctx, args) -> int:
+    """`hostagent bitmap list|add|remove|clear VOLUME [NAME]`."""
+    loc = parse_location(args.location)
+    if args.action == "list":
+        result = ctx.client.call("Bitmap.list", loc)
+        if ctx.json:
+            output.emit_json(result)
+            return output.OK
+        t = output.table("BITMAP", "STATE", "WHY", "GRANULARITY", "CONTINUES ITS PARENT'S")
+        for b in result["bitmaps"]:
+            t.add_row(b["name"], output.styled(b["state"]), b["reason"] or "",
+                      output.size(b["granularity"]), "yes" if b["continues"] else "no")
+        ctx.out.print(t if result["bitmaps"] else f"{show_location(loc)} has no bitmaps")
+        return output.OK
+    params = dict(loc)
+    if args.action in ("add", "remove"):
+        params["name"] = args.name
+    if args.action == "add" and args.granularity:
+        params["granularity"] = output.parse_size(args.granularity)
+    result = ctx.client.call(f"Bitmap.{args.action}", params)
+    if ctx.json:
+        output.emit_json(result)
+    elif args.action == "add":
+        done = "was there already in" if result["already"] else "added to"
+        ctx.out.print(f"bitmap {args.name} {done} {show_location(loc)}", soft_wrap=True)
+    elif args.action == "remove":
+        ctx.out.print(f"bitmap {args.name} removed from {show_location(loc)}", soft_wrap=True)
+    else:
+        ctx.out.print(f"removed from {show_location(loc)}: "
+                      f"{', '.join(result['removed']) or 'nothing'}", soft_wrap=True)
+    return output.OK
+
+
 def add_parsers(sub, common) -> None:
+    p = sub.add_parser("bitmap", help="a cow volume's dirty bitmaps: list, add, remove, clear")
+    bsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, what in (("list", "its bitmaps, as the metadata and the image say together"),
+                         ("add", "start a bitmap (tracks every write from now on)"),
+                         ("remove", "remove a bitmap (broken or unknown ones too)"),
+                         ("clear", "remove every bitmap (the way back from broken ones)")):
+        q = bsub.add_parser(action, parents=[common], help=what)
+        q.add_argument("location", metavar="DOMAIN/IMAGE/VOLUME")
+        if action in ("add", "remove"):
+            q.add_argument("name", metavar="NAME")
+        if action == "add":
+            q.add_argument("--granularity", help="bytes one bit stands for (default 64K)")
+        q.set_defaults(func=bitmap)
     p = sub.add_parser("backup", parents=[common],
                        help="back a volume up into a local file, full or incremental "
                             "(again: resume)")

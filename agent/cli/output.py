@@ -122,7 +122,7 @@ def duration(s) -> str:
 STATE_STYLE = {"pending": "yellow", "running": "cyan", "aborting": "magenta", "done": "green",
                "failed": "red", "aborted": "red", "LEGAL": "green", "ILLEGAL": "yellow",
                "joined": "green", "joining": "yellow", "ok": "green", "full": "red",
-               "unreachable": "red"}
+               "unreachable": "red", "broken": "red", "unknown": "yellow"}
 
 
 def styled(state) -> str:

@@ -6,12 +6,15 @@ copy to another domain in between."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 
 import pytest
 
 from tests.images.chains import compare, needs_qemu, qemu_io, qemu_nbd_under
-from tests.support.harness import task_state, wait_for
+from tests.support.harness import REPO, task_state, wait_for
 from tests.support.storage_flow import MiB, new_id
 from tests.transfers.helpers import hostagent, killed_mid_way, run
 
@@ -183,3 +186,30 @@ def test_a_backup_cut_short_resumes_and_its_checkpoint_holds(domain_agent, workd
     assert answer["bytes"]["read"] >= MiB  # the write since, and what the resume re-read
     restored_equal(str(after), path)
     assert qemu_nbd_under(str(workdir)) == []
+
+
+def test_an_operator_lists_adds_removes_and_clears_bitmaps_at_a_shell(domain_agent):
+    agent = domain_agent
+    loc = {"domainID": agent.domain_id, "imageID": new_id(), "volumeID": new_id()}
+    path = agent.call("Volume.create", {**loc, "size": SIZE, "format": "cow"})["path"]
+    code, answer, err = run(agent, "bitmap", "add", spec(loc), "c1", "--granularity", "1M")
+    assert code == 0 and answer["added"] is True and answer["granularity"] == MiB, err
+    run(agent, "bitmap", "add", spec(loc), "c2")
+    subprocess.run(["qemu-img", "bitmap", "--remove", path, "c2"], check=True)
+    code, answer, err = run(agent, "bitmap", "list", spec(loc))
+    assert code == 0, err
+    assert [(b["name"], b["state"], b["reason"]) for b in answer["bitmaps"]] == [
+        ("c1", "ok", None), ("c2", "broken", "missing")]
+    proc = subprocess.run([sys.executable, "-m", "agent", "--config", str(agent.config_path),
+                           "bitmap", "list", spec(loc)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "HOSTAGENT_CLIENT_CONFIG": "/dev/null",
+                                          "COLUMNS": "120"})
+    assert proc.returncode == 0 and "missing" in proc.stdout and "1.0 MiB" in proc.stdout, \
+        proc.stdout + proc.stderr
+    code, answer, err = run(agent, "backup", spec(loc), "/dev/null/x", "--incremental", "c2",
+                            "--base", path)
+    assert code == 1 and "BitmapBroken" in json.dumps(answer) + err, (answer, err)
+    code, answer, err = run(agent, "bitmap", "clear", spec(loc))
+    assert code == 0 and answer["removed"] == ["c1", "c2"], err
+    code, answer, err = run(agent, "bitmap", "remove", spec(loc), "c1")
+    assert code == 1 and "NoSuchBitmap" in json.dumps(answer) + err
