@@ -53,9 +53,9 @@ def add(agent: Supervisor, params):
 
 @verb("Bitmap.remove", *VOLUME_PARAMS, NAME, worker=True)
 def remove(agent: Supervisor, params):
-    """Remove a dirty bitmap from a volume, under its lease (the metadata first, then the
-    image: a remove killed between leaves an unknown bitmap, and the same remove again takes
-    it out). Broken and unknown bitmaps are removed the same way.
+    """Remove a dirty bitmap from a volume, under its lease (the image first, then the
+    metadata: a remove killed between leaves a row named broken (missing), and the same
+    remove again drops it). Broken and unknown bitmaps are removed the same way.
 
     Result: {volumeID, name, removed: true}.
     Errors: 200 NoSuchDomain, 201 NoSuchVolume, 203 LeaseHeld, 216 ImageInvalid, 218

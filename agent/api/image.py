@@ -47,11 +47,11 @@ def copy(agent: Supervisor, params):
     to another domain), else they are derived from dst.volumeID (result "chain", base
     first), with each layer's dirty bitmaps; a collapse into cow carries the source's
     usable bitmaps (the union of each over the chain) when `bitmaps` is asked, once its
-    data is copied (recorded in its marker: whoever continues it carries them; a broken
-    one is left behind). Raw to raw of a lone volume is a kernel copy; every other copy goes through
-    qemu-nbd and libnbd, holes and zeros kept, checkpointed after a flush. A continued copy
-    keeps the mode and format it began with (205 CopyConflict, data.reason "kind" or
-    "format", if another is asked).
+    data is copied (recorded in its marker: whoever continues it carries them; a broken one
+    is left behind). Raw to raw of a lone volume is a kernel copy; every other copy goes
+    through qemu-nbd and libnbd, holes and zeros kept, checkpointed after a flush. A
+    continued copy keeps the mode and format it began with (205 CopyConflict, data.reason
+    "kind" or "format", if another is asked).
 
     In one transaction the destination is created ILLEGAL with a copy marker; then the
     response is sent, {"volumeID", "state": "copying", "generation", "copied", "total",

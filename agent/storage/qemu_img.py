@@ -110,12 +110,17 @@ def redact(detail: str, own: tuple[str, ...] = ()) -> str:
 
 def tool_error(tool: str, detail: str, *, reason: str = "tool-failed", own=(),
                **data) -> errors.AgentError:
-    """A tool's failure, named: NoSpace for a full disk, else ImageInvalid with `reason`
-    (what the caller checked: never a guess from the tool's words)."""
+    """A tool's failure, named: NoSpace for a full disk, VolumeInUse (reason open) when
+    qemu's image lock is held by another process, else ImageInvalid with `reason` (what the
+    caller checked: never a guess from the tool's words)."""
     detail = redact(detail.strip()[-DETAIL_MAX:], tuple(own))
     if "No space left" in detail:
         return errors.NoSpace(f"{tool}: no space left on device", tool=tool, detail=detail,
                               **data)
+    if "Failed to get" in detail and "lock" in detail:  # qemu's image locks: not the image's fault
+        return errors.VolumeInUse(f"{tool}: another process has the image open (a guest, "
+                                  f"an export)", tool=tool, detail=detail, reason="open",
+                                  **data)
     return errors.ImageInvalid(f"{tool} failed: {detail.splitlines()[-1] if detail else '?'}",
                                tool=tool, detail=detail, reason=reason, **data)
 

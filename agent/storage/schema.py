@@ -8,10 +8,10 @@ copy). Version 4 added the transfers table (a volume written through an export:
 agent/storage/transfers.py). Version 5 added the merges table (a snapshot being folded into
 its parent), the merged records of those done (agent/storage/merges.py), and volumes'
 preallocation (sparse or preallocated, as made; null when not known), which a grow and a
-merge keep. Version 6 added the bitmaps table: the persistent dirty bitmaps the agent keeps in
-its qcow2 volumes (agent/storage/bitmaps.py), and copy markers' `bitmaps` (a collapse asked
-to carry the source's bitmaps). `PRAGMA user_version` holds a domain's version; DomainDB.open migrates an older
-one in one transaction (agent/storage/metadata.py).
+merge keep. Version 6 added the bitmaps table: the persistent dirty bitmaps the agent keeps
+in its qcow2 volumes (agent/storage/bitmaps.py), and copy markers' `bitmaps` (a collapse
+asked to carry the source's bitmaps). `PRAGMA user_version` holds a domain's version;
+DomainDB.open migrates an older one in one transaction (agent/storage/metadata.py).
 """
 
 DOMAIN_VERSION = 6

@@ -25,17 +25,15 @@ from agent import errors
 from agent.storage import chain, metadata, qcow2, qemu_img
 
 GRANULARITY = 64 << 10  # qemu's default for a 64 KiB-cluster qcow2
-LOCKED = ("Failed to get", "lock")  # qemu's words when another process has the image open
 
 
 def _run(args: list[str], path: str, beat, volume_id: str | None = None) -> None:
+    """One `qemu-img bitmap`; another process holding the image's lock is VolumeInUse
+    (reason open: a guest, an export), as qemu_img.tool_error names it."""
     try:
         qemu_img.run(["bitmap", *args], beat, path=path)
-    except errors.ImageInvalid as exc:
-        detail = exc.data.get("detail", "")
-        if all(word in detail for word in LOCKED):
-            raise errors.VolumeInUse("another process has the image open (a guest, an "
-                                     "export)", volumeID=volume_id, reason="open") from None
+    except errors.VolumeInUse as exc:
+        exc.data["volumeID"] = volume_id
         raise
     if metadata._after_write_hook is not None:  # the crash-point seam counts image writes
         metadata._after_write_hook("write:bitmap" + args[1])

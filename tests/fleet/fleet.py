@@ -250,8 +250,10 @@ class Fleet:
             h.agent.client().call("Image.copy", {"src": j["src"]["loc"], "dst": j["dst"]},
                                   id=f"cont-{vid[:8]}-{int(time.monotonic() * 1000)}")
             continued.add(vid)
-        except CallError as exc:
-            if exc.name not in ("LeaseHeld", "GenerationMismatch", "VolumeExists"):
+        except CallError as exc:  # DomainUnusable: that host is (re)joining the lockspace,
+            # or its daemon lost it and the agent has not followed yet: another host, later
+            if exc.name not in ("LeaseHeld", "GenerationMismatch", "VolumeExists",
+                                "DomainUnusable"):
                 raise
         except Exception:
             pass  # the host is down or its answer slow: the next poll decides again
@@ -277,8 +279,8 @@ class Fleet:
         try:
             h.agent.client().call("Image.merge", m["params"],
                                   id=f"cont-{vid[:8]}-{int(time.monotonic() * 1000)}")
-        except CallError as exc:
-            if exc.name not in ("LeaseHeld", "GenerationMismatch"):
+        except CallError as exc:  # DomainUnusable: as for a copy (_step)
+            if exc.name not in ("LeaseHeld", "GenerationMismatch", "DomainUnusable"):
                 raise
         except Exception:
             pass  # the host is down or its answer slow: the next poll decides again

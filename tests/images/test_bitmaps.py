@@ -5,6 +5,7 @@ chain as qemu:dirty-bitmap:NAME."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -263,3 +264,38 @@ def test_a_grown_volume_keeps_its_bitmaps_tracking(agent):
     assert dirty_extents(exp["socket"], "b1") == [(MiB, MiB), (40 * MiB, MiB)]
     agent.call("Export.stop", {"taskID": "grown"})
     wait_for(lambda: task_state(agent, "grown") == "done", 30, what="the export's end")
+
+
+def guest(workdir, path: str) -> subprocess.Popen:
+    """A qemu holding the image open for writing, as a guest's would (here qemu-nbd)."""
+    sock = str(workdir / f"guest-{new_id()[:8]}.sock")
+    proc = subprocess.Popen(["qemu-nbd", "--persistent", "-k", sock, "-f", "qcow2", path],
+                            stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(sock), 10, what="the guest's qemu")
+    return proc
+
+
+def test_a_volume_a_guest_has_open_is_named_in_use(agent, workdir):
+    """While a guest's qemu has the image open, a bitmap change or a checkpoint is refused
+    by name and nothing changes; a guest that ends stores its bitmaps (ok), one killed
+    leaves them in use (broken, never used)."""
+    vol = volume(agent)
+    agent.call("Bitmap.add", {**loc_of(vol), "name": "b1"})
+    running = guest(workdir, vol["path"])
+    try:
+        for verb, extra in (("Bitmap.add", {"name": "b2"}), ("Bitmap.remove", {"name": "b1"}),
+                            ("Bitmap.clear", {}), ("Export.start", {"checkpoint": "c1"})):
+            with pytest.raises(CallError) as exc:
+                agent.call(verb, {**loc_of(vol), **extra}, id=new_id())
+            assert exc.value.name == "VolumeInUse" and exc.value.data["reason"] == "open", \
+                (verb, exc.value.data)
+    finally:
+        running.terminate()  # qemu stores its bitmaps as it closes the image
+        running.wait(10)
+    assert set(image_bitmaps(vol["path"])) == {"b1"}
+    assert listed(agent, vol)["b1"]["state"] == "ok"
+    killed = guest(workdir, vol["path"])
+    killed.kill()
+    killed.wait(10)
+    assert (listed(agent, vol)["b1"]["state"], listed(agent, vol)["b1"]["reason"]) == \
+        ("broken", "in-use")

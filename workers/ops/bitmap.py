@@ -2,13 +2,15 @@
 (agent/storage/tracking.py and agent/storage/bitmaps.py hold the rules).
 
 Each runs under the volume's lease, on a LEGAL cow volume that no copy, transfer or merge
-writes. The order of each makes a crash between its two writes read as a named state:
-    add     image first, then the row: a bitmap no row names is unknown (never used); the
-            same add again removes it and adds it afresh (it tracks from the answer on)
-    remove  row first, then the image: a bitmap no row names, again; the same remove again
-            takes it out of the image
-    clear   the rows first, then every bitmap of the image (unknown ones too): what to do
-            with a volume whose bitmaps are broken, before a full backup
+writes. The image is written first, then the rows, so that a refusal by the image (another process
+holds its lock: VolumeInUse) changes nothing, and a crash between the two reads as a named
+state, never as an ok bitmap that missed a write:
+    add     a bitmap no row names is unknown (never used); the same add again removes it
+            and adds it afresh (it tracks from the answer on)
+    remove  a row whose bitmap the image lacks is broken (missing); the same remove again
+            drops the row
+    clear   every bitmap of the image (unknown ones too), then every row: what to do with a
+            volume whose bitmaps are broken, before a full backup
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ def remove(ctx, args):
             leases.for_domain(db).acquire(vid, holder(ctx, "bitmap-remove")):
         row = _checked(db, args, ctx.beat, need_legal=False)
         _head, found = tracking.on_disk(db.layout, row)
-        recorded = db.drop_bitmaps(vid, [name])
-        if not recorded and name not in found:
+        if db.get_bitmap(vid, name) is None and name not in found:
             raise errors.NoSuchBitmap("the volume has no bitmap of that name", volumeID=vid,
                                       bitmap=name)
         if name in found:
             tracking.remove(*_opts(db, row), name, ctx.beat, vid)
+        db.drop_bitmaps(vid, [name])
         return {"volumeID": vid, "name": name, "removed": True}
 
 
@@ -78,10 +80,10 @@ def clear(ctx, args):
         row = _checked(db, args, ctx.beat, need_legal=False)
         _head, found = tracking.on_disk(db.layout, row)
         names = sorted({r["name"] for r in db.bitmaps_of(vid)} | set(found))
-        db.drop_bitmaps(vid)
         opts, path = _opts(db, row)
         for name in sorted(found):
             tracking.remove(opts, path, name, ctx.beat, vid)
+        db.drop_bitmaps(vid)
         return {"volumeID": vid, "removed": names}
 
 

@@ -3,12 +3,13 @@ the destination image, with the same structure (each copy's backing file is its 
 copy). How a disk with snapshots moves to another domain.
 
 Every layer's destination has its own marker, made with the others in one transaction, so
-the answer names volumes that all exist and each layer resumes on its own. Layers are
-copied base first and each turns LEGAL as it ends, with the source layer's dirty bitmaps
-(agent/storage/tracking.py, carry); the copy holds every layer's lease for its life. The destination's layers keep the source's volume IDs when the caller names the
-source's volumeID as the destination's (a move to another domain, as oVirt does); otherwise
-each is derived from the destination's volumeID and its source layer (uuid5), so a continue
-finds the same volumes. Start-up recovery continues a chain from its leaf's marker.
+the answer names volumes that all exist and each layer resumes on its own. Layers are copied
+base first and each turns LEGAL as it ends, with the source layer's dirty bitmaps
+(agent/storage/tracking.py, carry); the copy holds every layer's lease for its life. The
+destination's layers keep the source's volume IDs when the caller names the source's
+volumeID as the destination's (a move to another domain, as oVirt does); otherwise each is
+derived from the destination's volumeID and its source layer (uuid5), so a continue finds
+the same volumes. Start-up recovery continues a chain from its leaf's marker.
 """
 
 from __future__ import annotations
