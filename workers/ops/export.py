@@ -31,6 +31,8 @@ from workers.protocol import Stopped
 
 TOUCH_SECONDS = 2.0  # how often a write export records what its volume holds
 POLL_SECONDS = 0.25
+LOCK_WAIT_SECONDS = 10.0  # a killed writer's qemu-nbd letting go of the image's lock
+LOCK_POLL_SECONDS = 0.2
 MAX_BLOCKS = 4096  # block digests in one Image.checksum answer (16 GiB of 4 MiB blocks)
 
 
@@ -83,7 +85,7 @@ def _serve_transfer(ctx, db, args):
     rows = db.chain(vid)
     try:
         if not made and row["format"] == "cow":  # what an earlier writer left
-            _reclaim_leaks(ctx, db, rows)
+            _reclaim_leaks(ctx, db, rows, args)
     except errors.AgentError:  # not served: the transfer is stopped, not interrupted
         db.touch_transfer(vid, transfer["generation"],
                           volumes.allocated(db.layout.data_path(row)), "stopped")
@@ -95,13 +97,32 @@ def _serve_transfer(ctx, db, args):
     return _serve(ctx, db, args, row, opts, writable=True, transfer=transfer)
 
 
-def _reclaim_leaks(ctx, db, rows: list[dict]) -> None:
+def _reclaim_leaks(ctx, db, rows: list[dict], args: dict) -> None:
     """A qcow2 an earlier writer left (its headers already read by the agent), checked by
     qemu-img check before qemu-nbd opens it for writing: damage refused, the leaked
-    clusters of a killed qemu-nbd reclaimed."""
+    clusters of a killed qemu-nbd reclaimed.
+
+    A killed writer's qemu-nbd may hold the image's lock a while after its main thread is
+    gone (a thread still finishing its I/O keeps the descriptors open): its lock is waited
+    out for up to LOCK_WAIT_SECONDS, said once as Export.state "waiting"; a lock held longer
+    is another process's (218 VolumeInUse, reason open)."""
     row = rows[-1]
-    qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False, layer_only=True),
-                   db.layout.data_path(row), repair_leaks=True, beat=ctx.beat)
+    deadline, told = time.monotonic() + LOCK_WAIT_SECONDS, False
+    while True:
+        try:
+            qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False,
+                                            layer_only=True),
+                           db.layout.data_path(row), repair_leaks=True, beat=ctx.beat)
+            return
+        except errors.VolumeInUse as exc:
+            if exc.data.get("reason") != "open" or time.monotonic() >= deadline:
+                raise
+        if not told:
+            ctx.event("Export.state", {k: args[k] for k in ("domainID", "imageID", "volumeID",
+                                                            "mode")} |
+                      {"state": "waiting", "reason": "image-locked"})
+            told = True
+        ctx.wait(LOCK_POLL_SECONDS)
 
 
 def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,
