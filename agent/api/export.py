@@ -97,7 +97,10 @@ def start(agent: Supervisor, params):
     written becomes LEGAL until Export.finish has checked it. Every mode opens the chain as
     the metadata says it is, after the checks of Image.copy's source (headers read by the
     agent, formats given, limits); a transfer's qcow2 is checked and its leaked clusters
-    reclaimed before it is served again.
+    reclaimed before it is served again (waiting up to 10 s, said as the event Export.state
+    {state: "waiting", reason: "image-locked"}, for the image lock a killed writer's qemu-nbd
+    can hold while its last thread finishes its I/O; held longer: 218 VolumeInUse, reason
+    open).
     Errors: 200 NoSuchDomain, 201 NoSuchVolume, 202 VolumeExists (create of a volume that
     exists without a transfer), 203 LeaseHeld (another writer), 204 NoSpace, 205
     CopyConflict (a copy in progress; data.reason), 207 VolumeIllegal (read or layer of an
