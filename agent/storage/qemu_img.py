@@ -260,6 +260,31 @@ def rebase_unsafe(path: str, backing: str, backing_fmt: str, beat=lambda: None) 
          path], beat, path=path)
 
 
+LOCK_WAIT_SECONDS = 10.0  # a killed writer's qemu letting go of the image's lock
+LOCK_POLL_SECONDS = 0.2
+
+
+def lock_waited(fn, pause, on_wait=lambda: None, seconds: float = LOCK_WAIT_SECONDS):
+    """fn(), again while another process holds the image's lock (VolumeInUse, reason open),
+    for up to `seconds`; `on_wait()` once, when it first waits; `pause(s)` between tries (a
+    worker's ctx.wait: heartbeats, and stops when asked).
+
+    A writer SIGKILLed with its worker (a copy's or an export's qemu-nbd) keeps its image's
+    descriptors, and so qemu's lock, while a thread of it finishes its I/O, after its main
+    thread is gone: whoever takes the image up next waits that out instead of failing."""
+    deadline, told = time.monotonic() + seconds, False
+    while True:
+        try:
+            return fn()
+        except errors.VolumeInUse as exc:
+            if exc.data.get("reason") != "open" or time.monotonic() >= deadline:
+                raise
+        if not told:
+            on_wait()
+            told = True
+        pause(LOCK_POLL_SECONDS)
+
+
 def direct_io(path: str) -> bool:
     """Whether the file system under `path` takes O_DIRECT (tmpfs does not): qemu then
     bypasses the host page cache, as VDSM's copies do."""

@@ -10,6 +10,7 @@ import subprocess
 import psutil
 import pytest
 
+from tests.support.harness import wait_for
 from tests.support.storage_flow import MiB, new_id
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io")
@@ -84,3 +85,29 @@ def qemu_nbd_under(root: str) -> list[psutil.Process]:
         if p.info["name"] == "qemu-nbd" and any(root in a for a in p.info["cmdline"] or ()):
             found.append(p)
     return found
+
+
+def holding_the_lock(workdir, path: str, fmt: str) -> subprocess.Popen:
+    """A writer holding the image's lock (qemu-nbd), once it holds it: qemu-img info (a
+    shared lock) is refused. Started again if it could not take it yet (a killed writer's
+    own qemu-nbd may still hold it: what the tests that use this are about). The caller
+    ends it (terminate, by its pid)."""
+    proc = None
+
+    def holds() -> bool:
+        nonlocal proc
+        if proc is None or proc.poll() is not None:
+            proc = subprocess.Popen(["qemu-nbd", "--persistent", "-k",
+                                     str(workdir / f"lingering-{new_id()[:8]}.sock"), "-f",
+                                     DRIVER[fmt], path], stderr=subprocess.DEVNULL)
+        info = subprocess.run(["qemu-img", "info", "-f", DRIVER[fmt], path],
+                              capture_output=True, text=True, timeout=30)
+        return "lock" in info.stderr and proc.poll() is None
+    try:
+        wait_for(holds, 30, interval=0.05, what="a writer holding the image's lock")
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+        raise
+    return proc

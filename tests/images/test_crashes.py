@@ -14,6 +14,7 @@ import pytest
 from tests.images.chains import (
     check,
     compare,
+    holding_the_lock,
     make_chain,
     needs_qemu,
     qemu_io,
@@ -176,6 +177,40 @@ def test_a_continued_chain_copy_resumes_each_layer(make_agent, domain):
                        copy["format"]).returncode == 0
         if copy["format"] == "cow":
             assert check(copy["path"])["check-errors"] == 0
+    assert qemu_nbd_under(domain[1]) == []
+
+
+def test_a_continued_copy_waits_out_the_lock_its_killed_writer_holds(make_agent, domain,
+                                                                      workdir):
+    """A killed copy's qemu-nbd can hold a qcow2 destination's lock a while after its worker
+    is gone (a thread still finishing its I/O): the copy continued then says it waits
+    (Image.copy waiting) and goes on from its checkpoint once the lock is let go. (A raw
+    destination takes no lock a second writer would meet: qemu shares a raw file.)"""
+    fmt = "cow"
+    agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})
+    agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
+    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=2)
+    dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
+    events = agent.subscribe("Image.copy")
+    agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": fmt},
+                        id="c1")
+    worker = worker_of(agent, "c1")
+    at = checkpointed(agent, dst)
+    worker.kill()
+    wait_for(lambda: task_state(agent, "c1") == "failed", what="the first copy failed")
+    lingering = holding_the_lock(workdir, agent.call("Volume.getInfo", dst)["path"], fmt)
+    try:
+        agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst}, id="c2")
+        seen = events_until(events, lambda e: e["params"].get("state") == "waiting" and
+                            e["params"].get("reason") == "image-locked", timeout=30)
+    finally:
+        lingering.terminate()
+        lingering.wait(10)
+    started = [e["params"] for e in seen if e["params"].get("state") == "started"]
+    assert started[-1]["copied"] >= at > 0  # the second life's, from its checkpoint
+    wait_legal(agent, dst)
+    info = agent.call("Volume.getInfo", dst)
+    assert compare(chain[-1]["path"], "cow", info["path"], fmt).returncode == 0
     assert qemu_nbd_under(domain[1]) == []
 
 

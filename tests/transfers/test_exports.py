@@ -13,7 +13,14 @@ import psutil
 import pytest
 
 from agent.client import CallError
-from tests.images.chains import compare, make_chain, needs_qemu, qemu_io, qemu_nbd_under
+from tests.images.chains import (
+    compare,
+    holding_the_lock,
+    make_chain,
+    needs_qemu,
+    qemu_io,
+    qemu_nbd_under,
+)
 from tests.support.harness import events_until, task_state, wait_for, worker_of
 from tests.support.storage_flow import MiB, new_id
 from tests.transfers.helpers import nbd_connect
@@ -285,31 +292,6 @@ def test_qemu_io_sees_what_the_export_wrote(domain_agent, workdir):
     assert info["allocated"] < 4 * MiB
 
 
-def holding_the_lock(workdir, path: str) -> subprocess.Popen:
-    """A writer holding the image's lock (qemu-nbd), once it holds it: qemu-img info (a
-    shared lock) is refused. Started again if it could not take it yet (the killed
-    writer's own qemu-nbd may still hold it: what the test is about)."""
-    proc = None
-
-    def holds() -> bool:
-        nonlocal proc
-        if proc is None or proc.poll() is not None:
-            proc = subprocess.Popen(["qemu-nbd", "--persistent", "-k",
-                                     str(workdir / f"lingering-{new_id()[:8]}.sock"), "-f",
-                                     "qcow2", path], stderr=subprocess.DEVNULL)
-        info = subprocess.run(["qemu-img", "info", "-f", "qcow2", path], capture_output=True,
-                              text=True, timeout=30)
-        return "lock" in info.stderr and proc.poll() is None
-    try:
-        wait_for(holds, 30, interval=0.05, what="a writer holding the image's lock")
-    except BaseException:
-        if proc is not None:
-            proc.kill()
-            proc.wait(10)
-        raise
-    return proc
-
-
 def test_a_transfer_taken_up_again_waits_out_the_lock_a_dying_writer_holds(domain_agent,
                                                                          workdir):
     """A killed writer's qemu-nbd can hold the image's lock a while after its worker is
@@ -324,7 +306,7 @@ def test_a_transfer_taken_up_again_waits_out_the_lock_a_dying_writer_holds(domai
     servers = servers_of(worker)
     worker.kill()
     gone(worker, *servers)
-    lingering = holding_the_lock(workdir, agent.call("Volume.getInfo", loc)["path"])
+    lingering = holding_the_lock(workdir, agent.call("Volume.getInfo", loc)["path"], "cow")
     try:
         events = agent.subscribe("Export.state")
         client.send("Export.start", {**loc, "mode": "write", "tag": "t"}, id="w2")

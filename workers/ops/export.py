@@ -31,8 +31,6 @@ from workers.protocol import Stopped
 
 TOUCH_SECONDS = 2.0  # how often a write export records what its volume holds
 POLL_SECONDS = 0.25
-LOCK_WAIT_SECONDS = 10.0  # a killed writer's qemu-nbd letting go of the image's lock
-LOCK_POLL_SECONDS = 0.2
 MAX_BLOCKS = 4096  # block digests in one Image.checksum answer (16 GiB of 4 MiB blocks)
 
 
@@ -100,29 +98,16 @@ def _serve_transfer(ctx, db, args):
 def _reclaim_leaks(ctx, db, rows: list[dict], args: dict) -> None:
     """A qcow2 an earlier writer left (its headers already read by the agent), checked by
     qemu-img check before qemu-nbd opens it for writing: damage refused, the leaked
-    clusters of a killed qemu-nbd reclaimed.
-
-    A killed writer's qemu-nbd may hold the image's lock a while after its main thread is
-    gone (a thread still finishing its I/O keeps the descriptors open): its lock is waited
-    out for up to LOCK_WAIT_SECONDS, said once as Export.state "waiting"; a lock held longer
-    is another process's (218 VolumeInUse, reason open)."""
+    clusters of a killed qemu-nbd reclaimed. The lock a killed writer's qemu-nbd may still
+    hold is waited out (qemu_img.lock_waited), said once as Export.state "waiting"."""
     row = rows[-1]
-    deadline, told = time.monotonic() + LOCK_WAIT_SECONDS, False
-    while True:
-        try:
-            qemu_img.check(chain.image_opts(db.layout, rows[-1:], direct=False,
-                                            layer_only=True),
-                           db.layout.data_path(row), repair_leaks=True, beat=ctx.beat)
-            return
-        except errors.VolumeInUse as exc:
-            if exc.data.get("reason") != "open" or time.monotonic() >= deadline:
-                raise
-        if not told:
-            ctx.event("Export.state", {k: args[k] for k in ("domainID", "imageID", "volumeID",
-                                                            "mode")} |
-                      {"state": "waiting", "reason": "image-locked"})
-            told = True
-        ctx.wait(LOCK_POLL_SECONDS)
+    opts = chain.image_opts(db.layout, rows[-1:], direct=False, layer_only=True)
+    qemu_img.lock_waited(
+        lambda: qemu_img.check(opts, db.layout.data_path(row), repair_leaks=True,
+                               beat=ctx.beat), ctx.wait,
+        on_wait=lambda: ctx.event("Export.state", {
+            **{k: args[k] for k in ("domainID", "imageID", "volumeID", "mode")},
+            "state": "waiting", "reason": "image-locked"}))
 
 
 def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,

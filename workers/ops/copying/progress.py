@@ -48,6 +48,10 @@ class Reporter:
                                         if self.size else 100.0})
         return ok
 
+    def waiting(self, reason: str) -> None:
+        """Said once when the copy waits for something outside it (a killed writer's lock)."""
+        self.ctx.event(self.topic, {**self.base, "state": "waiting", "reason": reason})
+
     def progress(self, offset: int) -> None:
         if self.follower is not None:
             self.follower.advance(offset)

@@ -10,6 +10,7 @@ reading the earlier life's prefix back for the checksum.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from agent import errors
@@ -110,6 +111,17 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: di
     return True
 
 
+@contextlib.contextmanager
+def _writer(ctx, opts: str, report):
+    """The destination's writable qemu-nbd, once any lock a killed writer held is let go."""
+    exp = qemu_img.lock_waited(lambda: qemu_nbd.Export(opts, writable=True).open(), ctx.wait,
+                               on_wait=lambda: report.waiting("image-locked"))
+    try:
+        yield exp
+    finally:
+        exp.close()
+
+
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
          report, record: bool, merge: bool = False,
          punch: bool = True) -> tuple[str | None, int]:
@@ -118,10 +130,12 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     src_rows[-1]'s parent, whose own data the caller checked and which is never made
     again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
-    dst_fresh = False if merge else prepare_destination(
+    # A killed life's qemu-nbd may still hold the destination's lock: waited out, not failed.
+    dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
         dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
         if dst_rows[-1]["format"] == "cow" else {}, ctx.beat,
-        restart=lambda: report.checkpoint(0))
+        restart=lambda: report.checkpoint(0)), ctx.wait,
+        on_wait=lambda: report.waiting("image-locked"))
     if dst_fresh and not fresh:
         start = 0
     src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
@@ -136,7 +150,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     hasher = checksum.StreamFollower(size) if record else None
     try:
         with qemu_nbd.export(src_opts, depth=layer) as src, \
-                qemu_nbd.export(dst_opts, writable=True) as dst:
+                _writer(ctx, dst_opts, report) as dst:
             if src.size() < size:
                 raise errors.VolumeTruncated("the source's guest view is shorter than its size",
                                              size=size, data_bytes=src.size())
