@@ -299,3 +299,19 @@ def test_a_volume_a_guest_has_open_is_named_in_use(agent, workdir):
     killed.wait(10)
     assert (listed(agent, vol)["b1"]["state"], listed(agent, vol)["b1"]["reason"]) == \
         ("broken", "in-use")
+
+
+def test_a_backup_export_holds_no_lease_once_it_serves(agent):
+    """The checkpoint and the bitmap's union are made under the volume's lease; the export
+    then serves without it, as every read export does."""
+    vol = volume(agent)
+    agent.call("Bitmap.add", {**loc_of(vol), "name": "b1"})
+    for extra in ({"checkpoint": "c1"}, {"bitmap": "b1", "checkpoint": "c2"}):
+        tid = f"backup-{new_id()[:8]}"
+        agent.call("Export.start", {**loc_of(vol), **extra}, id=tid)
+        lease = agent.call("Volume.getInfo", loc_of(vol))["lease"]
+        assert lease is None or lease["live"] is False, lease
+        agent.call("Export.stop", {"taskID": tid})
+        wait_for(lambda: task_state(agent, tid) == "done", 30, what="the export's end")
+    assert {n: b["state"] for n, b in listed(agent, vol).items()} == {
+        "b1": "ok", "c1": "ok", "c2": "ok"}

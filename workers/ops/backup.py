@@ -35,13 +35,13 @@ def prepared(ctx, db, args: dict, rows: list[dict]):
             parts = tracking.layers(db, rows, name) if name else []
             if checkpoint:
                 _checkpoint(ctx, db, row, checkpoint)
-            if not name:
-                yield chain.image_opts(db.layout, rows, direct=False)
-                return
-            overlay = os.path.join(folder, "bitmap.qcow2")
-            qemu_img.create(overlay, "cow", row["size"], beat=ctx.beat)
-            tracking.merge_chain(db.layout, parts, name, tracking.file_opts(overlay), overlay,
-                                 name, ctx.beat)
+            overlay = None
+            if name:
+                overlay = os.path.join(folder, "bitmap.qcow2")
+                qemu_img.create(overlay, "cow", row["size"], beat=ctx.beat)
+                tracking.merge_chain(db.layout, parts, name, tracking.file_opts(overlay),
+                                     overlay, name, ctx.beat)
+        # Served without the lease, as every read export is.
         yield chain.image_opts(db.layout, rows, direct=False, overlay=overlay)
     finally:
         if folder is not None:

@@ -2,9 +2,9 @@
 (agent/storage/tracking.py and agent/storage/bitmaps.py hold the rules).
 
 Each runs under the volume's lease, on a LEGAL cow volume that no copy, transfer or merge
-writes. The image is written first, then the rows, so that a refusal by the image (another process
-holds its lock: VolumeInUse) changes nothing, and a crash between the two reads as a named
-state, never as an ok bitmap that missed a write:
+writes. The image is written first, then the rows, so that a refusal by the image (another
+process holds its lock: VolumeInUse) changes nothing, and a crash between the two reads as
+a named state, never as an ok bitmap that missed a write:
     add     a bitmap no row names is unknown (never used); the same add again removes it
             and adds it afresh (it tracks from the answer on)
     remove  a row whose bitmap the image lacks is broken (missing); the same remove again
