@@ -18,7 +18,7 @@ import signal
 import pytest
 
 from agent.client import CallError
-from tests.images.chains import check, compare, needs_qemu, qemu_nbd_under
+from tests.images.chains import check, compare, holding_the_lock, needs_qemu, qemu_nbd_under
 from tests.images.test_merges import four_volume_chain, ids, views
 from tests.support.harness import events_until, task_state, wait_for, worker_of
 from tests.support.storage_flow import MiB, new_id
@@ -154,6 +154,35 @@ def test_a_worker_killed_mid_commit_is_retried_from_its_checkpoint(slow_merge):
                            and e["params"].get("taskID", "").startswith("retry:"),
                            timeout=60)
     assert retried[-1]["params"]["copied"] >= at > 0
+    finished(agent, chain, before, 1)
+
+
+def test_a_merge_continued_waits_out_the_lock_its_killed_writer_holds(make_agent, workdir):
+    """A killed merge's qemu-nbd can hold base's lock a while after its worker is gone (a
+    thread still finishing its I/O): the merge continued says it waits (Image.merge waiting)
+    and goes on from its checkpoint once the lock is let go."""
+    agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id, base_format="cow")
+    before = views(chain, workdir)
+    base, top = chain[0], chain[1]
+    events = agent.subscribe("Image.merge")
+    agent.client().call("Image.merge", merge_params(base, top), id="m1")
+    worker = worker_of(agent, "m1")
+    at = checkpointed(agent, base)
+    worker.kill()
+    wait_for(lambda: task_state(agent, "m1") == "failed", what="the first merge failed")
+    lingering = holding_the_lock(workdir, base["path"], "cow")
+    try:
+        agent.client().call("Image.merge", merge_params(base, top), id="m2")
+        seen = events_until(events, lambda e: e["params"].get("state") == "waiting" and
+                            e["params"].get("reason") == "image-locked", timeout=30)
+    finally:
+        lingering.terminate()
+        lingering.wait(10)
+    started = [e["params"] for e in seen if e["params"].get("state") == "started"]
+    assert started[-1]["copied"] >= at > 0
     finished(agent, chain, before, 1)
 
 
