@@ -21,11 +21,9 @@ import time
 import uuid
 
 from agent.cli import output, transfers
-from agent.cli.copying import Bar
 from agent.cli.storage import parse_location, show_location
 from agent.client import ends
 from agent.client import transfer as tx
-from agent.system import fsync_path
 
 
 def backup(ctx, args) -> int:
@@ -59,43 +57,36 @@ def _incremental(ctx, args) -> int:
     if resume:  # FILE must be a partial backup of this, and its export of it is stopped
         info = ctx.client.call("Volume.getInfo", src)
         want.update(size=info["size"], generation=info["generation"])
-        resume = transfers._download_state(args, state_path, want)
-        transfers._stop_earlier(ctx, state_path)
+        resume = transfers.download_state(args, state_path, want)
+        transfers.stop_earlier(ctx, state_path)
     elif os.path.exists(state_path):  # a run killed before it made FILE: its export
         with contextlib.suppress(ValueError, OSError):
-            transfers._stop_earlier(ctx, state_path)
+            transfers.stop_earlier(ctx, state_path)
     # A fresh backup asks nothing first: the export's answer says the size and generation
     # (one round trip less; a run killed before its state file leaves an idle export).
     exp = ctx.client.call("Export.start", params, task_id=export_id,
                           timeout=max(ctx.settings.timeout, 600))
     size = exp["size"]
     want.update(size=size, generation=exp["generation"])
-    transfers._write_state(state_path, {**want, "export": export_id})
+    transfers.write_state(state_path, {**want, "export": export_id})
     if not resume:
         _make_overlay(args.file, base, size)
     stats, began = tx.Stats(), time.monotonic()
-    try:
-        with ends.Local(args.file, "qcow2", writable=True) as local:
-            bar = None if ctx.json else Bar(ctx.out, f"backup {src['volumeID'][:8]}", True)
-            with bar or contextlib.nullcontext():
-                tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
-                              fresh=False, stats=stats, threads=transfers._threads(exp),
-                              on_block=transfers._progress(bar, size), rate=args.rate,
-                              extents_of=lambda: ends.connect_export(
-                                  exp["socket"], dirty=args.incremental), digests=False)
-    except KeyboardInterrupt:
-        output.error(f"interrupted: {args.file} is partial; run the same command again to "
-                     f"resume")
+
+    def move(local, bar):
+        with bar or contextlib.nullcontext():
+            tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
+                          fresh=False, stats=stats, threads=transfers.threads(exp),
+                          on_block=transfers.progress(bar, size), rate=args.rate,
+                          extents_of=lambda: ends.connect_export(
+                              exp["socket"], dirty=args.incremental), digests=False)
+    if not transfers.pull(ctx, args, "qcow2", export_id, state_path,
+                          f"backup {src['volumeID'][:8]}", move):
         return output.DETACHED
-    finally:
-        with contextlib.suppress(Exception):  # the agent may be the one that died
-            ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
-    fsync_path(args.file)
-    os.unlink(state_path)
-    return transfers._done(ctx, "backup", src, {"file": args.file, "format": "qcow2",
-                                                "base": base, "bitmap": args.incremental,
-                                                "checkpoint": args.checkpoint},
-                           stats, began, size, resume)
+    return transfers.done(ctx, "backup", src, {"file": args.file, "format": "qcow2",
+                                               "base": base, "bitmap": args.incremental,
+                                               "checkpoint": args.checkpoint},
+                          stats, began, size, resume)
 
 
 def _make_overlay(path: str, base: str, size: int) -> None:

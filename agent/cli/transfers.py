@@ -36,7 +36,7 @@ class TransferError(Exception):
     """A transfer that cannot go on as asked: the message says why and what to do."""
 
 
-def _progress(bar, total: int):
+def progress(bar, total: int):
     done = [0]
 
     def on_block(index, length):
@@ -86,7 +86,7 @@ def _local_format(path: str, given: str | None) -> str:
     return "raw"
 
 
-def _threads(export: dict) -> int:
+def threads(export: dict) -> int:
     """Connections that move blocks: 4, within what the export serves at once (one more
     connection reads its block status; a connection past its limit would wait for ever)."""
     return max(1, min(tx.THREADS, export.get("max_connections", 8) - 1))
@@ -130,8 +130,8 @@ def upload(ctx, args) -> int:
             with bar or contextlib.nullcontext():
                 moved = tx.run_blocks(local.connect, lambda: ends.connect_export(exp["socket"]),
                                       size, fresh=fresh, wanted=wanted, stats=stats,
-                                      threads=_threads(exp),
-                                      on_block=_progress(bar, size), rate=args.rate,
+                                      threads=threads(exp),
+                                      on_block=progress(bar, size), rate=args.rate,
                                       flush_every=tx.FLUSH_SECONDS)
         except KeyboardInterrupt:
             ctx.client.call("Export.stop", {"taskID": export_id})
@@ -149,7 +149,7 @@ def upload(ctx, args) -> int:
                                                  "checksum": expected},
                                  task_id=f"finish-{uuid.uuid4().hex[:8]}",
                                  timeout=max(ctx.settings.timeout, 3600))
-    return _done(ctx, "upload", dst, result, stats, began, size, resumed=not fresh)
+    return done(ctx, "upload", dst, result, stats, began, size, resumed=not fresh)
 
 
 def _status(ctx, loc: dict) -> dict | None:
@@ -176,7 +176,7 @@ def _already_there(ctx, dst, status, local, size, stats, began) -> int:
                 raise
         else:
             stats.add(skipped=size)
-            return _done(ctx, "upload", dst, result, stats, began, size, resumed=True)
+            return done(ctx, "upload", dst, result, stats, began, size, resumed=True)
     raise TransferError(f"{show_location(dst)} exists ({status['legality']}) and has no "
                         f"upload of this file in progress: upload into a new volume")
 
@@ -198,7 +198,7 @@ def _prepare_resume(ctx, dst, status, tag, local, size) -> dict:
     return {"local": local_digests, "remote": remote}
 
 
-def _done(ctx, what, loc, result, stats, began, size, resumed) -> int:
+def done(ctx, what, loc, result, stats, began, size, resumed) -> int:
     took = time.monotonic() - began
     counts = stats.as_dict()
     if ctx.json:
@@ -222,46 +222,55 @@ def download(ctx, args, checkpoint: str | None = None, what: str = "download") -
     state_path = args.file + STATE_SUFFIX
     want = {"src": src, "generation": info["generation"], "size": size, "format": fmt,
             "layer": args.layer, **({"checkpoint": checkpoint} if checkpoint else {})}
-    resume = _download_state(args, state_path, want)
+    resume = download_state(args, state_path, want)
     if not resume:
         _make_local(args.file, fmt, size)
     else:
-        _stop_earlier(ctx, state_path)
+        stop_earlier(ctx, state_path)
     stats, began = tx.Stats(), time.monotonic()
     export_id = f"download-{uuid.uuid4().hex[:8]}"
-    _write_state(state_path, {**want, "export": export_id})  # a killed run's, to stop
+    write_state(state_path, {**want, "export": export_id})  # a killed run's, to stop
     params = {**src, "mode": "layer" if args.layer else "read"}
     if checkpoint:
         params["checkpoint"] = checkpoint
     exp = ctx.client.call("Export.start", params, task_id=export_id)
+
+    def move(local, bar):
+        wanted = None
+        if resume:
+            remote = remote_digests(ctx, src, size, layer=args.layer)
+            mine = tx.run_blocks(local.connect, None, size, fresh=True)
+            wanted = tx.differing(mine, remote, tx.block_count(size))
+            stats.add(skipped=size - tx.bytes_of(wanted, size))
+        with bar or contextlib.nullcontext():
+            tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
+                          fresh=not resume, wanted=wanted, stats=stats, threads=threads(exp),
+                          on_block=progress(bar, size), rate=args.rate, digests=False)
+    if not pull(ctx, args, fmt, export_id, state_path, f"{what} {src['volumeID'][:8]}", move):
+        return output.DETACHED
+    return done(ctx, what, src, {"file": args.file, "format": fmt}, stats, began, size, resume)
+
+
+def pull(ctx, args, fmt: str, export_id: str, state_path: str, label: str, move) -> bool:
+    """`move(local, bar)`: the export's data into FILE (through ends.Local, with a progress
+    bar unless --json); then FILE made durable and its state file gone. The export is
+    stopped either way. False if interrupted (Ctrl-C: FILE stays partial, resumable)."""
     try:
         with ends.Local(args.file, fmt, writable=True) as local:
-            wanted = None
-            if resume:
-                remote = remote_digests(ctx, src, size, layer=args.layer)
-                mine = tx.run_blocks(local.connect, None, size, fresh=True)
-                wanted = tx.differing(mine, remote, tx.block_count(size))
-                stats.add(skipped=size - tx.bytes_of(wanted, size))
-            bar = None if ctx.json else Bar(ctx.out, f"{what} {src['volumeID'][:8]}", True)
-            with bar or contextlib.nullcontext():
-                tx.run_blocks(lambda: ends.connect_export(exp["socket"]), local.connect, size,
-                              fresh=not resume, wanted=wanted, stats=stats,
-                              threads=_threads(exp), on_block=_progress(bar, size),
-                              rate=args.rate, digests=False)
+            move(local, None if ctx.json else Bar(ctx.out, label, True))
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "
                      f"resume")
-        return output.DETACHED
+        return False
     finally:
         with contextlib.suppress(Exception):  # the agent may be the one that died
             ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
     fsync_path(args.file)
     os.unlink(state_path)
-    return _done(ctx, what, src, {"file": args.file, "format": fmt}, stats, began, size,
-                 resume)
+    return True
 
 
-def _download_state(args, state_path: str, want: dict) -> bool:
+def download_state(args, state_path: str, want: dict) -> bool:
     """Whether FILE is a partial download of this source to go on with; TransferError if
     it is of another source, or the source changed since (never overwritten blindly)."""
     exists = os.path.exists(args.file)
@@ -286,7 +295,7 @@ def _download_state(args, state_path: str, want: dict) -> bool:
     return True
 
 
-def _stop_earlier(ctx, state_path: str) -> None:
+def stop_earlier(ctx, state_path: str) -> None:
     """The export a killed run of this download left serving (it would end once idle)."""
     with open(state_path) as f:
         earlier = json.load(f).get("export")
@@ -295,7 +304,7 @@ def _stop_earlier(ctx, state_path: str) -> None:
             ctx.client.call("Export.stop", {"taskID": earlier})
 
 
-def _write_state(path: str, state: dict) -> None:
+def write_state(path: str, state: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(state, f)

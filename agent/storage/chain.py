@@ -117,3 +117,14 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
             keys[prefix + "backing"] = ""  # null: no backing opened (a base, or a lone layer)
         prefix += "backing."
     return ",".join(f"{k}={qemu_img.escape(v)}" for k, v in keys.items())
+
+
+def reclaim_leaks(layout, row: dict, beat, pause, on_wait=lambda: None) -> None:
+    """What a killed writer left in one qcow2 layer (its header already inspected): checked
+    by `qemu-img check -r leaks` (its backing not opened), damage refused, leaked clusters
+    reclaimed; the lock the writer's qemu-nbd may still hold waited out first
+    (qemu_img.lock_waited: `pause`, `on_wait`)."""
+    opts = image_opts(layout, [row], direct=False, layer_only=True)
+    qemu_img.lock_waited(lambda: qemu_img.check(opts, layout.data_path(row),
+                                                repair_leaks=True, beat=beat),
+                         pause, on_wait=on_wait)

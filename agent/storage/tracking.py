@@ -160,7 +160,8 @@ def layers(db, rows: list[dict], name: str) -> list[dict]:
             raise errors.BitmapBroken("a raw layer cannot carry the bitmap", bitmap=name,
                                       volumeID=row["volume_id"], reason="chain")
         head, found = on_disk(db.layout, row)
-        reason = verdict(rec, found.get(name), head, leaf=i == len(rows) - 1)
+        leaf = i == len(rows) - 1 and not db.children(row["volume_id"])  # as states() says
+        reason = verdict(rec, found.get(name), head, leaf=leaf)
         if reason:
             raise errors.BitmapBroken(f"the bitmap is broken ({reason})", bitmap=name,
                                       volumeID=row["volume_id"], reason=reason)

@@ -10,7 +10,7 @@ import subprocess
 import psutil
 import pytest
 
-from tests.support.harness import wait_for
+from tests.support.harness import events_until, wait_for
 from tests.support.storage_flow import MiB, new_id
 
 needs_qemu = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io")
@@ -111,3 +111,17 @@ def holding_the_lock(workdir, path: str, fmt: str) -> subprocess.Popen:
             proc.wait(10)
         raise
     return proc
+
+
+def announced_wait(workdir, path: str, fmt: str, events, call) -> list[dict]:
+    """`call()` (a request that takes up the image) made while a writer of the test's own
+    holds its lock; the events seen until the request says it waits for it (state waiting,
+    reason image-locked), then the lock let go. A request that does not wait fails it."""
+    lingering = holding_the_lock(workdir, path, fmt)
+    try:
+        call()
+        return events_until(events, lambda e: e["params"].get("state") == "waiting" and
+                            e["params"].get("reason") == "image-locked", timeout=30)
+    finally:
+        lingering.terminate()
+        lingering.wait(10)

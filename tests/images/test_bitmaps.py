@@ -19,11 +19,8 @@ pytestmark = [needs_qemu, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
-def agent(make_agent, workdir):
-    a = make_agent()
-    a.domain_id = new_id()
-    a.call("StorageDomain.create", {"domainID": a.domain_id, "path": str(workdir / "dom")})
-    return a
+def agent(domain_agent):
+    return domain_agent
 
 
 def volume(agent, fmt: str = "cow", size: int = 64 * MiB, parent: dict | None = None) -> dict:

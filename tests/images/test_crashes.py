@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from tests.images.chains import (
+    announced_wait,
     check,
     compare,
-    holding_the_lock,
     make_chain,
     needs_qemu,
     qemu_io,
@@ -198,14 +198,9 @@ def test_a_continued_copy_waits_out_the_lock_its_killed_writer_holds(make_agent,
     at = checkpointed(agent, dst)
     worker.kill()
     wait_for(lambda: task_state(agent, "c1") == "failed", what="the first copy failed")
-    lingering = holding_the_lock(workdir, agent.call("Volume.getInfo", dst)["path"], fmt)
-    try:
-        agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst}, id="c2")
-        seen = events_until(events, lambda e: e["params"].get("state") == "waiting" and
-                            e["params"].get("reason") == "image-locked", timeout=30)
-    finally:
-        lingering.terminate()
-        lingering.wait(10)
+    seen = announced_wait(workdir, agent.call("Volume.getInfo", dst)["path"], fmt, events,
+                          lambda: agent.client().call("Image.copy", {
+                              "src": ids(chain[-1]), "dst": dst}, id="c2"))
     started = [e["params"] for e in seen if e["params"].get("state") == "started"]
     assert started[-1]["copied"] >= at > 0  # the second life's, from its checkpoint
     wait_legal(agent, dst)

@@ -18,7 +18,13 @@ import signal
 import pytest
 
 from agent.client import CallError
-from tests.images.chains import check, compare, holding_the_lock, needs_qemu, qemu_nbd_under
+from tests.images.chains import (
+    announced_wait,
+    check,
+    compare,
+    needs_qemu,
+    qemu_nbd_under,
+)
 from tests.images.test_merges import four_volume_chain, ids, views
 from tests.support.harness import events_until, task_state, wait_for, worker_of
 from tests.support.storage_flow import MiB, new_id
@@ -173,14 +179,8 @@ def test_a_merge_continued_waits_out_the_lock_its_killed_writer_holds(make_agent
     at = checkpointed(agent, base)
     worker.kill()
     wait_for(lambda: task_state(agent, "m1") == "failed", what="the first merge failed")
-    lingering = holding_the_lock(workdir, base["path"], "cow")
-    try:
-        agent.client().call("Image.merge", merge_params(base, top), id="m2")
-        seen = events_until(events, lambda e: e["params"].get("state") == "waiting" and
-                            e["params"].get("reason") == "image-locked", timeout=30)
-    finally:
-        lingering.terminate()
-        lingering.wait(10)
+    seen = announced_wait(workdir, base["path"], "cow", events, lambda: agent.client().call(
+        "Image.merge", merge_params(base, top), id="m2"))
     started = [e["params"] for e in seen if e["params"].get("state") == "started"]
     assert started[-1]["copied"] >= at > 0
     finished(agent, chain, before, 1)

@@ -15,7 +15,7 @@ import pytest
 from agent.client import CallError
 from tests.images.chains import (
     compare,
-    holding_the_lock,
+    announced_wait,
     make_chain,
     needs_qemu,
     qemu_io,
@@ -306,15 +306,10 @@ def test_a_transfer_taken_up_again_waits_out_the_lock_a_dying_writer_holds(domai
     servers = servers_of(worker)
     worker.kill()
     gone(worker, *servers)
-    lingering = holding_the_lock(workdir, agent.call("Volume.getInfo", loc)["path"], "cow")
-    try:
-        events = agent.subscribe("Export.state")
-        client.send("Export.start", {**loc, "mode": "write", "tag": "t"}, id="w2")
-        events_until(events, lambda e: e["params"].get("state") == "waiting" and
-                     e["params"].get("reason") == "image-locked", timeout=30)
-    finally:
-        lingering.terminate()
-        lingering.wait(10)
+    events = agent.subscribe("Export.state")
+    announced_wait(workdir, agent.call("Volume.getInfo", loc)["path"], "cow", events,
+                   lambda: client.send("Export.start", {**loc, "mode": "write", "tag": "t"},
+                                       id="w2"))
     again = client.recv(30)
     assert again.get("id") == "w2" and again["result"]["generation"] == \
         answer["generation"] + 1, again

@@ -96,18 +96,12 @@ def _serve_transfer(ctx, db, args):
 
 
 def _reclaim_leaks(ctx, db, rows: list[dict], args: dict) -> None:
-    """A qcow2 an earlier writer left (its headers already read by the agent), checked by
-    qemu-img check before qemu-nbd opens it for writing: damage refused, the leaked
-    clusters of a killed qemu-nbd reclaimed. The lock a killed writer's qemu-nbd may still
-    hold is waited out (qemu_img.lock_waited), said once as Export.state "waiting"."""
-    row = rows[-1]
-    opts = chain.image_opts(db.layout, rows[-1:], direct=False, layer_only=True)
-    qemu_img.lock_waited(
-        lambda: qemu_img.check(opts, db.layout.data_path(row), repair_leaks=True,
-                               beat=ctx.beat), ctx.wait,
-        on_wait=lambda: ctx.event("Export.state", {
-            **{k: args[k] for k in ("domainID", "imageID", "volumeID", "mode")},
-            "state": "waiting", "reason": "image-locked"}))
+    """A qcow2 an earlier writer left, checked before qemu-nbd opens it for writing
+    (chain.reclaim_leaks); a wait for its killed qemu-nbd's lock said once as Export.state
+    "waiting"."""
+    chain.reclaim_leaks(db.layout, rows[-1], ctx.beat, ctx.wait, on_wait=lambda: ctx.event(
+        "Export.state", {**{k: args[k] for k in ("domainID", "imageID", "volumeID", "mode")},
+                         "state": "waiting", "reason": "image-locked"}))
 
 
 def _serve(ctx, db, args, row, opts, *, writable: bool, depth: bool = False,

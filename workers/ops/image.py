@@ -51,7 +51,7 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
             raise errors.GenerationMismatch("the copy marker is gone", volumeID=dst["volumeID"])
         marker = dst_db.begin_copy(dst["imageID"], dst["volumeID"], src_row["size"], src,
                                    ctx.host_id, ctx.task_id, src_identity=identity, fmt=fmt,
-                                   bitmaps=bool(args.get("bitmaps")) and fmt == "cow")
+                                   bitmaps=bool(args.get("bitmaps")))
         return marker, True
     marker = dst_db.get_marker(dst["volumeID"])
     if marker is None:

@@ -195,14 +195,9 @@ def _commit(ctx, db: DomainDB, m: dict, base: dict) -> str | None:
     chain.inspect(db.layout, rows, ctx.beat)
     # A resumed merge's cow base: what a killed writer allocated and never linked is
     # reclaimed (a fresh merge's base was checked whole before its answer).
-    # A killed writer's qemu-nbd may still hold base's lock: waited out (qemu_img.lock_waited).
     if rows[-2]["format"] == "cow" and m["attempts"] > 1:
-        opts = chain.image_opts(db.layout, rows[-2:-1], direct=False, layer_only=True)
-        qemu_img.lock_waited(
-            lambda: qemu_img.check(opts, db.layout.data_path(rows[-2]), repair_leaks=True,
-                                   beat=ctx.beat), ctx.wait,
-            on_wait=lambda: ctx.event("Image.merge", {**base, "state": "waiting",
-                                                      "reason": "image-locked"}))
+        chain.reclaim_leaks(db.layout, rows[-2], ctx.beat, ctx.wait, on_wait=lambda: ctx.event(
+            "Image.merge", {**base, "state": "waiting", "reason": "image-locked"}))
     cfg = ctx.settings.get("copy", {})
     report = Reporter(ctx, db, base_id, gen, m["size"], m["copied"], base, None,
                       cfg.get("max_bytes_per_second", 0), topic="Image.merge",
