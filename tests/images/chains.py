@@ -4,6 +4,7 @@ writes, as qemu would make them), compared and checked by qemu-img."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -88,10 +89,11 @@ def qemu_nbd_under(root: str) -> list[psutil.Process]:
 
 
 def holding_the_lock(workdir, path: str, fmt: str) -> subprocess.Popen:
-    """A writer holding the image's lock (qemu-nbd), once it holds it: qemu-img info (a
-    shared lock) is refused. Started again if it could not take it yet (a killed writer's
-    own qemu-nbd may still hold it: what the tests that use this are about). The caller
-    ends it (terminate, by its pid)."""
+    """A writer holding the image's lock (qemu-nbd), once it holds it: its own descriptor of
+    the image carries qemu's locks (/proc/PID/fdinfo). Started again if it could not take
+    them yet (a killed writer's own qemu-nbd may still hold them: what the tests that use
+    this are about; qemu-nbd makes its socket before it opens the image, so a socket proves
+    nothing). The caller ends it (terminate, by its pid)."""
     proc = None
 
     def holds() -> bool:
@@ -100,9 +102,7 @@ def holding_the_lock(workdir, path: str, fmt: str) -> subprocess.Popen:
             proc = subprocess.Popen(["qemu-nbd", "--persistent", "-k",
                                      str(workdir / f"lingering-{new_id()[:8]}.sock"), "-f",
                                      DRIVER[fmt], path], stderr=subprocess.DEVNULL)
-        info = subprocess.run(["qemu-img", "info", "-f", DRIVER[fmt], path],
-                              capture_output=True, text=True, timeout=30)
-        return "lock" in info.stderr and proc.poll() is None
+        return locks_held(proc.pid, path)
     try:
         wait_for(holds, 30, interval=0.05, what="a writer holding the image's lock")
     except BaseException:
@@ -111,6 +111,16 @@ def holding_the_lock(workdir, path: str, fmt: str) -> subprocess.Popen:
             proc.wait(10)
         raise
     return proc
+
+
+def locks_held(pid: int, path: str) -> bool:
+    """Whether process `pid` holds locks through a descriptor of its own on `path`."""
+    try:
+        real = os.path.realpath(path)
+        fds = [f.fd for f in psutil.Process(pid).open_files() if f.path == real]
+        return any("lock:" in open(f"/proc/{pid}/fdinfo/{fd}").read() for fd in fds)
+    except (psutil.Error, FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def announced_wait(workdir, path: str, fmt: str, events, call) -> list[dict]:
