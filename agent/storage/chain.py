@@ -16,6 +16,7 @@ base shorter than its size is VolumeTruncated: neither may ever be copied into a
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 
 from agent import errors
@@ -23,6 +24,7 @@ from agent.storage import qcow2, qemu_img
 from agent.storage.layout import SUFFIXES
 
 SECTOR = 512  # qemu sizes images in sectors
+CHECKERS = 4  # qemu-img checks of a chain's layers at once
 
 
 def file_name(row: dict) -> str:
@@ -74,11 +76,28 @@ def inspect(layout, rows: list[dict], beat=lambda: None, structure: bool = False
                                       volumeID=vid, reason="size",
                                       found=head.virtual_size, expected=row["size"])
     if structure:
-        for row in rows:
-            if row["format"] == "cow":
-                qemu_img.check(image_opts(layout, [row], direct=False, layer_only=True),
-                               layout.data_path(row), beat=beat)
+        _check_layers(layout, [row for row in rows if row["format"] == "cow"], beat)
     return headers
+
+
+def _check_layers(layout, rows: list[dict], beat) -> None:
+    """qemu-img check of each layer, CHECKERS at a time (each a process of its own: most
+    of its time is qemu-img's start, so a chain's checks overlap); the first layer's error,
+    base first, is the one raised. The caller's heartbeat is called from here only (a
+    worker's is not thread-safe)."""
+    if len(rows) < 2:
+        for row in rows:
+            qemu_img.check(image_opts(layout, [row], direct=False, layer_only=True),
+                           layout.data_path(row), beat=beat)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(CHECKERS, len(rows))) as pool:
+        futures = [pool.submit(qemu_img.check, image_opts(layout, [row], direct=False,
+                                                          layer_only=True),
+                               layout.data_path(row)) for row in rows]
+        while concurrent.futures.wait(futures, timeout=0.25).not_done:
+            beat()
+    for future in futures:
+        future.result()
 
 
 def require_legal(rows: list[dict]) -> None:

@@ -2,6 +2,8 @@
 anywhere and resumed from its checkpoint ends with the same bytes and the same checksum as
 one that ran through, and that checksum is the raw file's."""
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -9,8 +11,9 @@ import subprocess
 
 import pytest
 
+from agent import errors
 from agent.storage import checksum, qemu_nbd
-from agent.storage.copy import nbd
+from agent.storage.copy import kernel, nbd, sink
 from agent.storage.copy.kernel import CopyStopped
 from tests.images.chains import needs_qemu
 
@@ -42,37 +45,54 @@ def source(tmp_path):
     return path, raw
 
 
-def copy(src, dst_path, fmt, start, fresh, stop_after=None):
+@contextlib.contextmanager
+def writing(dst_path: str, how: str, punch: bool = True):
+    """The copy's sink: the destination's own qemu-nbd ("raw", "qcow2"), or a raw file
+    written directly ("file")."""
+    if how == "file":
+        out = sink.FileSink(dst_path, punch=punch)
+        try:
+            yield out
+        finally:
+            out.close()
+        return
+    with qemu_nbd.export(opts(dst_path, how), writable=True) as d:
+        yield sink.NbdSink(d, punch)
+
+
+def copy(src, dst_path, how, start, fresh, stop_after=None):
     hasher = checksum.StreamHasher(SIZE)
     calls, points = [0], []
 
     def should_stop():
         calls[0] += 1
         return stop_after is not None and calls[0] > stop_after
-    with qemu_nbd.export(opts(src, "qcow2")) as s, \
-            qemu_nbd.export(opts(dst_path, fmt), writable=True) as d:
-        if start:
+    if start:
+        fmt = "qcow2" if how == "qcow2" else "raw"
+        with qemu_nbd.export(opts(dst_path, fmt)) as d:
             nbd.hash_prefix(d, start, hasher)
+    with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst_path, how) as d:
         try:
             nbd.copy_image(s, d, start, SIZE, layer=False, fresh=fresh, hasher=hasher,
-                                 checkpoint=lambda o: points.append(o) or True,
-                                 progress=lambda o: None, should_stop=should_stop,
-                                 chunk=MiB, checkpoint_bytes=2 * MiB)
+                           checkpoint=lambda o: points.append(o) or True,
+                           progress=lambda o: None, should_stop=should_stop,
+                           chunk=MiB, checkpoint_bytes=2 * MiB)
         except CopyStopped as stop:
             return stop.offset, points, None
     return SIZE, points, hasher.hexdigest()
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("how", ["raw", "qcow2", "file"])
 @pytest.mark.parametrize("stop_after", [1, 3, 7, 15])
 def test_stopped_anywhere_and_resumed_it_ends_equal_with_the_files_checksum(
-        tmp_path, source, fmt, stop_after):
+        tmp_path, source, how, stop_after):
     src, raw = source
+    fmt = "qcow2" if how == "qcow2" else "raw"
     dst = str(tmp_path / f"dst.{fmt}")
     subprocess.run(["qemu-img", "create", "-q", "-f", fmt, dst, str(SIZE)], check=True)
-    at, points, digest = copy(src, dst, fmt, 0, True, stop_after)
+    at, points, digest = copy(src, dst, how, 0, True, stop_after)
     assert digest is None and points and points[-1] == at  # stopped after a checkpoint
-    end, _, digest = copy(src, dst, fmt, at, False)
+    end, _, digest = copy(src, dst, how, at, False)
     assert end == SIZE
     same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", fmt, src, dst],
                           capture_output=True, text=True)
@@ -94,8 +114,7 @@ def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, str(size)], check=True)
     open(dst, "wb").truncate(size)
     hasher, points, seen = checksum.StreamHasher(size), [], []
-    with qemu_nbd.export(opts(src, "qcow2")) as s, \
-            qemu_nbd.export(opts(dst, "raw"), writable=True) as d:
+    with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, "file") as d:
         real = s.h.block_status
 
         def counted(*args, **kw):
@@ -111,3 +130,62 @@ def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
     zeros.zeros(size)
     assert hasher.hexdigest() == zeros.hexdigest()
     assert os.stat(dst).st_blocks == 0
+
+
+def _guest(path: str, fmt: str) -> bytes:
+    return subprocess.run(["qemu-img", "dd", "-f", fmt, "-O", "raw", f"if={path}",
+                           "of=/dev/stdout"], capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize("how", ["raw", "file"])
+@pytest.mark.parametrize("punch", [True, False])
+def test_a_destination_holding_other_bytes_ends_equal_and_as_thin_as_asked(
+        tmp_path, source, how, punch):
+    """A destination an earlier life wrote (not fresh) holds bytes everywhere: every zero
+    and hole of the source is zeroed over them, punched (thin) or kept allocated (a
+    preallocated destination stays whole)."""
+    src, raw = source
+    dst = str(tmp_path / "dst.raw")
+    with open(dst, "wb") as f:
+        f.write(os.urandom(SIZE))
+    with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, how, punch) as d:
+        nbd.copy_image(s, d, 0, SIZE, layer=False, fresh=False, hasher=None,
+                       checkpoint=lambda o: True, progress=lambda o: None,
+                       should_stop=lambda: False, chunk=MiB)
+    with open(dst, "rb") as f, open(raw, "rb") as g:
+        assert f.read() == g.read()
+    held = os.stat(dst).st_blocks * 512
+    assert held < SIZE if punch else held >= SIZE
+
+
+@pytest.mark.parametrize("fault", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("kind", ["copy", "fsync"])
+def test_a_file_destinations_write_or_flush_failing_is_the_agents_error(
+        tmp_path, source, monkeypatch, fault, kind):
+    """A raw destination's write (in a writer thread) or fdatasync failing ends the copy
+    with NoSpace or OperationFailed at its offset, raised in the copy's own thread, with
+    no checkpoint past the failure (the kernel's fault seam: a full disk cannot be made
+    on demand here)."""
+    src, _ = source
+    dst = str(tmp_path / "dst.raw")
+    open(dst, "wb").truncate(SIZE)
+    failing_at = 8 * MiB
+
+    def fail(k, offset):
+        if k == kind and offset >= failing_at:
+            raise OSError(fault, os.strerror(fault))
+    monkeypatch.setattr(kernel, "_fault", fail)
+    points = []
+    want = errors.NoSpace if fault == errno.ENOSPC else errors.OperationFailed
+    with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, "file") as d:
+        with pytest.raises(want) as exc:
+            nbd.copy_image(s, d, 0, SIZE, layer=False, fresh=True, hasher=None,
+                           checkpoint=lambda o: points.append(o) or True,
+                           progress=lambda o: None, should_stop=lambda: False, chunk=MiB,
+                           checkpoint_bytes=MiB)
+    failed = exc.value.data["offset"]
+    assert failed >= failing_at
+    # No checkpoint claims the failed write (its piece starts at `failed`) or the failed
+    # flush (at `failed`, the end of what it covered).
+    assert all(p <= failed for p in points) if kind == "copy" else \
+        all(p < failing_at for p in points)

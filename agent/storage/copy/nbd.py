@@ -107,41 +107,47 @@ class _Piece:
 
 
 class _Loop:
-    """Two libnbd handles driven by one poll loop, commands tracked by cookie."""
+    """The source's libnbd handle and the sink (a second handle, or a file's writer threads)
+    driven by one poll loop, commands tracked by cookie."""
 
-    def __init__(self, src_h, dst_h):
-        self.src, self.dst = src_h, dst_h
+    def __init__(self, src_h, sink):
+        self.src, self.sink = src_h, sink
 
     def step(self, timeout_ms: int = 1000) -> None:
         import nbd
-        poller, handles = select.poll(), {}
-        for h in (self.src, self.dst):
-            if h.aio_in_flight() == 0:
+        poller, ready = select.poll(), {}
+        for h in (self.src, self.sink.h):
+            if h is None or h.aio_in_flight() == 0:
                 continue
             d = h.aio_get_direction()
             events = (select.POLLIN if d & nbd.AIO_DIRECTION_READ else 0) | \
                      (select.POLLOUT if d & nbd.AIO_DIRECTION_WRITE else 0)
-            handles[h.aio_get_fd()] = h
+            ready[h.aio_get_fd()] = h
             poller.register(h.aio_get_fd(), events)
-        if not handles:
+        wants = self.sink.wants() if self.sink.h is None else None
+        if wants is not None:
+            ready[wants[0]] = self.sink
+            poller.register(*wants)
+        if not ready:
             return
         for fd, revents in poller.poll(timeout_ms):
-            if revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                handles[fd].aio_notify_read()
+            if ready[fd] is self.sink:
+                self.sink.ready()
+            elif revents & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                ready[fd].aio_notify_read()
             elif revents & select.POLLOUT:
-                handles[fd].aio_notify_write()
+                ready[fd].aio_notify_write()
 
 
 class _Copier:
     """One copy's pipeline: pieces read from the source, written to the destination, handed
     to the checksum in order; `done` is the end of the pieces whose writes all completed."""
 
-    def __init__(self, src, dst, start: int, hasher, progress, chunk: int, max_in_flight: int,
-                 should_stop=lambda: False, punch: bool = True):
-        self.src, self.dst, self.hasher, self.progress = src, dst, hasher, progress
-        self.zero_flags = 0 if punch else _no_hole()
+    def __init__(self, src, sink, start: int, hasher, progress, chunk: int,
+                 max_in_flight: int, should_stop=lambda: False):
+        self.src, self.sink, self.hasher, self.progress = src, sink, hasher, progress
         self.should_stop = should_stop
-        self.loop = _Loop(src.h, dst.h)
+        self.loop = _Loop(src.h, sink)
         self.queue: collections.deque[_Piece] = collections.deque()
         self.done = start
         self.moved = 0  # data bytes written: what a checkpoint's byte count measures
@@ -155,12 +161,11 @@ class _Copier:
         import nbd
         self.queue.append(piece)
         if piece.kind == DATA or (piece.kind == READ and self.hasher is not None):
-            piece.view = self.spare.pop() if self.spare else bytearray(self.chunk)
+            piece.view = self.spare.pop() if self.spare else self.sink.buffer(self.chunk)
             piece.buf = nbd.Buffer.from_buffer(memoryview(piece.view)[:piece.length])
             piece.read = self.src.h.aio_pread(piece.buf, piece.offset)
         elif piece.kind == ZERO:
-            piece.write = self.dst.h.aio_zero(piece.length, piece.offset,
-                                              flags=self.zero_flags)
+            piece.write = self.sink.zero(piece.length, piece.offset)
 
     def _finish(self, piece: _Piece) -> None:
         if self.hasher is not None:
@@ -192,9 +197,9 @@ class _Copier:
                 if piece.read is not None and self.src.h.aio_command_completed(piece.read):
                     piece.read = None
                     if piece.kind == DATA:
-                        piece.write = self.dst.h.aio_pwrite(piece.buf, piece.offset)
+                        piece.write = self.sink.write(piece)
             while queue and queue[0].read is None and (
-                    queue[0].write is None or self.dst.h.aio_command_completed(queue[0].write)):
+                    queue[0].write is None or self.sink.completed(queue[0].write)):
                 queue[0].write = None
                 self._finish(queue.popleft())
                 if self.should_stop():  # finishing a piece can wait (the rate limit)
@@ -202,42 +207,30 @@ class _Copier:
         except nbd.Error as exc:
             at = queue[0].offset if queue else self.done
             raise nbd_error(exc, "copying through qemu-nbd", at,
-                            self.src.log() + self.dst.log()) from None
+                            self.src.log() + self.sink.log()) from None
 
     def durable(self, checkpoint) -> None:
         """Every piece issued written, the destination flushed, then the checkpoint."""
-        import nbd
         while self.queue:
             self.advance()
-        try:
-            self.dst.h.flush()
-        except nbd.Error as exc:
-            raise nbd_error(exc, "flushing the destination", self.done, self.dst.log()) \
-                from None
+        self.sink.flush(self.done)
         if checkpoint is not None and not checkpoint(self.done):
             raise GenerationMismatch("copy superseded by a newer generation", offset=self.done)
 
 
-def _no_hole() -> int:
-    import nbd
-    return nbd.CMD_FLAG_NO_HOLE
-
-
-def copy_image(src, dst, start: int, size: int, *, layer: bool, fresh: bool, hasher,
+def copy_image(src, sink, start: int, size: int, *, layer: bool, fresh: bool, hasher,
                checkpoint, progress, should_stop, chunk: int = 4 * MiB,
                max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
-               checkpoint_seconds: float = 1.0, clock=time.monotonic,
-               punch: bool = True) -> int:
-    """Copy guest bytes [start, size) from the `src` export to the `dst` export.
-    `punch` False: zeros are written with NO_HOLE (a preallocated destination stays whole).
+               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+    """Copy guest bytes [start, size) from the `src` export into `sink`
+    (agent/storage/copy/sink.py: a destination export, or a raw destination file).
 
     `hasher` (data(view), zeros(n)) gets every byte of [start, size) in order, or None.
     checkpoint(offset) -> bool after a flush (False: superseded, GenerationMismatch);
     should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
     NoSpace or OperationFailed on the exports' errors.
     """
-    copier = _Copier(src, dst, start, hasher, progress, chunk, max_in_flight, should_stop,
-                     punch)
+    copier = _Copier(src, sink, start, hasher, progress, chunk, max_in_flight, should_stop)
     pieces = _pieces(src.h, start, size, layer, fresh, chunk)
     # Checkpoints every `checkpoint_bytes` of data written, or every `checkpoint_seconds`:
     # never by the offset, so that a hole costs none (an empty 8 TiB disk took 32,768 flushes

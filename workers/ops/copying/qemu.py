@@ -15,7 +15,7 @@ import os
 
 from agent import errors
 from agent.storage import chain, checksum, qcow2, qemu_img, qemu_nbd
-from agent.storage.copy import nbd
+from agent.storage.copy import nbd, sink
 from agent.storage.copy.kernel import CopyStopped
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS
@@ -122,6 +122,28 @@ def _writer(ctx, opts: str, report):
         exp.close()
 
 
+@contextlib.contextmanager
+def _sink(ctx, opts: str, path: str, *, file: bool, start: int, hasher, report, punch: bool):
+    """Where the copy writes (agent/storage/copy/sink.py), once the prefix an earlier life
+    wrote is handed to the hasher. A raw destination (`file`) is written by this worker
+    itself, its prefix read back through a read-only qemu-nbd (qemu takes no lock on a raw
+    file that a killed writer's would refuse: docs/crash-model.md)."""
+    if not file:
+        with _writer(ctx, opts, report) as exp:
+            if hasher is not None and start:
+                nbd.hash_prefix(exp, start, hasher, ctx.check)
+            yield sink.NbdSink(exp, punch)
+        return
+    if hasher is not None and start:
+        with qemu_nbd.export(opts) as exp:
+            nbd.hash_prefix(exp, start, hasher, ctx.check)
+    out = sink.FileSink(path, punch=punch, direct=qemu_img.direct_io(path))
+    try:
+        yield out
+    finally:
+        out.close()
+
+
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
          report, record: bool, merge: bool = False,
          punch: bool = True) -> tuple[str | None, int]:
@@ -150,17 +172,16 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     hasher = checksum.StreamFollower(size) if record else None
     try:
         with qemu_nbd.export(src_opts, depth=layer) as src, \
-                _writer(ctx, dst_opts, report) as dst:
+                _sink(ctx, dst_opts, dst_path, file=dst_rows[-1]["format"] == "raw"
+                      and not merge, start=start, hasher=hasher,
+                      report=report, punch=punch) as dst:
             if src.size() < size:
                 raise errors.VolumeTruncated("the source's guest view is shorter than its size",
                                              size=size, data_bytes=src.size())
-            if hasher is not None and start:
-                nbd.hash_prefix(dst, start, hasher, ctx.check)
             report.start = start
             try:
                 nbd.copy_image(
                     src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
-                    punch=punch,
                     checkpoint=report.checkpoint, progress=report.progress,
                     should_stop=ctx.stop_requested,
                     checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
