@@ -78,8 +78,6 @@ FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
 _after_write_hook = None
 
 
-
-
 def _connect(path: str) -> sqlite_utils.Database:
     # mode=rw: opening must never create an empty database where a domain was expected.
     uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
@@ -88,7 +86,10 @@ def _connect(path: str) -> sqlite_utils.Database:
         conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        return sqlite_utils.Database(conn)
+        # No sqlite-utils plugins: whatever else is installed has no say in the agent's
+        # connections, and finding them (every package's entry points) cost each worker
+        # tens of milliseconds before its first query (docs/performance.md).
+        return sqlite_utils.Database(conn, execute_plugins=False)
     except BaseException:
         conn.close()
         raise

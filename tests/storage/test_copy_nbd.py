@@ -7,7 +7,9 @@ import errno
 import json
 import os
 import random
+import select
 import subprocess
+import time
 
 import pytest
 
@@ -189,3 +191,35 @@ def test_a_file_destinations_write_or_flush_failing_is_the_agents_error(
     # flush (at `failed`, the end of what it covered).
     assert all(p <= failed for p in points) if kind == "copy" else \
         all(p < failing_at for p in points)
+
+
+def test_a_file_sinks_wake_up_comes_only_once_its_write_is_done(tmp_path, monkeypatch):
+    """The poll loop sleeps on the sink's descriptor: once it is readable, the write that
+    made it so is completed (woken before, the loop found it not done and slept out its
+    whole poll timeout: a second a copy, now and then). The writer thread is held a while
+    right after it wakes the loop, so a wake-up that came too early is seen."""
+    real = os.eventfd_write
+
+    def slow_after(fd, value):
+        real(fd, value)
+        time.sleep(0.02)
+    monkeypatch.setattr(os, "eventfd_write", slow_after)
+    dst = str(tmp_path / "dst.raw")
+    open(dst, "wb").truncate(4 * MiB)
+
+    class Piece:
+        offset, length = 0, 64 * 1024
+    out = sink.FileSink(dst)
+    try:
+        Piece.view = out.buffer(Piece.length)
+        for _ in range(20):
+            cookie = out.write(Piece)
+            fd, events = out.wants()
+            poller = select.poll()
+            poller.register(fd, events)
+            assert poller.poll(10_000)
+            out.ready()
+            assert out.completed(cookie)
+        assert out.wants() is None
+    finally:
+        out.close()

@@ -93,19 +93,23 @@ class FileSink:
             fd = self.direct
         future = self.pool.submit(self._pwrite, fd, view, piece.offset)
         self.pending.add(future)
+        # The poll loop is woken once the future is done, not before (from inside the write,
+        # it could find it not done yet and sleep out its whole timeout).
+        future.add_done_callback(self._woken)
         return future
 
-    def _pwrite(self, fd: int, view: memoryview, offset: int) -> None:
+    def _woken(self, future) -> None:
+        os.eventfd_write(self.wake, 1)
+
+    @staticmethod
+    def _pwrite(fd: int, view: memoryview, offset: int) -> None:
         """In a writer thread: its error becomes the agent's (NoSpace, OperationFailed), to
         be raised by completed() in the copy's own thread."""
-        try:
-            with _os_errors(offset):
-                _inject("copy", offset)
-                while len(view):
-                    n = os.pwrite(fd, view, offset)
-                    view, offset = view[n:], offset + n
-        finally:
-            os.eventfd_write(self.wake, 1)
+        with _os_errors(offset):
+            _inject("copy", offset)
+            while len(view):
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
 
     def zero(self, length: int, offset: int):
         """Zeros at once (fallocate does not move the bytes): a punched hole, or a zeroed
