@@ -100,6 +100,19 @@ def _kind(dst_db: DomainDB, dst: dict, args: dict) -> str:
     return asked or "collapse"
 
 
+def _collapse_format(args: dict, src_row: dict) -> str:
+    """The format a collapse writes, if the request can have it (InvalidParams)."""
+    fmt, size = args.get("format") or src_row["format"], src_row["size"]
+    if fmt == "cow" and size % chain.SECTOR:  # qemu would make it a sector larger
+        raise errors.InvalidParams(f"a cow copy needs a size that is a multiple of "
+                                   f"{chain.SECTOR} bytes (the source's is {size})",
+                                   param="format")
+    if args.get("bitmaps") and fmt != "cow":
+        raise errors.InvalidParams("bitmaps live in a cow volume: a collapse into raw "
+                                   "cannot carry them", param="bitmaps")
+    return fmt
+
+
 def copy(ctx, args):
     src, dst = args["src"], args["dst"]
     dst_db = open_domain(dst)
@@ -111,17 +124,12 @@ def copy(ctx, args):
         size = src_row["size"]
         src_rows = src_db.chain(src["volumeID"])
         chain.require_legal(src_rows)  # a merge may be folding a layer beneath the source
-        chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
-        fmt = args.get("format") or src_row["format"]
-        if fmt == "cow" and size % chain.SECTOR:  # qemu would make it a sector larger
-            raise errors.InvalidParams(f"a cow copy needs a size that is a multiple of "
-                                       f"{chain.SECTOR} bytes (the source's is {size})",
-                                       param="format")
-        if args.get("bitmaps") and fmt != "cow":
-            raise errors.InvalidParams("bitmaps live in a cow volume: a collapse into raw "
-                                       "cannot carry them", param="bitmaps")
+        fmt = _collapse_format(args, src_row)
+        room = []  # qemu-img measure beside the checks (both after the headers were read)
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
-            qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], ctx.beat)
+            room.append(lambda: qemu_copy.check_room(src_db, src_rows, dst_db, [fmt]))
+        chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,  # before any answer
+                      beside=room)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
         dst_db.layout.ensure_image_dir(dst["imageID"])
         gen, start = marker["generation"], marker["copied"]

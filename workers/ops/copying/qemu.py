@@ -51,7 +51,7 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
 
 
 def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats: list[str],
-               beat) -> None:
+               beat=lambda: None) -> None:
     """NoSpace before anything is made if the destination's domain cannot hold the copy:
     qemu-img measure of what it needs (a chain copy: each layer's own data), against the
     domain's free space. A copy's destination is sparse (holes and zeros are not written),
