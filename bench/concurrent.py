@@ -25,7 +25,7 @@ from bench.common import MiB, Row, Scratch, alternate, data_dir, evict, median, 
 from bench.copy import Domain, fill_dense
 
 COPIES = 8
-GOAL_RATIO, GOAL_SPREAD = 0.9, 1.5
+GOAL_RATIO, GOAL_SPREAD = 1.0, 1.3  # issue 25: aggregate >= 8 cp, slowest within 1.3x
 
 
 def run(opts) -> list[Row]:

@@ -143,3 +143,28 @@ def test_bench_merge_and_huge_disk_rows(tmp_path):
         assert not _ours(str(base)), "processes left behind"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_bench_copy_rows_time_the_cli_beside_the_request(tmp_path):
+    """The copy rows time each copy from the request and, as an operator does, as a whole
+    `hostagent copy --wait` run; both land in the row, with the holes kept."""
+    out = tmp_path / "bench.json"
+    base = Path(tempfile.mkdtemp(prefix="habt-", dir="/tmp"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "copy_warm,sparse",
+         "--repeats", "1", "--sizes", "copy=8M,sparse=40M", "--data-dir", str(base),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOSTAGENT_BENCH_TMP": str(base)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["key"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"copy_warm", "sparse"}
+    for row in rows.values():
+        cli = next(v for k, v in row["baselines"].items() if k.startswith("hostagent copy"))
+        assert cli["median"] > 0 and row["extra"]["ratio_cli_to_cp"] > 0
+    assert rows["sparse"]["extra"]["holes_kept"] is True
+    try:
+        assert not list(base.iterdir()), f"left behind: {list(base.iterdir())}"
+        assert not _ours(str(base)), "processes left behind"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
