@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import zmq
 
 from agent.config import DEFAULTS
@@ -298,6 +300,29 @@ def wait_subscribed(events: Events, rpc: Rpc, timeout: float = 10.0) -> None:
         except TimeoutError:
             continue
     raise TimeoutError("the subscription never took")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its descendants: its own, what it reaped of its children
+    (an agent's ended workers, and theirs: qemu-nbd), and each live descendant's likewise.
+    A difference of two of these around a task is the task's whole cost."""
+    def cost(p: psutil.Process) -> float:
+        c = p.cpu_times()
+        return c.user + c.system + c.children_user + c.children_system
+    root = psutil.Process(pid)
+    total = cost(root)
+    for child in root.children(recursive=True):
+        try:
+            total += cost(child)
+        except psutil.Error:
+            continue  # gone meanwhile: reaped, so counted in its parent's by now or soon
+    return total
+
+
+def children_cpu() -> float:
+    """CPU seconds of this process's reaped children (and theirs)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def evict(path: str | os.PathLike) -> None:

@@ -59,6 +59,7 @@ class Domain:
     def __init__(self, agent, path: str, domain_id: str | None = None):
         self.endpoints = ["--endpoint", agent.rpc_endpoint,
                           "--events-endpoint", agent.events_endpoint]
+        self.pid = agent.proc.pid  # the supervisor: its tree is the agent's whole cost
         self.rpc = Rpc(agent.rpc_endpoint)
         self.events = Events(agent.events_endpoint, "Task.state")
         wait_subscribed(self.events, self.rpc)

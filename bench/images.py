@@ -13,6 +13,7 @@ default configuration: resumable (checkpointed) and recording its checksum.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -20,15 +21,18 @@ import time
 import uuid
 
 from bench.common import (
+    GiB,
     MiB,
     Row,
     Scratch,
     alternate,
+    children_cpu,
     evict,
     median,
     paired_ratio,
     ratio,
     task_done,
+    tree_cpu,
 )
 from bench.copy import NOSUM, Domain, _mibs
 
@@ -105,20 +109,31 @@ def _row(opts, dom: Domain, src: dict, paths: list[str], data: str, fmt: str) ->
         for p in paths:
             evict(p)
 
+    cpu = {"ours": [], "convert": [], "nbdcopy": []}  # CPU seconds per GiB of data
+
     def ours(d=dom):
         cold()
         dst = {**src, "imageID": str(uuid.uuid4()), "volumeID": str(uuid.uuid4())}
+        before = tree_cpu(d.pid)
         t = time.perf_counter()
         task = d.rpc.send("Image.copy", {"src": src, "dst": dst, "format": fmt})
         d.events.until(task_done(task), timeout=3600)
         seconds = time.perf_counter() - t
+        if d is dom:
+            cpu["ours"].append((tree_cpu(d.pid) - before) / (data_bytes / GiB))
         d.rpc.call("Volume.delete", dst)
         return _mibs(size, seconds)
 
+    def timed_cpu(name: str, argv: list[str]) -> float:
+        before = children_cpu()
+        seconds = _timed(argv)
+        cpu[name].append((children_cpu() - before) / (data_bytes / GiB))
+        return seconds
+
     def convert():
         cold()
-        seconds = _timed(["qemu-img", "convert", "-p", "-t", "none", "-T", "none", "-f",
-                          "qcow2", "-O", DRIVER[fmt], leaf, out])
+        seconds = timed_cpu("convert", ["qemu-img", "convert", "-p", "-t", "none", "-T",
+                                        "none", "-f", "qcow2", "-O", DRIVER[fmt], leaf, out])
         os.unlink(out)
         return _mibs(size, seconds)
 
@@ -126,12 +141,16 @@ def _row(opts, dom: Domain, src: dict, paths: list[str], data: str, fmt: str) ->
         cold()
         subprocess.run(["qemu-img", "create", "-q", "-f", DRIVER[fmt], out, str(size)],
                        check=True)
-        seconds = _timed(["nbdcopy", "--flush", "--",
-                          "[", "qemu-nbd", "-r", "-f", "qcow2", "--cache=none", leaf, "]",
-                          "[", "qemu-nbd", "-f", DRIVER[fmt], "--cache=none", out, "]"])
+        seconds = timed_cpu("nbdcopy", [
+            "nbdcopy", "--flush", "--",
+            "[", "qemu-nbd", "-r", "-f", "qcow2", "--cache=none", leaf, "]",
+            "[", "qemu-nbd", "-f", DRIVER[fmt], "--cache=none", out, "]"])
         os.unlink(out)
         return _mibs(size, seconds)
 
+    data_bytes = sum(e["length"] for e in json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", leaf], capture_output=True,
+        text=True, check=True).stdout) if e["data"])
     a, b, c, n = alternate(opts.repeats, ours, convert, nbdcopy, lambda: ours(dom.plain))
     r = ratio(median(a), median(b))
     return Row(key=f"qcow2_{fmt}", title=f"qcow2 chain {size // MiB} MiB virtual, half "
@@ -144,4 +163,5 @@ def _row(opts, dom: Domain, src: dict, paths: list[str], data: str, fmt: str) ->
                extra={"paired_ratio": paired_ratio(a, b),
                       "ratio_to_nbdcopy": ratio(median(a), median(c)),
                       "ratio_no_checksum_to_convert": ratio(median(n), median(b)),
-                      "bytes": size})
+                      "cpu_seconds_per_gib_data": {k: median(v) for k, v in cpu.items()},
+                      "data_bytes": data_bytes, "bytes": size})
