@@ -25,7 +25,7 @@ from bench import common
 from bench.common import GiB, MiB
 
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
-        "qcow2_cow", "huge_empty_raw", "huge_empty_cow", "huge_data_raw", "huge_data_cow",
+        "qcow2_cow", "qcow2_chain", "huge_empty_raw", "huge_empty_cow", "huge_data_raw", "huge_data_cow",
         "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
         "upload_resume", "backup_incremental", "queries", "boot", "boot_resume", "events", "memory")
 
