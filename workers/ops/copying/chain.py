@@ -119,11 +119,13 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
     dst = args["dst"]
     src_rows = src_db.chain(src_row["volume_id"])
     chain.require_legal(src_rows)
-    chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True)  # before any answer
     ids = layer_ids(dst["volumeID"], src_rows)
+    room = []  # qemu-img measure of each layer beside the checks (after the headers)
     if dst_db.get_volume(ids[0]) is None:
-        qemu.check_room(src_db, src_rows, dst_db, [r["format"] for r in src_rows],
-                            ctx.beat)
+        room.append(lambda: qemu.check_room(src_db, src_rows, dst_db,
+                                            [r["format"] for r in src_rows]))
+    chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,  # before any answer
+                  beside=room)
     with contextlib.ExitStack() as held:
         manager = leases.for_domain(dst_db)
         for vid in ids[:-1]:

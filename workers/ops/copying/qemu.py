@@ -1,15 +1,17 @@
 """Copies that go through qemu: any copy but raw to raw of one volume (which stays a kernel
 copy, workers/ops/image.py), and every layer of a chain copy.
 
-The source chain is exported read-only by one qemu-nbd, the destination writable by another,
-both private to this worker (agent/storage/qemu_nbd.py); agent/storage/copy/nbd.py moves the
-bytes. A resumed copy reopens the same destination (a qcow2 first checked, its leaked
+The source chain is exported read-only by one qemu-nbd, a qcow2 destination writable by
+another, both private to this worker (agent/storage/qemu_nbd.py); a raw destination is
+written by the worker itself (agent/storage/copy/sink.py); agent/storage/copy/nbd.py moves
+the bytes. A resumed copy reopens the same destination (a qcow2 first checked, its leaked
 clusters reclaimed; one qemu cannot open is started over) and goes on from its checkpoint,
 reading the earlier life's prefix back for the checksum.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 
@@ -50,20 +52,23 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
                                       "the copy", reason="source-replaced", path=path)
 
 
-def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB, formats: list[str],
-               beat=lambda: None) -> None:
+def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
+               formats: list[str]) -> None:
     """NoSpace before anything is made if the destination's domain cannot hold the copy:
-    qemu-img measure of what it needs (a chain copy: each layer's own data), against the
-    domain's free space. A copy's destination is sparse (holes and zeros are not written),
-    so what it holds is the source's data: for a raw destination that is what measure says
-    a qcow2 needs (the data and a little metadata), not measure's raw figure, which is the
-    whole virtual size (a 1 TiB disk holding 1 GiB needs 1 GiB, not 1 TiB)."""
-    need = 0
-    for i, fmt in enumerate(formats):
+    qemu-img measure of what it needs (a chain copy: each layer's own data, its layers
+    measured side by side), against the domain's free space. A copy's destination is
+    sparse (holes and zeros are not written), so what it holds is the source's data: for a
+    raw destination that is what measure says a qcow2 needs (the data and a little
+    metadata), not measure's raw figure, which is the whole virtual size (a 1 TiB disk
+    holding 1 GiB needs 1 GiB, not 1 TiB). Run beside the source's checks (chain.inspect's
+    `beside`): no heartbeat from here."""
+    def measure(i: int) -> int:
         layer = len(formats) > 1 and i > 0
         rows = src_rows[:i + 1] if len(formats) > 1 else src_rows
         opts = chain.image_opts(src_db.layout, rows, direct=False, layer_only=layer)
-        need += qemu_img.measure("cow", opts, beat).get("required", 0)
+        return qemu_img.measure("cow", opts).get("required", 0)
+    with concurrent.futures.ThreadPoolExecutor(min(4, len(formats))) as pool:
+        need = sum(pool.map(measure, range(len(formats))))
     st = os.statvfs(dst_db.layout.root)
     free = st.f_bavail * st.f_frsize
     if need > free:
