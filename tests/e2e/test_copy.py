@@ -77,8 +77,10 @@ def test_copy_answers_before_the_data_is_there_and_ends_identical(make_agent, sh
     assert rec["returned"] is True and rec["state"] in ("running", "done")
     mid = status(agent, dst)
     assert mid["legality"] == "ILLEGAL" and mid["copy"]["source"] == src
-    wait_for(lambda: 0 < agent.call("Task.getStatus", {"taskID": "copy1"})["progress"] < 100,
-             what="progress on this host")
+    def midway():  # progress is null until the worker's first report
+        progress = agent.call("Task.getStatus", {"taskID": "copy1"})["progress"]
+        return progress is not None and 0 < progress < 100
+    wait_for(midway, what="progress on this host")
     final = wait_legal(agent, dst)
     assert final["generation"] == 1 and final["copy"] is None
     assert sha256(volume_path(agent, dst)) == sha256(volume_path(agent, src))

@@ -170,7 +170,10 @@ def test_a_flipped_byte_is_reported_and_the_record_kept(make_agent, shared):
     got = [e for e in events_until(events, lambda e: e["method"] == "Operation.state"
                                    and e["params"]["state"] == "COMPLETED")
            if e["method"] == "Operation.state"]
-    assert [e["params"]["state"] for e in got] == ["STARTED", "COMPLETED"]
+    # STARTED is announced by the task only if the scrub had not ended when it answered (a
+    # domain this small can be read before that: the answer then says COMPLETED).
+    started = ["STARTED"] if first["state"] == "STARTED" else []
+    assert [e["params"]["state"] for e in got] == started + ["COMPLETED"]
     assert got[-1]["params"]["operationID"] == first["operationID"]
     assert got[-1]["params"]["taskID"] == "first"  # published by the agent, for the task
     assert got[-1]["params"]["result"] == done["result"]
