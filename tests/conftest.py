@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 
 import pytest
 
@@ -10,6 +11,12 @@ def pytest_configure(config):
     # elsewhere. Tests that want a terminal's size say so (tests/e2e/test_cli_terminal.py).
     for name in ("COLUMNS", "LINES"):
         os.environ.pop(name, None)
+    # Started from a shell without job control as a background job (`bash .ci/run &`), the
+    # suite inherits SIGINT ignored, and so would every `hostagent` it starts: an ignored
+    # signal stays ignored across exec, and a test's Ctrl-C (SIGINT) would then be lost. A
+    # handler of ours is reset to the default in each child instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):
