@@ -25,9 +25,10 @@ from bench import common
 from bench.common import GiB, MiB
 
 ROWS = ("rpc1", "rpc64", "spawn", "copy_cold", "copy_warm", "sparse", "copy8", "qcow2_raw",
-        "qcow2_cow", "qcow2_chain", "huge_empty_raw", "huge_empty_cow", "huge_data_raw", "huge_data_cow",
-        "merge", "upload_qcow2", "upload_raw", "download_qcow2", "download_raw",
-        "upload_resume", "backup_incremental", "queries", "boot", "boot_resume", "events", "memory")
+        "qcow2_cow", "qcow2_chain", "huge_empty_raw", "huge_empty_cow", "huge_data_raw",
+        "huge_data_cow", "merge", "upload_qcow2", "upload_raw", "download_qcow2",
+        "download_raw", "upload_resume", "backup_incremental", "queries", "boot",
+        "boot_resume", "events", "memory")
 
 PROFILES = {
     "full": {"repeats": 5, "copy": 2 * GiB, "sparse": 4 * GiB, "volumes": 100_000,

@@ -54,9 +54,16 @@ def make_chain(agent, domain_id: str, size: int = 64 * MiB, base_format: str = "
 
 
 def compare(a: str, a_fmt: str, b: str, b_fmt: str) -> subprocess.CompletedProcess:
-    """qemu-img compare of two guest views (exit 0: identical), formats given."""
-    return subprocess.run(["qemu-img", "compare", "-f", DRIVER[a_fmt], "-F", DRIVER[b_fmt],
-                           a, b], capture_output=True, text=True, timeout=120)
+    """qemu-img compare of two guest views (exit 0: identical), formats given. Refused by
+    qemu's image lock, it is asked again until the lock is let go: a killed writer's
+    qemu-nbd can hold it a while after its worker is gone (a thread finishing its I/O), as
+    the agent itself waits out (qemu_img.lock_waited)."""
+    def once():
+        done = subprocess.run(["qemu-img", "compare", "-f", DRIVER[a_fmt], "-F",
+                               DRIVER[b_fmt], a, b], capture_output=True, text=True,
+                              timeout=120)
+        return None if "Failed to get" in done.stderr and "lock" in done.stderr else done
+    return wait_for(once, 30, interval=0.1, what="qemu-img compare, no lingering lock")
 
 
 def check(path: str) -> dict:

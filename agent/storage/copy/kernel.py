@@ -40,6 +40,7 @@ MiB = 1 << 20
 # I/O fault seam, for tests only. When set to a callable it is called as _fault(kind, offset)
 # before every copy call ('copy') and every fdatasync ('fsync'); raising OSError(ENOSPC), EIO
 # and so on from it exercises the error paths without a full or broken disk. None in production.
+# Copies that write a raw file themselves (agent/storage/copy/sink.py) go through it too.
 _fault = None
 
 # The kernel or file system cannot do this kind of copy (across file systems, old kernels,
@@ -61,13 +62,14 @@ class CopyStopped(Exception):
         self.offset = offset
 
 
-def _inject(kind: str, offset: int) -> None:
+def fault_point(kind: str, offset: int) -> None:
+    """The fault seam (`_fault`), where a write ('copy') or an fdatasync ('fsync') is due."""
     if _fault is not None:
         _fault(kind, offset)
 
 
 @contextlib.contextmanager
-def _os_errors(offset: int):
+def os_errors(offset: int):
     """Turn an OSError of our own I/O into an agent error that says where it happened."""
     try:
         yield
@@ -88,7 +90,7 @@ class _Mover:
         self.method = "copy_file_range"
 
     def copy(self, pos: int, n: int) -> int:
-        _inject("copy", pos)
+        fault_point("copy", pos)
         if self.method == "copy_file_range":
             try:
                 return os.copy_file_range(self.src, self.dst, n, pos, pos)
@@ -129,8 +131,8 @@ def next_extent(fd: int, offset: int, size: int) -> tuple[int, int]:
 
 
 def _durable(dst_fd: int, offset: int) -> None:
-    with _os_errors(offset):
-        _inject("fsync", offset)
+    with os_errors(offset):
+        fault_point("fsync", offset)
         os.fdatasync(dst_fd)
 
 
@@ -187,7 +189,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     cache = _Cache(src_fd, dst_fd)
     offset, saved_offset, saved_at = start, start, clock()
     while offset < size:
-        with _os_errors(offset):
+        with os_errors(offset):
             offset, extent_end = next_extent(src_fd, offset, size)
         while offset < extent_end:
             if should_stop():
@@ -195,7 +197,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
                 _checkpoint(checkpoint, offset)
                 raise CopyStopped(offset)
             was_cached = cache.cached(offset)
-            with _os_errors(offset):
+            with os_errors(offset):
                 n = mover.copy(offset, min(chunk, extent_end - offset))
             if n <= 0:
                 # End of file before the size is a short source, never a hole.

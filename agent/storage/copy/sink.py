@@ -22,7 +22,7 @@ import os
 import select
 
 from agent import system
-from agent.storage.copy.kernel import _inject, _os_errors
+from agent.storage.copy.kernel import fault_point, os_errors
 from agent.storage.qemu_nbd import nbd_error
 
 ALIGN = 4096  # what O_DIRECT asks of a write's offset, length and buffer here
@@ -105,8 +105,8 @@ class FileSink:
     def _pwrite(fd: int, view: memoryview, offset: int) -> None:
         """In a writer thread: its error becomes the agent's (NoSpace, OperationFailed), to
         be raised by completed() in the copy's own thread."""
-        with _os_errors(offset):
-            _inject("copy", offset)
+        with os_errors(offset):
+            fault_point("copy", offset)
             while len(view):
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
@@ -116,7 +116,7 @@ class FileSink:
         range that stays allocated; written as zeros where the file system has neither."""
         mode = system.FALLOC_FL_KEEP_SIZE | (system.FALLOC_FL_PUNCH_HOLE if self.punch
                                              else system.FALLOC_FL_ZERO_RANGE)
-        with _os_errors(offset):
+        with os_errors(offset):
             try:
                 system.fallocate(self.fd, mode, offset, length)
             except OSError as exc:
@@ -154,8 +154,8 @@ class FileSink:
         concurrent.futures.wait(list(self.pending))
         for cookie in list(self.pending):
             self.completed(cookie)
-        with _os_errors(at):
-            _inject("fsync", at)
+        with os_errors(at):
+            fault_point("fsync", at)
             os.fdatasync(self.fd)
 
     def log(self) -> str:
