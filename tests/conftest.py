@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import signal
 
@@ -61,6 +62,22 @@ def workdir():
     cleanup_dir(path)
 
 
+QUERIES = re.compile(r'"method": "\w+\.get')  # a test's polling, which would fill the tail
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed shows the tail of each agent's log it made: a CI run's output is
+    all there is to read afterwards."""
+    report = yield
+    make = getattr(item, "funcargs", {}).get("make_agent")
+    if report.failed and report.when == "call" and make is not None:
+        for a in make.made:
+            report.sections.append((f"agent {a.name}'s log (tail, queries left out)",
+                                    a.log(leave_out=QUERIES)))
+    return report
+
+
 @pytest.fixture
 def make_agent(workdir):
     """make_agent(name="a", start=True, **config overrides) -> a running AgentProcess."""
@@ -74,6 +91,7 @@ def make_agent(workdir):
             agent.start()
         return agent
 
+    make.made = made  # for pytest_runtest_makereport
     yield make
     leftovers, failures = [], []
     for a in made:  # every agent closed, even when closing one of them fails

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,11 +218,16 @@ class AgentProcess:
             if sig in (signal.SIGKILL, signal.SIGTERM):
                 self.proc.wait(60)
 
-    def log(self) -> str:
+    def log(self, leave_out: re.Pattern | None = None, tail: int = 6000) -> str:
+        """The end of the agent's log, without the lines `leave_out` matches."""
         try:
-            return self.log_path.read_text()[-6000:]
+            text = self.log_path.read_text()
         except OSError:
             return ""
+        if leave_out is not None:
+            text = "".join(line for line in text.splitlines(keepends=True)
+                           if not leave_out.search(line))
+        return text[-tail:]
 
     def close(self) -> list[int]:
         """Kill the agent; returns the pids of any worker that outlived it (then kills them)."""
