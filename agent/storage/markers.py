@@ -103,7 +103,8 @@ class Markers:
 
     def take_over(self, volume_id: str, host_id: str | None, task_id: str | None,
                   expect_generation: int | None = None, restart: bool = False,
-                  src_identity: dict | None = None) -> dict:
+                  src_identity: dict | None = None, failed_tasks: list | None = None,
+                  previous_errors: list | None = None) -> dict:
         """Make the caller the copier of ``volume_id``; returns the marker with its new generation.
 
         Bumps the generation of volume and marker (fencing off every earlier copier), records
@@ -112,8 +113,11 @@ class Markers:
         was bound to another (re-created, re-copied, resized) source; a marker made before
         bindings existed is bound to it here. A client's continue (no expect_generation) is
         a person's decision to try again: it starts a new count of failures.
+        ``previous_errors``, failures no worker could record (it died), are counted in the
+        same transaction, so that a retry dying right after it leaves none of them out.
         NoSuchVolume if the volume does not exist; GenerationMismatch if it has no marker (the
-        copy is finished) or its generation is not ``expect_generation``.
+        copy is finished) or its generation is not ``expect_generation`` (nor one raised by
+        ``failed_tasks`` since: expected_generation).
         """
         volume_id = check_uuid(volume_id, "volumeID")
         with self.tx("take_over") as db:
@@ -126,7 +130,8 @@ class Markers:
                                          expected=expect_generation,
                                          generation=volume["generation"],
                                          legality=volume["legality"])
-            if expect_generation is not None and marker["generation"] != expect_generation:
+            expected = expected_generation(marker, expect_generation, host_id, failed_tasks)
+            if expected is not None and marker["generation"] != expected:
                 raise GenerationMismatch("copy generation changed", volume_id=volume_id,
                                          expected=expect_generation,
                                          generation=marker["generation"])
@@ -134,17 +139,19 @@ class Markers:
                 check_source(marker, src_identity)
             ident = src_identity or {}
             gen, now = marker["generation"] + 1, time.time()
+            new = unrecorded(marker, previous_errors) if expect_generation is not None else []
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [gen, now, volume_id])
             db.execute(
                 "UPDATE copy_markers SET generation = ?, host_id = ?, task_id = ?,"
                 " state = 'copying', attempts = attempts + 1, updated = ?,"
                 " copied = CASE WHEN ? THEN 0 ELSE copied END,"
-                " failures = CASE WHEN ? THEN 0 ELSE failures END,"
+                " failures = CASE WHEN ? THEN 0 ELSE failures + ? END, errors = ?,"
                 " src_generation = COALESCE(src_generation, ?),"
                 " src_token = COALESCE(src_token, ?) WHERE volume_id = ?",
-                [gen, host_id, task_id, now, bool(restart), expect_generation is None,
-                 ident.get("generation"), ident.get("token"), volume_id])
+                [gen, host_id, task_id, now, bool(restart), expect_generation is None, len(new),
+                 json.dumps((marker["errors"] + new)[-MAX_ERRORS:]), ident.get("generation"),
+                 ident.get("token"), volume_id])
             return self.get_marker(volume_id)
 
     def checkpoint(self, volume_id: str, generation: int, copied: int) -> bool:
@@ -171,15 +178,20 @@ class Markers:
     def record_error(self, volume_id: str, generation: int, error: dict) -> bool:
         """Count a failure of the copy and append its ``error`` to the marker's error list
         (the last MAX_ERRORS are kept): every failure counted has its reason recorded."""
+        return self.record_errors(volume_id, generation, [error])
+
+    def record_errors(self, volume_id: str, generation: int, found: list) -> bool:
+        """record_error for each of ``found`` the marker does not hold yet (unrecorded())."""
         volume_id = check_uuid(volume_id, "volumeID")
         with self.tx("record_error") as db:
             marker = self.get_marker(volume_id, generation)
             if marker is None:
                 return False
-            errors = (marker["errors"] + [error])[-MAX_ERRORS:]
-            db.execute("UPDATE copy_markers SET errors = ?, updated = ?, failures = failures + 1"
-                       " WHERE volume_id = ? AND generation = ?",
-                       [json.dumps(errors), time.time(), volume_id, generation])
+            new = unrecorded(marker, found)
+            errors = (marker["errors"] + new)[-MAX_ERRORS:]
+            db.execute("UPDATE copy_markers SET errors = ?, updated = ?,"
+                       " failures = failures + ? WHERE volume_id = ? AND generation = ?",
+                       [json.dumps(errors), time.time(), len(new), volume_id, generation])
             return True
 
     def fence(self, volume_id: str, generation: int) -> int:
@@ -212,6 +224,32 @@ class Markers:
                              " WHERE volume_id = ? AND generation = ?",
                              [time.time(), volume_id, generation])
             return cur.rowcount == 1
+
+
+def expected_generation(record: dict, expected: int | None, host_id: str | None,
+                        failed_tasks: list | None) -> int | None:
+    """The generation at which a retry (or an abandon) may take a copy's marker or a merge's
+    record: `expected`, the last its supervisor heard of, or more if the last to take it
+    over was one of `failed_tasks`, this host's tasks that died since, in order. A worker
+    commits its take-over before it can say so and may die in between; its supervisor saw
+    it die, so a generation it raised fences nobody else off. Each of them took it over at
+    most once, so the one at position j raised it by at most j + 1."""
+    if expected is None or not failed_tasks or record["host_id"] != host_id \
+            or record["task_id"] not in failed_tasks:
+        return expected
+    last = len(failed_tasks) - failed_tasks[::-1].index(record["task_id"])  # retry IDs repeat
+    if expected < record["generation"] <= expected + last:
+        return record["generation"]
+    return expected
+
+
+def unrecorded(record: dict, found: list | None) -> list:
+    """The errors of `found` that `record` (a marker or a merge) does not hold yet: a retry
+    carries the errors of the workers that died before it, some of which may have recorded
+    those before them (the same error is the same task's, at the same time; one that does
+    not say when is always new)."""
+    held = {(e.get("task_id"), e["time"]) for e in record["errors"] if "time" in e}
+    return [e for e in found or [] if "time" not in e or (e.get("task_id"), e["time"]) not in held]
 
 
 def check_source(marker: dict, identity: dict) -> None:

@@ -36,7 +36,7 @@ from agent.errors import (
     VolumeInUse,
 )
 from agent.ids import check_uuid
-from agent.storage.markers import MAX_ERRORS
+from agent.storage.markers import MAX_ERRORS, expected_generation, unrecorded
 
 RETAIN_MERGED = 1000  # merged records kept per domain (what a late retry is answered from)
 
@@ -129,26 +129,32 @@ class Merges:
         return base, top
 
     def take_over_merge(self, base_id: str, host_id: str | None, task_id: str | None,
-                        expect_generation: int | None = None, restart: bool = False) -> dict:
+                        expect_generation: int | None = None, restart: bool = False,
+                        failed_tasks: list | None = None,
+                        previous_errors: list | None = None) -> dict:
         """Make the caller the merger (generation + 1 of base and row, attempts + 1);
         ``restart`` sets `copied` back to 0 if the commit is not done. As take_over of a copy:
-        GenerationMismatch if there is no merge or it is not at ``expect_generation``."""
+        GenerationMismatch if there is no merge or it is not at ``expect_generation`` (nor one
+        raised by ``failed_tasks`` since); ``previous_errors`` counted in the same transaction."""
         with self.tx("take_over_merge") as db:
             merge = self.get_merge(base_id)
-            if merge is None or (expect_generation is not None
-                                 and merge["generation"] != expect_generation):
+            expected = None if merge is None else expected_generation(
+                merge, expect_generation, host_id, failed_tasks)
+            if merge is None or (expected is not None and merge["generation"] != expected):
                 raise GenerationMismatch("the merge ended or changed hands", volumeID=base_id,
                                          expected=expect_generation,
                                          generation=merge and merge["generation"])
             gen, now = merge["generation"] + 1, time.time()
+            new = unrecorded(merge, previous_errors) if expect_generation is not None else []
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [gen, now, base_id])
             db.execute("UPDATE merges SET generation = ?, host_id = ?, task_id = ?,"
                        " state = 'merging', attempts = attempts + 1, updated = ?,"
                        " copied = CASE WHEN ? AND step = 'commit' THEN 0 ELSE copied END,"
-                       " failures = CASE WHEN ? THEN 0 ELSE failures END WHERE volume_id = ?",
+                       " failures = CASE WHEN ? THEN 0 ELSE failures + ? END, errors = ?"
+                       " WHERE volume_id = ?",
                        [gen, host_id, task_id, now, bool(restart), expect_generation is None,
-                        base_id])
+                        len(new), json.dumps((merge["errors"] + new)[-MAX_ERRORS:]), base_id])
             return self.get_merge(base_id)
 
     def _merge_update(self, op: str, base_id: str, generation: int, sets: str,
@@ -174,13 +180,19 @@ class Merges:
                                   [])
 
     def record_merge_error(self, base_id: str, generation: int, error: dict) -> bool:
+        return self.record_merge_errors(base_id, generation, [error])
+
+    def record_merge_errors(self, base_id: str, generation: int, found: list) -> bool:
+        """Each of ``found`` the merge does not hold yet, counted as a failure."""
         with self.tx("record_merge_error") as db:
             merge = self.get_merge(base_id, generation)
             if merge is None:
                 return False
-            errors = (merge["errors"] + [error])[-MAX_ERRORS:]
-            db.execute("UPDATE merges SET errors = ?, failures = failures + 1, updated = ?"
-                       " WHERE volume_id = ?", [json.dumps(errors), time.time(), base_id])
+            new = unrecorded(merge, found)
+            errors = (merge["errors"] + new)[-MAX_ERRORS:]
+            db.execute("UPDATE merges SET errors = ?, failures = failures + ?, updated = ?"
+                       " WHERE volume_id = ?",
+                       [json.dumps(errors), len(new), time.time(), base_id])
             return True
 
     def grow_base(self, base_id: str, generation: int, size: int) -> bool:

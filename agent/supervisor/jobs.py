@@ -39,10 +39,11 @@ def copy(domains, src: dict, dst: dict, on_end=None, **extra) -> WorkerJob:
                      on_end=on_end)
 
 
-def abandon(domains, dst: dict, generation: int, error: dict | None) -> WorkerJob:
+def abandon(domains, dst: dict, generation: int, errors: list,
+            failed_tasks: list | None = None) -> WorkerJob:
     return WorkerJob("image.abandon", {"dst": with_path(domains, _ids(dst)),
                                        "expect_generation": generation,
-                                       "previous_error": error})
+                                       "previous_errors": errors, "failed_tasks": failed_tasks})
 
 
 def merge_location(loc: dict) -> dict:
@@ -55,10 +56,12 @@ def merge(domains, loc: dict, on_end=None, **extra) -> WorkerJob:
                                      "domains": dict(domains.paths), **extra}, on_end=on_end)
 
 
-def merge_abandon(domains, loc: dict, generation: int, error: dict | None) -> WorkerJob:
+def merge_abandon(domains, loc: dict, generation: int, errors: list,
+                  failed_tasks: list | None = None) -> WorkerJob:
     return WorkerJob("image.merge_abandon", {**with_path(domains, merge_location(loc)),
                                              "expect_generation": generation,
-                                             "previous_error": error})
+                                             "previous_errors": errors,
+                                             "failed_tasks": failed_tasks})
 
 
 def scan(domains, domain_id: str, on_end) -> WorkerJob:

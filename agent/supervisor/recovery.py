@@ -24,6 +24,7 @@ still has all its tries.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from agent import errors, logs
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # the loop's object, passed to every function of this module
 log = logs.get(component="recovery")
 
 MAX_BACKOFF = 600.0  # seconds: the longest wait before a retry, however many failures
+MAX_FAILED_TASKS = 32  # named in a retry (each is a failure: max_attempts ends it sooner)
 RETRYABLE = frozenset({"WorkerDied", "WorkerTimeout", "NoSpace", "OperationFailed",
                        "InternalError"})
 
@@ -191,8 +193,8 @@ def _copy_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
     dst = {k: args["dst"][k] for k in ("domainID", "imageID", "volumeID")}
     _after_failure(agent, task, outcome, error, dst, "Image.copy",
                    lambda **kw: copy_under_policy(agent, src, dst, **kw),
-                   lambda gen, err: ("Recovery.abandon", jobs.abandon(agent.domains, dst, gen,
-                                                                      err)))
+                   lambda gen, err, **kw: ("Recovery.abandon",
+                                           jobs.abandon(agent.domains, dst, gen, err, **kw)))
 
 
 def merge_under_policy(agent: Supervisor, loc: dict, **extra) -> jobs.WorkerJob:
@@ -206,27 +208,46 @@ def _merge_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
            "volumeID": loc["baseVolumeID"], "topVolumeID": loc["topVolumeID"]}
     _after_failure(agent, task, outcome, error, key, "Image.merge",
                    lambda **kw: merge_under_policy(agent, loc, **kw),
-                   lambda gen, err: ("Recovery.abandonMerge",
-                                     jobs.merge_abandon(agent.domains, loc, gen, err)))
+                   lambda gen, err, **kw: ("Recovery.abandonMerge",
+                                           jobs.merge_abandon(agent.domains, loc, gen, err,
+                                                              **kw)))
+
+
+def _what_failed(task, error: dict) -> tuple | None:
+    """(attempts, generation, failures, carried) of a copy or merge whose task failed after
+    it owned the copy (None: it never did). `carried` is what the next worker needs to
+    take it over at the right generation and leave no failure uncounted: a worker commits
+    its take-over before it can say so, and may die in between. Until one says what it
+    took, each that died is named (markers.expected_generation), and so is each error no
+    worker recorded (a dead one records nothing; the next does, in its take-over)."""
+    args = task.job.args
+    # The failed task's own error, unless its worker recorded it on storage.
+    own = [] if not error or error.get("data", {}).get("recorded") else \
+        [{**error, "task_id": task.id, "time": time.time()}]
+    if isinstance(task.result, dict) and "generation" in task.result:
+        return (task.result["attempts"], task.result["generation"],
+                task.result.get("failures", 0) + 1, {"failed_tasks": [], "previous_errors": own})
+    if args.get("expect_generation") is None:
+        return None
+    carried = {"failed_tasks": (args.get("failed_tasks") or []) + [task.id],
+               "previous_errors": (args.get("previous_errors") or []) + own}
+    return (args["attempt"], args["expect_generation"], args.get("failures", 0) + 1,
+            {k: v[-MAX_FAILED_TASKS:] for k, v in carried.items()})
 
 
 def _after_failure(agent: Supervisor, task, outcome: str, error, key: dict, method: str,
                    again, give_up) -> None:
-    """Retry (`again(**args)`: the job) or abandon (`give_up(generation, error)`: (method,
-    job)) a failed copy or merge, by the copy policy; `key` names it in events and logs."""
+    """Retry (`again(**args)`: the job) or abandon (`give_up(generation, errors, **args)`:
+    (method, job)) a failed copy or merge, by the copy policy; `key` names it in events and
+    logs."""
     if outcome != states.FAILED:
         return  # done, or aborted
-    args = task.job.args
-    if isinstance(task.result, dict) and "generation" in task.result:
-        attempts, gen = task.result["attempts"], task.result["generation"]
-        failures = task.result.get("failures", 0) + 1
-    elif args.get("expect_generation") is not None:
-        attempts, gen = args["attempt"], args["expect_generation"]
-        failures = args.get("failures", 0) + 1
-    else:
-        return  # a client's request that never got going (LeaseHeld, CopyConflict, ...)
-    cfg = agent.config["recovery"]
     error = error.to_json() if error else {}
+    failed = _what_failed(task, error)
+    if failed is None:
+        return  # a client's request that never got going (LeaseHeld, CopyConflict, ...)
+    attempts, gen, failures, carried = failed
+    cfg = agent.config["recovery"]
     name = error.get("data", {}).get("name")
     action = after_failure(name, failures, policy=cfg["copy_policy"],
                            max_attempts=cfg["max_attempts"])
@@ -237,15 +258,14 @@ def _after_failure(agent: Supervisor, task, outcome: str, error, key: dict, meth
     log.info(f"{method.split('.')[1]}_failed", **task.about(), error=name, attempts=attempts,
              failures=failures, action=action, **({"retry_in": delay} if action == "retry"
                                                    else {}))
-    # A worker that died could not record its own error on storage: the next one does.
-    unrecorded = None if error.get("data", {}).get("recorded") else (error or None)
     if action == "retry":
         agent.call_later(delay, lambda: _submit(
             agent, f"retry:{vid}:{gen}", method,
             again(recover="resume", expect_generation=gen, attempt=attempts + 1,
-                  failures=failures, previous_error=unrecorded)))
+                  failures=failures, **carried)))
     elif action == "abandon":
-        abandon_method, job = give_up(gen, unrecorded)
+        abandon_method, job = give_up(gen, carried["previous_errors"],
+                                      failed_tasks=carried["failed_tasks"])
         started = _submit(agent, f"abandon:{vid}:{gen}", abandon_method, job)
         agent.publish(method, {**key, "state": "abandoned", "generation": gen,
                                "attempts": attempts, "failures": failures,

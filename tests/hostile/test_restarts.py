@@ -19,6 +19,7 @@ from tests.support.storage_flow import (
     status,
     volume_path,
 )
+from workers.testseams import ENV
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,10 +95,11 @@ def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
                  what=f"life {restart + 1}'s copier")
         agent.kill()
         agent.start()
+    # Its lease is taken before its take-over: wait for both.
     holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
                       and s["copy"]["lease"]["live"] and ours(agent, s["copy"]["lease"].get("pid"))
-                      and s["copy"]["lease"], 60, what="this life's copier after the restarts")
-    assert status(agent, dst)["copy"]["attempts"] == 6
+                      and s["copy"]["attempts"] == 6 and s["copy"]["lease"], 60,
+                      what="this life's copier after the restarts")
     os.kill(holder["pid"], signal.SIGKILL)
 
     def failed_line():
@@ -111,3 +113,31 @@ def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
     final = wait_for(lambda: (s := status(agent, dst))["legality"] == "LEGAL" and s, 120,
                      interval=0.1, what="the retried copy to end LEGAL")
     assert final["copy"] is None
+
+
+def test_retries_that_die_before_they_say_what_they_took_still_end(make_agent, workdir):
+    """Every retry's worker dies right after its take-over commits, before it can say what
+    generation it took (the crash seam, in every copy worker). Each next retry, and then
+    the abandon, are told who died since: they take the copy at the generation the dead
+    raised, so it is abandoned after max_attempts with each failure counted once, with its
+    reason, never left copying with nobody at it."""
+    agent = make_agent(start=False, copy={"max_bytes_per_second": 2 * MiB},
+                       recovery={"copy_policy": "resume", "max_attempts": 3,
+                                 "backoff_seconds": 0.1})
+    agent.start(env={ENV: json.dumps({"crash_after": "commit:take_over", "op": "image.copy"})})
+    domain = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
+    src = make_source(agent, domain, SIZE)
+    dst = dst_for(domain)
+    agent.call("Image.copy", {"src": src, "dst": dst})  # answered: its generation is known
+    holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
+                      and s["copy"]["lease"]["live"] and s["copy"]["lease"], 60,
+                      what="the first copier")
+    os.kill(holder["pid"], signal.SIGKILL)
+    st = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "abandoned" and s, 60,
+                  what="the copy abandoned after max_attempts failures")
+    copy = st["copy"]
+    assert (copy["failures"], copy["attempts"], copy["generation"]) == (3, 3, 2), copy
+    assert [e["data"]["name"] for e in copy["errors"]] == ["WorkerDied"] * 3
+    assert len({(e["task_id"], e["time"]) for e in copy["errors"]}) == 3
+    assert st["legality"] == "ILLEGAL"

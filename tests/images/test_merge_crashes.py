@@ -208,3 +208,27 @@ def test_an_agent_killed_mid_commit_resumes_the_merge_at_start_up(slow_merge):
     recovered = [t["id"] for t in agent.call("Task.getAll") if t["method"] == "Image.merge"]
     assert recovered and all(t.startswith("recover:") for t in recovered), recovered
     finished(agent, chain, before, 3)
+
+
+def test_merge_retries_that_die_before_they_say_what_they_took_still_end(make_agent, workdir):
+    """As for copies (tests/hostile/test_restarts.py): every retry's worker dies right after
+    its take-over commits. Each next one, and the abandon, take the merge at the generation
+    the dead raised, so it is abandoned after max_attempts, each failure counted once with
+    its reason, and no guest's view has changed."""
+    agent = make_agent(start=False, copy=COPY, recovery={"copy_policy": "resume",
+                                                         "max_attempts": 3,
+                                                         "backoff_seconds": 0.1})
+    agent.start(env={ENV: json.dumps({"crash_after": "commit:take_over_merge",
+                                      "op": "image.merge"})})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id, base_format="cow")
+    before = views(chain, workdir)
+    base, top = chain[0], chain[1]
+    agent.client().call("Image.merge", merge_params(base, top), id="m1")
+    worker_of(agent, "m1").kill()
+    m = wait_for(lambda: (m := merge_state(agent, base)) and m["state"] == "abandoned" and m,
+                 timeout=60, what="the merge abandoned after max_attempts failures")
+    assert (m["failures"], m["attempts"]) == (3, 3), m
+    assert [e["data"]["name"] for e in m["errors"]] == ["WorkerDied"] * 3
+    views_intact(chain, before, 1)

@@ -92,3 +92,22 @@ def test_a_leaf_merge_ends_straight_from_its_commit_and_an_illegal_pair_is_refus
     db.db.execute("UPDATE volumes SET legality = 'ILLEGAL' WHERE volume_id = ?", [base])
     with pytest.raises(VolumeIllegal):
         db.begin_merge(image, base, top, "h", "t")
+
+
+def test_a_retried_merge_takes_what_its_dead_predecessor_took_and_counts_its_errors(chain):
+    """As for a copy (tests/storage/test_metadata.py): a merger that died right after its
+    take-over is named to the next, which takes the merge at the generation it raised and
+    counts the errors nobody recorded, once, in its own take-over."""
+    db, image, base, top, child = chain
+    db.begin_merge(image, base, top, "h", "t0")
+    e0 = {"message": "t0 died", "task_id": "t0", "time": 1.0}
+    taken = db.take_over_merge(base, "h", "r1", expect_generation=1, previous_errors=[e0])
+    assert (taken["generation"], taken["failures"]) == (2, 1)
+    e1 = {**e0, "task_id": "r1", "time": 2.0}
+    with pytest.raises(GenerationMismatch):  # not told of r1: r1's take-over fences it off
+        db.take_over_merge(base, "h", "r2", expect_generation=1, previous_errors=[e0, e1])
+    taken = db.take_over_merge(base, "h", "r2", expect_generation=1, failed_tasks=["r1"],
+                               previous_errors=[e0, e1])
+    assert (taken["generation"], taken["failures"], taken["errors"]) == (3, 2, [e0, e1])
+    with pytest.raises(GenerationMismatch):  # another host's r2 is not ours
+        db.take_over_merge(base, "h2", "r3", expect_generation=1, failed_tasks=["r1", "r2"])

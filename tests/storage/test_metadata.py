@@ -217,3 +217,56 @@ def test_lock_held_past_the_busy_timeout_is_a_typed_error_and_changes_nothing(ro
     other.close()
     db.create_volume(IMG, VOL, 1)
     assert db.volume_count() == 1
+
+
+def dead_take_over(db, task: str, expect: int, failed: list, errors: list) -> dict:
+    """A retry's take-over on host-a, told the generation last heard of and the tasks (and
+    the errors) of the workers that died since."""
+    return db.take_over(VOL, "host-a", task, expect_generation=expect, failed_tasks=failed,
+                        previous_errors=errors)
+
+
+def test_a_retry_takes_over_what_its_dead_predecessors_took_and_nothing_else(db):
+    """A worker commits its take-over before it can say so: the retry after it is told the
+    generation last heard of (0) and the tasks that died since. It takes the marker at the
+    generation they raised, each at most once, and at no other: not after a fence, not
+    after another host's or task's take-over."""
+    db.begin_copy(IMG, VOL, 100, SRC, "host-a", "t0")
+    e0 = {"message": "t0 died", "task_id": "t0", "time": 1.0}
+    m = dead_take_over(db, "r1", 0, [], [e0])  # r1 takes it over, then dies unheard
+    assert (m["generation"], m["failures"], m["errors"]) == (1, 1, [e0])
+    e1 = {"message": "r1 died", "task_id": "r1", "time": 2.0}
+    # r2 is told generation 0 and [r1]: r1 raised it to 1, so r2 takes it at 1.
+    m = dead_take_over(db, "r2", 0, ["r1"], [e0, e1])
+    assert (m["generation"], m["task_id"], m["failures"]) == (2, "r2", 2)
+    assert m["errors"] == [e0, e1]  # e0 was recorded by r1: counted once
+    # r3, told [r1, r2]: the second of them may have raised it by two.
+    assert dead_take_over(db, "r3", 0, ["r1", "r2"], [])["generation"] == 3
+    with pytest.raises(GenerationMismatch):  # r3, first of two, raised 1 by one at most
+        dead_take_over(db, "r4", 1, ["r3", "r9"], [])
+    for who, failed in (("host-b", ["r3"]),  # another host's task of that name
+                        ("host-a", ["r9"])):  # a task not among the failed
+        expect = db.get_marker(VOL)["generation"]
+        db.take_over(VOL, who, "r3", expect_generation=expect)
+        with pytest.raises(GenerationMismatch):
+            dead_take_over(db, "r5", expect, failed, [])
+    # A fence after the dead task's take-over fences the retry off too.
+    taken = dead_take_over(db, "r6", 5, [], [])
+    assert taken["generation"] == 6
+    db.fence(VOL, 6)
+    with pytest.raises(GenerationMismatch):
+        dead_take_over(db, "r7", 5, ["r6"], [])
+    assert db.get_marker(VOL)["failures"] == 2  # nothing refused was counted
+
+
+def test_errors_no_worker_recorded_are_counted_once(db):
+    db.begin_copy(IMG, VOL, 100, SRC, "host-a", "t0")
+    e0 = {"message": "gone", "task_id": "t0", "time": 1.0}
+    assert db.record_errors(VOL, 0, [e0]) is True
+    assert db.record_errors(VOL, 0, [e0, {**e0, "time": 2.0}]) is True
+    assert db.record_error(VOL, 0, {"message": "says no time"}) is True
+    assert db.record_error(VOL, 0, {"message": "says no time"}) is True
+    m = db.get_marker(VOL)
+    assert m["failures"] == 4 and [e.get("time") for e in m["errors"]] == [1.0, 2.0, None, None]
+    # A client's continue starts a new count of failures: what it carries is not counted.
+    assert db.take_over(VOL, "h", "c", previous_errors=[{**e0, "time": 3.0}])["failures"] == 0

@@ -13,7 +13,7 @@ import os
 from agent import errors
 from agent.storage import chain, checksum, leases, tracking, volumes
 from agent.storage.copy import kernel
-from agent.storage.markers import check_source, source_identity
+from agent.storage.markers import check_source, expected_generation, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
 from workers.ops import merge as merge_op
@@ -68,10 +68,9 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
                                           "volumeID": marker["src_volume"]})
     marker = dst_db.take_over(dst["volumeID"], ctx.host_id, ctx.task_id,
                               expect_generation=args.get("expect_generation"),
-                              restart=args.get("recover") == "restart", src_identity=identity)
-    if args.get("previous_error"):  # a failure its worker could not record: counted now
-        dst_db.record_error(dst["volumeID"], marker["generation"], args["previous_error"])
-        marker = dst_db.get_marker(dst["volumeID"])
+                              restart=args.get("recover") == "restart", src_identity=identity,
+                              failed_tasks=args.get("failed_tasks"),
+                              previous_errors=args.get("previous_errors"))
     return marker, marker["copied"] == 0
 
 
@@ -295,9 +294,11 @@ def abandon(ctx, args):
     dst = args["dst"]
     with open_domain(dst) as db, \
             leases.for_domain(db).acquire(dst["volumeID"], holder(ctx, "abandon")):
-        gen = args["expect_generation"]
-        if args.get("previous_error"):
-            db.record_error(dst["volumeID"], gen, args["previous_error"])
+        marker = db.get_marker(dst["volumeID"])
+        gen = args["expect_generation"] if marker is None else expected_generation(
+            marker, args["expect_generation"], ctx.host_id, args.get("failed_tasks"))
+        if args.get("previous_errors"):
+            db.record_errors(dst["volumeID"], gen, args["previous_errors"])
         if not db.abandon(dst["volumeID"], gen):
             raise errors.GenerationMismatch("the copy changed hands", volumeID=dst["volumeID"])
         return {"volumeID": dst["volumeID"], "state": "abandoned", "generation": gen}

@@ -20,6 +20,7 @@ import time
 
 from agent import errors
 from agent.storage import chain, leases, metadata, qcow2, qemu_img, sizing, tracking, volumes
+from agent.storage.markers import expected_generation
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS, open_domain
 from workers.ops.copying import qemu as qemu_copy
@@ -111,10 +112,9 @@ def _own(ctx, db: DomainDB, args: dict) -> dict:
                                      volumeID=base_id, reason="merge", top=m["top_id"])
         m = db.take_over_merge(base_id, ctx.host_id, ctx.task_id,
                                expect_generation=args.get("expect_generation"),
-                               restart=args.get("recover") == "restart")
-        if args.get("previous_error"):  # a failure its worker could not record
-            db.record_merge_error(base_id, m["generation"], args["previous_error"])
-            m = db.get_merge(base_id)
+                               restart=args.get("recover") == "restart",
+                               failed_tasks=args.get("failed_tasks"),
+                               previous_errors=args.get("previous_errors"))
     top = db.get_volume(top_id)
     m["top_format"], m["top_path"] = top["format"], db.layout.data_path(top)
     return m
@@ -243,9 +243,11 @@ def abandon(ctx, args):
     'abandoned', until someone continues it (Image.merge of the same pair)."""
     with open_domain(args) as db, \
             leases.for_domain(db).acquire(args["baseVolumeID"], holder(ctx, "abandon")):
-        gen = args["expect_generation"]
-        if args.get("previous_error"):
-            db.record_merge_error(args["baseVolumeID"], gen, args["previous_error"])
+        merge = db.get_merge(args["baseVolumeID"])
+        gen = args["expect_generation"] if merge is None else expected_generation(
+            merge, args["expect_generation"], ctx.host_id, args.get("failed_tasks"))
+        if args.get("previous_errors"):
+            db.record_merge_errors(args["baseVolumeID"], gen, args["previous_errors"])
         if not db.abandon_merge(args["baseVolumeID"], gen):
             raise errors.GenerationMismatch("the merge changed hands",
                                             volumeID=args["baseVolumeID"])

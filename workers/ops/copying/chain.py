@@ -71,9 +71,9 @@ def _own(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_rows, ids) -> list:
             row["volume_id"], ctx.host_id, ctx.task_id,
             expect_generation=args.get("expect_generation") if leaf else marker["generation"],
             restart=args.get("recover") == "restart",
-            src_identity=source_identity(src_rows[i]))
-        if leaf and args.get("previous_error"):
-            dst_db.record_error(ids[-1], marker["generation"], args["previous_error"])
+            src_identity=source_identity(src_rows[i]),
+            failed_tasks=args.get("failed_tasks") if leaf else None,
+            previous_errors=args.get("previous_errors") if leaf else None)
         out.append((marker, marker["copied"] == 0))
     if missing:
         layers = [{"imageID": dst["imageID"], "volumeID": ids[i], "size": src_rows[i]["size"],
