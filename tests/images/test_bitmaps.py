@@ -5,13 +5,12 @@ chain as qemu:dirty-bitmap:NAME."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
 
 from agent.client import CallError
-from tests.images.chains import needs_qemu, qemu_io
+from tests.images.chains import locks_held, needs_qemu, qemu_io
 from tests.support.harness import task_state, wait_for
 from tests.support.storage_flow import MiB, new_id
 
@@ -264,11 +263,20 @@ def test_a_grown_volume_keeps_its_bitmaps_tracking(agent):
 
 
 def guest(workdir, path: str) -> subprocess.Popen:
-    """A qemu holding the image open for writing, as a guest's would (here qemu-nbd)."""
+    """A qemu holding the image open for writing, as a guest's would (here qemu-nbd), once
+    it has opened it: its descriptor carries qemu's locks and it has marked every bitmap in
+    use (its socket comes before both, so it proves nothing)."""
     sock = str(workdir / f"guest-{new_id()[:8]}.sock")
     proc = subprocess.Popen(["qemu-nbd", "--persistent", "-k", sock, "-f", "qcow2", path],
                             stderr=subprocess.DEVNULL)
-    wait_for(lambda: os.path.exists(sock), 10, what="the guest's qemu")
+    try:
+        wait_for(lambda: locks_held(proc.pid, path) and all(
+            "in-use" in b["flags"] for b in image_bitmaps(path).values()), 30, interval=0.05,
+            what="the guest's qemu to open the image")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
     return proc
 
 
