@@ -181,10 +181,11 @@ def fence_waits_out_a_cut_off_host_and_its_late_writer_is_refused(make_agent, da
     takes the lease and raises the generation; A's writer can commit nothing after that,
     and B's continue ends the copy with the source's data."""
     a = first_host(make_agent, daemons, shared, names[0],
-                   copy={**COPY, "max_bytes_per_second": 2 * MiB})  # copying after ~70 s
+                   copy={**COPY, "max_bytes_per_second": 2 * MiB})
     b = second_host(make_agent, daemons, shared, names[1],
                     copy={**COPY, "max_bytes_per_second": 0})
-    src = make_source(a, shared[0], 256 * MiB, layout=[(0, 32 * MiB), (192 * MiB, 32 * MiB)])
+    # Dense: the rate paces data, and A must still be copying after ~70 s (128 s of data).
+    src = make_source(a, shared[0], 256 * MiB)
     dst = dst_for(shared[0])
     first = a.client().call("Image.copy", {"src": src, "dst": dst}, id="c1")
     checkpointed(a, dst)

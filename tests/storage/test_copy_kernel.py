@@ -44,14 +44,14 @@ class Copy:
         self.events: list[tuple[str, int]] = []
         self.accept = True
         self.stop_at = None
-        self.offset = None
+        self.offset = self.moved = None
 
     def checkpoint(self, offset):
         self.events.append(("checkpoint", offset))
         return self.accept
 
-    def progress(self, offset):
-        self.offset = offset
+    def progress(self, offset, moved):
+        self.offset, self.moved = offset, moved
 
     def should_stop(self):
         return self.stop_at is not None and (self.offset or 0) >= self.stop_at
@@ -112,6 +112,7 @@ def test_holes_stay_holes(tmp_path, copies):
     src = make_file(tmp_path / "src", size, islands)
     c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
+    assert c.moved == sum(e - s for s, e in islands)  # what the rate limit paces
     dst = tmp_path / "dst"
     assert os.path.getsize(dst) == size
     assert os.stat(dst).st_blocks * 512 <= 4 * MiB  # 3.4 MiB of data in a 64 MiB file

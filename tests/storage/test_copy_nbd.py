@@ -77,7 +77,7 @@ def copy(src, dst_path, how, start, fresh, stop_after=None):
         try:
             nbd.copy_image(s, d, start, SIZE, layer=False, fresh=fresh, hasher=hasher,
                            checkpoint=lambda o: points.append(o) or True,
-                           progress=lambda o: None, should_stop=should_stop,
+                           progress=lambda o, m: None, should_stop=should_stop,
                            chunk=MiB, checkpoint_bytes=2 * MiB)
         except CopyStopped as stop:
             return stop.offset, points, None
@@ -109,13 +109,13 @@ def test_stopped_anywhere_and_resumed_it_ends_equal_with_the_files_checksum(
 
 def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
     """An empty 64 GiB qcow2 copied with checkpoints due every MiB of data: no checkpoint
-    (no data moved, and the time trigger far away), one block status request per 4 GiB, one
+    (no data moved, and the time trigger far away), no data for the rate limit to pace, one block status request per 4 GiB, one
     piece for the whole hole, and the checksum of 64 GiB of zeros."""
     size = 64 << 30
     src, dst = str(tmp_path / "empty.qcow2"), str(tmp_path / "dst.raw")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, str(size)], check=True)
     open(dst, "wb").truncate(size)
-    hasher, points, seen = checksum.StreamHasher(size), [], []
+    hasher, points, seen, moved = checksum.StreamHasher(size), [], [], []
     with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, "file") as d:
         real = s.h.block_status
 
@@ -124,9 +124,10 @@ def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
             return real(*args, **kw)
         s.h.block_status = counted
         nbd.copy_image(s, d, 0, size, layer=False, fresh=True, hasher=hasher,
-                       checkpoint=lambda o: points.append(o) or True, progress=lambda o: None,
-                       should_stop=lambda: False, checkpoint_bytes=MiB,
-                       checkpoint_seconds=3600)
+                       checkpoint=lambda o: points.append(o) or True,
+                       progress=lambda o, m: moved.append(m), should_stop=lambda: False,
+                       checkpoint_bytes=MiB, checkpoint_seconds=3600)
+    assert set(moved) == {0}  # nothing for the rate limit to pace
     assert points == [] and 0 < len(seen) <= size // (4 << 30) + 1, (points, len(seen))
     zeros = checksum.StreamHasher(size)
     zeros.zeros(size)
@@ -152,7 +153,7 @@ def test_a_destination_holding_other_bytes_ends_equal_and_as_thin_as_asked(
         f.write(os.urandom(SIZE))
     with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, how, punch) as d:
         nbd.copy_image(s, d, 0, SIZE, layer=False, fresh=False, hasher=None,
-                       checkpoint=lambda o: True, progress=lambda o: None,
+                       checkpoint=lambda o: True, progress=lambda o, m: None,
                        should_stop=lambda: False, chunk=MiB)
     with open(dst, "rb") as f, open(raw, "rb") as g:
         assert f.read() == g.read()
@@ -183,7 +184,7 @@ def test_a_file_destinations_write_or_flush_failing_is_the_agents_error(
         with pytest.raises(want) as exc:
             nbd.copy_image(s, d, 0, SIZE, layer=False, fresh=True, hasher=None,
                            checkpoint=lambda o: points.append(o) or True,
-                           progress=lambda o: None, should_stop=lambda: False, chunk=MiB,
+                           progress=lambda o, m: None, should_stop=lambda: False, chunk=MiB,
                            checkpoint_bytes=MiB)
     failed = exc.value.data["offset"]
     assert failed >= failing_at

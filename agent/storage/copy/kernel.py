@@ -187,7 +187,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
         raise InvalidParams("chunk and checkpoint_bytes must be positive", field="chunk")
     mover = _Mover(src_fd, dst_fd)
     cache = _Cache(src_fd, dst_fd)
-    offset, saved_offset, saved_at = start, start, clock()
+    offset, saved_offset, saved_at, moved = start, start, clock(), 0
     while offset < size:
         with os_errors(offset):
             offset, extent_end = next_extent(src_fd, offset, size)
@@ -204,8 +204,8 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
                 raise VolumeTruncated(f"the source's data ends at offset {offset}, before "
                                       f"its size of {size}", offset=offset, size=size)
             cache.copied(offset, n, was_cached)
-            offset += n
-            progress(offset)
+            offset, moved = offset + n, moved + n
+            progress(offset, moved)
             due = clock() - saved_at >= checkpoint_seconds
             if offset - saved_offset >= checkpoint_bytes or due:
                 _durable(dst_fd, offset)

@@ -180,7 +180,7 @@ class _Copier:
             self.moved += piece.length
         piece.view = piece.buf = None
         self.done = piece.offset + piece.length
-        self.progress(self.done)
+        self.progress(self.done, self.moved)
 
     def _give_back(self, view: bytearray) -> None:
         if len(self.spare) < 2 * self.max_in_flight:  # the hasher's queue holds some too

@@ -52,13 +52,16 @@ class Reporter:
         """Said once when the copy waits for something outside it (a killed writer's lock)."""
         self.ctx.event(self.topic, {**self.base, "state": "waiting", "reason": reason})
 
-    def progress(self, offset: int) -> None:
+    def progress(self, offset: int, moved: int) -> None:
+        """Every byte below `offset` is written; `moved` bytes of data were, in this life.
+        The rate limit paces the data moved: a hole, read and written as nothing, costs no
+        I/O, and a sparse 8 TiB disk must not take 8 TiB's time (oVirt/vdsm#221)."""
         if self.follower is not None:
             self.follower.advance(offset)
         done, layers = self.share
         fraction = offset / self.size if self.size else 1.0
         self.ctx.progress(100.0 * (done + fraction) / layers)
         if self.rate:  # behind the allowed rate's schedule? wait (an abort cuts it short)
-            ahead = (offset - self.start) / self.rate - (time.monotonic() - self.began)
+            ahead = moved / self.rate - (time.monotonic() - self.began)
             if ahead > 0:
                 self.ctx.pause(ahead)
