@@ -101,6 +101,17 @@ def test_a_subscriber_that_never_reads_holds_no_large_results(make_agent, scale)
         pytest.fail("no Task.state of a Task.getAll seen")
 
 
+def test_a_reply_larger_than_the_unread_bound_reaches_a_client_that_reads(make_agent):
+    """The bound holds back a client's next reply while earlier ones are unread; a client
+    with nothing unread gets even a reply larger than the bound, every time."""
+    agent = make_agent(rpc={"max_unread_reply_bytes": 64 * 1024})
+    retained_tasks(agent, 1000)  # Task.getAll: ~250 KB
+    reader = agent.client(timeout=30)
+    for _ in range(3):
+        assert len(reader.call("Task.getAll")) >= 1000
+    assert agent.call("Host.getStats")["limits"]["rpc"]["replies_refused"] == 0
+
+
 def test_unread_replies_are_bounded_and_readers_still_served(make_agent, scale):
     agent = make_agent(rpc={"endpoints": ["ipc://{run_dir}/rpc.sock"],
                             "max_unread_reply_bytes": 16 * MiB})
