@@ -109,8 +109,9 @@ def test_stopped_anywhere_and_resumed_it_ends_equal_with_the_files_checksum(
 
 def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
     """An empty 64 GiB qcow2 copied with checkpoints due every MiB of data: no checkpoint
-    (no data moved, and the time trigger far away), no data for the rate limit to pace, one block status request per 4 GiB, one
-    piece for the whole hole, and the checksum of 64 GiB of zeros."""
+    (no data moved, and the time trigger far away), no data for the rate limit to pace,
+    one block status request per 4 GiB, one piece for the whole hole, and the checksum of
+    64 GiB of zeros."""
     size = 64 << 30
     src, dst = str(tmp_path / "empty.qcow2"), str(tmp_path / "dst.raw")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", src, str(size)], check=True)
