@@ -221,6 +221,20 @@ class ForkServer:
             self.sel.modify(self.control, want)
 
 
+def preload() -> None:
+    """Import everything a worker imports, so a forked worker imports nothing; and set its
+    logs up as the agent writes them ($HOSTAGENT_LOG_FORMAT), once for every worker.
+
+    Not rich: structlog imports it whenever it can, for console tracebacks that agent/logs.py
+    does not use (it names plain_traceback), and with pygments it was 3.9 MiB of the fork
+    server's memory, and of every worker's resident set (docs/performance.md). No worker
+    draws anything; the command line, which does, is another process."""
+    sys.modules.setdefault("rich", None)  # None: an import of it fails; structlog copes
+    from agent import logs
+    from workers import ops, runtime  # noqa: F401  (ops imports every op's module)
+    logs.setup()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hostagent-forkserver")
     parser.add_argument("--supervisor-pid", type=int, required=True)
@@ -235,12 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     # The supervisor's terminal Ctrl-C must not reach us through the process group first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    # Preload everything a worker imports, so a forked worker imports nothing; and its logs
-    # as the agent writes them ($HOSTAGENT_LOG_FORMAT), set up once for every worker.
-    from agent import logs
-    from workers import ops, runtime  # noqa: F401  (ops imports every op's module)
-    logs.setup()
-
+    preload()
     ForkServer(socket.socket(fileno=CONTROL_FD), args.supervisor_pid).run()
     os._exit(0)
 
