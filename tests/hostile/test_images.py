@@ -98,15 +98,23 @@ def data_file(target_kind: str, raw_flag: bool):
     return plant
 
 
+LUKS_ATTEMPTS = 50
+
+
 def luks(volume, parent, scratch, targets):
-    for attempt in range(5):  # qemu times PBKDF on the CPU: "Unable to get accurate CPU
-        try:                  # usage" on a busy machine is qemu's, not ours: made again
+    # qemu-img times PBKDF on the CPU, and its first round (a few ms) can read 0 ms of CPU
+    # time, which this qemu takes for an error: "Unable to get accurate CPU usage" (a qemu
+    # bug, fixed upstream: qemu-devel, "crypto: fix bogus error benchmarking pbkdf on fast
+    # machines"). A failed attempt costs milliseconds, and a busy CI machine failed five in
+    # a row: the image is made again, up to LUKS_ATTEMPTS times.
+    for attempt in range(LUKS_ATTEMPTS):
+        try:
             made = _snapshot_like(volume, parent, scratch, "--object", "secret,id=s0,data=pw",
                                   "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
                                   "encrypt.iter-time=50", name=f"made-{attempt}.qcow2")
             break
         except AssertionError as exc:
-            if "accurate CPU usage" not in str(exc) or attempt == 4:
+            if "accurate CPU usage" not in str(exc) or attempt == LUKS_ATTEMPTS - 1:
                 raise
     _plant(volume, made)
     return []
