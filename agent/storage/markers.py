@@ -139,7 +139,8 @@ class Markers:
                 check_source(marker, src_identity)
             ident = src_identity or {}
             gen, now = marker["generation"] + 1, time.time()
-            new = unrecorded(marker, previous_errors) if expect_generation is not None else []
+            added, kept = with_errors(marker, previous_errors if expect_generation is not None
+                                      else None)
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [gen, now, volume_id])
             db.execute(
@@ -149,9 +150,8 @@ class Markers:
                 " failures = CASE WHEN ? THEN 0 ELSE failures + ? END, errors = ?,"
                 " src_generation = COALESCE(src_generation, ?),"
                 " src_token = COALESCE(src_token, ?) WHERE volume_id = ?",
-                [gen, host_id, task_id, now, bool(restart), expect_generation is None, len(new),
-                 json.dumps((marker["errors"] + new)[-MAX_ERRORS:]), ident.get("generation"),
-                 ident.get("token"), volume_id])
+                [gen, host_id, task_id, now, bool(restart), expect_generation is None, added,
+                 kept, ident.get("generation"), ident.get("token"), volume_id])
             return self.get_marker(volume_id)
 
     def checkpoint(self, volume_id: str, generation: int, copied: int) -> bool:
@@ -187,11 +187,10 @@ class Markers:
             marker = self.get_marker(volume_id, generation)
             if marker is None:
                 return False
-            new = unrecorded(marker, found)
-            errors = (marker["errors"] + new)[-MAX_ERRORS:]
+            added, kept = with_errors(marker, found)
             db.execute("UPDATE copy_markers SET errors = ?, updated = ?,"
                        " failures = failures + ? WHERE volume_id = ? AND generation = ?",
-                       [json.dumps(errors), time.time(), len(new), volume_id, generation])
+                       [kept, time.time(), added, volume_id, generation])
             return True
 
     def fence(self, volume_id: str, generation: int) -> int:
@@ -216,14 +215,19 @@ class Markers:
                            [generation + 1, now, volume_id, generation])
             return generation + 1
 
-    def abandon(self, volume_id: str, generation: int) -> bool:
-        """Mark the copy abandoned (kept for a later take_over); False if superseded."""
+    def abandon(self, volume_id: str, generation: int, errors: list | None = None) -> bool:
+        """Mark the copy abandoned (kept for a later take_over), counting in the same
+        transaction the ``errors`` no worker recorded (record_errors); False if superseded."""
         volume_id = check_uuid(volume_id, "volumeID")
         with self.tx("abandon") as db:
-            cur = db.execute("UPDATE copy_markers SET state = 'abandoned', updated = ?"
-                             " WHERE volume_id = ? AND generation = ?",
-                             [time.time(), volume_id, generation])
-            return cur.rowcount == 1
+            marker = self.get_marker(volume_id, generation)
+            if marker is None:
+                return False
+            added, kept = with_errors(marker, errors)
+            db.execute("UPDATE copy_markers SET state = 'abandoned', errors = ?,"
+                       " failures = failures + ?, updated = ? WHERE volume_id = ?",
+                       [kept, added, time.time(), volume_id])
+            return True
 
 
 def expected_generation(record: dict, expected: int | None, host_id: str | None,
@@ -250,6 +254,13 @@ def unrecorded(record: dict, found: list | None) -> list:
     not say when is always new)."""
     held = {(e.get("task_id"), e["time"]) for e in record["errors"] if "time" in e}
     return [e for e in found or [] if "time" not in e or (e.get("task_id"), e["time"]) not in held]
+
+
+def with_errors(record: dict, found: list | None) -> tuple[int, str]:
+    """(how many of `found` are new to `record`, its error list with them as stored: the
+    last MAX_ERRORS)."""
+    new = unrecorded(record, found)
+    return len(new), json.dumps((record["errors"] + new)[-MAX_ERRORS:])
 
 
 def check_source(marker: dict, identity: dict) -> None:

@@ -36,7 +36,7 @@ from agent.errors import (
     VolumeInUse,
 )
 from agent.ids import check_uuid
-from agent.storage.markers import MAX_ERRORS, expected_generation, unrecorded
+from agent.storage.markers import expected_generation, with_errors
 
 RETAIN_MERGED = 1000  # merged records kept per domain (what a late retry is answered from)
 
@@ -145,7 +145,8 @@ class Merges:
                                          expected=expect_generation,
                                          generation=merge and merge["generation"])
             gen, now = merge["generation"] + 1, time.time()
-            new = unrecorded(merge, previous_errors) if expect_generation is not None else []
+            added, kept = with_errors(merge, previous_errors if expect_generation is not None
+                                      else None)
             db.execute("UPDATE volumes SET generation = ?, updated = ? WHERE volume_id = ?",
                        [gen, now, base_id])
             db.execute("UPDATE merges SET generation = ?, host_id = ?, task_id = ?,"
@@ -154,7 +155,7 @@ class Merges:
                        " failures = CASE WHEN ? THEN 0 ELSE failures + ? END, errors = ?"
                        " WHERE volume_id = ?",
                        [gen, host_id, task_id, now, bool(restart), expect_generation is None,
-                        len(new), json.dumps((merge["errors"] + new)[-MAX_ERRORS:]), base_id])
+                        added, kept, base_id])
             return self.get_merge(base_id)
 
     def _merge_update(self, op: str, base_id: str, generation: int, sets: str,
@@ -175,24 +176,27 @@ class Merges:
                                   "step = 'committed', copied = size, checksum = ?",
                                   [checksum])
 
-    def abandon_merge(self, base_id: str, generation: int) -> bool:
-        return self._merge_update("abandon_merge", base_id, generation, "state = 'abandoned'",
-                                  [])
+    def abandon_merge(self, base_id: str, generation: int, errors: list | None = None) -> bool:
+        """As abandon of a copy: the ``errors`` no worker recorded counted in the same
+        transaction."""
+        with self.tx("abandon_merge") as db:
+            merge = self.get_merge(base_id, generation)
+            if merge is None:
+                return False
+            added, kept = with_errors(merge, errors)
+            db.execute("UPDATE merges SET state = 'abandoned', errors = ?,"
+                       " failures = failures + ?, updated = ? WHERE volume_id = ?",
+                       [kept, added, time.time(), base_id])
+            return True
 
     def record_merge_error(self, base_id: str, generation: int, error: dict) -> bool:
-        return self.record_merge_errors(base_id, generation, [error])
-
-    def record_merge_errors(self, base_id: str, generation: int, found: list) -> bool:
-        """Each of ``found`` the merge does not hold yet, counted as a failure."""
         with self.tx("record_merge_error") as db:
             merge = self.get_merge(base_id, generation)
             if merge is None:
                 return False
-            new = unrecorded(merge, found)
-            errors = (merge["errors"] + new)[-MAX_ERRORS:]
+            added, kept = with_errors(merge, [error])
             db.execute("UPDATE merges SET errors = ?, failures = failures + ?, updated = ?"
-                       " WHERE volume_id = ?",
-                       [json.dumps(errors), len(new), time.time(), base_id])
+                       " WHERE volume_id = ?", [kept, added, time.time(), base_id])
             return True
 
     def grow_base(self, base_id: str, generation: int, size: int) -> bool:

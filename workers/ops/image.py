@@ -145,7 +145,7 @@ def copy(ctx, args):
                                     base, marker)
             else:
                 _source_row_still(src_db, src, marker)
-                report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, None,
+                report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, base, None,
                                    ctx.settings.get("copy", {}).get("max_bytes_per_second", 0))
                 digest, _ = qemu_copy.move(
                     ctx, src_db=src_db, src_rows=src_rows, dst_db=dst_db, dst_rows=[dst_row],
@@ -234,8 +234,7 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
         # no faster than the copy may go.
         if cfg.get("record_checksum", True):
             follower = checksum.Follower(dst_fd, size, written=start, rate=rate)
-        report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, start, base, follower,
-                           rate)
+        report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, base, follower, rate)
         try:
             kernel.copy_range(
                 src_fd, dst_fd, start, size, checkpoint=report.checkpoint,
@@ -297,9 +296,7 @@ def abandon(ctx, args):
         marker = db.get_marker(dst["volumeID"])
         gen = args["expect_generation"] if marker is None else expected_generation(
             marker, args["expect_generation"], ctx.host_id, args.get("failed_tasks"))
-        if args.get("previous_errors"):
-            db.record_errors(dst["volumeID"], gen, args["previous_errors"])
-        if not db.abandon(dst["volumeID"], gen):
+        if not db.abandon(dst["volumeID"], gen, args.get("previous_errors")):
             raise errors.GenerationMismatch("the copy changed hands", volumeID=dst["volumeID"])
         return {"volumeID": dst["volumeID"], "state": "abandoned", "generation": gen}
 

@@ -199,7 +199,7 @@ def _commit(ctx, db: DomainDB, m: dict, base: dict) -> str | None:
         chain.reclaim_leaks(db.layout, rows[-2], ctx.beat, ctx.wait, on_wait=lambda: ctx.event(
             "Image.merge", {**base, "state": "waiting", "reason": "image-locked"}))
     cfg = ctx.settings.get("copy", {})
-    report = Reporter(ctx, db, base_id, gen, m["size"], m["copied"], base, None,
+    report = Reporter(ctx, db, base_id, gen, m["size"], base, None,
                       cfg.get("max_bytes_per_second", 0), topic="Image.merge",
                       save=lambda offset: db.merge_checkpoint(base_id, gen, offset))
     digest, _ = qemu_copy.move(ctx, src_db=db, src_rows=rows, dst_db=db, dst_rows=rows[:-1],
@@ -246,9 +246,7 @@ def abandon(ctx, args):
         merge = db.get_merge(args["baseVolumeID"])
         gen = args["expect_generation"] if merge is None else expected_generation(
             merge, args["expect_generation"], ctx.host_id, args.get("failed_tasks"))
-        if args.get("previous_errors"):
-            db.record_merge_errors(args["baseVolumeID"], gen, args["previous_errors"])
-        if not db.abandon_merge(args["baseVolumeID"], gen):
+        if not db.abandon_merge(args["baseVolumeID"], gen, args.get("previous_errors")):
             raise errors.GenerationMismatch("the merge changed hands",
                                             volumeID=args["baseVolumeID"])
         return {"volumeID": args["baseVolumeID"], "state": "abandoned", "generation": gen}

@@ -91,7 +91,7 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
             "layer": i, "layers": n}
     ctx.event("Image.copy", {**base, "state": "started", "copied": marker["copied"]})
     cfg = ctx.settings.get("copy", {})
-    report = Reporter(ctx, dst_db, vid, gen, marker["size"], marker["copied"], base, None,
+    report = Reporter(ctx, dst_db, vid, gen, marker["size"], base, None,
                       cfg.get("max_bytes_per_second", 0), share=(i, n))
     try:
         digest, _ = qemu.move(

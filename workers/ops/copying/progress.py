@@ -27,10 +27,10 @@ class Reporter:
     ``share`` (layer index, layers): a chain copy's progress counts every layer."""
 
     def __init__(self, ctx, dst_db: DomainDB, volume_id: str, gen: int, size: int,
-                 start: int, base: dict, follower, rate: int, share: tuple = (0, 1),
+                 base: dict, follower, rate: int, share: tuple = (0, 1),
                  topic: str = "Image.copy", save=None):
         self.ctx, self.dst_db, self.volume_id, self.gen = ctx, dst_db, volume_id, gen
-        self.size, self.start, self.base = size, start, base
+        self.size, self.base = size, base
         self.follower, self.rate, self.share = follower, rate, share
         self.topic = topic
         # Where a checkpoint is recorded: the copy marker, or (a merge) its own row.
