@@ -9,6 +9,10 @@ worker of a real agent; nothing else in the agent changes. The variable holds JS
                               SIGKILL this worker right after the (K+1)-th metadata commit
                               or write of that name (a commit is "commit:<op>"; a merge's
                               rewrite of its child's header is "write:repoint-header")
+  {"crash_before": "begin:abandon", "once": PATH}
+                              SIGKILL this worker right before a write transaction of that
+                              name begins; with "once", only the worker that removes the
+                              file at PATH (the test made it): one death, then sound runs
   {..., "op": "export.finish"}  only in workers of that op (the others run sound)
   {"io_error": {"kind": "copy" | "fsync", "errno": "EIO", "at_offset": X}}
                               raise that OSError the first time the copy engine does `kind`
@@ -56,6 +60,18 @@ def install_from_env(op: str | None = None) -> dict | None:
                 if seen[0] < 0:
                     os.kill(os.getpid(), signal.SIGKILL)
         metadata._after_write_hook = named
+    if "crash_before" in spec:
+
+        def before(what):
+            if what != spec["crash_before"]:
+                return
+            if "once" in spec:
+                try:
+                    os.unlink(spec["once"])
+                except FileNotFoundError:
+                    return  # another worker died already
+            os.kill(os.getpid(), signal.SIGKILL)
+        metadata._before_write_hook = before
     if "io_error" in spec:
         want = spec["io_error"]
         code = getattr(errno, want.get("errno", "EIO"))

@@ -76,6 +76,9 @@ FORMAT_LOCK = ".format.lock"  # held while a domain is formatted (never deleted)
 # test can SIGKILL the process at the N-th write and check what start-up recovers from that
 # exact state. Never set outside tests.
 _after_write_hook = None
+# The same, called with "begin:<op>" before each write transaction begins (a worker killed
+# before it could write at all). Never set outside tests.
+_before_write_hook = None
 
 
 def _connect(path: str) -> sqlite_utils.Database:
@@ -268,6 +271,8 @@ class DomainDB(Markers, Transfers, Merges, Bitmaps):
     def tx(self, op: str):
         """One write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
         conn = self.db.conn
+        if _before_write_hook is not None:
+            _before_write_hook(f"begin:{op}")
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:

@@ -24,6 +24,7 @@ still has all its tries.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ log = logs.get(component="recovery")
 
 MAX_BACKOFF = 600.0  # seconds: the longest wait before a retry, however many failures
 MAX_FAILED_TASKS = 32  # named in a retry (each is a failure: max_attempts ends it sooner)
+MAX_ABANDON_TRIES = 8  # an abandon that keeps failing: then left to the next start-up
 RETRYABLE = frozenset({"WorkerDied", "WorkerTimeout", "NoSpace", "OperationFailed",
                        "InternalError"})
 
@@ -151,7 +153,31 @@ def _scan_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
 
 def _abandon(agent: Supervisor, dst: dict, gen: int, error: dict | None):
     return _submit(agent, f"abandon:{dst['volumeID']}:{gen}", "Recovery.abandon",
-                   jobs.abandon(agent.domains, dst, gen, error))
+                   abandon_under_policy(jobs.abandon(agent.domains, dst, gen, error)))
+
+
+def abandon_under_policy(job: jobs.WorkerJob, tries: int = 1) -> jobs.WorkerJob:
+    """An abandon (of a copy or a merge) tried again, with backoff, when its worker fails
+    for a reason that passes (it died, timed out, met a storage error): else the copy would
+    stay `copying` with nobody at it until the next start-up. Abandoning again is harmless:
+    it keeps the generation, and the errors it carries are counted once (markers.unrecorded)."""
+    return dataclasses.replace(job, args={**job.args, "abandon_try": tries},
+                               on_end=_abandon_ended)
+
+
+def _abandon_ended(agent: Supervisor, task, outcome: str, result, error) -> None:
+    if outcome != states.FAILED:
+        return
+    name = (error.to_json() if error else {}).get("data", {}).get("name")
+    tries = task.job.args.get("abandon_try", 1)
+    if name not in RETRYABLE or tries >= MAX_ABANDON_TRIES:
+        log.error("abandon_failed", **task.about(), error=name, tries=tries, action="leave")
+        return
+    delay = min(agent.config["recovery"]["backoff_seconds"] * 2 ** (tries - 1), MAX_BACKOFF)
+    log.warning("abandon_failed", **task.about(), error=name, tries=tries, action="retry",
+                retry_in=delay)
+    job = abandon_under_policy(task.job, tries + 1)
+    agent.call_later(delay, lambda: _submit(agent, task.id, task.method, job))
 
 
 def _recover_merges(agent: Supervisor, domain_id: str, merges: list[dict]) -> None:
@@ -173,7 +199,8 @@ def _recover_merges(agent: Supervisor, domain_id: str, merges: list[dict]) -> No
                                                  failures=m.get("failures", 0)))
         elif action == "abandon":
             started = _submit(agent, f"abandon:{m['volume_id']}:{gen}", "Recovery.abandonMerge",
-                              jobs.merge_abandon(agent.domains, loc, gen, None))
+                              abandon_under_policy(jobs.merge_abandon(agent.domains, loc, gen,
+                                                                      None)))
         agent.publish("Image.recovered", {
             "domainID": domain_id, "imageID": m["image_id"], "volumeID": m["volume_id"],
             "topVolumeID": m["top_id"], "kind": "merge", "step": m["step"],
@@ -266,7 +293,8 @@ def _after_failure(agent: Supervisor, task, outcome: str, error, key: dict, meth
     elif action == "abandon":
         abandon_method, job = give_up(gen, carried["previous_errors"],
                                       failed_tasks=carried["failed_tasks"])
-        started = _submit(agent, f"abandon:{vid}:{gen}", abandon_method, job)
+        started = _submit(agent, f"abandon:{vid}:{gen}", abandon_method,
+                          abandon_under_policy(job))
         agent.publish(method, {**key, "state": "abandoned", "generation": gen,
                                "attempts": attempts, "failures": failures,
                                "error": error or None,

@@ -115,29 +115,59 @@ def test_backoff_follows_failures_not_take_overs(make_agent, workdir):
     assert final["copy"] is None
 
 
+def _copy_killed_under_faults(make_agent, workdir, max_attempts: int, faults: dict):
+    """An agent with the crash seam `faults`, whose copy (answered: its generation known)
+    has had its copier killed once; (agent, its destination)."""
+    agent = make_agent(start=False, copy={"max_bytes_per_second": 2 * MiB},
+                       recovery={"copy_policy": "resume", "max_attempts": max_attempts,
+                                 "backoff_seconds": 0.1})
+    agent.start(env={ENV: json.dumps(faults)})
+    domain = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
+    src = make_source(agent, domain, SIZE)
+    dst = dst_for(domain)
+    agent.call("Image.copy", {"src": src, "dst": dst})
+    holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
+                      and s["copy"]["lease"]["live"] and s["copy"]["lease"], 60,
+                      what="the first copier")
+    os.kill(holder["pid"], signal.SIGKILL)
+    return agent, dst
+
+
 def test_retries_that_die_before_they_say_what_they_took_still_end(make_agent, workdir):
     """Every retry's worker dies right after its take-over commits, before it can say what
     generation it took (the crash seam, in every copy worker). Each next retry, and then
     the abandon, are told who died since: they take the copy at the generation the dead
     raised, so it is abandoned after max_attempts with each failure counted once, with its
     reason, never left copying with nobody at it."""
-    agent = make_agent(start=False, copy={"max_bytes_per_second": 2 * MiB},
-                       recovery={"copy_policy": "resume", "max_attempts": 3,
-                                 "backoff_seconds": 0.1})
-    agent.start(env={ENV: json.dumps({"crash_after": "commit:take_over", "op": "image.copy"})})
-    domain = new_id()
-    agent.call("StorageDomain.create", {"domainID": domain, "path": str(workdir / "d")})
-    src = make_source(agent, domain, SIZE)
-    dst = dst_for(domain)
-    agent.call("Image.copy", {"src": src, "dst": dst})  # answered: its generation is known
-    holder = wait_for(lambda: (s := status(agent, dst))["copy"]["lease"]
-                      and s["copy"]["lease"]["live"] and s["copy"]["lease"], 60,
-                      what="the first copier")
-    os.kill(holder["pid"], signal.SIGKILL)
+    agent, dst = _copy_killed_under_faults(
+        make_agent, workdir, 3, {"crash_after": "commit:take_over", "op": "image.copy"})
     st = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "abandoned" and s, 60,
                   what="the copy abandoned after max_attempts failures")
     copy = st["copy"]
     assert (copy["failures"], copy["attempts"], copy["generation"]) == (3, 3, 2), copy
     assert [e["data"]["name"] for e in copy["errors"]] == ["WorkerDied"] * 3
     assert len({(e["task_id"], e["time"]) for e in copy["errors"]}) == 3
+    assert st["legality"] == "ILLEGAL"
+
+
+def test_an_abandon_whose_worker_dies_is_tried_again(make_agent, workdir):
+    """The abandon after max_attempts is SIGKILLed before it writes anything (the crash
+    seam, once): it is tried again after a backoff, so the copy ends abandoned, its one
+    failure counted once though two abandons carried it, never left copying with nobody at
+    it until the next start-up."""
+    once = workdir / "the-first-abandon-dies"
+    once.write_text("")
+    agent, dst = _copy_killed_under_faults(
+        make_agent, workdir, 1, {"crash_before": "begin:abandon", "once": str(once),
+                                 "op": "image.abandon"})
+    st = wait_for(lambda: (s := status(agent, dst))["copy"]["state"] == "abandoned" and s, 60,
+                  what="the copy abandoned by the second abandon")
+    assert not once.exists()  # the first abandon's worker did die
+    retried = [json.loads(line) for line in agent.log_path.read_text().splitlines()
+               if '"abandon_failed"' in line]
+    assert [(r["error"], r["action"]) for r in retried] == [("WorkerDied", "retry")], retried
+    copy = st["copy"]
+    assert (copy["failures"], copy["attempts"]) == (1, 1), copy
+    assert [e["data"]["name"] for e in copy["errors"]] == ["WorkerDied"]
     assert st["legality"] == "ILLEGAL"

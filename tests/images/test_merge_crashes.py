@@ -210,25 +210,48 @@ def test_an_agent_killed_mid_commit_resumes_the_merge_at_start_up(slow_merge):
     finished(agent, chain, before, 3)
 
 
+def _merge_killed_under_faults(make_agent, workdir, max_attempts: int, faults: dict):
+    """An agent with the crash seam `faults`, whose merge of a four-volume chain's base and
+    top has had its worker killed once; (agent, chain, the guests' views before, base)."""
+    agent = make_agent(start=False, copy=COPY, recovery={"copy_policy": "resume",
+                                                         "max_attempts": max_attempts,
+                                                         "backoff_seconds": 0.1})
+    agent.start(env={ENV: json.dumps(faults)})
+    domain_id = new_id()
+    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
+    chain = four_volume_chain(agent, domain_id, base_format="cow")
+    before = views(chain, workdir)
+    agent.client().call("Image.merge", merge_params(chain[0], chain[1]), id="m1")
+    worker_of(agent, "m1").kill()
+    return agent, chain, before, chain[0]
+
+
 def test_merge_retries_that_die_before_they_say_what_they_took_still_end(make_agent, workdir):
     """As for copies (tests/hostile/test_restarts.py): every retry's worker dies right after
     its take-over commits. Each next one, and the abandon, take the merge at the generation
     the dead raised, so it is abandoned after max_attempts, each failure counted once with
     its reason, and no guest's view has changed."""
-    agent = make_agent(start=False, copy=COPY, recovery={"copy_policy": "resume",
-                                                         "max_attempts": 3,
-                                                         "backoff_seconds": 0.1})
-    agent.start(env={ENV: json.dumps({"crash_after": "commit:take_over_merge",
-                                      "op": "image.merge"})})
-    domain_id = new_id()
-    agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(workdir / "dom")})
-    chain = four_volume_chain(agent, domain_id, base_format="cow")
-    before = views(chain, workdir)
-    base, top = chain[0], chain[1]
-    agent.client().call("Image.merge", merge_params(base, top), id="m1")
-    worker_of(agent, "m1").kill()
+    agent, chain, before, base = _merge_killed_under_faults(
+        make_agent, workdir, 3, {"crash_after": "commit:take_over_merge", "op": "image.merge"})
     m = wait_for(lambda: (m := merge_state(agent, base)) and m["state"] == "abandoned" and m,
                  timeout=60, what="the merge abandoned after max_attempts failures")
     assert (m["failures"], m["attempts"]) == (3, 3), m
     assert [e["data"]["name"] for e in m["errors"]] == ["WorkerDied"] * 3
+    views_intact(chain, before, 1)
+
+
+def test_a_merge_abandon_whose_worker_dies_is_tried_again(make_agent, workdir):
+    """As for copies (tests/hostile/test_restarts.py): the abandon's worker is SIGKILLed
+    before it writes anything (once); it is tried again, so the merge ends abandoned with
+    its one failure counted once, and no guest's view has changed."""
+    once = workdir / "the-first-abandon-dies"
+    once.write_text("")
+    agent, chain, before, base = _merge_killed_under_faults(
+        make_agent, workdir, 1, {"crash_before": "begin:abandon_merge", "once": str(once),
+                                 "op": "image.merge_abandon"})
+    m = wait_for(lambda: (m := merge_state(agent, base)) and m["state"] == "abandoned" and m,
+                 timeout=60, what="the merge abandoned by the second abandon")
+    assert not once.exists()  # the first abandon's worker did die
+    assert (m["failures"], m["attempts"]) == (1, 1), m
+    assert [e["data"]["name"] for e in m["errors"]] == ["WorkerDied"]
     views_intact(chain, before, 1)

@@ -183,7 +183,6 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             if src.size() < size:
                 raise errors.VolumeTruncated("the source's guest view is shorter than its size",
                                              size=size, data_bytes=src.size())
-            report.start = start
             try:
                 nbd.copy_image(
                     src, dst, start, size, layer=layer, fresh=dst_fresh, hasher=hasher,
