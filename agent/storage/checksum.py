@@ -333,6 +333,17 @@ class StreamHasher:
             self.pos += k * BLOCK
             count -= k
 
+    def known(self, digests: list[bytes]) -> None:
+        """The next blocks, whose digests are known already (a layer's blocks that it holds
+        nothing of are its parent's): from a block's start, the last block of the volume
+        possibly among them."""
+        if self.pos % BLOCK or self._inner is not None:
+            raise OperationFailed(f"known blocks handed over at {self.pos}, inside a block")
+        self._outer.update(b"".join(digests))
+        if self.blocks is not None:
+            self.blocks.extend(digests)
+        self.pos = min(self.pos + len(digests) * BLOCK, self.size)
+
     def hexdigest(self) -> str:
         if self.pos != self.size:
             raise OperationFailed(f"hashed {self.pos} of {self.size} bytes")
@@ -360,9 +371,9 @@ class StreamFollower:
     """A StreamHasher on a thread of its own, fed through a bounded queue: hashing (which
     releases the GIL) runs beside the copy's I/O instead of between it."""
 
-    def __init__(self, size: int, depth: int = 8):
+    def __init__(self, size: int, depth: int = 8, keep_blocks: bool = False):
         import queue
-        self._hasher = StreamHasher(size)
+        self._hasher = StreamHasher(size, keep_blocks=keep_blocks)
         self._queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="checksum", daemon=True)
         self._thread.start()
@@ -371,6 +382,8 @@ class StreamFollower:
         while (item := self._queue.get()) is not None:
             if isinstance(item, int):
                 self._hasher.zeros(item)
+            elif isinstance(item, list):
+                self._hasher.known(item)
             else:
                 self._hasher.data(*item)
 
@@ -382,10 +395,17 @@ class StreamFollower:
     def zeros(self, n: int) -> None:
         self._queue.put(n)
 
+    def known(self, digests: list[bytes]) -> None:
+        self._queue.put(list(digests))
+
     def result(self) -> str:
         self._queue.put(None)
         self._thread.join()
         return self._hasher.hexdigest()
+
+    def blocks(self) -> list[bytes] | None:
+        """Each block's digest, once result() has returned (if kept)."""
+        return self._hasher.blocks
 
     def cancel(self) -> None:
         if self._thread.is_alive():

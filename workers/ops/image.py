@@ -147,7 +147,7 @@ def copy(ctx, args):
                 _source_row_still(src_db, src, marker)
                 report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, base, None,
                                    ctx.settings.get("copy", {}).get("max_bytes_per_second", 0))
-                digest, _ = qemu_copy.move(
+                digest, _, _ = qemu_copy.move(
                     ctx, src_db=src_db, src_rows=src_rows, dst_db=dst_db, dst_rows=[dst_row],
                     start=start, fresh=fresh, layer=False, report=report,
                     record=ctx.settings.get("copy", {}).get("record_checksum", True))

@@ -202,7 +202,7 @@ def _commit(ctx, db: DomainDB, m: dict, base: dict) -> str | None:
     report = Reporter(ctx, db, base_id, gen, m["size"], base, None,
                       cfg.get("max_bytes_per_second", 0), topic="Image.merge",
                       save=lambda offset: db.merge_checkpoint(base_id, gen, offset))
-    digest, _ = qemu_copy.move(ctx, src_db=db, src_rows=rows, dst_db=db, dst_rows=rows[:-1],
+    digest, _, _ = qemu_copy.move(ctx, src_db=db, src_rows=rows, dst_db=db, dst_rows=rows[:-1],
                                start=m["copied"], fresh=False, layer=True, report=report,
                                record=cfg.get("record_checksum", True), merge=True,
                                punch=not whole)  # a preallocated base keeps its blocks

@@ -8,7 +8,10 @@ What each range of the source becomes (`plan`), from NBD block status:
 - layer (one layer of a chain onto its parent's copy, qemu:allocation-depth): only what the
   layer itself holds is written (its zeros too: they hide the backing's data); the rest is
   left unallocated so the destination's backing shows through, and read only to be hashed.
-Every range is handed to the checksum in order, so the checksum is of the guest view.
+Every range is handed to the checksum in order, so the checksum is of the guest view. A layer
+whose parent was copied just before it by the same worker is handed its parent's block digests
+(`inherited`): a whole block the layer holds nothing of (read or hole throughout) is its
+parent's, so it is not read at all and its digest is the parent's (KNOWN).
 
 The ordering rule of agent/storage/copy/kernel.py holds: a checkpoint is recorded only after
 an NBD flush of the destination has returned with every write below it completed.
@@ -22,6 +25,7 @@ import select
 import time
 
 from agent.errors import GenerationMismatch, OperationFailed
+from agent.storage.checksum import BLOCK
 from agent.storage.copy.kernel import CopyStopped
 from agent.storage.qemu_nbd import DEPTH, nbd_error
 
@@ -30,7 +34,7 @@ MiB = 1 << 20
 # per 4 GiB (an empty 8 TiB disk: 2,048 round trips, not 8,192).
 STATUS_MAX = (1 << 32) - (1 << 20)
 ZERO_MAX = 1 << 30    # bytes of one write-zeroes request
-DATA, READ, ZERO, HOLE = "data", "read", "zero", "hole"
+DATA, READ, ZERO, HOLE, KNOWN = "data", "read", "zero", "hole", "known"
 
 
 def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, int]]:
@@ -88,9 +92,61 @@ def plan(h, start: int, end: int, *, layer: bool, fresh: bool):
         yield pending
 
 
-def _pieces(src_h, start: int, size: int, layer: bool, fresh: bool, chunk: int):
-    for offset, length, kind in plan(src_h, start, size, layer=layer, fresh=fresh):
-        if kind == HOLE:  # nothing is read or written: one piece, however long
+def with_known(ranges, start: int, size: int, known: int):
+    """`ranges` (plan's, of a layer), with every whole block at or past `start` and below
+    `known` that the layer holds nothing of (READ or HOLE throughout) made KNOWN: its digest
+    is its parent's. `known`: where the parent's digests stop being this layer's (its size
+    if both sizes are the same, else the whole blocks below the smaller one). A run of
+    them, however long, stays one range."""
+    run: list = []
+    for r in ranges:
+        if r[2] in (READ, HOLE):
+            run.append(r)
+            continue
+        yield from _known_in(run, start, size, known)
+        run = []
+        yield r
+    yield from _known_in(run, start, size, known)
+
+
+def _known_in(run: list, start: int, size: int, known: int):
+    if not run:
+        return
+    a, e = run[0][0], run[-1][0] + run[-1][1]
+    lo = -(-max(a, start) // BLOCK) * BLOCK
+    hi = min(e if e == size else e // BLOCK * BLOCK, known)
+    if lo >= hi:
+        yield from run
+        return
+    yield from _clipped(run, a, lo)
+    yield lo, hi - lo, KNOWN
+    yield from _clipped(run, hi, e)
+
+
+def _clipped(run: list, a: int, e: int):
+    for offset, length, kind in run:
+        lo, hi = max(offset, a), min(offset + length, e)
+        if lo < hi:
+            yield lo, hi - lo, kind
+
+
+def known_digests(inherited: list[bytes], offset: int, length: int) -> list[bytes]:
+    """The parent's digests of the blocks of a KNOWN range."""
+    return inherited[offset // BLOCK:-(-(offset + length) // BLOCK)]
+
+
+def known_end(size: int, parent_size: int) -> int:
+    """Where a layer's blocks stop being able to take its parent's digests (with_known)."""
+    return size if size == parent_size else min(size, parent_size) // BLOCK * BLOCK
+
+
+def _pieces(src_h, start: int, size: int, layer: bool, fresh: bool, chunk: int,
+            known: int = 0):
+    ranges = plan(src_h, start, size, layer=layer, fresh=fresh)
+    if known:
+        ranges = with_known(ranges, start, size, known)
+    for offset, length, kind in ranges:
+        if kind in (HOLE, KNOWN):  # nothing is read or written: one piece, however long
             yield offset, length, kind
             continue
         step = ZERO_MAX if kind == ZERO else chunk
@@ -144,8 +200,9 @@ class _Copier:
     to the checksum in order; `done` is the end of the pieces whose writes all completed."""
 
     def __init__(self, src, sink, start: int, hasher, progress, chunk: int,
-                 max_in_flight: int, should_stop=lambda: False):
+                 max_in_flight: int, should_stop=lambda: False, inherited=None):
         self.src, self.sink, self.hasher, self.progress = src, sink, hasher, progress
+        self.inherited = inherited  # the parent's block digests (KNOWN pieces)
         self.should_stop = should_stop
         self.loop = _Loop(src.h, sink)
         self.queue: collections.deque[_Piece] = collections.deque()
@@ -169,7 +226,9 @@ class _Copier:
 
     def _finish(self, piece: _Piece) -> None:
         if self.hasher is not None:
-            if piece.view is not None:  # the hasher has the buffer until it says done
+            if piece.kind == KNOWN:
+                self.hasher.known(known_digests(self.inherited, piece.offset, piece.length))
+            elif piece.view is not None:  # the hasher has the buffer until it says done
                 self.hasher.data(memoryview(piece.view)[:piece.length],
                                  done=functools.partial(self._give_back, piece.view))
             else:
@@ -221,17 +280,23 @@ class _Copier:
 def copy_image(src, sink, start: int, size: int, *, layer: bool, fresh: bool, hasher,
                checkpoint, progress, should_stop, chunk: int = 4 * MiB,
                max_in_flight: int = 8, checkpoint_bytes: int = 256 * MiB,
-               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+               checkpoint_seconds: float = 1.0, clock=time.monotonic,
+               inherited: list[bytes] | None = None, parent_size: int = 0) -> int:
     """Copy guest bytes [start, size) from the `src` export into `sink`
     (agent/storage/copy/sink.py: a destination export, or a raw destination file).
 
-    `hasher` (data(view), zeros(n)) gets every byte of [start, size) in order, or None.
+    `hasher` (data(view), zeros(n), known(digests)) gets every byte of [start, size) in
+    order, or None. `inherited`: a layer's parent's block digests (its guest view's, of
+    `parent_size` bytes), for the blocks the layer holds nothing of.
     checkpoint(offset) -> bool after a flush (False: superseded, GenerationMismatch);
     should_stop() polled between steps: CopyStopped(offset) after a last checkpoint.
     NoSpace or OperationFailed on the exports' errors.
     """
-    copier = _Copier(src, sink, start, hasher, progress, chunk, max_in_flight, should_stop)
-    pieces = _pieces(src.h, start, size, layer, fresh, chunk)
+    known = known_end(size, parent_size) if layer and hasher is not None and inherited \
+        else 0
+    copier = _Copier(src, sink, start, hasher, progress, chunk, max_in_flight, should_stop,
+                     inherited)
+    pieces = _pieces(src.h, start, size, layer, fresh, chunk, known)
     # Checkpoints every `checkpoint_bytes` of data written, or every `checkpoint_seconds`:
     # never by the offset, so that a hole costs none (an empty 8 TiB disk took 32,768 flushes
     # and metadata transactions when its progress through holes counted).

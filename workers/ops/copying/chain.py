@@ -85,7 +85,9 @@ def _own(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_rows, ids) -> list:
     return out
 
 
-def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_base) -> None:
+def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
+                inherited) -> list[bytes] | None:
+    """One layer copied; returns its block digests for the next layer (None: not kept)."""
     vid, gen = ids[i], marker["generation"]
     base = {**dst_base, "volumeID": vid, "generation": gen, "total": marker["size"],
             "layer": i, "layers": n}
@@ -94,11 +96,12 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
     report = Reporter(ctx, dst_db, vid, gen, marker["size"], base, None,
                       cfg.get("max_bytes_per_second", 0), share=(i, n))
     try:
-        digest, _ = qemu.move(
+        digest, _, blocks = qemu.move(
             ctx, src_db=src_db, src_rows=src_rows[:i + 1], dst_db=dst_db,
             dst_rows=[dst_db.get_volume(v) for v in ids[:i + 1]], start=marker["copied"],
             fresh=fresh, layer=i > 0, report=report,
-            record=cfg.get("record_checksum", True))
+            record=cfg.get("record_checksum", True), inherited=inherited,
+            keep_blocks=i < n - 1)
         now = src_db.get_volume(src_rows[i]["volume_id"])
         if now is None or source_identity(now) != source_identity(src_rows[i]):
             raise errors.CopyConflict("the source was deleted or changed during the copy",
@@ -112,6 +115,7 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
                                         generation=gen)
     ctx.event("Image.copy", {**base, "state": "done", "copied": marker["size"],
                              "generation": gen + 1})
+    return blocks
 
 
 def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> dict:
@@ -138,10 +142,13 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
                       "kind": "chain", "chain": ids})
         dst_base = {"domainID": dst["domainID"], "imageID": dst["imageID"]}
         dst_db.layout.ensure_image_dir(dst["imageID"])
+        # Each layer's block digests go to the next (nbd.copy_image): one copied in an
+        # earlier life left none, and its child reads what it does not hold for the checksum.
+        inherited = None
         for i, (marker, fresh) in enumerate(layers):
-            if marker is not None:
-                _copy_layer(ctx, i, len(ids), src_db, dst_db, src_rows, ids, marker, fresh,
-                            dst_base)
+            inherited = None if marker is None else _copy_layer(
+                ctx, i, len(ids), src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
+                inherited)
         dst_db.close()
     size = src_rows[-1]["size"]
     return {"volumeID": ids[-1], "state": "done", "generation": leaf["generation"] + 1,

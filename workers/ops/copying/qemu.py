@@ -23,6 +23,11 @@ from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS
 from workers.protocol import Stopped
 
+# The largest layer whose block digests a chain copy keeps for the next layer (a digest a
+# 4 MiB block: 8 MiB of pointers at most, the digests of zero blocks shared); a larger one's
+# child reads its parent's blocks for the checksum, as when they are not known.
+KEEP_MAX = 4 << 40
+
 
 def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:
     """Each layer's data file as (path, device, inode, length), to tell at the end that the
@@ -150,12 +155,16 @@ def _sink(ctx, opts: str, path: str, *, file: bool, start: int, hasher, report, 
 
 
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
-         report, record: bool, merge: bool = False,
-         punch: bool = True) -> tuple[str | None, int]:
+         report, record: bool, merge: bool = False, punch: bool = True,
+         inherited: list[bytes] | None = None,
+         keep_blocks: bool = False) -> tuple[str | None, int, list[bytes] | None]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
-    dst_rows[-1]; returns (checksum, where the copy started). ``merge``: dst_rows[-1] is
+    dst_rows[-1]; returns (checksum, where the copy started, its block digests if
+    `keep_blocks` and the disk is not too large to keep them). ``merge``: dst_rows[-1] is
     src_rows[-1]'s parent, whose own data the caller checked and which is never made
-    again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched."""
+    again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched.
+    ``inherited``: a layer's parent's block digests, kept by this worker when it copied
+    the parent (nbd.copy_image), so the blocks the layer holds nothing of are not read."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     # A killed life's qemu-nbd may still hold the destination's lock: waited out, not failed.
     dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
@@ -174,7 +183,11 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
                                 and dst_rows[-1]["size"] % 4096 == 0)
     size = src_rows[-1]["size"]
     cfg = ctx.settings.get("copy", {})
-    hasher = checksum.StreamFollower(size) if record else None
+    hasher = checksum.StreamFollower(size, keep_blocks=keep_blocks and size <= KEEP_MAX) \
+        if record else None
+    parent_size = src_rows[-2]["size"] if layer and len(src_rows) > 1 else 0
+    if inherited is not None and len(inherited) != -(-parent_size // checksum.BLOCK):
+        inherited = None  # not the parent's whole guest view: read as if unknown
     try:
         with qemu_nbd.export(src_opts, depth=layer) as src, \
                 _sink(ctx, dst_opts, dst_path, file=dst_rows[-1]["format"] == "raw"
@@ -189,13 +202,15 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
                     checkpoint=report.checkpoint, progress=report.progress,
                     should_stop=ctx.stop_requested,
                     checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
-                    checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
+                    checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0),
+                    inherited=inherited, parent_size=parent_size)
             except CopyStopped:  # durable and checkpointed up to where it stopped
                 raise Stopped() from None
         digest = hasher.result() if hasher is not None else None
+        blocks = hasher.blocks() if hasher is not None else None
         hasher = None
     finally:
         if hasher is not None:
             hasher.cancel()
     check_files(src_db, src_rows, before)
-    return digest, start
+    return digest, start, blocks
