@@ -21,6 +21,7 @@ import json
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import subprocess
@@ -300,10 +301,31 @@ def escape(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def exited(proc: subprocess.Popen, seconds: float) -> bool:
+    """Whether a tool has exited within `seconds`, woken the moment it does (its pidfd):
+    Popen.wait with a timeout polls in sleeps that grow to 50 ms, and a copy waits for a
+    qemu-nbd or two to exit before it is done (docs/performance.md)."""
+    if proc.poll() is not None:
+        return True
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # gone and reaped meanwhile, or a kernel without pidfds
+        try:
+            proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        waiter.poll(max(0.0, seconds) * 1000)
+    finally:
+        os.close(fd)
+    return proc.poll() is not None
+
+
 def wait_gone(proc: subprocess.Popen, seconds: float = 5.0) -> None:
     """Wait for a tool to exit after its client left; kill it if it does not."""
-    try:
-        proc.wait(seconds)
-    except subprocess.TimeoutExpired:
+    if not exited(proc, seconds):
         proc.kill()
         proc.wait()

@@ -265,8 +265,7 @@ class Server:
             while self.proc.poll() is None and time.monotonic() < deadline:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(1.0)
+                qemu_img.exited(self.proc, 1.0)
                 beat()
             qemu_img.wait_gone(self.proc, 0)
             code = self.proc.returncode

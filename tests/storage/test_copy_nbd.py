@@ -118,12 +118,12 @@ def test_a_hole_costs_neither_checkpoints_nor_a_request_per_gib(tmp_path):
     open(dst, "wb").truncate(size)
     hasher, points, seen, moved = checksum.StreamHasher(size), [], [], []
     with qemu_nbd.export(opts(src, "qcow2")) as s, writing(dst, "file") as d:
-        real = s.h.block_status
+        real = s.h.aio_block_status
 
         def counted(*args, **kw):
             seen.append(args[0])
             return real(*args, **kw)
-        s.h.block_status = counted
+        s.h.aio_block_status = counted
         nbd.copy_image(s, d, 0, size, layer=False, fresh=True, hasher=hasher,
                        checkpoint=lambda o: points.append(o) or True,
                        progress=lambda o, m: moved.append(m), should_stop=lambda: False,

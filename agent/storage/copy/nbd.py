@@ -37,43 +37,101 @@ ZERO_MAX = 1 << 30    # bytes of one write-zeroes request
 DATA, READ, ZERO, HOLE, KNOWN = "data", "read", "zero", "hole", "known"
 
 
-def _status(h, offset: int, end: int, depth: bool) -> list[tuple[int, int, int, int]]:
-    """Block status from offset: [(start, end, flags, depth)], covering at least one byte."""
-    found = {}
+# Block status requests in flight ahead of the one awaited: each is a round trip, and an empty
+# 8 TiB disk's 2,048 of them, asked in turn, took 0.17 s here; 16 at a time, 0.03 s.
+STATUS_AHEAD = 16
 
-    def extent(context, start, entries, err):
-        runs, pos = [], start
-        for i in range(0, len(entries), 2):
-            runs.append((pos, pos + entries[i], entries[i + 1]))
-            pos += entries[i]
-        found[context] = runs
-        return 0
 
-    import nbd
-    try:
-        h.block_status(min(end - offset, STATUS_MAX), offset, extent)
-    except nbd.Error as exc:
-        raise nbd_error(exc, "asking the source's block status", offset) from None
-    base = found.get("base:allocation") or [(offset, end, 0)]  # no answer: all data
-    deep = (found.get(DEPTH) or [(offset, end, 1)]) if depth else [(offset, end, 1)]
-    stop = min(base[-1][1], deep[-1][1], end)
-    if stop <= offset:  # an answer that covers nothing would loop for ever
-        raise OperationFailed("the source's block status covers nothing", offset=offset)
-    cuts = sorted({offset, stop} | {e for _, e, _ in base + deep if offset < e < stop})
-    out = []
-    for a, b in zip(cuts, cuts[1:]):
-        flags = next(f for s, e, f in base if s <= a < e)
-        level = next(f for s, e, f in deep if s <= a < e)
-        out.append((a, b, flags, level))
-    return out
+class _Status:
+    """An export's block status from an offset on, asked ahead: the requests for the next
+    STATUS_MAX-byte spans are in flight while the copy works through the one it has. A
+    request whose answer does not reach the offset wanted (an answer may stop short, or go
+    past its request) is set aside and the offset asked on its own."""
+
+    def __init__(self, h, end: int, depth: bool):
+        self.h, self.end, self.depth = h, end, depth
+        self.asked: list[list] = []  # [start, length, cookie, found], by start
+        self.stale: list = []  # cookies of requests no longer wanted, retired once done
+
+    def _ask(self, at: int) -> list:
+        import nbd
+        found: dict = {}
+
+        def extent(context, start, entries, err):
+            runs, pos = [], start
+            for i in range(0, len(entries), 2):
+                runs.append((pos, pos + entries[i], entries[i + 1]))
+                pos += entries[i]
+            found[context] = runs
+            return 0
+
+        length = min(self.end - at, STATUS_MAX)
+        try:
+            cookie = self.h.aio_block_status(length, at, extent)
+        except nbd.Error as exc:
+            raise nbd_error(exc, "asking the source's block status", at) from None
+        request = [at, length, cookie, found]
+        self.asked.append(request)
+        self.asked.sort(key=lambda r: r[0])
+        return request
+
+    def _retire(self, cookie) -> bool:
+        import nbd
+        try:
+            return self.h.aio_command_completed(cookie)
+        except nbd.Error:
+            return True  # a request no longer wanted: its failure does not matter
+
+    def _answer(self, request: list, offset: int) -> dict | None:
+        """The answer of `request` once it has come, if it reaches past `offset`."""
+        import nbd
+        self.asked.remove(request)
+        at, _, cookie, found = request
+        try:
+            while not self.h.aio_command_completed(cookie):
+                self.h.poll(-1)
+        except nbd.Error as exc:
+            raise nbd_error(exc, "asking the source's block status", at) from None
+        base = found.get("base:allocation") or [(at, self.end, 0)]  # no answer: all data
+        deep = (found.get(DEPTH) or [(at, self.end, 1)]) if self.depth else \
+            [(at, self.end, 1)]
+        return {"base": base, "deep": deep} if min(base[-1][1], deep[-1][1]) > offset \
+            else None
+
+    def at(self, offset: int) -> list[tuple[int, int, int, int]]:
+        """Block status from offset: [(start, end, flags, depth)], covering at least one
+        byte."""
+        self.stale = [c for c in self.stale if not self._retire(c)]
+        for r in [r for r in self.asked if r[0] + r[1] <= offset]:
+            self.asked.remove(r)
+            self.stale.append(r[2])
+        request = next((r for r in self.asked if r[0] <= offset), None) or self._ask(offset)
+        reach = max(r[0] + r[1] for r in self.asked)
+        while len(self.asked) < STATUS_AHEAD and reach < self.end:
+            reach = sum(self._ask(reach)[:2])
+        answer = self._answer(request, offset)
+        if answer is None and request[0] != offset:  # stopped short of it: ask it alone
+            answer = self._answer(self._ask(offset), offset)
+        if answer is None:  # an answer that covers nothing would loop for ever
+            raise OperationFailed("the source's block status covers nothing", offset=offset)
+        base, deep = answer["base"], answer["deep"]
+        stop = min(base[-1][1], deep[-1][1], self.end)
+        cuts = sorted({offset, stop} | {e for _, e, _ in base + deep if offset < e < stop})
+        out = []
+        for a, b in zip(cuts, cuts[1:]):
+            flags = next(f for s, e, f in base if s <= a < e)
+            level = next(f for s, e, f in deep if s <= a < e)
+            out.append((a, b, flags, level))
+        return out
 
 
 def plan(h, start: int, end: int, *, layer: bool, fresh: bool):
     """(offset, length, kind) pieces covering [start, end), merged, in order."""
     pending = None
     offset = start
+    status = _Status(h, end, layer)
     while offset < end:
-        for a, b, flags, level in _status(h, offset, end, layer):
+        for a, b, flags, level in status.at(offset):
             zero = bool(flags & 2)
             if layer and level != 1:
                 kind = HOLE if zero else READ
