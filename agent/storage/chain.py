@@ -135,7 +135,11 @@ def image_opts(layout, rows: list[dict], *, direct: bool, layer_only: bool = Fal
         keys[prefix + "driver"] = qemu_img.driver(row["format"])
         keys[prefix + "file.driver"] = "file"
         keys[prefix + "file.filename"] = path
-        keys[prefix + "file.aio"] = "native" if direct else "threads"
+        # Threads, as qemu-img's own -t none: with aio=native a qcow2 destination's
+        # allocating writes went one at a time (the kernel's AIO waits in io_submit for them)
+        # and a copy to qcow2 ran 30 % slower, and each qemu-nbd took 30-40 ms to exit
+        # (io_destroy), measured side by side (docs/performance.md).
+        keys[prefix + "file.aio"] = "threads"
         keys[prefix + "cache.direct"] = "on" if direct else "off"
         if share and prefix:
             keys[prefix + "force-share"] = "on"

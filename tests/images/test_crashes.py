@@ -61,6 +61,15 @@ def exports_of(worker: psutil.Process, count: int = 2) -> list[psutil.Process]:
     return wait_for(two, what=f"the copy's {count} qemu-nbd exports")
 
 
+def dense(chain: list[dict]) -> list[dict]:
+    """The chain with the layer above its base holding half the disk: the rate limit paces
+    the data a copy moves, so a kill meant for a copy (a chain's middle layer) lands while
+    it runs, a checkpoint past its start (the few MiB make_chain writes take a fraction of
+    a second, and a copy could end before its kill)."""
+    qemu_io(chain[1]["path"], chain[1]["format"], f"write -P 9 {SIZE // 4} {SIZE // 2}")
+    return chain
+
+
 def checkpointed(agent, dst, above=0):
     def past():
         try:
@@ -93,7 +102,7 @@ def resumed_from(events, volume_id) -> int:
 @pytest.mark.parametrize("fmt", ["cow", "raw"])
 def test_a_killed_worker_resumes_a_collapse_from_its_checkpoint(make_agent, domain, fmt):
     agent = start_agent(make_agent, domain)
-    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3)
+    chain = dense(make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3))
     dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
     events = agent.subscribe("Image.copy")
     agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": fmt},
@@ -117,7 +126,7 @@ def test_a_killed_worker_resumes_a_collapse_from_its_checkpoint(make_agent, doma
 def test_a_killed_agent_leaves_no_qemu_nbd_and_its_copy_resumes_at_start_up(make_agent,
                                                                             domain):
     agent = start_agent(make_agent, domain)
-    chain = make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3)
+    chain = dense(make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3))
     dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
     agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": "cow"},
                         id="c1")
@@ -151,7 +160,7 @@ def test_a_continued_chain_copy_resumes_each_layer(make_agent, domain):
     resumes the middle layer from its own checkpoint, then copies the leaf."""
     agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})  # no retry: the client
     agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
-    chain = make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3)
+    chain = dense(make_chain(agent, domain[0], size=SIZE, base_format="raw", layers=3))
     dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
     events = agent.subscribe("Image.copy")
     answer = agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst,
@@ -190,7 +199,7 @@ def test_a_continued_copy_waits_out_the_lock_its_killed_writer_holds(make_agent,
     fmt = "cow"
     agent = make_agent(copy=COPY, recovery={"copy_policy": "manual"})
     agent.call("StorageDomain.create", {"domainID": domain[0], "path": domain[1]})
-    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=2)
+    chain = dense(make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=2))
     dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
     events = agent.subscribe("Image.copy")
     agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst, "format": fmt},
@@ -214,10 +223,7 @@ def test_a_chain_copy_killed_with_its_agent_is_recovered_from_its_leaf(make_agen
     """Start-up recovery continues a chain copy once, from its leaf's marker: the inner
     layer's own marker is covered by it, not recovered as a copy of its own."""
     agent = start_agent(make_agent, domain)
-    chain = make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3)
-    # The middle layer dense (the rate limit paces the data a layer holds): the kill lands
-    # while it is being copied, a checkpoint past its start.
-    qemu_io(chain[1]["path"], "cow", f"write -P 9 {SIZE // 4} {SIZE // 2}")
+    chain = dense(make_chain(agent, domain[0], size=SIZE, base_format="cow", layers=3))
     dst = {"domainID": domain[0], "imageID": new_id(), "volumeID": new_id()}
     answer = agent.client().call("Image.copy", {"src": ids(chain[-1]), "dst": dst,
                                                 "mode": "chain"}, id="c1")
