@@ -280,7 +280,9 @@ def test_a_merge_whose_host_died_is_continued_by_another_host(make_agent, daemon
                                                               workdir):
     from tests.images.test_merge_crashes import finished, merge_params
     from tests.images.test_merges import four_volume_chain, views
-    a = first_host(make_agent, daemons, shared)
+    # Slow on a: the rate paces the data the merge moves, and its top holds ~10 MiB, which
+    # at the usual rate could be merged before the kill lands.
+    a = first_host(make_agent, daemons, shared, copy={**COPY, "max_bytes_per_second": 2 * MiB})
     b = second_host(make_agent, daemons, shared)
     chain = four_volume_chain(a, shared[0])
     before = views(chain, workdir)
