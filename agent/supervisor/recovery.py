@@ -177,7 +177,18 @@ def _abandon_ended(agent: Supervisor, task, outcome: str, result, error) -> None
     log.warning("abandon_failed", **task.about(), error=name, tries=tries, action="retry",
                 retry_in=delay)
     job = abandon_under_policy(task.job, tries + 1)
-    agent.call_later(delay, lambda: _submit(agent, task.id, task.method, job))
+    agent.call_later(delay, lambda: _abandon_again(agent, task.id, task.method, job))
+
+
+def _abandon_again(agent: Supervisor, task_id: str, method: str, job: jobs.WorkerJob):
+    """The abandon tried again, unless its domain was detached meanwhile (the agent no
+    longer writes there; an attach scans it again)."""
+    args = job.args.get("dst", job.args)
+    if args["domainID"] not in agent.domains.paths:
+        log.info("abandon_dropped", task_id=task_id, domain_id=args["domainID"],
+                 reason="domain-detached")
+        return None
+    return _submit(agent, task_id, method, job)
 
 
 def _recover_merges(agent: Supervisor, domain_id: str, merges: list[dict]) -> None:

@@ -8,11 +8,13 @@ from agent.supervisor import jobs, recovery, states
 
 
 class Agent:
-    """What `_abandon_ended` uses of the supervisor: its config and its timers."""
+    """What `_abandon_ended` uses of the supervisor: its config, its timers and the domains
+    attached."""
 
     def __init__(self):
         self.config = {"recovery": {"backoff_seconds": 2.0}}
         self.later = []
+        self.domains = type("Domains", (), {"paths": {"d1": "/somewhere"}})()
 
     def call_later(self, delay, fn):
         self.later.append((delay, fn))
@@ -52,12 +54,27 @@ def test_the_retry_is_the_same_abandon_one_try_later():
     agent = Agent()
     submitted = []
     agent.submit = lambda *a, **kw: submitted.append(a)
-    job = recovery.abandon_under_policy(jobs.WorkerJob("image.abandon", {"dst": {"x": 1}}))
+    dst = {"domainID": "d1"}
+    job = recovery.abandon_under_policy(jobs.WorkerJob("image.abandon", {"dst": dst}))
     ended(agent, job, states.FAILED, errors.OperationFailed("I/O"))
     agent.later[0][1]()
     (task_id, method, again), = submitted
     assert (task_id, method) == ("abandon:v:3", "Recovery.abandon")
-    assert again.op == "image.abandon" and again.args == {"dst": {"x": 1}, "abandon_try": 2}
+    assert again.op == "image.abandon" and again.args == {"dst": dst, "abandon_try": 2}
+
+
+def test_no_abandon_is_tried_again_in_a_domain_detached_meanwhile():
+    agent = Agent()
+    submitted = []
+    agent.submit = lambda *a, **kw: submitted.append(a)
+    for op, args in (("image.abandon", {"dst": {"domainID": "d1"}}),
+                     ("image.merge_abandon", {"domainID": "d1", "baseVolumeID": "b"})):
+        job = recovery.abandon_under_policy(jobs.WorkerJob(op, args))
+        ended(agent, job, states.FAILED, errors.WorkerDied("killed"))
+    agent.domains.paths.clear()  # detached before the backoff ran out
+    for _, retry in agent.later:
+        retry()
+    assert submitted == []
 
 
 @pytest.mark.parametrize("outcome,error", [

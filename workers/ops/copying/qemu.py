@@ -23,10 +23,11 @@ from agent.storage.metadata import DomainDB
 from agent.storage.volumes import FORMATS
 from workers.protocol import Stopped
 
-# The largest layer whose block digests a chain copy keeps for the next layer (a digest a
-# 4 MiB block: 8 MiB of pointers at most, the digests of zero blocks shared); a larger one's
-# child reads its parent's blocks for the checksum, as when they are not known.
-KEEP_MAX = 4 << 40
+# The largest layer whose block digests a chain copy keeps for the next layer: a digest a
+# 4 MiB block, about 74 bytes each in a list (the digests of zero blocks shared), so 18 MiB
+# at most for a dense 1 TiB layer; a larger one's child reads its parent's blocks for the
+# checksum, as when they are not known.
+KEEP_MAX = 1 << 40
 
 
 def _files(db: DomainDB, rows: list[dict]) -> list[tuple]:
