@@ -170,7 +170,10 @@ def _abandon_ended(agent: Supervisor, task, outcome: str, result, error) -> None
         return
     name = (error.to_json() if error else {}).get("data", {}).get("name")
     tries = task.job.args.get("abandon_try", 1)
-    if name not in RETRYABLE or tries >= MAX_ABANDON_TRIES:
+    if name not in RETRYABLE:  # the copy changed hands, or someone is at it: nothing wrong
+        log.info("abandon_left", **task.about(), error=name, tries=tries)
+        return
+    if tries >= MAX_ABANDON_TRIES:
         log.error("abandon_failed", **task.about(), error=name, tries=tries, action="leave")
         return
     delay = min(agent.config["recovery"]["backoff_seconds"] * 2 ** (tries - 1), MAX_BACKOFF)
