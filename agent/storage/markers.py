@@ -182,16 +182,8 @@ class Markers:
 
     def record_errors(self, volume_id: str, generation: int, found: list) -> bool:
         """record_error for each of ``found`` the marker does not hold yet (unrecorded())."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("record_error") as db:
-            marker = self.get_marker(volume_id, generation)
-            if marker is None:
-                return False
-            added, kept = with_errors(marker, found)
-            db.execute("UPDATE copy_markers SET errors = ?, updated = ?,"
-                       " failures = failures + ? WHERE volume_id = ? AND generation = ?",
-                       [kept, time.time(), added, volume_id, generation])
-            return True
+        return count_errors(self, "record_error", "copy_markers",
+                            check_uuid(volume_id, "volumeID"), generation, found)
 
     def fence(self, volume_id: str, generation: int) -> int:
         """Raise the generation of a volume (and of its copy marker) that is at
@@ -218,16 +210,9 @@ class Markers:
     def abandon(self, volume_id: str, generation: int, errors: list | None = None) -> bool:
         """Mark the copy abandoned (kept for a later take_over), counting in the same
         transaction the ``errors`` no worker recorded (record_errors); False if superseded."""
-        volume_id = check_uuid(volume_id, "volumeID")
-        with self.tx("abandon") as db:
-            marker = self.get_marker(volume_id, generation)
-            if marker is None:
-                return False
-            added, kept = with_errors(marker, errors)
-            db.execute("UPDATE copy_markers SET state = 'abandoned', errors = ?,"
-                       " failures = failures + ?, updated = ? WHERE volume_id = ?",
-                       [kept, added, time.time(), volume_id])
-            return True
+        return count_errors(self, "abandon", "copy_markers",
+                            check_uuid(volume_id, "volumeID"), generation, errors,
+                            abandon=True)
 
 
 def expected_generation(record: dict, expected: int | None, host_id: str | None,
@@ -254,6 +239,24 @@ def unrecorded(record: dict, found: list | None) -> list:
     not say when is always new)."""
     held = {(e.get("task_id"), e["time"]) for e in record["errors"] if "time" in e}
     return [e for e in found or [] if "time" not in e or (e.get("task_id"), e["time"]) not in held]
+
+
+def count_errors(db, op: str, table: str, volume_id: str, generation: int,
+                 found: list | None, abandon: bool = False) -> bool:
+    """One transaction (`op`): the errors of `found` that the record at `generation` (a
+    copy's marker in copy_markers, a merge in merges) does not hold yet, each counted as a
+    failure with its reason, and the record marked abandoned if asked; False if superseded."""
+    get = {"copy_markers": db.get_marker, "merges": db.get_merge}[table]
+    with db.tx(op) as conn:
+        record = get(volume_id, generation)
+        if record is None:
+            return False
+        added, kept = with_errors(record, found)
+        state = ", state = 'abandoned'" if abandon else ""
+        conn.execute(f"UPDATE {table} SET errors = ?, failures = failures + ?, updated = ?"
+                     f"{state} WHERE volume_id = ? AND generation = ?",
+                     [kept, added, time.time(), volume_id, generation])
+        return True
 
 
 def with_errors(record: dict, found: list | None) -> tuple[int, str]:

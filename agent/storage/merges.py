@@ -36,7 +36,7 @@ from agent.errors import (
     VolumeInUse,
 )
 from agent.ids import check_uuid
-from agent.storage.markers import expected_generation, with_errors
+from agent.storage.markers import count_errors, expected_generation, with_errors
 
 RETAIN_MERGED = 1000  # merged records kept per domain (what a late retry is answered from)
 
@@ -179,25 +179,12 @@ class Merges:
     def abandon_merge(self, base_id: str, generation: int, errors: list | None = None) -> bool:
         """As abandon of a copy: the ``errors`` no worker recorded counted in the same
         transaction."""
-        with self.tx("abandon_merge") as db:
-            merge = self.get_merge(base_id, generation)
-            if merge is None:
-                return False
-            added, kept = with_errors(merge, errors)
-            db.execute("UPDATE merges SET state = 'abandoned', errors = ?,"
-                       " failures = failures + ?, updated = ? WHERE volume_id = ?",
-                       [kept, added, time.time(), base_id])
-            return True
+        return count_errors(self, "abandon_merge", "merges", base_id, generation,
+                            errors, abandon=True)
 
     def record_merge_error(self, base_id: str, generation: int, error: dict) -> bool:
-        with self.tx("record_merge_error") as db:
-            merge = self.get_merge(base_id, generation)
-            if merge is None:
-                return False
-            added, kept = with_errors(merge, [error])
-            db.execute("UPDATE merges SET errors = ?, failures = failures + ?, updated = ?"
-                       " WHERE volume_id = ?", [kept, added, time.time(), base_id])
-            return True
+        return count_errors(self, "record_merge_error", "merges", base_id, generation,
+                            [error])
 
     def grow_base(self, base_id: str, generation: int, size: int) -> bool:
         """Base's row takes top's size (its file was grown first); False if superseded."""
