@@ -35,6 +35,7 @@ from agent.wire import intake, jsonrpc, peers, replies, security
 from agent.wire.events import Publisher, fits
 from agent.wire.verbs import Verb
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 STALL_GRACE = 1.0  # a loop turn this much later than its poll timeout: we were stopped
 RPC_DRAIN = 256  # messages read from one RPC socket per turn, so no client starves the rest
 EVENT_RESULT_BYTES = 4096  # a Task.state event carries its task's result up to this size
@@ -70,9 +71,10 @@ class Supervisor:
         self.metrics_url: str | None = None
         self._starting_backlog = False
         self._notification_seq = 0
-        self._watchdog = sdnotify.watchdog_interval()
-        self._watchdog_next = 0.0
+        self._watchdog = sdnotify.Watchdog(self.system.monotonic)
         self._last_turn = self.system.monotonic()
+        self._woken = False  # this turn's poll found the signal pipe readable (a SIGCHLD)
+        self._next_reap = 0.0
         self.callback_errors = 0  # bugs the loop survived (each logged with its traceback)
         self._transitions: collections.deque = collections.deque()  # (fn, worker, args)
         self._outbox: list[tuple[str, dict]] = []  # this turn's events
@@ -178,14 +180,14 @@ class Supervisor:
         for due in (self.workers.next_deadline(), self._run_timers()):
             if due is not None:
                 timeout = min(timeout, due)
-        if self._watchdog:
-            timeout = min(timeout, self._watchdog / 2)
+        timeout = self._watchdog.wait_at_most(timeout)
         ready = dict(self.poller.poll(int(timeout * 1000)))
         now = self.system.monotonic()
         if now - self._last_turn > timeout + STALL_GRACE:
             self.log.warning("supervisor_stalled", seconds=round(now - self._last_turn, 3))
             self.workers.forgive_stall()
-        if self._wake_r in ready:
+        self._woken = self._wake_r in ready
+        if self._woken:
             while True:
                 try:
                     if not os.read(self._wake_r, 4096):
@@ -208,7 +210,12 @@ class Supervisor:
                 self.guarded("monitor", self.gate.on_monitor, mon)
 
     def _reap(self) -> None:
-        self.guarded("reap", self.workers.reap)
+        # A child's end is a SIGCHLD, which wakes the loop (waitpid every turn was a system
+        # call a request); once a second too: a wake-up missed delays a reap, never loses it.
+        now = self.system.monotonic()
+        if self._woken or now >= self._next_reap:
+            self._next_reap = now + 1.0
+            self.guarded("reap", self.workers.reap)
         # Only after every pending message was read: a supervisor that was itself stopped
         # (SIGSTOP) never mistakes queued heartbeats for silence.
         self.guarded("deadlines", self.workers.enforce_deadlines)
@@ -242,7 +249,7 @@ class Supervisor:
         if self.gate.paused or self.ledger.queued:  # most turns: nothing to look after
             self.guarded("bounds", self._bounds)
         self._watch_control()
-        self._kick_watchdog()
+        self._watchdog.kick()
         self.lockspaces.tick(self)  # (every 2 s: the sanlock daemon still the same one?)
         if self.metrics is not None:
             self.metrics.tick(self)
@@ -258,7 +265,10 @@ class Supervisor:
             self.poller.register(self._control_fd, zmq.POLLIN)
 
     def _drain(self, sock, handle, limit: int) -> None:
-        for _ in range(limit):
+        for i in range(limit):
+            # The poll found the first; after it, asking costs a third of a zmq.Again.
+            if i and not sock.getsockopt(_EVENTS) & _POLLIN:
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -276,13 +286,6 @@ class Supervisor:
             self.callback_errors += 1
             self.log.exception("callback_crashed", where=where)
             return False
-
-    def _kick_watchdog(self) -> None:
-        if self._watchdog:
-            now = self.system.monotonic()
-            if now >= self._watchdog_next:
-                sdnotify.notify("WATCHDOG=1")
-                self._watchdog_next = now + self._watchdog / 2
 
     # -- requests (read and dispatched by agent/wire/intake.py) --------------------------------
 
@@ -404,10 +407,11 @@ class Supervisor:
             self.lockspaces.lost(self, error.data.get("domainID"), error.message)
         reply = task.reply  # the transition drops it: an ended task holds no socket route
         self.tasks.transition(task, event)
+        # Answered first: a query's round trip is what the loop does before its answer.
+        self.respond(task, result, error, reply=reply)
         self.copies.forget(task.id)
         if self.metrics is not None:
             self.metrics.task_ended(task)
-        self.respond(task, result, error, reply=reply)
         self.publish_state(task)
         if task.job is not None or task.error is not None:  # a query that answered is no news
             self.log.info("task_ended", **task.about(), state=task.state,

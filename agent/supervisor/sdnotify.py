@@ -74,3 +74,23 @@ def watchdog_interval() -> float | None:
     except ValueError:
         return None
     return value / 1_000_000 if value > 0 else None
+
+
+class Watchdog:
+    """systemd's watchdog, kicked from the loop at half its interval (nothing if none)."""
+
+    def __init__(self, monotonic):
+        self.interval = watchdog_interval()
+        self.monotonic = monotonic
+        self.due = 0.0
+
+    def wait_at_most(self, timeout: float) -> float:
+        """`timeout`, cut so that the loop wakes in time to kick."""
+        return min(timeout, self.interval / 2) if self.interval else timeout
+
+    def kick(self) -> None:
+        if self.interval:
+            now = self.monotonic()
+            if now >= self.due:
+                notify("WATCHDOG=1")
+                self.due = now + self.interval / 2

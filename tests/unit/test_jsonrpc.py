@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent import errors
 from agent.wire import jsonrpc
@@ -79,3 +81,57 @@ def test_dumps_writes_only_what_a_strict_parser_reads():
     for value in ({"x": float("nan"), "n": 10 ** 30}, {"s": "\u2028\x00é", "t": (1, 2)}):
         out = jsonrpc.dumps(value)
         assert json.loads(out, parse_constant=lambda c: pytest.fail(c)) is not None
+
+
+def _reference(body: bytes):
+    """What the standard library alone reads (the parse before orjson read first)."""
+    try:
+        return jsonrpc._DECODER.decode(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return errors.ParseError
+
+
+def _same(a, b) -> bool:
+    """Equal, and of the same types throughout (1 is not 1.0, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return repr(a) == repr(b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+_scalars = (st.none() | st.booleans() | st.floats(allow_nan=False) | st.text()
+            | st.integers() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+            | st.sampled_from([0, -0.0, 1e308, 5e-324, 2 ** 63, -(2 ** 63) - 1, 2 ** 64,
+                               10 ** 1000, "\ud800", "\x00\u2028\U0001f600"]))
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+
+
+def _texts(value) -> list[bytes]:
+    """`value` written as JSON several ways: compact, spaced, ASCII-escaped."""
+    return [json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8", "surrogatepass"),
+            json.dumps(value, indent=1).encode()]
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values, st.data())
+def test_loads_reads_exactly_what_the_standard_library_reads(value, data):
+    """orjson reads first; whatever it reads must be what the standard library reads, of
+    the same types (an integer beyond 64 bits stays an integer), and whatever is not JSON
+    stays a ParseError: for valid documents and for bytes cut or changed from them."""
+    for body in _texts(value):
+        cut = data.draw(st.integers(0, len(body)))
+        flip = data.draw(st.binary(max_size=3))
+        for text in (body, body[:cut], body[:cut] + flip + body[cut:]):
+            want = _reference(text)
+            if want is errors.ParseError:
+                with pytest.raises(errors.ParseError):
+                    jsonrpc.loads(text)
+            else:
+                assert _same(jsonrpc.loads(text), want), text
