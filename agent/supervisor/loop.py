@@ -266,8 +266,8 @@ class Supervisor:
 
     def _drain(self, sock, handle, limit: int) -> None:
         for i in range(limit):
-            # The poll found the first; after it, asking costs a third of a zmq.Again.
-            if i and not sock.getsockopt(_EVENTS) & _POLLIN:
+            # As agent/wire/intake.py's drain: is there a second, then read to the end.
+            if i == 1 and not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)

@@ -40,9 +40,10 @@ def drain(agent: Supervisor, limit: int, budget: float = TURN_BUDGET) -> None:
     for i in range(limit):
         if clock() > until:
             return
-        # The poll found the first; for the next, asking is a third of the cost of the
-        # zmq.Again a recv raises on an empty socket (most turns serve one request).
-        if i and not opt(_EVENTS) & _POLLIN:
+        # The poll found the first. Most turns serve one request: asking whether a second
+        # is there costs a third of the zmq.Again a recv on an empty socket raises; a
+        # burst is read to its end, and one zmq.Again.
+        if i == 1 and not opt(_EVENTS) & _POLLIN:
             return
         try:
             frames = [recv(_NOBLOCK)]
