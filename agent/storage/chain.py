@@ -38,12 +38,12 @@ def _outside(name: str) -> bool:
 
 
 def inspect(layout, rows: list[dict], beat=lambda: None, structure: bool = False,
-            beside=()) -> dict:
+            checks: dict | None = None) -> dict:
     """ImageInvalid (or VolumeTruncated) unless every layer of the chain (base first) is what
     the metadata says and safe to hand to qemu; see the module's docstring. Returns each
-    qcow2 layer's header by volume ID. With `structure`, the callables `beside` (qemu runs
-    that need only the headers checked: a copy's qemu-img measure) run alongside the
-    qemu-img checks, and their errors come after those."""
+    qcow2 layer's header by volume ID. With `structure`, each qcow2 layer's qemu-img check
+    report goes into `checks` (by volume ID), if given: what it found allocated bounds the
+    data a copy of it can write (workers/ops/copying/qemu.py, check_room)."""
     headers = {}
     for i, row in enumerate(rows):
         vid = row["volume_id"]
@@ -79,32 +79,27 @@ def inspect(layout, rows: list[dict], beat=lambda: None, structure: bool = False
                                       volumeID=vid, reason="size",
                                       found=head.virtual_size, expected=row["size"])
     if structure:
-        _check_layers(layout, [row for row in rows if row["format"] == "cow"], beat, beside)
+        found = _check_layers(layout, [row for row in rows if row["format"] == "cow"], beat)
+        if checks is not None:
+            checks.update(found)
     return headers
 
 
-def _check_layers(layout, rows: list[dict], beat, beside=()) -> None:
+def _check_layers(layout, rows: list[dict], beat) -> dict:
     """qemu-img check of each layer, CHECKERS at a time (each a process of its own: most
-    of its time is qemu-img's start, so a chain's checks overlap), and the callables
-    `beside` with them; the first error, layers base first then `beside`, is the one
-    raised. The caller's heartbeat is called from here only (a worker's is not
-    thread-safe)."""
-    if len(rows) + len(beside) < 2:
-        for row in rows:
-            qemu_img.check(image_opts(layout, [row], direct=False, layer_only=True),
-                           layout.data_path(row), beat=beat)
-        for fn in beside:
-            fn()
-        return
-    with concurrent.futures.ThreadPoolExecutor(min(CHECKERS, len(rows) + len(beside))) as pool:
-        futures = [pool.submit(qemu_img.check, image_opts(layout, [row], direct=False,
-                                                          layer_only=True),
-                               layout.data_path(row)) for row in rows]
-        futures += [pool.submit(fn) for fn in beside]
+    of its time is qemu-img's start, so a chain's checks overlap); the first error, base
+    first, is the one raised. The caller's heartbeat is called from here only (a worker's
+    is not thread-safe). Returns each layer's report by volume ID."""
+    def check(row, beat=lambda: None):
+        return qemu_img.check(image_opts(layout, [row], direct=False, layer_only=True),
+                              layout.data_path(row), beat=beat)
+    if len(rows) < 2:
+        return {row["volume_id"]: check(row, beat) for row in rows}
+    with concurrent.futures.ThreadPoolExecutor(min(CHECKERS, len(rows))) as pool:
+        futures = [pool.submit(check, row) for row in rows]
         while concurrent.futures.wait(futures, timeout=0.25).not_done:
             beat()
-    for future in futures:
-        future.result()
+    return {row["volume_id"]: future.result() for row, future in zip(rows, futures)}
 
 
 def require_legal(rows: list[dict]) -> None:

@@ -1,5 +1,6 @@
 """A volume's size: growing its data file (Volume.extend, and a merge's base grown to its
-top's size) and measuring what its chain needs in a format (Volume.measure).
+top's size), measuring what its chain needs in a format (Volume.measure), and bounding
+what a sparse copy of it can hold from what its checks found (a copy's room check).
 
 A grow writes the data file first and the caller records the new size after, so a crash in
 between leaves the file larger than the row says: the metadata is the truth, and the next
@@ -81,3 +82,35 @@ def measure(layout, rows: list[dict], fmt: str, beat=lambda: None) -> dict:
     found = qemu_img.measure(fmt, chain.image_opts(layout, rows, direct=False), beat)
     return {"required": found.get("required", 0),
             "fully_allocated": found.get("fully-allocated", 0)}
+
+
+SLACK = 1 << 20  # a bound's margin: file system blocks, a header, a bitmap directory
+
+
+def data_bound(layout, row: dict, header, check: dict | None) -> int | None:
+    """At most how many bytes of guest data a layer holds itself, from what is already known
+    of it: a qcow2's allocated clusters as its qemu-img check counted them (compressed ones
+    at their full size), a raw file's allocated blocks. None if the check does not say."""
+    if row["format"] == "raw":
+        return min(row["size"], os.stat(layout.data_path(row)).st_blocks * 512)
+    if header is None or not check or "total-clusters" not in check:
+        return None  # (qemu leaves allocated-clusters out when there are none)
+    return min(row["size"], check.get("allocated-clusters", 0) * header.cluster_size)
+
+
+def sparse_bound(data: int, size: int, fmt: str, cluster: int = 65536) -> int:
+    """At most what a sparse destination of `size` bytes holding `data` bytes of it takes on
+    storage: raw, the data; qcow2 (`cluster` bytes a cluster), its tables too, each at its
+    worst: an L2 table of 16-byte entries for every data cluster, an L1 covering the whole
+    size, 64-bit refcounts for every cluster of the file. Never less than what qemu writes;
+    used to skip `qemu-img measure`, whose walk over a huge disk's tables costs per byte of
+    its virtual size, when the room is plainly there."""
+    if fmt == "raw":
+        return data + SLACK
+    c = max(cluster, 512)
+    clusters = -(-data // c)
+    tables = -(-size // (c * (c // 16)))  # L2 tables that cover the whole disk
+    l1 = -(-tables * 8 // c) * c
+    host = clusters * c + min(clusters, tables) * c + l1 + 4 * c  # + header, reftable, slack
+    refblocks = -(-(host // c) * 8 // c) + 1
+    return host + (refblocks + -(-refblocks * 8 // c)) * c + SLACK

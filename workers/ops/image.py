@@ -124,11 +124,11 @@ def copy(ctx, args):
         src_rows = src_db.chain(src["volumeID"])
         chain.require_legal(src_rows)  # a merge may be folding a layer beneath the source
         fmt = _collapse_format(args, src_row)
-        room = []  # qemu-img measure beside the checks (both after the headers were read)
+        checks: dict = {}
+        headers = chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,
+                                checks=checks)  # before any answer
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
-            room.append(lambda: qemu_copy.check_room(src_db, src_rows, dst_db, [fmt]))
-        chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,  # before any answer
-                      beside=room)
+            qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], headers, checks)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
         dst_db.layout.ensure_image_dir(dst["imageID"])
         gen, start = marker["generation"], marker["copied"]

@@ -124,12 +124,12 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
     src_rows = src_db.chain(src_row["volume_id"])
     chain.require_legal(src_rows)
     ids = layer_ids(dst["volumeID"], src_rows)
-    room = []  # qemu-img measure of each layer beside the checks (after the headers)
+    checks: dict = {}
+    headers = chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,
+                            checks=checks)  # before any answer
     if dst_db.get_volume(ids[0]) is None:
-        room.append(lambda: qemu.check_room(src_db, src_rows, dst_db,
-                                            [r["format"] for r in src_rows]))
-    chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,  # before any answer
-                  beside=room)
+        qemu.check_room(src_db, src_rows, dst_db, [r["format"] for r in src_rows], headers,
+                        checks)
     with contextlib.ExitStack() as held:
         manager = leases.for_domain(dst_db)
         for vid in ids[:-1]:

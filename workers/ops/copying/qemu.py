@@ -16,7 +16,7 @@ import contextlib
 import os
 
 from agent import errors
-from agent.storage import chain, checksum, qcow2, qemu_img, qemu_nbd
+from agent.storage import chain, checksum, qcow2, qemu_img, qemu_nbd, sizing
 from agent.storage.copy import nbd, sink
 from agent.storage.copy.kernel import CopyStopped
 from agent.storage.metadata import DomainDB
@@ -59,15 +59,20 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
 
 
 def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
-               formats: list[str]) -> None:
-    """NoSpace before anything is made if the destination's domain cannot hold the copy:
-    qemu-img measure of what it needs (a chain copy: each layer's own data, its layers
-    measured side by side), against the domain's free space. A copy's destination is
-    sparse (holes and zeros are not written), so what it holds is the source's data: for a
-    raw destination that is what measure says a qcow2 needs (the data and a little
-    metadata), not measure's raw figure, which is the whole virtual size (a 1 TiB disk
-    holding 1 GiB needs 1 GiB, not 1 TiB). Run beside the source's checks (chain.inspect's
-    `beside`): no heartbeat from here."""
+               formats: list[str], headers: dict, checks: dict) -> None:
+    """NoSpace before anything is made if the destination's domain cannot hold the copy. A
+    copy's destination is sparse (holes and zeros are not written): what it holds is the
+    source's data, not its virtual size (a 1 TiB disk holding 1 GiB needs 1 GiB). First a
+    bound from what the checks found allocated (`headers` and `checks`: chain.inspect's, by
+    volume ID; agent/storage/sizing.py): room for it, and there is room. Else qemu-img
+    measure of what it needs (a chain copy: each layer's own data, measured side by side;
+    a raw destination: what measure says a qcow2 needs, the data and a little metadata,
+    not its raw figure, which is the whole virtual size), against the domain's free space."""
+    st = os.statvfs(dst_db.layout.root)
+    free = st.f_bavail * st.f_frsize
+    if _bound(src_db, src_rows, formats, headers, checks) <= free:
+        return
+
     def measure(i: int) -> int:
         layer = len(formats) > 1 and i > 0
         rows = src_rows[:i + 1] if len(formats) > 1 else src_rows
@@ -75,12 +80,28 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
         return qemu_img.measure("cow", opts).get("required", 0)
     with concurrent.futures.ThreadPoolExecutor(min(4, len(formats))) as pool:
         need = sum(pool.map(measure, range(len(formats))))
-    st = os.statvfs(dst_db.layout.root)
-    free = st.f_bavail * st.f_frsize
     if need > free:
         raise errors.NoSpace(f"the copy needs {need} bytes (the source's data: its "
                              f"destination is sparse), the domain has {free} free",
                              needed=need, free=free)
+
+
+def _bound(src_db: DomainDB, src_rows: list[dict], formats: list[str], headers: dict,
+           checks: dict) -> float:
+    """At most what the copy's destination holds (infinity where a layer's data is not
+    known): collapsed, the data of every layer in the leaf's cluster layout; as a chain,
+    each layer's own in its own."""
+    held = [sizing.data_bound(src_db.layout, row, headers.get(row["volume_id"]),
+                              checks.get(row["volume_id"])) for row in src_rows]
+    if None in held:
+        return float("inf")
+    clusters = [getattr(headers.get(row["volume_id"]), "cluster_size", 65536)
+                for row in src_rows]
+    if len(formats) == 1:
+        size = src_rows[-1]["size"]
+        return sizing.sparse_bound(min(sum(held), size), size, formats[0], clusters[-1])
+    return sum(sizing.sparse_bound(*layer) for layer in zip(
+        held, (row["size"] for row in src_rows), formats, clusters))
 
 
 def cluster_layout(db: DomainDB, row: dict) -> dict:
