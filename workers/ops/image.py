@@ -128,7 +128,8 @@ def copy(ctx, args):
         headers = chain.inspect(src_db.layout, src_rows, ctx.beat, structure=True,
                                 checks=checks)  # before any answer
         if not _kernel_copy(src_rows, fmt) and dst_db.get_volume(dst["volumeID"]) is None:
-            qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], headers, checks)
+            qemu_copy.check_room(src_db, src_rows, dst_db, [fmt], headers, checks,
+                                 ctx.beat)
         marker, fresh = _own(dst_db, ctx, src, dst, src_row, args, fmt=fmt)
         dst_db.layout.ensure_image_dir(dst["imageID"])
         gen, start = marker["generation"], marker["copied"]

@@ -129,7 +129,7 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
                             checks=checks)  # before any answer
     if dst_db.get_volume(ids[0]) is None:
         qemu.check_room(src_db, src_rows, dst_db, [r["format"] for r in src_rows], headers,
-                        checks)
+                        checks, ctx.beat)
     with contextlib.ExitStack() as held:
         manager = leases.for_domain(dst_db)
         for vid in ids[:-1]:

@@ -59,7 +59,7 @@ def check_files(db: DomainDB, rows: list[dict], before: list[tuple]) -> None:
 
 
 def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
-               formats: list[str], headers: dict, checks: dict) -> None:
+               formats: list[str], headers: dict, checks: dict, beat) -> None:
     """NoSpace before anything is made if the destination's domain cannot hold the copy. A
     copy's destination is sparse (holes and zeros are not written): what it holds is the
     source's data, not its virtual size (a 1 TiB disk holding 1 GiB needs 1 GiB). First a
@@ -67,7 +67,8 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
     volume ID; agent/storage/sizing.py): room for it, and there is room. Else qemu-img
     measure of what it needs (a chain copy: each layer's own data, measured side by side;
     a raw destination: what measure says a qcow2 needs, the data and a little metadata,
-    not its raw figure, which is the whole virtual size), against the domain's free space."""
+    not its raw figure, which is the whole virtual size), against the domain's free space.
+    `beat`: the worker's heartbeat, called from here only (it is not thread-safe)."""
     st = os.statvfs(dst_db.layout.root)
     free = st.f_bavail * st.f_frsize
     if _bound(src_db, src_rows, formats, headers, checks) <= free:
@@ -79,7 +80,10 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
         opts = chain.image_opts(src_db.layout, rows, direct=False, layer_only=layer)
         return qemu_img.measure("cow", opts).get("required", 0)
     with concurrent.futures.ThreadPoolExecutor(min(4, len(formats))) as pool:
-        need = sum(pool.map(measure, range(len(formats))))
+        futures = [pool.submit(measure, i) for i in range(len(formats))]
+        while concurrent.futures.wait(futures, timeout=0.25).not_done:
+            beat()
+    need = sum(future.result() for future in futures)
     if need > free:
         raise errors.NoSpace(f"the copy needs {need} bytes (the source's data: its "
                              f"destination is sparse), the domain has {free} free",
