@@ -16,6 +16,7 @@ import os
 
 from agent import errors
 from agent.storage import chain, qcow2, qemu_img
+from agent.storage.copy.kernel import next_extent
 from agent.system import fsync_path
 
 
@@ -87,21 +88,29 @@ def measure(layout, rows: list[dict], fmt: str, beat=lambda: None) -> dict:
 SLACK = 1 << 20  # a bound's margin: file system blocks, a header, a bitmap directory
 
 
-def data_bound(layout, row: dict, header, check: dict | None) -> int | None:
-    """At most how many bytes of guest data a layer holds itself, from what is already known
-    of it: a qcow2's allocated clusters as its qemu-img check counted them (compressed ones
-    at their full size), a raw file's allocated blocks. None if the check does not say."""
+RAW_EXTENTS_MAX = 4096  # data extents of a raw layer counted before measure is left to say
+
+
+def data_bound(layout, row: dict, header, check: dict | None, grain: int = 1) -> int | None:
+    """At most how many bytes a copy's destination allocates for the guest data a layer
+    holds itself, in whole `grain`s (a qcow2 destination's clusters: a write anywhere in one
+    allocates it; 1 for raw), from what is already known of the layer: a qcow2's allocated
+    clusters as its qemu-img check counted them (compressed ones at their full size), each
+    inside one grain or covering whole ones (both powers of two); a raw file's data extents
+    as qemu finds them (SEEK_DATA: never its allocated blocks, which a compressing file
+    system counts compressed), each widened to whole grains. None if the check does not
+    say, or the raw file has more than RAW_EXTENTS_MAX extents."""
     if row["format"] == "raw":
-        return min(row["size"], os.stat(layout.data_path(row)).st_blocks * 512)
+        return _raw_data(layout.data_path(row), row["size"], grain)
     if header is None or not check or "total-clusters" not in check:
         return None  # (qemu leaves allocated-clusters out when there are none)
-    return min(row["size"], check.get("allocated-clusters", 0) * header.cluster_size)
+    return check.get("allocated-clusters", 0) * max(header.cluster_size, grain)
 
 
 def sparse_bound(data: int, size: int, fmt: str, cluster: int = 65536) -> int:
-    """At most what a sparse destination of `size` bytes holding `data` bytes of it takes on
-    storage: raw, the data; qcow2 (`cluster` bytes a cluster), its tables too, each at its
-    worst: an L2 table of 16-byte entries for every data cluster, an L1 covering the whole
+    """At most what a sparse destination of `size` bytes takes on storage, its data
+    allocating `data` bytes (data_bound's, in its clusters): raw, the data; qcow2 (`cluster`
+    bytes a cluster), its tables too, each at its worst: an L2 table of 16-byte entries for every data cluster, an L1 covering the whole
     size, 64-bit refcounts for every cluster of the file. Never less than what qemu writes;
     used to skip `qemu-img measure`, whose walk over a huge disk's tables costs per byte of
     its virtual size, when the room is plainly there."""
@@ -114,3 +123,18 @@ def sparse_bound(data: int, size: int, fmt: str, cluster: int = 65536) -> int:
     host = clusters * c + min(clusters, tables) * c + l1 + 4 * c  # + header, reftable, slack
     refblocks = -(-(host // c) * 8 // c) + 1
     return host + (refblocks + -(-refblocks * 8 // c)) * c + SLACK
+
+
+def _raw_data(path: str, size: int, grain: int) -> int | None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        held, offset = 0, 0
+        for _ in range(RAW_EXTENTS_MAX):
+            start, end = next_extent(fd, offset, size)
+            if start >= size:
+                return held
+            held += -(-end // grain) * grain - start // grain * grain
+            offset = end
+        return None
+    finally:
+        os.close(fd)

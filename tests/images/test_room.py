@@ -91,3 +91,67 @@ def test_a_bound_that_does_not_fit_is_measured_and_the_copy_fits(agent, workdir,
         wait_legal(agent, dst)
         info = agent.call("Volume.getInfo", dst)
         assert compare(chain[-1]["path"], "cow", info["path"], fmt).returncode == 0
+
+
+class _Path:
+    """A layout that knows one file (sizing.data_bound asks it for a raw layer's path)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def data_path(self, row):
+        return self.path
+
+
+def test_a_raw_base_is_bounded_by_its_data_extents(agent):
+    """A raw base's bound is its data as qemu finds it (SEEK_DATA), not its allocated blocks
+    (which a compressing file system counts compressed), each extent widened to the
+    destination's clusters: scattered 4 KiB writes, copied to qcow2 (a 64 KiB cluster for
+    each), hold no more than the bound, and read the same."""
+    size = 64 * MiB
+    [base] = make_chain(agent, agent.domain_id, size=size, base_format="raw", layers=1)
+    qemu_io(base["path"], "raw", *_scattered(size, 512))
+    row = {"format": "raw", "size": size, "volume_id": base["volumeID"]}
+    data = sizing.data_bound(_Path(base["path"]), row, None, None)
+    assert 12 * MiB <= data <= _held(base["path"])  # make_chain's 12 MiB, and the writes
+    in_clusters = sizing.data_bound(_Path(base["path"]), row, None, None, grain=65536)
+    assert in_clusters > data  # each 4 KiB write allocates a whole cluster of a qcow2
+    dst, _ = run_copy(agent, base, "room-raw-base", format="cow")
+    info = agent.call("Volume.getInfo", dst)
+    assert _held(info["path"]) <= sizing.sparse_bound(in_clusters, size, "cow")
+    assert compare(base["path"], "raw", info["path"], "cow").returncode == 0
+
+
+def _relayout(path: str, size: int, cluster: str, backing: str | None = None) -> None:
+    """Replace the qcow2 at `path` with an empty one of another cluster size (its backing
+    file named as the chain's is)."""
+    made = path + ".made"
+    over = ["-b", os.path.basename(backing), "-F", "qcow2", "-u"] if backing else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}",
+                    *over, made, str(size)], check=True, timeout=60, cwd=os.path.dirname(path))
+    os.replace(made, path)
+
+
+def test_small_clusters_under_large_ones_are_bounded_in_the_large(agent):
+    """A base of 512-byte clusters, a 4 KiB write in every 2 MiB, under a top of 2 MiB
+    clusters: collapsed to qcow2 (laid out as the top), each write allocates a 2 MiB
+    cluster. A bound counting each layer's clusters at their own size would be far too
+    small; counted in the destination's, it holds what the copy holds."""
+    size = 64 * MiB
+    base, top = make_chain(agent, agent.domain_id, size=size, base_format="cow", layers=2)
+    _relayout(base["path"], size, "512")
+    _relayout(top["path"], size, "2M", backing=base["path"])
+    qemu_io(base["path"], "cow", *[f"write -P 7 {k * 2 * MiB + 4096} 4k" for k in range(30)])
+    qemu_io(top["path"], "cow", f"write -P 9 {61 * MiB} 64k")
+    grain = 2 * MiB
+    own = in_grains = 0
+    for layer in (base, top):
+        row = {"format": "cow", "size": size, "volume_id": layer["volumeID"]}
+        head, found = qcow2.read(layer["path"], layer["volumeID"]), check(layer["path"])
+        own += sizing.data_bound(None, row, head, found)
+        in_grains += sizing.data_bound(None, row, head, found, grain)
+    dst, _ = run_copy(agent, top, "room-mixed", format="cow")
+    info = agent.call("Volume.getInfo", dst)
+    assert _held(info["path"]) > sizing.sparse_bound(own, size, "cow", grain)
+    assert _held(info["path"]) <= sizing.sparse_bound(min(in_grains, size), size, "cow", grain)
+    assert compare(top["path"], "cow", info["path"], "cow").returncode == 0

@@ -135,3 +135,19 @@ def test_loads_reads_exactly_what_the_standard_library_reads(value, data):
                     jsonrpc.loads(text)
             else:
                 assert _same(jsonrpc.loads(text), want), text
+
+
+@pytest.mark.parametrize("body", [
+    b"1E+2", b"1e-2", b"0e0", b"-0", b"-0.0", b"1.0e-400", b"2.5e308", b"123456789012345678",
+    b"-123456789012345678", b"9" * 18 + b".5", b'"\\u00e9\\ud83d\\ude00"', b'"\\/"', b" \t\n[ ]\r ",
+    b'{"a":{"b":[1,{"c":null}]},"a":true}', b"[1,]", b"01", b"+1", b".5", b"1.", b'"\t"',
+    b"\xef\xbb\xbf[]", b'"\xc3\x28"', b"true false", b"nul", b"[" * 1100 + b"]" * 1100])
+def test_loads_agrees_with_the_standard_library_on_the_edges(body):
+    """Number forms, escapes, whitespace, duplicate keys, and what is not JSON at all: read
+    as the standard library reads them, or refused as it refuses them."""
+    want = _reference(body)
+    if want is errors.ParseError:
+        with pytest.raises(errors.ParseError):
+            jsonrpc.loads(body)
+    else:
+        assert _same(jsonrpc.loads(body), want)

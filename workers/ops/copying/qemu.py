@@ -93,17 +93,23 @@ def check_room(src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
 def _bound(src_db: DomainDB, src_rows: list[dict], formats: list[str], headers: dict,
            checks: dict) -> float:
     """At most what the copy's destination holds (infinity where a layer's data is not
-    known): collapsed, the data of every layer in the leaf's cluster layout; as a chain,
-    each layer's own in its own."""
-    held = [sizing.data_bound(src_db.layout, row, headers.get(row["volume_id"]),
-                              checks.get(row["volume_id"])) for row in src_rows]
-    if None in held:
-        return float("inf")
+    known): collapsed, the data of every layer in the leaf's clusters; as a chain, each
+    layer's own in its own (a destination is laid out as its source: cluster_layout)."""
     clusters = [getattr(headers.get(row["volume_id"]), "cluster_size", 65536)
                 for row in src_rows]
     if len(formats) == 1:
+        grains = [clusters[-1] if formats[0] == "cow" else 1] * len(src_rows)
+    else:
+        grains = [c if fmt == "cow" else 1 for c, fmt in zip(clusters, formats)]
+    held = [sizing.data_bound(src_db.layout, row, headers.get(row["volume_id"]),
+                              checks.get(row["volume_id"]), grain)
+            for row, grain in zip(src_rows, grains)]
+    if None in held:
+        return float("inf")
+    if len(formats) == 1:
         size = src_rows[-1]["size"]
-        return sizing.sparse_bound(min(sum(held), size), size, formats[0], clusters[-1])
+        whole = -(-size // grains[-1]) * grains[-1]  # every cluster of the disk, at most
+        return sizing.sparse_bound(min(sum(held), whole), size, formats[0], clusters[-1])
     return sum(sizing.sparse_bound(*layer) for layer in zip(
         held, (row["size"] for row in src_rows), formats, clusters))
 
