@@ -19,7 +19,7 @@ import time
 
 import zmq
 
-from bench.common import Row, Scratch, alternate, median, python_module, ratio
+from bench.common import Row, Scratch, alternate, median, paired_ratio, python_module, ratio
 
 GOALS = {1: 0.9, 64: 0.75}
 
@@ -92,7 +92,8 @@ def run(opts) -> list[Row]:
                 project=a, baselines={"bare pyzmq echo": b}, ratio=r,
                 ratio_of="Host.ping / echo", goal=f">= {GOALS[k]}x",
                 met=r is not None and r >= GOALS[k],
-                extra={"seconds_per_sample": opts.rpc_seconds}))
+                extra={"seconds_per_sample": opts.rpc_seconds,
+                       "paired_ratio": paired_ratio(a, b)}))
     return rows
 
 
