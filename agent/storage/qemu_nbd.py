@@ -95,7 +95,16 @@ class Export:
         return _log(self.dir)
 
     def open(self) -> "Export":
-        nbd = _nbd()
+        self.start()
+        try:
+            return self.connect()
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self) -> "Export":
+        """qemu-nbd started on its socket, not yet connected to (`connect`): a caller that
+        needs two exports starts one while it opens the other, and their starts overlap."""
         self.dir = new_dir()
         path = os.path.join(self.dir, "sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -114,6 +123,11 @@ class Export:
                                            limits=qemu_img.SERVER)
         finally:
             listener.close()
+        return self
+
+    def connect(self) -> "Export":
+        nbd = _nbd()
+        path = os.path.join(self.dir, "sock")
         self.h = nbd.NBD()
         # No zeroing of each read's buffer first: a read that fails is never used (its
         # error ends the copy), and one that succeeds filled all of it (nbd_pread(3): all
@@ -125,20 +139,25 @@ class Export:
         try:
             self.h.connect_unix(path)
         except nbd.Error as exc:
+            said = self.log()  # before close removes it
             self.close()
-            raise qemu_img.tool_error("qemu-nbd", self.log() or str(exc)) from None
+            raise qemu_img.tool_error("qemu-nbd", said or str(exc)) from None
         return self
 
     def size(self) -> int:
         return self.h.get_size()
 
     def close(self) -> None:
-        """Disconnect (qemu-nbd then exits by itself) and wait for qemu-nbd to be gone."""
-        if self.h is not None:
+        """Disconnect (qemu-nbd then exits by itself) and wait for qemu-nbd to be gone; one
+        never connected to waits for a client that will not come, and is killed."""
+        connected = self.h is not None
+        if connected:
             with contextlib.suppress(Exception):
                 self.h.shutdown()
             self.h = None
         if self.proc is not None:
+            if not connected:
+                self.proc.kill()
             qemu_img.wait_gone(self.proc)
             self.proc = None
         if self.dir is not None:

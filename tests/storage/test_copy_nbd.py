@@ -18,6 +18,7 @@ from agent.storage import checksum, qemu_nbd
 from agent.storage.copy import kernel, nbd, sink
 from agent.storage.copy.kernel import CopyStopped
 from tests.images.chains import needs_qemu
+from tests.support.harness import wait_for
 
 pytestmark = needs_qemu
 MiB = 1 << 20
@@ -225,3 +226,32 @@ def test_a_file_sinks_wake_up_comes_only_once_its_write_is_done(tmp_path, monkey
         assert out.wants() is None
     finally:
         out.close()
+
+
+def _open_files(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_an_export_started_and_never_connected_leaves_nothing(source):
+    """A copy starts its source's qemu-nbd while it opens the destination; if that fails,
+    the source was never connected to, waits for a client that will not come, and is
+    killed: no process, no socket directory left. One that is connected reads."""
+    path, raw = source
+    exp = qemu_nbd.Export(opts(path, "qcow2"), writable=False).start()
+    proc, where = exp.proc, exp.dir
+    # It has the image open, waiting for its client: started for real.
+    wait_for(lambda: path in _open_files(proc.pid), 10, what="qemu-nbd with the image open")
+    assert proc.poll() is None and os.path.exists(os.path.join(where, "sock"))
+    exp.close()
+    assert proc.poll() is not None and not os.path.exists(where)
+    exp.close()  # twice: nothing more to do
+    with contextlib.closing(qemu_nbd.Export(opts(path, "qcow2"), writable=False)
+                            .start()) as exp:
+        assert exp.connect().size() == SIZE
+        with open(raw, "rb") as f:
+            assert all(exp.h.pread(MiB, off) == f.read(MiB) for off in range(0, SIZE, MiB))

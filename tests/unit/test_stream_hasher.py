@@ -57,3 +57,25 @@ def test_an_empty_8_tib_disk_is_hashed_without_a_step_per_block():
         h.zeros(1 << 30)
     h.hexdigest()
     assert sum(calls) == 32 * (size // BLOCK) and len(calls) <= size >> 30
+
+
+def test_runs_of_zero_blocks_longer_than_one_update_hash_as_defined():
+    """Runs of zero blocks handed to the outer hash in pieces (ZERO_RUN digests each, on
+    several cores), between blocks of data and before a short last block: the digest is
+    the definition's, as one core computes it block by block."""
+    rnd = random.Random(7)
+    zero = blake3.blake3(bytes(BLOCK)).digest()
+    data = rnd.randbytes(BLOCK)
+    first, second = 2 * checksum.ZERO_RUN + 3, checksum.ZERO_RUN - 1
+    size = (first + 1 + second) * BLOCK + 100
+    h = checksum.StreamHasher(size, keep_blocks=True)
+    h.zeros(first * BLOCK)
+    h.data(data)
+    h.zeros(second * BLOCK + 100)
+    digests = [zero] * first + [blake3.blake3(data).digest()] + [zero] * second + \
+        [blake3.blake3(bytes(100)).digest()]
+    outer = blake3.blake3()
+    for d in digests:
+        outer.update(d)
+    assert h.hexdigest() == "blake3-4m:" + outer.hexdigest()
+    assert h.blocks == digests
