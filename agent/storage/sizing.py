@@ -86,8 +86,6 @@ def measure(layout, rows: list[dict], fmt: str, beat=lambda: None) -> dict:
 
 
 SLACK = 1 << 20  # a bound's margin: file system blocks, a header, a bitmap directory
-
-
 RAW_EXTENTS_MAX = 4096  # data extents of a raw layer counted before measure is left to say
 
 
@@ -110,10 +108,11 @@ def data_bound(layout, row: dict, header, check: dict | None, grain: int = 1) ->
 def sparse_bound(data: int, size: int, fmt: str, cluster: int = 65536) -> int:
     """At most what a sparse destination of `size` bytes takes on storage, its data
     allocating `data` bytes (data_bound's, in its clusters): raw, the data; qcow2 (`cluster`
-    bytes a cluster), its tables too, each at its worst: an L2 table of 16-byte entries for every data cluster, an L1 covering the whole
-    size, 64-bit refcounts for every cluster of the file. Never less than what qemu writes;
-    used to skip `qemu-img measure`, whose walk over a huge disk's tables costs per byte of
-    its virtual size, when the room is plainly there."""
+    bytes a cluster), its tables too, each at its worst: an L2 table of 16-byte entries for
+    every data cluster, an L1 covering the whole size, 64-bit refcounts for every cluster of
+    the file. Never less than what qemu writes; used to skip `qemu-img measure`, whose walk
+    over a huge disk's tables costs per byte of its virtual size, when the room is plainly
+    there."""
     if fmt == "raw":
         return data + SLACK
     c = max(cluster, 512)
