@@ -166,9 +166,14 @@ class Export:
 
 
 @contextlib.contextmanager
-def export(opts: str, *, writable: bool = False, depth: bool = False):
+def export(opts: str, *, writable: bool = False, depth: bool = False, connect: bool = True):
+    """An Export for the block, closed at its end. ``connect`` False: only started, for the
+    caller to connect once something else is ready (two qemu processes starting at once)."""
     exp = Export(opts, writable=writable, depth=depth)
-    exp.open()
+    if connect:
+        exp.open()
+    else:
+        exp.start()
     try:
         yield exp
     finally:

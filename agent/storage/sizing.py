@@ -87,6 +87,7 @@ def measure(layout, rows: list[dict], fmt: str, beat=lambda: None) -> dict:
 
 SLACK = 1 << 20  # a bound's margin: file system blocks, a header, a bitmap directory
 RAW_EXTENTS_MAX = 4096  # data extents of a raw layer counted before measure is left to say
+CLUSTER = 65536  # qemu's cluster size for a qcow2 it makes (a raw source's qcow2 copy)
 
 
 def data_bound(layout, row: dict, header, check: dict | None, grain: int = 1) -> int | None:
@@ -105,7 +106,7 @@ def data_bound(layout, row: dict, header, check: dict | None, grain: int = 1) ->
     return check.get("allocated-clusters", 0) * max(header.cluster_size, grain)
 
 
-def sparse_bound(data: int, size: int, fmt: str, cluster: int = 65536) -> int:
+def sparse_bound(data: int, size: int, fmt: str, cluster: int = CLUSTER) -> int:
     """At most what a sparse destination of `size` bytes takes on storage, its data
     allocating `data` bytes (data_bound's, in its clusters): raw, the data; qcow2 (`cluster`
     bytes a cluster), its tables too, each at its worst: an L2 table of 16-byte entries for

@@ -95,7 +95,7 @@ def _bound(src_db: DomainDB, src_rows: list[dict], formats: list[str], headers: 
     """At most what the copy's destination holds (infinity where a layer's data is not
     known): collapsed, the data of every layer in the leaf's clusters; as a chain, each
     layer's own in its own (a destination is laid out as its source: cluster_layout)."""
-    clusters = [getattr(headers.get(row["volume_id"]), "cluster_size", 65536)
+    clusters = [getattr(headers.get(row["volume_id"]), "cluster_size", sizing.CLUSTER)
                 for row in src_rows]
     if len(formats) == 1:
         grains = [clusters[-1] if formats[0] == "cow" else 1] * len(src_rows)
@@ -165,17 +165,6 @@ def _writer(ctx, opts: str, report):
 
 
 @contextlib.contextmanager
-def _source(opts: str, depth: bool):
-    """The source's read-only qemu-nbd, started: the caller connects once the destination
-    is open, and the two qemu processes' starts overlap (14 ms each here)."""
-    exp = qemu_nbd.Export(opts, writable=False, depth=depth).start()
-    try:
-        yield exp
-    finally:
-        exp.close()
-
-
-@contextlib.contextmanager
 def _sink(ctx, opts: str, path: str, *, file: bool, start: int, hasher, report, punch: bool):
     """Where the copy writes (agent/storage/copy/sink.py), once the prefix an earlier life
     wrote is handed to the hasher. A raw destination (`file`) is written by this worker
@@ -213,7 +202,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
                                 direct=qemu_img.direct_io(before[-1][0]))
     # The source's qemu-nbd starts while the destination is made and opened (each qemu
     # process takes 10-15 ms to start); it is connected to once both are ready.
-    with _source(src_opts, layer) as src:
+    with qemu_nbd.export(src_opts, depth=layer, connect=False) as src:
         # A killed life's qemu-nbd may still hold the destination's lock: waited out.
         dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
             dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
