@@ -14,7 +14,6 @@ A checksum is written "<kind>:<hex>". Three kinds:
 - ``sha256-4m`` (recorded by the versions before it): the same structure with SHA-256.
 - ``sha256`` (recorded by the first versions): the SHA-256 of the whole file's bytes, holes
   hashed as zeros.
-
 - ``blake2b`` (asked for, never recorded): ovirt-imageio's block hash (its blkhash.py): the
   same structure with BLAKE2b of 32-byte digests, so that `ovirt_imageio.client.checksum` of
   a file equals the agent's answer for a volume holding it (Image.checksum).
@@ -417,10 +416,12 @@ class StreamFollower:
         self._hand_zeros()
         self._queue.put(list(digests))
 
-    def result(self) -> str:
+    def result(self, beat=lambda: None) -> str:
+        """The checksum, all handed over hashed; `beat()` meanwhile (huge disks' zeros)."""
         self._hand_zeros()
         self._queue.put(None)
-        self._thread.join()
+        while self._thread.join(0.25) or self._thread.is_alive():
+            beat()
         return self._hasher.hexdigest()
 
     def blocks(self) -> list[bytes] | None:

@@ -106,6 +106,24 @@ def data_bound(layout, row: dict, header, check: dict | None, grain: int = 1) ->
     return check.get("allocated-clusters", 0) * max(header.cluster_size, grain)
 
 
+def holds_nothing(layout, rows: list[dict], headers: dict, checks: dict) -> bool:
+    """Whether the chain's guest view is all zeros by what its checks found (chain.inspect's
+    `headers` and `checks`, by volume ID): no qcow2 layer with a cluster of data, compressed
+    or zero-allocated, and no data extent in a raw base. Unknown is not empty."""
+    for row in rows:
+        if row["format"] == "raw":
+            fd = os.open(layout.data_path(row), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if next_extent(fd, 0, row["size"])[0] < row["size"]:
+                    return False
+            finally:
+                os.close(fd)
+        elif data_bound(layout, row, headers.get(row["volume_id"]),
+                        checks.get(row["volume_id"])) != 0:
+            return False
+    return True
+
+
 def sparse_bound(data: int, size: int, fmt: str, cluster: int = CLUSTER) -> int:
     """At most what a sparse destination of `size` bytes takes on storage, its data
     allocating `data` bytes (data_bound's, in its clusters): raw, the data; qcow2 (`cluster`

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import chain, checksum, leases, tracking, volumes
+from agent.storage import chain, checksum, leases, sizing, tracking, volumes
 from agent.storage.copy import kernel
 from agent.storage.markers import check_source, expected_generation, source_identity
 from agent.storage.metadata import DomainDB
@@ -151,7 +151,9 @@ def copy(ctx, args):
                 digest, _, _ = qemu_copy.move(
                     ctx, src_db=src_db, src_rows=src_rows, dst_db=dst_db, dst_rows=[dst_row],
                     start=start, fresh=fresh, layer=False, report=report,
-                    record=ctx.settings.get("copy", {}).get("record_checksum", True))
+                    record=ctx.settings.get("copy", {}).get("record_checksum", True),
+                    holds_nothing=sizing.holds_nothing(src_db.layout, src_rows, headers,
+                                                       checks))
                 _source_row_still(src_db, src, marker)
                 if marker.get("bitmaps"):
                     tracking.collapse(src_db, src_rows, dst_db, dst_row, ctx.beat)

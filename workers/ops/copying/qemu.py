@@ -188,21 +188,31 @@ def _sink(ctx, opts: str, path: str, *, file: bool, start: int, hasher, report, 
 
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
          report, record: bool, merge: bool = False, punch: bool = True,
-         inherited: list[bytes] | None = None,
-         keep_blocks: bool = False) -> tuple[str | None, int, list[bytes] | None]:
+         inherited: list[bytes] | None = None, keep_blocks: bool = False,
+         holds_nothing: bool = False) -> tuple[str | None, int, list[bytes] | None]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
     dst_rows[-1]; returns (checksum, where the copy started, its block digests if
     `keep_blocks` and the disk is not too large to keep them). ``merge``: dst_rows[-1] is
     src_rows[-1]'s parent, whose own data the caller checked and which is never made
     again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched.
     ``inherited``: a layer's parent's block digests, kept by this worker when it copied
-    the parent (nbd.copy_image), so the blocks the layer holds nothing of are not read."""
+    the parent (nbd.copy_image), so the blocks the layer holds nothing of are not read.
+    ``holds_nothing``: the source's checks found no data in any layer of its chain
+    (sizing.holds_nothing): a fresh destination, which reads as zeros already, is left as
+    made, and nothing is read; the checksum is of zeros (an empty 8 TiB disk costs its
+    destination's making and its blocks' digests, never a walk of its tables)."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
                                 direct=qemu_img.direct_io(before[-1][0]))
-    # The source's qemu-nbd starts while the destination is made and opened (each qemu
-    # process takes 10-15 ms to start); it is connected to once both are ready.
-    with qemu_nbd.export(src_opts, depth=layer, connect=False) as src:
+    empty = holds_nothing and not (merge or layer)
+    size = src_rows[-1]["size"]
+    with contextlib.ExitStack() as stack:
+        # The source's qemu-nbd starts while the destination is made and opened (each qemu
+        # process takes 10-15 ms to start); it is connected to once both are ready. An
+        # empty source's zero blocks are hashed meanwhile instead.
+        src = None if empty else stack.enter_context(
+            qemu_nbd.export(src_opts, depth=layer, connect=False))
+        zeros = _zero_hasher(stack, size) if empty and record and start == 0 else None
         # A killed life's qemu-nbd may still hold the destination's lock: waited out.
         dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
             dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
@@ -211,12 +221,26 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             on_wait=lambda: report.waiting("image-locked"))
         if dst_fresh and not fresh:
             start = 0
-        digest, blocks = _transfer(
-            ctx, src, src_rows, dst_db, dst_rows, start=start, fresh=dst_fresh, layer=layer,
-            report=report, record=record, merge=merge, punch=punch, inherited=inherited,
-            keep_blocks=keep_blocks)
+        if empty and dst_fresh:
+            report.progress(size, 0)
+            digest = (zeros or _zero_hasher(stack, size)).result(ctx.beat) if record else None
+            blocks = None
+        else:  # a destination an earlier life wrote: copied as any other
+            src = src or stack.enter_context(qemu_nbd.export(src_opts, connect=False))
+            digest, blocks = _transfer(
+                ctx, src, src_rows, dst_db, dst_rows, start=start, fresh=dst_fresh,
+                layer=layer, report=report, record=record, merge=merge, punch=punch,
+                inherited=inherited, keep_blocks=keep_blocks)
     check_files(src_db, src_rows, before)
     return digest, start, blocks
+
+
+def _zero_hasher(stack: contextlib.ExitStack, size: int):
+    """The checksum of `size` bytes of zeros, hashed on a thread of its own from now."""
+    hasher = checksum.StreamFollower(size)
+    stack.callback(hasher.cancel)
+    hasher.zeros(size)
+    return hasher
 
 
 def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, layer: bool,
