@@ -261,9 +261,8 @@ def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, 
     if inherited is not None and len(inherited) != -(-parent_size // checksum.BLOCK):
         inherited = None  # not the parent's whole guest view: read as if unknown
     try:
-        with _sink(ctx, dst_opts, dst_path, file=dst_rows[-1]["format"] == "raw"
-                   and not merge, start=start, hasher=hasher, report=report,
-                   punch=punch) as dst:
+        with _sink(ctx, dst_opts, dst_path, file=dst_rows[-1]["format"] == "raw",
+                   start=start, hasher=hasher, report=report, punch=punch) as dst:
             if src.connect().size() < size:
                 raise errors.VolumeTruncated("the source's guest view is shorter than its size",
                                              size=size, data_bytes=src.size())
