@@ -100,6 +100,20 @@ def fsync_path(path: str, flags: int = 0) -> None:
         os.close(fd)
 
 
+# qemu allocates each request's buffer whole (4 MiB for a copy's reads and writes), past
+# glibc's threshold for mmap: every request mapped fresh memory, faulted in and zeroed its
+# 1,024 pages, and unmapped them. Kept on the heap instead (up to 32 MiB, glibc's most),
+# a qemu-nbd serving 4 GiB of a qcow2 in 4 MiB reads took 1.3 s of CPU where it took 2.8
+# (docs/performance.md). What the heap keeps is bounded by the tool's address space limit.
+QEMU_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
+
+
+def keep_buffers_on_heap() -> None:
+    """In a qemu tool's child, between fork and exec: QEMU_MALLOC added to its tunables."""
+    have = os.environ.get("GLIBC_TUNABLES")
+    os.putenv("GLIBC_TUNABLES", f"{have}:{QEMU_MALLOC}" if have else QEMU_MALLOC)
+
+
 def describe_status(status: int) -> dict:
     """How a process ended, as data: {"signal": "SIGKILL"} or {"exit_code": 3}."""
     if os.WIFSIGNALED(status):

@@ -19,6 +19,9 @@ STATUS_MAX = 1 << 30  # bytes asked of one block status request
 DRIVERS = {"raw": "raw", "qcow2": "qcow2"}
 QCOW2_MAGIC = b"QFI\xfb"
 ZEROS = memoryview(bytes(BLOCK))
+# qemu-nbd's 4 MiB request buffers kept on its heap, not mapped and faulted in afresh for
+# each request (agent/system.py says what it costs; the client imports nothing of the agent).
+QEMU_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
 
 def nbd_module():
@@ -213,6 +216,8 @@ class Local:
 
             def setup():  # systemd socket activation: the listener is fd 3
                 _die_with_parent()
+                have = os.environ.get("GLIBC_TUNABLES")  # as agent/system.py's QEMU_MALLOC
+                os.putenv("GLIBC_TUNABLES", f"{have}:{QEMU_MALLOC}" if have else QEMU_MALLOC)
                 if fd == 3:
                     os.set_inheritable(3, True)
                 else:

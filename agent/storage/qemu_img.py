@@ -63,6 +63,7 @@ def _child_setup(listen_fd: int | None, limits: Limits):
         system.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != parent:  # the worker died before the signal was armed
             os._exit(1)
+        system.keep_buffers_on_heap()
         if limits.address_space:
             resource.setrlimit(resource.RLIMIT_AS, (limits.address_space,) * 2)
             # glibc reserves 64 MiB of address space for each thread's malloc arena: a
