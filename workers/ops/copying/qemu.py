@@ -221,12 +221,15 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             on_wait=lambda: report.waiting("image-locked"))
         if dst_fresh and not fresh:
             start = 0
+        # An empty source's destination an earlier life made may hold what it wrote: that
+        # one is copied as any other (its holes written as zeros).
         if empty and dst_fresh:
             report.progress(size, 0)
             digest = (zeros or _zero_hasher(stack, size)).result(ctx.beat) if record else None
             blocks = None
-        else:  # a destination an earlier life wrote: copied as any other
-            src = src or stack.enter_context(qemu_nbd.export(src_opts, connect=False))
+        else:
+            src = src or stack.enter_context(
+                qemu_nbd.export(src_opts, depth=layer, connect=False))
             digest, blocks = _transfer(
                 ctx, src, src_rows, dst_db, dst_rows, start=start, fresh=dst_fresh,
                 layer=layer, report=report, record=record, merge=merge, punch=punch,
