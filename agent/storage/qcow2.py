@@ -38,6 +38,7 @@ MAX_SNAPSHOTS = 1000  # qemu allows 65,536; a header of that many made `info` gr
 MAX_BACKING_NAME = 1023  # qemu's own bound on a backing file name
 MAX_BITMAPS = 256  # qemu allows 65,535; an engine keeps a few checkpoints a disk
 MAX_BITMAP_DIRECTORY = 1 << 20  # bytes; qemu allows 64 MiB
+MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE: a 32 MiB table
 BITMAPS_CONSISTENT = 1  # autoclear bit 0: the bitmaps extension was kept by a qemu that knows it
 IN_USE, AUTO = 1, 2  # a bitmap directory entry's flags
 
@@ -63,6 +64,7 @@ class Header:
     bitmaps: int = 0  # persistent dirty bitmaps in the directory
     bitmap_directory: tuple[int, int] = (0, 0)  # (offset, size) in the file
     bitmaps_consistent: bool = True  # the autoclear bit qemu clears when it could not keep them
+    l1: tuple[int, int] = (0, 0)  # the L1 table's (offset, entries) in the file
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,8 @@ def read(path: str, volume_id: str | None = None) -> Header:
         head = os.pread(fd, 4096, 0)
         if len(head) < V2_HEADER or head[:4] != MAGIC:
             raise _invalid("not-qcow2", "the volume's file is not a qcow2 image", volume_id)
-        (version, backing_offset, backing_size, cluster_bits, size, crypt, _l1_size,
-         _l1_offset, _refcount_offset, _refcount_clusters, snapshots,
+        (version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size,
+         l1_offset, _refcount_offset, _refcount_clusters, snapshots,
          _snapshots_offset) = struct.unpack_from(">IQIIQIIQQIIQ", head, 4)
         if version not in (2, 3):
             raise _invalid("unsupported", f"qcow2 version {version} is not supported",
@@ -134,7 +136,24 @@ def read(path: str, volume_id: str | None = None) -> Header:
                   backing_format=backing_format, extended_l2=bool(incompatible & EXTENDED_L2),
                   dirty=bool(incompatible & DIRTY), snapshots=snapshots, file_size=file_size,
                   bitmaps=bitmap_ext[0], bitmap_directory=bitmap_ext[1:],
-                  bitmaps_consistent=bool(autoclear & BITMAPS_CONSISTENT))
+                  bitmaps_consistent=bool(autoclear & BITMAPS_CONSISTENT),
+                  l1=(l1_offset, l1_size))
+
+
+def maps_nothing(path: str, header: Header) -> bool:
+    """Whether the image maps no cluster at all: its L1 table is all zeros, so it has no L2
+    table, and no cluster of data or of zeros (a layer that reads as its backing file
+    throughout). A table out of the file's bounds, or larger than qemu allows, answers
+    no: qemu would refuse the image, and the copy's own path says so."""
+    offset, entries = header.l1
+    if entries > MAX_L1_ENTRIES or offset + entries * 8 > header.file_size:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        table = os.pread(fd, entries * 8, offset)
+    finally:
+        os.close(fd)
+    return len(table) == entries * 8 and not table.strip(b"\0")
 
 
 def _extensions(first: bytes, offset: int, cluster: int, volume_id):

@@ -3,10 +3,13 @@ writes nothing (workers/ops/copying/qemu.py, move's holds_nothing; sizing.holds_
 The class of defect: a source judged empty that is not. Every way a chain can hold data
 (a raw base, a qcow2 base, a top's data, compressed or zero-allocated clusters, one
 subcluster) is copied to raw and to qcow2 and must read as its source, with the checksum
-of its guest view as qemu reads it; the empty ones must be as thin as they are."""
+of its guest view as qemu reads it; the empty ones must be as thin as they are. A chain
+copy leaves a layer as made only if it maps no cluster at all (qcow2.maps_nothing): a layer
+whose only clusters are zeros hides its parent's data and is copied."""
 
 import json
 import os
+import struct
 import subprocess
 
 import pytest
@@ -89,3 +92,63 @@ def test_a_source_judged_empty_is_empty(agent, workdir, source):
         assert recorded_checksum(agent.root, dst["volumeID"]) == want, fmt
         if empty:
             assert _data_bytes(info["path"], fmt) == 0, fmt
+
+
+# Chains copied as chains: (base format, {layer index: qemu-io writes}); every layer has
+# three. A layer that maps nothing is left as made, its parent's copy beneath it; one whose
+# only clusters are zeros hides its parent's data and must be copied.
+CHAINS = {
+    "an-empty-top-and-middle": ("raw", {0: ["write -P 11 0 1M"]}),
+    "an-empty-middle": ("cow", {0: ["write -P 12 0 1M"], 2: [f"write -P 13 {2 * MiB} 64k"]}),
+    "zeros-only-over-the-base-data": ("cow", {0: ["write -P 14 0 2M"], 2: ["write -z 0 1M"]}),
+    "zeros-only-in-the-middle": ("raw", {0: ["write -P 15 0 2M"], 1: ["write -z 1M 1M"]}),
+    "all-empty": ("raw", {}),
+}
+
+
+@pytest.mark.parametrize("source", sorted(CHAINS))
+def test_a_chain_copy_leaves_only_what_maps_nothing_as_made(agent, workdir, source):
+    """Each layer of the copy reads as its source layer and records the checksum of its
+    guest view, whether it was left as made or copied."""
+    base_format, writes = CHAINS[source]
+    chain = _blank_chain(agent, base_format, 3)
+    for i, commands in writes.items():
+        qemu_io(chain[i]["path"], chain[i]["format"], *commands)
+    dst, answer = run_copy(agent, chain[-1], f"{source}-chain", mode="chain")
+    assert answer["kind"] == "chain" and len(answer["chain"]) == 3
+    for layer, vid in zip(chain, answer["chain"]):
+        info = agent.call("Volume.getInfo", {**dst, "volumeID": vid})
+        fmt = layer["format"]
+        same = compare(layer["path"], fmt, info["path"], fmt)
+        assert same.returncode == 0, (vid, same.stdout + same.stderr)
+        want = _guest_checksum(workdir, layer) if fmt == "cow" else block_checksum(
+            layer["path"])
+        assert recorded_checksum(agent.root, vid) == want, vid
+
+
+def _poke(path: str, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_maps_nothing_reads_the_l1_table_within_bounds(tmp_path):
+    """A fresh qcow2 maps nothing; one zero cluster (written as zeros, no data) maps
+    something; an L1 table said to lie past the file's end, or larger than qemu allows,
+    answers no (the copy's own path then reads, and qemu-img check refuses)."""
+    from agent.storage import qcow2
+    path = str(tmp_path / "layer.qcow2")
+
+    def fresh():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(SIZE)],
+                       check=True, timeout=60)
+        return qcow2.read(path)
+    assert qcow2.maps_nothing(path, fresh())
+    qemu_io(path, "cow", "write -z 0 64k")
+    assert qcow2.maps_nothing(path, qcow2.read(path)) is False
+    fresh()
+    _poke(path, 40, struct.pack(">Q", os.path.getsize(path) + (1 << 20)))  # L1 offset
+    assert qcow2.maps_nothing(path, qcow2.read(path)) is False
+    fresh()
+    _poke(path, 36, struct.pack(">I", qcow2.MAX_L1_ENTRIES + 1))  # L1 entries
+    assert qcow2.maps_nothing(path, qcow2.read(path)) is False

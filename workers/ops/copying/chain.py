@@ -18,7 +18,7 @@ import contextlib
 import uuid
 
 from agent import errors
-from agent.storage import chain, leases, tracking
+from agent.storage import chain, leases, qcow2, sizing, tracking
 from agent.storage.markers import source_identity
 from agent.storage.metadata import DomainDB
 from workers.ops.copying import qemu
@@ -85,9 +85,20 @@ def _own(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_rows, ids) -> list:
     return out
 
 
+def _empty(src_db: DomainDB, row: dict, i: int, headers: dict, checks: dict) -> bool:
+    """Whether a layer's copy can be left as made (qemu.move's holds_nothing): the base, if
+    it holds no data; a layer above, if it maps no cluster, not even one of zeros (which
+    would hide its parent's data there)."""
+    if i == 0:
+        return sizing.holds_nothing(src_db.layout, [row], headers, checks)
+    header = headers.get(row["volume_id"])
+    return header is not None and qcow2.maps_nothing(src_db.layout.data_path(row), header)
+
+
 def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
-                inherited) -> list[bytes] | None:
-    """One layer copied; returns its block digests for the next layer (None: not kept)."""
+                inherited, empty: bool) -> list[bytes] | None:
+    """One layer copied; returns its block digests for the next layer (None: not kept).
+    `empty`: its checks found no data of its own (qemu.move's holds_nothing)."""
     vid, gen = ids[i], marker["generation"]
     base = {**dst_base, "volumeID": vid, "generation": gen, "total": marker["size"],
             "layer": i, "layers": n}
@@ -101,7 +112,7 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
             dst_rows=[dst_db.get_volume(v) for v in ids[:i + 1]], start=marker["copied"],
             fresh=fresh, layer=i > 0, report=report,
             record=cfg.get("record_checksum", True), inherited=inherited,
-            keep_blocks=i < n - 1)
+            keep_blocks=i < n - 1, holds_nothing=empty)
         now = src_db.get_volume(src_rows[i]["volume_id"])
         if now is None or source_identity(now) != source_identity(src_rows[i]):
             raise errors.CopyConflict("the source was deleted or changed during the copy",
@@ -148,7 +159,7 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
         for i, (marker, fresh) in enumerate(layers):
             inherited = None if marker is None else _copy_layer(
                 ctx, i, len(ids), src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
-                inherited)
+                inherited, _empty(src_db, src_rows[i], i, headers, checks))
         dst_db.close()
     size = src_rows[-1]["size"]
     return {"volumeID": ids[-1], "state": "done", "generation": leaf["generation"] + 1,

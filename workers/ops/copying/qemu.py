@@ -197,22 +197,28 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     again (workers/ops/merge.py). ``punch`` False: zeros are written, never punched.
     ``inherited``: a layer's parent's block digests, kept by this worker when it copied
     the parent (nbd.copy_image), so the blocks the layer holds nothing of are not read.
-    ``holds_nothing``: the source's checks found no data in any layer of its chain
-    (sizing.holds_nothing): a fresh destination, which reads as zeros already, is left as
-    made, and nothing is read; the checksum is of zeros (an empty 8 TiB disk costs its
-    destination's making and its blocks' digests, never a walk of its tables)."""
+    ``holds_nothing``: nothing in what is copied (a whole chain: no data in any layer,
+    sizing.holds_nothing; a chain copy's layer: not a cluster of its own, qcow2.maps_nothing):
+    a fresh destination, which reads as the source already (zeros; a layer: its parent's
+    copy beneath it), is left as made, and nothing is read; the
+    checksum is of zeros, or a layer's its parent's digests (`inherited`; without them, and
+    a checksum to record, the layer is copied as any other). An empty 8 TiB disk costs its
+    destination's making and its blocks' digests, never a walk of its tables."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
                                 direct=qemu_img.direct_io(before[-1][0]))
-    empty = holds_nothing and not (merge or layer)
     size = src_rows[-1]["size"]
+    as_parent = layer and inherited is not None and src_rows[-2]["size"] == size \
+        and len(inherited) == -(-size // checksum.BLOCK)
+    empty = holds_nothing and not merge and (not layer or as_parent or not record)
     with contextlib.ExitStack() as stack:
         # The source's qemu-nbd starts while the destination is made and opened (each qemu
         # process takes 10-15 ms to start); it is connected to once both are ready. An
         # empty source's zero blocks are hashed meanwhile instead.
         src = None if empty else stack.enter_context(
             qemu_nbd.export(src_opts, depth=layer, connect=False))
-        zeros = _zero_hasher(stack, size) if empty and record and start == 0 else None
+        zeros = _zero_hasher(stack, size, keep_blocks) \
+            if empty and not layer and record and start == 0 else None
         # A killed life's qemu-nbd may still hold the destination's lock: waited out.
         dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
             dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
@@ -225,8 +231,8 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
         # one is copied as any other (its holes written as zeros).
         if empty and dst_fresh:
             report.progress(size, 0)
-            digest = (zeros or _zero_hasher(stack, size)).result(ctx.beat) if record else None
-            blocks = None
+            digest, blocks = _left_as_made(stack, size, record, keep_blocks, zeros,
+                                           inherited if layer else None, ctx.beat)
         else:
             src = src or stack.enter_context(
                 qemu_nbd.export(src_opts, depth=layer, connect=False))
@@ -238,12 +244,26 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     return digest, start, blocks
 
 
-def _zero_hasher(stack: contextlib.ExitStack, size: int):
+def _zero_hasher(stack: contextlib.ExitStack, size: int, keep_blocks: bool = False):
     """The checksum of `size` bytes of zeros, hashed on a thread of its own from now."""
-    hasher = checksum.StreamFollower(size)
+    hasher = checksum.StreamFollower(size, keep_blocks=keep_blocks and size <= KEEP_MAX)
     stack.callback(hasher.cancel)
     hasher.zeros(size)
     return hasher
+
+
+def _left_as_made(stack, size: int, record: bool, keep_blocks: bool, zeros,
+                  inherited: list[bytes] | None, beat) -> tuple[str | None, list | None]:
+    """(checksum, block digests) of a destination that reads as its source as made: a
+    layer's are its parent's (`inherited`), a whole disk's those of zeros."""
+    if not record:
+        return None, None
+    if inherited is not None:
+        hasher = checksum.StreamHasher(size, keep_blocks=keep_blocks and size <= KEEP_MAX)
+        hasher.known(inherited)
+        return hasher.hexdigest(), hasher.blocks
+    zeros = zeros or _zero_hasher(stack, size, keep_blocks)
+    return zeros.result(beat), zeros.blocks()
 
 
 def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, layer: bool,
