@@ -148,7 +148,10 @@ def maps_nothing(path: str, header: Header) -> bool:
     offset, entries = header.l1
     if entries > MAX_L1_ENTRIES or offset + entries * 8 > header.file_size:
         return False
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # gone since its check: the copy's own path names it
+        return False
     try:
         table = os.pread(fd, entries * 8, offset)
     finally:

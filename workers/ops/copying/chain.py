@@ -98,7 +98,7 @@ def _empty(src_db: DomainDB, row: dict, i: int, headers: dict, checks: dict) -> 
 def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
                 inherited, empty: bool) -> list[bytes] | None:
     """One layer copied; returns its block digests for the next layer (None: not kept).
-    `empty`: its checks found no data of its own (qemu.move's holds_nothing)."""
+    `empty`: it holds nothing of its own (_empty: qemu.move's holds_nothing)."""
     vid, gen = ids[i], marker["generation"]
     base = {**dst_base, "volumeID": vid, "generation": gen, "total": marker["size"],
             "layer": i, "layers": n}
