@@ -200,16 +200,18 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     ``holds_nothing``: nothing in what is copied (a whole chain: no data in any layer,
     sizing.holds_nothing; a chain copy's layer: not a cluster of its own, qcow2.maps_nothing):
     a fresh destination, which reads as the source already (zeros; a layer: its parent's
-    copy beneath it), is left as made, and nothing is read; the
-    checksum is of zeros, or a layer's its parent's digests (`inherited`; without them, and
-    a checksum to record, the layer is copied as any other). An empty 8 TiB disk costs its
-    destination's making and its blocks' digests, never a walk of its tables."""
+    copy beneath it), is left as made, and nothing is read; the checksum is of zeros, or a
+    layer's its parent's digests (`inherited`; without them, and a checksum to record, the
+    layer is copied as any other). An empty 8 TiB disk costs its destination's making and
+    its blocks' digests, never a walk of its tables."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
                                 direct=qemu_img.direct_io(before[-1][0]))
     size = src_rows[-1]["size"]
-    as_parent = layer and inherited is not None and src_rows[-2]["size"] == size \
-        and len(inherited) == -(-size // checksum.BLOCK)
+    parent_size = src_rows[-2]["size"] if layer and len(src_rows) > 1 else 0
+    if inherited is not None and len(inherited) != -(-parent_size // checksum.BLOCK):
+        inherited = None  # not the parent's whole guest view: read as if unknown
+    as_parent = layer and inherited is not None and parent_size == size
     empty = holds_nothing and not merge and (not layer or as_parent or not record)
     with contextlib.ExitStack() as stack:
         # The source's qemu-nbd starts while the destination is made and opened (each qemu
@@ -239,7 +241,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             digest, blocks = _transfer(
                 ctx, src, src_rows, dst_db, dst_rows, start=start, fresh=dst_fresh,
                 layer=layer, report=report, record=record, merge=merge, punch=punch,
-                inherited=inherited, keep_blocks=keep_blocks)
+                inherited=inherited, parent_size=parent_size, keep_blocks=keep_blocks)
     check_files(src_db, src_rows, before)
     return digest, start, blocks
 
@@ -268,9 +270,9 @@ def _left_as_made(stack, size: int, record: bool, keep_blocks: bool, zeros,
 
 def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, layer: bool,
               report, record: bool, merge: bool, punch: bool, inherited: list[bytes] | None,
-              keep_blocks: bool) -> tuple[str | None, list[bytes] | None]:
+              parent_size: int, keep_blocks: bool) -> tuple[str | None, list[bytes] | None]:
     """move's bytes: the destination opened, `src` (started) connected, the copy run and
-    hashed; (checksum, block digests)."""
+    hashed; (checksum, block digests). `inherited`: move's, the parent's whole view's."""
     dst_path = dst_db.layout.data_path(dst_rows[-1])
     # O_DIRECT unless the size is not one of the storage's blocks: qemu cannot then open
     # the destination for writing (a cow source's size is only a multiple of 512).
@@ -280,9 +282,6 @@ def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, 
     cfg = ctx.settings.get("copy", {})
     hasher = checksum.StreamFollower(size, keep_blocks=keep_blocks and size <= KEEP_MAX) \
         if record else None
-    parent_size = src_rows[-2]["size"] if layer and len(src_rows) > 1 else 0
-    if inherited is not None and len(inherited) != -(-parent_size // checksum.BLOCK):
-        inherited = None  # not the parent's whole guest view: read as if unknown
     try:
         with _sink(ctx, dst_opts, dst_path, file=dst_rows[-1]["format"] == "raw",
                    start=start, hasher=hasher, report=report, punch=punch) as dst:
