@@ -96,9 +96,12 @@ def _empty(src_db: DomainDB, row: dict, i: int, headers: dict, checks: dict) -> 
 
 
 def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
-                inherited, empty: bool) -> list[bytes] | None:
+                inherited, empty: bool, ahead: qemu.Ahead | None,
+                on_copying) -> list[bytes] | None:
     """One layer copied; returns its block digests for the next layer (None: not kept).
-    `empty`: it holds nothing of its own (_empty: qemu.move's holds_nothing)."""
+    `empty`: it holds nothing of its own (_empty: qemu.move's holds_nothing); `ahead`:
+    what was begun for it while the layer before it copied; `on_copying()`: called once
+    its data moves, to begin the next."""
     vid, gen = ids[i], marker["generation"]
     base = {**dst_base, "volumeID": vid, "generation": gen, "total": marker["size"],
             "layer": i, "layers": n}
@@ -112,7 +115,7 @@ def _copy_layer(ctx, i, n, src_db, dst_db, src_rows, ids, marker, fresh, dst_bas
             dst_rows=[dst_db.get_volume(v) for v in ids[:i + 1]], start=marker["copied"],
             fresh=fresh, layer=i > 0, report=report,
             record=cfg.get("record_checksum", True), inherited=inherited,
-            keep_blocks=i < n - 1, holds_nothing=empty)
+            keep_blocks=i < n - 1, holds_nothing=empty, ahead=ahead, on_copying=on_copying)
         now = src_db.get_volume(src_rows[i]["volume_id"])
         if now is None or source_identity(now) != source_identity(src_rows[i]):
             raise errors.CopyConflict("the source was deleted or changed during the copy",
@@ -155,11 +158,18 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
         dst_db.layout.ensure_image_dir(dst["imageID"])
         # Each layer's block digests go to the next (nbd.copy_image): one copied in an
         # earlier life left none, and its child reads what it does not hold for the checksum.
-        inherited = None
+        empty = [_empty(src_db, row, i, headers, checks) for i, row in enumerate(src_rows)]
+        inherited, ahead = None, {}
+
+        def begin(i: int) -> None:  # layer i, begun while the one before it copies
+            if i < len(layers) and layers[i][0] is not None and layers[i][1]:
+                ahead[i] = held.enter_context(contextlib.closing(qemu.Ahead(
+                    src_db, src_rows[:i + 1], dst_db,
+                    [dst_db.get_volume(v) for v in ids[:i + 1]], empty=empty[i])))
         for i, (marker, fresh) in enumerate(layers):
             inherited = None if marker is None else _copy_layer(
                 ctx, i, len(ids), src_db, dst_db, src_rows, ids, marker, fresh, dst_base,
-                inherited, _empty(src_db, src_rows[i], i, headers, checks))
+                inherited, empty[i], ahead.pop(i, None), lambda i=i: begin(i + 1))
         dst_db.close()
     size = src_rows[-1]["size"]
     return {"volumeID": ids[-1], "state": "done", "generation": leaf["generation"] + 1,

@@ -153,6 +153,48 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: di
     return True
 
 
+class Ahead:
+    """A chain copy's next layer, begun on a thread of its own once the layer before it
+    copies (each layer's source qemu-nbd start and destination file otherwise cost it
+    15-20 ms in turn, and on a busy CPU their starts slowed the other exports'): its
+    source's qemu-nbd started, not connected (unless it is `empty` and reads nothing),
+    and its fresh destination's file made. What failed here is done again the usual way
+    when the layer's turn comes (a lock a killed writer still holds is waited out there);
+    no heartbeat is called from the thread (a worker's is not thread-safe). Closed by
+    move, or by the chain's end if the layer's turn never came."""
+
+    def __init__(self, src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
+                 dst_rows: list[dict], *, empty: bool):
+        path = src_db.layout.data_path(src_rows[-1])
+        self.opts = chain.image_opts(src_db.layout, src_rows, direct=qemu_img.direct_io(path))
+        self._exports = contextlib.ExitStack()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._job = self._pool.submit(self._begin, src_db, src_rows, dst_db, dst_rows, empty)
+
+    def _begin(self, src_db, src_rows, dst_db, dst_rows, empty: bool):
+        src = None if empty else self._exports.enter_context(
+            qemu_nbd.export(self.opts, depth=True, connect=False))
+        try:
+            prepare_destination(dst_db, dst_rows, True, cluster_layout(src_db, src_rows[-1]),
+                                lambda: None)
+        except Exception:  # noqa: BLE001 - made again in the layer's turn, or reported there
+            return src, False
+        return src, True
+
+    def take(self, beat) -> tuple[qemu_nbd.Export | None, bool]:
+        """(the source's export, started, or None; whether the destination was made)."""
+        while concurrent.futures.wait([self._job], timeout=0.25).not_done:
+            beat()
+        return (None, False) if self._job.exception() is not None else self._job.result()
+
+    def close(self) -> None:
+        # The export first, its thread after: a child's parent-death signal follows the
+        # thread that started it (prctl(2)), so its qemu-nbd would be killed mid-use.
+        concurrent.futures.wait([self._job])
+        self._exports.close()
+        self._pool.shutdown(wait=True)
+
+
 @contextlib.contextmanager
 def _writer(ctx, opts: str, report):
     """The destination's writable qemu-nbd, once any lock a killed writer held is let go."""
@@ -189,7 +231,8 @@ def _sink(ctx, opts: str, path: str, *, file: bool, start: int, hasher, report, 
 def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, layer: bool,
          report, record: bool, merge: bool = False, punch: bool = True,
          inherited: list[bytes] | None = None, keep_blocks: bool = False,
-         holds_nothing: bool = False) -> tuple[str | None, int, list[bytes] | None]:
+         holds_nothing: bool = False, ahead: Ahead | None = None,
+         on_copying=lambda: None) -> tuple[str | None, int, list[bytes] | None]:
     """Copy the guest view of src_rows[-1] (layer: only what it holds itself) into
     dst_rows[-1]; returns (checksum, where the copy started, its block digests if
     `keep_blocks` and the disk is not too large to keep them). ``merge``: dst_rows[-1] is
@@ -203,7 +246,9 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     copy beneath it), is left as made, and nothing is read; the checksum is of zeros, or a
     layer's its parent's digests (`inherited`; without them, and a checksum to record, the
     layer is copied as any other). An empty 8 TiB disk costs its destination's making and
-    its blocks' digests, never a walk of its tables."""
+    its blocks' digests, never a walk of its tables. ``ahead``: what was begun for this
+    layer while the one before it copied (Ahead), taken over and closed here;
+    ``on_copying()``: called once the data moves (a chain copy begins its next layer)."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
     src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
                                 direct=qemu_img.direct_io(before[-1][0]))
@@ -214,19 +259,16 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     as_parent = layer and inherited is not None and parent_size == size
     empty = holds_nothing and not merge and (not layer or as_parent or not record)
     with contextlib.ExitStack() as stack:
+        begun, made = _taken(stack, ahead, src_opts, ctx.beat)
         # The source's qemu-nbd starts while the destination is made and opened (each qemu
         # process takes 10-15 ms to start); it is connected to once both are ready. An
         # empty source's zero blocks are hashed meanwhile instead.
-        src = None if empty else stack.enter_context(
+        src = None if empty else begun or stack.enter_context(
             qemu_nbd.export(src_opts, depth=layer, connect=False))
         zeros = _zero_hasher(stack, size, keep_blocks) \
             if empty and not layer and record and start == 0 else None
-        # A killed life's qemu-nbd may still hold the destination's lock: waited out.
-        dst_fresh = False if merge else qemu_img.lock_waited(lambda: prepare_destination(
-            dst_db, dst_rows, fresh, cluster_layout(src_db, src_rows[-1])
-            if dst_rows[-1]["format"] == "cow" else {}, ctx.beat,
-            restart=lambda: report.checkpoint(0)), ctx.wait,
-            on_wait=lambda: report.waiting("image-locked"))
+        dst_fresh = False if merge else True if fresh and made else _prepared(
+            ctx, src_db, src_rows, dst_db, dst_rows, fresh, report)
         if dst_fresh and not fresh:
             start = 0
         # An empty source's destination an earlier life made may hold what it wrote: that
@@ -241,9 +283,28 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
             digest, blocks = _transfer(
                 ctx, src, src_rows, dst_db, dst_rows, start=start, fresh=dst_fresh,
                 layer=layer, report=report, record=record, merge=merge, punch=punch,
-                inherited=inherited, parent_size=parent_size, keep_blocks=keep_blocks)
+                inherited=inherited, parent_size=parent_size, keep_blocks=keep_blocks,
+                on_copying=on_copying)
     check_files(src_db, src_rows, before)
     return digest, start, blocks
+
+
+def _taken(stack: contextlib.ExitStack, ahead: Ahead | None, src_opts: str, beat) -> tuple:
+    """What was begun for this copy (Ahead.take), closed with `stack`: (None, False) if
+    nothing was, or it was begun for another source than this copy reads."""
+    if ahead is None:
+        return None, False
+    stack.callback(ahead.close)
+    return ahead.take(beat) if ahead.opts == src_opts else (None, False)
+
+
+def _prepared(ctx, src_db, src_rows, dst_db, dst_rows, fresh: bool, report) -> bool:
+    """prepare_destination, once a lock a killed life's qemu-nbd may still hold on the
+    destination is let go."""
+    cluster = cluster_layout(src_db, src_rows[-1]) if dst_rows[-1]["format"] == "cow" else {}
+    return qemu_img.lock_waited(lambda: prepare_destination(
+        dst_db, dst_rows, fresh, cluster, ctx.beat, restart=lambda: report.checkpoint(0)),
+        ctx.wait, on_wait=lambda: report.waiting("image-locked"))
 
 
 def _zero_hasher(stack: contextlib.ExitStack, size: int, keep_blocks: bool = False):
@@ -270,7 +331,8 @@ def _left_as_made(stack, size: int, record: bool, keep_blocks: bool, zeros,
 
 def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, layer: bool,
               report, record: bool, merge: bool, punch: bool, inherited: list[bytes] | None,
-              parent_size: int, keep_blocks: bool) -> tuple[str | None, list[bytes] | None]:
+              parent_size: int, keep_blocks: bool,
+              on_copying) -> tuple[str | None, list[bytes] | None]:
     """move's bytes: the destination opened, `src` (started) connected, the copy run and
     hashed; (checksum, block digests). `inherited`: move's, the parent's whole view's."""
     dst_path = dst_db.layout.data_path(dst_rows[-1])
@@ -288,6 +350,7 @@ def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, 
             if src.connect().size() < size:
                 raise errors.VolumeTruncated("the source's guest view is shorter than its size",
                                              size=size, data_bytes=src.size())
+            on_copying()
             try:
                 nbd.copy_image(
                     src, dst, start, size, layer=layer, fresh=fresh, hasher=hasher,
