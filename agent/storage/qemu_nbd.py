@@ -90,6 +90,7 @@ class Export:
         self.proc = None
         self.h = None
         self.dir = None
+        self.disconnected = False
 
     def log(self) -> str:
         return _log(self.dir)
@@ -147,14 +148,21 @@ class Export:
     def size(self) -> int:
         return self.h.get_size()
 
-    def close(self) -> None:
-        """Disconnect (qemu-nbd then exits by itself) and wait for qemu-nbd to be gone; one
-        never connected to waits for a client that will not come, and is killed."""
-        connected = self.h is not None
-        if connected:
+    def disconnect(self) -> None:
+        """End the connection: qemu-nbd then exits by itself, while the caller goes on (a
+        copy's source, read whole, exits while its destination's flush and exit are
+        waited for); close() waits for it to be gone."""
+        if self.h is not None:
             with contextlib.suppress(Exception):
                 self.h.shutdown()
             self.h = None
+            self.disconnected = True
+
+    def close(self) -> None:
+        """Disconnect and wait for qemu-nbd to be gone; one never connected to waits for a
+        client that will not come, and is killed."""
+        connected = self.h is not None or self.disconnected
+        self.disconnect()
         if self.proc is not None:
             if not connected:
                 self.proc.kill()

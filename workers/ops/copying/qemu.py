@@ -361,6 +361,7 @@ def _transfer(ctx, src, src_rows, dst_db, dst_rows, *, start: int, fresh: bool, 
                     inherited=inherited, parent_size=parent_size)
             except CopyStopped:  # durable and checkpointed up to where it stopped
                 raise Stopped() from None
+            src.disconnect()  # read whole: it exits while the destination's is waited for
         digest = hasher.result() if hasher is not None else None
         blocks = hasher.blocks() if hasher is not None else None
         hasher = None
