@@ -1,6 +1,6 @@
 """Checksums of volume data files, sparse-aware, for scrubs and for copy completion.
 
-A checksum is written "<kind>:<hex>". Three kinds:
+A checksum is written "<kind>:<hex>". Its kinds:
 
 - ``blake3-4m`` (what is recorded now): the BLAKE3 of the BLAKE3 digests (32 bytes each) of
   the file's 4 MiB blocks, in order (the last block may be shorter). A block that lies in a
@@ -12,8 +12,7 @@ A checksum is written "<kind>:<hex>". Three kinds:
   BLAKE3 (the `blake3` package: Rust, SIMD, the GIL released) hashes ~6.5 GiB/s on one core
   here against SHA-256's ~1.8 (docs/performance.md): the checksum costs less than the copy.
 - ``sha256-4m`` (recorded by the versions before it): the same structure with SHA-256.
-- ``sha256`` (recorded by the first versions): the SHA-256 of the whole file's bytes, holes
-  hashed as zeros.
+- ``sha256`` (the first versions): the SHA-256 of the whole file's bytes, holes as zeros.
 - ``blake2b`` (asked for, never recorded): ovirt-imageio's block hash (its blkhash.py): the
   same structure with BLAKE2b of 32-byte digests, so that `ovirt_imageio.client.checksum` of
   a file equals the agent's answer for a volume holding it (Image.checksum).
@@ -194,7 +193,8 @@ class Follower:
     page cache, mostly), so the checksum is of what was written, not of what was meant.
 
     ``advance(offset)`` says every byte below offset is written; `result()` waits for the
-    rest and returns the checksum; `cancel()` stops the thread within a block. Hashing
+    rest and returns the checksum; `cancel()` stops the thread within a block; `hasher.pos`:
+    how far it has read back and hashed. Hashing
     (pread, SHA-256) releases the GIL, so it runs on another core than the copy's kernel
     calls. ``written`` bytes are there from the start (a resumed copy's prefix, read back
     from disk): with ``rate`` (bytes a second, 0: unlimited) the thread reads no faster
@@ -202,7 +202,7 @@ class Follower:
     """
 
     def __init__(self, fd: int, size: int, written: int = 0, rate: int = 0):
-        self._hasher = BlockHasher(fd, size)
+        self.hasher = BlockHasher(fd, size)
         self._limit = written
         self._rate = rate
         self._cancelled = threading.Event()
@@ -215,7 +215,7 @@ class Follower:
         with self._cond:
             if offset > self._limit:
                 self._limit = offset
-                if offset >= self._hasher.next_block_end():
+                if offset >= self.hasher.next_block_end():
                     self._cond.notify()
 
     def _run(self) -> None:
@@ -234,13 +234,13 @@ class Follower:
             while True:
                 with self._cond:
                     while not self._cancelled.is_set() and \
-                            self._hasher.next_block_end() > self._limit:
+                            self.hasher.next_block_end() > self._limit:
                         self._cond.wait()
                     if self._cancelled.is_set():
                         return
                     limit = self._limit
-                self._hasher.hash_until(limit, between_blocks)
-                if self._hasher.finished:
+                self.hasher.hash_until(limit, between_blocks)
+                if self.hasher.finished:
                     return
         except _Cancelled:
             return
@@ -255,9 +255,9 @@ class Follower:
             beat()
         if self._error is not None:
             raise _read_error(self._error, what)
-        if not self._hasher.finished:
-            raise OperationFailed(f"{what} was hashed only to offset {self._hasher.pos}")
-        return self._hasher.hexdigest()
+        if not self.hasher.finished:
+            raise OperationFailed(f"{what} was hashed only to offset {self.hasher.pos}")
+        return self.hasher.hexdigest()
 
     def cancel(self) -> None:
         with self._cond:

@@ -369,9 +369,9 @@ def test_a_paced_follower_stops_between_blocks_when_cancelled(tmp_path):
                              pieces=[(0, os.urandom(64 * MiB))]), os.O_RDONLY)
     try:
         follower = checksum.Follower(fd, 64 * MiB, written=64 * MiB, rate=MiB)
-        wait_for(lambda: follower._hasher.pos > 0, what="the first block hashed")
+        wait_for(lambda: follower.hasher.pos > 0, what="the first block hashed")
         follower.cancel()
-        assert not follower._thread.is_alive() and follower._hasher.pos < 64 * MiB
+        assert not follower._thread.is_alive() and follower.hasher.pos < 64 * MiB
     finally:
         os.close(fd)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -243,3 +244,27 @@ def test_nothing_left_to_copy(tmp_path, copies):
     c = copies(src, tmp_path / "dst", MiB)
     assert c.run(start=MiB) == MiB
     assert c.events == []
+
+
+def cached_bytes(path) -> int:
+    """How much of a file is in the page cache (fincore, util-linux: mincore(2))."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.parametrize("read_back", ["all", "nothing"])
+def test_a_copy_drops_the_destination_pages_it_made_durable_and_the_checksum_read(
+        tmp_path, copies, read_back):
+    """After each checkpoint the destination's pages below it, and below what the checksum
+    has read back (`hashed()`), are dropped: a copy holds about a checkpoint's worth of the
+    page cache, never its whole size (fresh pages cost more than reused ones: the kernel
+    module's docstring); what the checksum has yet to read is kept for it."""
+    size = 64 * MiB
+    src = make_file(tmp_path / "src", size)
+    c = copies(src, tmp_path / "dst", size)
+    hashed = None if read_back == "all" else (lambda: 0)
+    c.run(chunk=MiB, checkpoint_bytes=8 * MiB, checkpoint_seconds=3600, hashed=hashed)
+    cached = cached_bytes(tmp_path / "dst")  # before the comparison reads it all back
+    assert sha256(tmp_path / "dst") == sha256(src)
+    assert cached <= 8 * MiB if read_back == "all" else cached >= size // 2

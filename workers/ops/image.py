@@ -244,7 +244,8 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
                 progress=report.progress, should_stop=ctx.stop_requested,
                 chunk=cfg.get("chunk_bytes", 16 << 20),
                 checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
-                checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0))
+                checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0),
+                hashed=None if follower is None else lambda: follower.hasher.pos)
         except kernel.CopyStopped:
             raise Stopped() from None
         os.fsync(dst_fd)

@@ -15,8 +15,13 @@ Page-cache advice (_Cache): each chunk written is handed to writeback at once
 (POSIX_FADV_DONTNEED on dirty pages starts their writeback and drops nothing), so the device
 writes while the next chunk is read and a checkpoint's fdatasync finds little left to do; the
 source's pages are dropped once copied unless they were cached before, so a cold source does
-not grow the page cache by its whole size. The destination's pages are kept: the copy's
-checksum (agent/storage/checksum.py Follower) reads them right behind the copy. Measured in
+not grow the page cache by its whole size. The destination's pages are kept until a
+checkpoint has made them clean and the copy's checksum (agent/storage/checksum.py Follower,
+which reads them right behind the copy: `hashed()`) has read them, and are then dropped:
+a copy holds about a checkpoint's worth of the page cache, not its whole size, and the next
+chunks reuse the pages just let go. Fresh pages cost far more on a VM whose free memory goes
+back to its host (free page reporting): a 2 GiB copy took 1.0 s or 2-3 s by how many of its
+pages the host had taken back, 1.1 s every time with them dropped. Measured in
 docs/performance.md.
 """
 
@@ -140,9 +145,10 @@ class _Cache:
     """Page-cache advice for one copy (see the module's docstring). Advice only: its errors
     are ignored."""
 
-    def __init__(self, src_fd: int, dst_fd: int):
+    def __init__(self, src_fd: int, dst_fd: int, start: int):
         self.src, self.dst = src_fd, dst_fd
         self._probe = bytearray(4096)
+        self._kept = start  # the destination's pages from here on may still be cached
 
     @staticmethod
     def _advise(fd: int, offset: int, length: int) -> None:
@@ -163,6 +169,12 @@ class _Cache:
         if not src_was_cached:
             self._advise(self.src, offset, n)
 
+    def settled(self, end: int) -> None:
+        """The destination below `end` is durable (clean) and hashed: its pages dropped."""
+        if end > self._kept:
+            self._advise(self.dst, self._kept, end - self._kept)
+            self._kept = end
+
 
 def _checkpoint(checkpoint, offset: int) -> None:
     if not checkpoint(offset):
@@ -171,14 +183,15 @@ def _checkpoint(checkpoint, offset: int) -> None:
 
 def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, progress,
                should_stop, chunk: int = 16 * MiB, checkpoint_bytes: int = 256 * MiB,
-               checkpoint_seconds: float = 1.0, clock=time.monotonic) -> int:
+               checkpoint_seconds: float = 1.0, clock=time.monotonic, hashed=None) -> int:
     """Copy source bytes [start, size) to the same offsets of the destination.
 
     The destination must already be ``size`` long (ftruncate: sparse), since holes are skipped
     rather than written. ``checkpoint(offset) -> bool`` is called after fdatasync with every
     byte below offset durable; False means superseded: GenerationMismatch, nothing more is
     written. ``should_stop()`` is polled between chunks: CopyStopped(offset) after a last
-    checkpoint. Returns ``size`` once everything is durable; completing is the caller's job.
+    checkpoint. ``hashed()``: how much of the destination the checksum has read back (None:
+    no checksum), so that no page is dropped before it is read (_Cache). Returns ``size`` once everything is durable; completing is the caller's job.
     Raises NoSpace on ENOSPC/EDQUOT, OperationFailed on any other I/O error.
     """
     if not (isinstance(start, int) and isinstance(size, int) and 0 <= start <= size):
@@ -186,7 +199,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     if chunk <= 0 or checkpoint_bytes <= 0:
         raise InvalidParams("chunk and checkpoint_bytes must be positive", field="chunk")
     mover = _Mover(src_fd, dst_fd)
-    cache = _Cache(src_fd, dst_fd)
+    cache = _Cache(src_fd, dst_fd, start)
     offset, saved_offset, saved_at, moved = start, start, clock(), 0
     while offset < size:
         with os_errors(offset):
@@ -210,6 +223,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
             if offset - saved_offset >= checkpoint_bytes or due:
                 _durable(dst_fd, offset)
                 _checkpoint(checkpoint, offset)
+                cache.settled(offset if hashed is None else min(offset, hashed()))
                 saved_offset, saved_at = offset, clock()
     _durable(dst_fd, offset)
     return offset
