@@ -194,11 +194,11 @@ class Follower:
 
     ``advance(offset)`` says every byte below offset is written; `result()` waits for the
     rest and returns the checksum; `cancel()` stops the thread within a block; `hasher.pos`:
-    how far it has read back and hashed. Hashing
-    (pread, SHA-256) releases the GIL, so it runs on another core than the copy's kernel
-    calls. ``written`` bytes are there from the start (a resumed copy's prefix, read back
-    from disk): with ``rate`` (bytes a second, 0: unlimited) the thread reads no faster
-    than that, like the copy itself, so a resume does not burst the prefix off the disk.
+    how far it has read back and hashed. Hashing (pread, SHA-256) releases the GIL, so it
+    runs on another core than the copy's kernel calls. ``written`` bytes are there from the
+    start (a resumed copy's prefix, read back from disk): with ``rate`` (bytes a second, 0:
+    unlimited) the thread reads no faster than that, like the copy itself, so a resume does
+    not burst the prefix off the disk.
     """
 
     def __init__(self, fd: int, size: int, written: int = 0, rate: int = 0):

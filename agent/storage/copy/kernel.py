@@ -191,7 +191,8 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     byte below offset durable; False means superseded: GenerationMismatch, nothing more is
     written. ``should_stop()`` is polled between chunks: CopyStopped(offset) after a last
     checkpoint. ``hashed()``: how much of the destination the checksum has read back (None:
-    no checksum), so that no page is dropped before it is read (_Cache). Returns ``size`` once everything is durable; completing is the caller's job.
+    no checksum), so that no page is dropped before it is read (_Cache). Returns ``size``
+    once everything is durable; completing is the caller's job.
     Raises NoSpace on ENOSPC/EDQUOT, OperationFailed on any other I/O error.
     """
     if not (isinstance(start, int) and isinstance(size, int) and 0 <= start <= size):
