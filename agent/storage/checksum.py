@@ -8,7 +8,7 @@ A checksum is written "<kind>:<hex>". Its kinds:
   volume costs 262,144 seeks and small updates, not 1 TiB of hashing. Holes read as zeros and
   are hashed as zeros: a block of written zeros has the same digest as a hole, so the
   checksum is of the bytes, never of how the file system lays them out. Blocks also let a
-  copy hash its destination while it writes it (`Follower`), block by block behind the copy.
+  copy hash its destination while it writes it (copy/readback.py), block by block behind it.
   BLAKE3 (the `blake3` package: Rust, SIMD, the GIL released) hashes ~6.5 GiB/s on one core
   here against SHA-256's ~1.8 (docs/performance.md): the checksum costs less than the copy.
 - ``sha256-4m`` (recorded by the versions before it): the same structure with SHA-256.
@@ -27,12 +27,10 @@ storage, 0 for a hole): the caller throttles, heartbeats and stops from there.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import os
 import threading
-import time
 
 import blake3
 
@@ -75,10 +73,6 @@ def _extents(fd: int, start: int, end: int):
         if data < stop:
             yield data, stop, True
         offset = stop
-
-
-class _Cancelled(Exception):
-    """Follower.cancel() was called: stop between blocks."""
 
 
 class _Truncated(Exception):
@@ -173,97 +167,24 @@ def fd_checksum(fd: int, on_chunk=None, kind: str = BLOCKS) -> str:
 
 
 def file_checksum(path: str, on_chunk=None, kind: str = BLOCKS) -> str:
+    """A whole file read once (a scrub's): each piece's pages dropped once hashed, so that a
+    scrub neither pushes the host's cache out nor grows it by fresh pages (which on a VM
+    whose freed memory goes back to its host cost 3x the hashing: docs/performance.md)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    hashed = 0
+
+    def dropped(offset: int, read: int) -> None:
+        nonlocal hashed
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(fd, hashed, offset - hashed, os.POSIX_FADV_DONTNEED)
+        hashed = offset
+        if on_chunk is not None:
+            on_chunk(offset, read)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        return fd_checksum(fd, on_chunk, kind)
+        return fd_checksum(fd, dropped, kind)
     finally:
         os.close(fd)
-
-
-def _read_error(e: OSError, what: str) -> OperationFailed:
-    return OperationFailed(f"reading {what} back failed: {e.strerror or e}",
-                           errno=errno.errorcode.get(e.errno, str(e.errno)))
-
-
-class Follower:
-    """Hashes a copy's destination in a thread, a block behind the copy, so that recording
-    its checksum costs no second pass over the data: when the copy ends, only the last
-    block or so is left to hash. The bytes are read back from the destination (from the
-    page cache, mostly), so the checksum is of what was written, not of what was meant.
-
-    ``advance(offset)`` says every byte below offset is written; `result()` waits for the
-    rest and returns the checksum; `cancel()` stops the thread within a block; `hasher.pos`:
-    how far it has read back and hashed. Hashing (pread, SHA-256) releases the GIL, so it
-    runs on another core than the copy's kernel calls. ``written`` bytes are there from the
-    start (a resumed copy's prefix, read back from disk): with ``rate`` (bytes a second, 0:
-    unlimited) the thread reads no faster than that, like the copy itself, so a resume does
-    not burst the prefix off the disk.
-    """
-
-    def __init__(self, fd: int, size: int, written: int = 0, rate: int = 0):
-        self.hasher = BlockHasher(fd, size)
-        self._limit = written
-        self._rate = rate
-        self._cancelled = threading.Event()
-        self._error: OSError | None = None
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="checksum", daemon=True)
-        self._thread.start()
-
-    def advance(self, offset: int) -> None:
-        with self._cond:
-            if offset > self._limit:
-                self._limit = offset
-                if offset >= self.hasher.next_block_end():
-                    self._cond.notify()
-
-    def _run(self) -> None:
-        began, read = time.monotonic(), 0
-
-        def between_blocks(offset: int, n: int) -> None:
-            nonlocal read
-            read += n
-            ahead = read / self._rate - (time.monotonic() - began) if self._rate else 0
-            if ahead > 0:
-                self._cancelled.wait(ahead)  # ahead of the rate: wait, unless cancelled
-            if self._cancelled.is_set():
-                raise _Cancelled()
-
-        try:
-            while True:
-                with self._cond:
-                    while not self._cancelled.is_set() and \
-                            self.hasher.next_block_end() > self._limit:
-                        self._cond.wait()
-                    if self._cancelled.is_set():
-                        return
-                    limit = self._limit
-                self.hasher.hash_until(limit, between_blocks)
-                if self.hasher.finished:
-                    return
-        except _Cancelled:
-            return
-        except OSError as e:
-            self._error = e
-
-    def result(self, beat=lambda: None, what: str = "the destination") -> str:
-        """The checksum, once every block is hashed: advance(size) first. ``beat()`` is
-        called while waiting (heartbeats; it may raise to stop, see `cancel`)."""
-        while self._thread.is_alive():
-            self._thread.join(0.2)
-            beat()
-        if self._error is not None:
-            raise _read_error(self._error, what)
-        if not self.hasher.finished:
-            raise OperationFailed(f"{what} was hashed only to offset {self.hasher.pos}")
-        return self.hasher.hexdigest()
-
-    def cancel(self) -> None:
-        with self._cond:
-            self._cancelled.set()
-            self._cond.notify()
-        self._thread.join()
 
 
 class StreamHasher:

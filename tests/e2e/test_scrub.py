@@ -19,10 +19,12 @@ from agent import config as configmod
 from agent.client import CallError
 from agent.errors import OperationFailed
 from agent.storage import checksum
+from agent.storage.copy import readback
 from tests.support.harness import events_until, kill_all, wait_for
 from tests.support.storage_flow import (
     MiB,
     block_checksum,
+    cached_bytes,
     dst_for,
     make_source,
     new_id,
@@ -302,6 +304,19 @@ def sparse_file(path, size=64 * MiB + 123, pieces=((10 * MiB + 7, os.urandom(MiB
     return path
 
 
+def test_a_whole_file_checksum_leaves_none_of_its_pages_cached(tmp_path):
+    """A scrub reads each volume once: file_checksum drops each piece's pages once hashed,
+    so that a scrub neither pushes the host's cache out nor grows it by the domain's size."""
+    path = tmp_path / "vol.raw"
+    with open(path, "wb") as f:
+        f.write(os.urandom(32 * MiB))
+        os.fsync(f.fileno())  # clean pages: a dirty one is written back, not dropped
+    expected = block_checksum(path)  # read through the page cache: all of it cached now
+    assert cached_bytes(path) == 32 * MiB
+    assert checksum.file_checksum(str(path)) == expected
+    assert cached_bytes(path) < 4 * MiB
+
+
 def test_sparse_checksum_reads_only_data_and_follows_its_definition(tmp_path):
     path = sparse_file(tmp_path / "vol.raw")
     reads = []
@@ -348,7 +363,7 @@ def test_the_follower_hashes_behind_a_writer(tmp_path, written):
     try:
         os.ftruncate(fd, size)
         os.pwrite(fd, data[:written], 0)
-        follower = checksum.Follower(fd, size, written=written)
+        follower = readback.Follower(fd, size, written=written)
         offset = written
         while offset < size:
             n = min(3 * MiB + 1, size - offset)
@@ -368,7 +383,7 @@ def test_a_paced_follower_stops_between_blocks_when_cancelled(tmp_path):
     fd = os.open(sparse_file(tmp_path / "a.raw", size=64 * MiB,
                              pieces=[(0, os.urandom(64 * MiB))]), os.O_RDONLY)
     try:
-        follower = checksum.Follower(fd, 64 * MiB, written=64 * MiB, rate=MiB)
+        follower = readback.Follower(fd, 64 * MiB, written=64 * MiB, rate=MiB)
         wait_for(lambda: follower.hasher.pos > 0, what="the first block hashed")
         follower.cancel()
         assert not follower._thread.is_alive() and follower.hasher.pos < 64 * MiB
@@ -379,14 +394,14 @@ def test_a_paced_follower_stops_between_blocks_when_cancelled(tmp_path):
 def test_a_cancelled_follower_stops_and_a_read_error_is_an_agent_error(tmp_path):
     fd = os.open(sparse_file(tmp_path / "a.raw"), os.O_RDONLY)
     try:
-        follower = checksum.Follower(fd, 64 * MiB, written=MiB)  # waits for a whole block
+        follower = readback.Follower(fd, 64 * MiB, written=MiB)  # waits for a whole block
         follower.cancel()
         assert not follower._thread.is_alive()
     finally:
         os.close(fd)
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # pread: EISDIR, for real
     try:
-        follower = checksum.Follower(dir_fd, 4096)
+        follower = readback.Follower(dir_fd, 4096)
         follower.advance(4096)
         with pytest.raises(OperationFailed, match="reading the destination back failed"):
             follower.result()

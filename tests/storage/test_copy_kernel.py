@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import subprocess
 
 import pytest
 
@@ -17,7 +16,7 @@ from agent.storage.copy.kernel import (
     MiB,
     copy_range,
 )
-from tests.support.storage_flow import sha256, sparse_extents
+from tests.support.storage_flow import cached_bytes, sha256, sparse_extents
 
 
 def make_file(path, size, islands=None, seed=1):
@@ -244,13 +243,6 @@ def test_nothing_left_to_copy(tmp_path, copies):
     c = copies(src, tmp_path / "dst", MiB)
     assert c.run(start=MiB) == MiB
     assert c.events == []
-
-
-def cached_bytes(path) -> int:
-    """How much of a file is in the page cache (fincore, util-linux: mincore(2))."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0])
 
 
 @pytest.mark.parametrize("read_back", ["all", "nothing"])

@@ -21,6 +21,13 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def cached_bytes(path) -> int:
+    """How much of a file is in the page cache (fincore, util-linux: mincore(2))."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
 def sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

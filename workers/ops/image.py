@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from agent import errors
-from agent.storage import chain, checksum, leases, sizing, tracking, volumes
-from agent.storage.copy import kernel
+from agent.storage import chain, leases, sizing, tracking, volumes
+from agent.storage.copy import kernel, readback
 from agent.storage.markers import check_source, expected_generation, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
@@ -236,7 +236,7 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
         # On a resume the bytes below `start` are an earlier life's: read back from disk,
         # no faster than the copy may go.
         if cfg.get("record_checksum", True):
-            follower = checksum.Follower(dst_fd, size, written=start, rate=rate)
+            follower = readback.Follower(dst_fd, size, written=start, rate=rate)
         report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, base, follower, rate)
         try:
             kernel.copy_range(

@@ -16,7 +16,7 @@ Page-cache advice (_Cache): each chunk written is handed to writeback at once
 writes while the next chunk is read and a checkpoint's fdatasync finds little left to do; the
 source's pages are dropped once copied unless they were cached before, so a cold source does
 not grow the page cache by its whole size. The destination's pages are kept until a
-checkpoint has made them clean and the copy's checksum (agent/storage/checksum.py Follower,
+checkpoint has made them clean and the copy's checksum (agent/storage/copy/readback.py,
 which reads them right behind the copy: `hashed()`) has read them, and are then dropped:
 a copy holds about a checkpoint's worth of the page cache, not its whole size, and the next
 chunks reuse the pages just let go. Fresh pages cost far more on a VM whose free memory goes
