@@ -158,7 +158,8 @@ def copy_chain(ctx, args, src_db: DomainDB, dst_db: DomainDB, src_row: dict) -> 
         dst_db.layout.ensure_image_dir(dst["imageID"])
         # Each layer's block digests go to the next (nbd.copy_image): one copied in an
         # earlier life left none, and its child reads what it does not hold for the checksum.
-        empty = [_empty(src_db, row, i, headers, checks) for i, row in enumerate(src_rows)]
+        empty = [marker is not None and _empty(src_db, row, i, headers, checks)
+                 for i, (row, (marker, _)) in enumerate(zip(src_rows, layers))]  # to copy
         inherited, ahead = None, {}
 
         def begin(i: int) -> None:  # layer i, begun while the one before it copies

@@ -153,6 +153,14 @@ def prepare_destination(db: DomainDB, rows: list[dict], fresh: bool, cluster: di
     return True
 
 
+def source_opts(src_db: DomainDB, src_rows: list[dict], share: bool = False) -> str:
+    """The source chain's --image-opts for a copy's read-only qemu-nbd (`share`: a merge's,
+    chain.image_opts), O_DIRECT where its file system takes it."""
+    path = src_db.layout.data_path(src_rows[-1])
+    return chain.image_opts(src_db.layout, src_rows, share=share,
+                            direct=qemu_img.direct_io(path))
+
+
 class Ahead:
     """A chain copy's next layer, begun on a thread of its own once the layer before it
     copies (each layer's source qemu-nbd start and destination file otherwise cost it
@@ -165,8 +173,7 @@ class Ahead:
 
     def __init__(self, src_db: DomainDB, src_rows: list[dict], dst_db: DomainDB,
                  dst_rows: list[dict], *, empty: bool):
-        path = src_db.layout.data_path(src_rows[-1])
-        self.opts = chain.image_opts(src_db.layout, src_rows, direct=qemu_img.direct_io(path))
+        self.opts = source_opts(src_db, src_rows)
         self._exports = contextlib.ExitStack()
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
         self._job = self._pool.submit(self._begin, src_db, src_rows, dst_db, dst_rows, empty)
@@ -250,8 +257,7 @@ def move(ctx, *, src_db, src_rows, dst_db, dst_rows, start: int, fresh: bool, la
     layer while the one before it copied (Ahead), taken over and closed here;
     ``on_copying()``: called once the data moves (a chain copy begins its next layer)."""
     before = _files(src_db, src_rows)  # headers: checked by the caller, before its answer
-    src_opts = chain.image_opts(src_db.layout, src_rows, share=merge,
-                                direct=qemu_img.direct_io(before[-1][0]))
+    src_opts = source_opts(src_db, src_rows, share=merge)
     size = src_rows[-1]["size"]
     parent_size = src_rows[-2]["size"] if layer and len(src_rows) > 1 else 0
     if inherited is not None and len(inherited) != -(-parent_size // checksum.BLOCK):
