@@ -23,11 +23,17 @@ class Context:
     def __init__(self, args):
         self.settings = settings.resolve(args)
         self.json = self.settings.json
-        self.out = output.console()
-        self._client = None
+        self._out = self._client = self._calls = None
+
+    @property
+    def out(self):
+        if self._out is None:
+            self._out = output.console()
+        return self._out
 
     @property
     def client(self):
+        """The whole client (BlockingClient): waits, subscriptions, copies."""
         if self._client is None:
             from agent.client import BlockingClient
             s = self.settings
@@ -35,9 +41,27 @@ class Context:
                                           **s.keys)
         return self._client
 
+    @property
+    def calls(self):
+        """For a command that only calls: a plain DEALER (agent/client/dealer.py), no event
+        loop to import and start."""
+        if self._calls is None:
+            from agent.client import Client
+            s = self.settings
+            self._calls = Client(s.endpoint, timeout=s.timeout, **s.keys)
+        return self._calls
+
+    def bar(self, label: str, in_bytes: bool):
+        """A progress bar (agent/cli/bar.py) at `out`, for people; None with --json."""
+        if self.json:
+            return None
+        from agent.cli.bar import Bar
+        return Bar(self.out, label, in_bytes)
+
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        for client in (self._client, self._calls):
+            if client is not None:
+                client.close()
 
 
 def run_for_people(args) -> int:

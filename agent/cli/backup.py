@@ -55,7 +55,7 @@ def _incremental(ctx, args) -> int:
         params["checkpoint"] = args.checkpoint
     resume = os.path.exists(args.file) and not args.restart
     if resume:  # FILE must be a partial backup of this, and its export of it is stopped
-        info = ctx.client.call("Volume.getInfo", src)
+        info = ctx.calls.call("Volume.getInfo", src)
         want.update(size=info["size"], generation=info["generation"])
         resume = transfers.download_state(args, state_path, want)
         transfers.stop_earlier(ctx, state_path)
@@ -64,8 +64,8 @@ def _incremental(ctx, args) -> int:
             transfers.stop_earlier(ctx, state_path)
     # A fresh backup asks nothing first: the export's answer says the size and generation
     # (one round trip less; a run killed before its state file leaves an idle export).
-    exp = ctx.client.call("Export.start", params, task_id=export_id,
-                          timeout=max(ctx.settings.timeout, 600))
+    exp = ctx.calls.call("Export.start", params, id=export_id,
+                         timeout=max(ctx.settings.timeout, 600))
     size = exp["size"]
     want.update(size=size, generation=exp["generation"])
     transfers.write_state(state_path, {**want, "export": export_id})
@@ -103,7 +103,7 @@ def bitmap(ctx, args) -> int:
     """`hostagent bitmap list|add|remove|clear VOLUME [NAME]`."""
     loc = parse_location(args.location)
     if args.action == "list":
-        result = ctx.client.call("Bitmap.list", loc)
+        result = ctx.calls.call("Bitmap.list", loc)
         if ctx.json:
             output.emit_json(result)
             return output.OK
@@ -118,7 +118,7 @@ def bitmap(ctx, args) -> int:
         params["name"] = args.name
     if args.action == "add" and args.granularity:
         params["granularity"] = output.parse_size(args.granularity)
-    result = ctx.client.call(f"Bitmap.{args.action}", params)
+    result = ctx.calls.call(f"Bitmap.{args.action}", params)
     if ctx.json:
         output.emit_json(result)
     elif args.action == "add":

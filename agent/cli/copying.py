@@ -14,71 +14,10 @@ import json
 import time
 import uuid
 
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    ProgressColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
-
 from agent.cli import output
-from agent.cli.output import UsageError
+from agent.cli.output import UsageError, escape
 from agent.cli.storage import parse_location, show_location
 from agent.client import NeedsContinuing, TaskFailed, TaskLost
-
-
-class RateColumn(ProgressColumn):
-    """The rate, in the same binary units as the sizes (rich's own speed is decimal)."""
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-" if speed is None else f"{output.size(speed)}/s",
-                    style="progress.data.speed")
-
-
-class Bar:
-    """A rich progress bar (percent, bytes, rate, eta) updated from the client's thread."""
-
-    def __init__(self, console, label: str, in_bytes: bool):
-        columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn()]
-        if in_bytes:
-            columns += [DownloadColumn(binary_units=True), RateColumn()]
-        columns += [TextColumn("eta"), TimeRemainingColumn()]
-        self.progress = Progress(*columns, console=console, refresh_per_second=10)
-        self.label = label
-        self.task = self.progress.add_task(escape(label), total=None)
-        self.fed = False
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-    def update(self, p) -> None:
-        if p.total and p.copied is not None:
-            total, done = p.total, p.copied
-        else:
-            total, done = 100.0, p.percent
-        current = self.progress.tasks[0].completed
-        if not self.fed or done < current:  # first news, or resumed from a checkpoint:
-            self.progress.reset(self.task, total=total, completed=done)  # no false rate
-            self.fed = True
-        else:
-            self.progress.update(self.task, total=total, completed=done)
-        if done >= total:  # the data is there; a copy then reads it back for its checksum
-            self.progress.update(self.task, description=escape(f"{self.label} (verifying)"))
-
-    def finish(self) -> None:
-        total = self.progress.tasks[0].total or 100.0
-        self.progress.update(self.task, total=total, completed=total,
-                             description=escape(self.label))
 
 
 def _outcome_json(outcome) -> dict:
@@ -90,7 +29,7 @@ def _outcome_json(outcome) -> dict:
 def follow(ctx, run, task_id, dst: dict | None, label: str, again: str | None = None) -> int:
     """Run `run(on_progress)` (a wait that returns a done Outcome or raises) under a bar.
     `again`: what to type to continue the work (default: a copy's continue)."""
-    bar = None if ctx.json else Bar(ctx.out, label, in_bytes=dst is not None)
+    bar = ctx.bar(label, in_bytes=dst is not None)
     began = time.monotonic()
     outcome = None
     try:

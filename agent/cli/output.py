@@ -7,12 +7,12 @@ with NO_COLOR set); `--json` prints JSON on stdout for scripts, and errors as JS
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
+# rich is imported where it draws: it is a third of a command's start, which `--json` and
+# a command that prints one line do not pay (docs/performance.md).
 
 # Exit codes (documented in the README and `hostagent --help`).
 OK = 0
@@ -33,11 +33,18 @@ class UsageError(Exception):
     """Bad arguments found after parsing: exit 2 with the message."""
 
 
-def console(stderr: bool = False) -> Console:
+def console(stderr: bool = False):
+    from rich.console import Console
     c = Console(stderr=stderr, highlight=False, soft_wrap=False)
-    if not c.is_terminal and "COLUMNS" not in __import__("os").environ:
+    if not c.is_terminal and "COLUMNS" not in os.environ:
         c = Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
     return c
+
+
+def escape(text: str) -> str:
+    """`text` shown as it is within rich's markup (rich.markup.escape)."""
+    from rich.markup import escape as rich_escape
+    return rich_escape(text)
 
 
 def emit_json(value) -> None:
@@ -130,7 +137,8 @@ def styled(state) -> str:
     return f"[{style}]{state}[/]" if style else str(state)
 
 
-def table(*columns: str, title: str | None = None) -> Table:
+def table(*columns: str, title: str | None = None):
+    from rich.table import Table
     t = Table(title=title, title_justify="left", header_style="bold", box=None,
               pad_edge=False)
     for i, c in enumerate(columns):  # the last column folds, the others (IDs) never break
@@ -142,6 +150,8 @@ def fields(pairs, title: str | None = None):
     """Aligned `name  value` lines (values may hold markup). Print with crop=False: a long
     value (a location, a path) stays on its line for the terminal to wrap, and stays
     whole when copied."""
+    from rich.console import Group
+    from rich.text import Text
     pairs = [(k, "-" if v is None else str(v)) for k, v in pairs]
     width = max((len(k) for k, _ in pairs), default=0)
     lines = [Text(title, style="bold")] if title else []

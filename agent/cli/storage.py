@@ -95,7 +95,7 @@ def volume_create(ctx, args) -> int:
         params["format"] = args.format
     if args.parent:
         params["parentVolumeID"] = _uuid_arg(args.parent, "parentVolumeID", "--parent")
-    info = ctx.client.call("Volume.create", params)
+    info = ctx.calls.call("Volume.create", params)
     if ctx.json:
         output.emit_json(info)
     else:
@@ -105,7 +105,7 @@ def volume_create(ctx, args) -> int:
 
 def volume_delete(ctx, args) -> int:
     loc = parse_location(args.location)
-    result = ctx.client.call("Volume.delete", loc)
+    result = ctx.calls.call("Volume.delete", loc)
     if ctx.json:
         output.emit_json(result)
     else:
@@ -117,11 +117,11 @@ def volume_info(ctx, args) -> int:
     """Volume.getInfo, the copy or merge into it (Image.getStatus), and its image's chain
     as a tree (Image.getInfo)."""
     loc = parse_location(args.location)
-    info = ctx.client.call("Volume.getInfo", loc)
-    status = ctx.client.call("Image.getStatus", loc)
+    info = ctx.calls.call("Volume.getInfo", loc)
+    status = ctx.calls.call("Image.getStatus", loc)
     info["copy"], info["merge"] = status.get("copy"), status.get("merge")
-    image = ctx.client.call("Image.getInfo", {"domainID": loc["domainID"],
-                                              "imageID": loc["imageID"]})
+    image = ctx.calls.call("Image.getInfo", {"domainID": loc["domainID"],
+                                             "imageID": loc["imageID"]})
     info["chains"] = [[v["volumeID"] for v in c] for c in image.get("chains") or []]
     if ctx.json:
         output.emit_json(info)
@@ -161,7 +161,7 @@ def volume_extend(ctx, args) -> int:
     params = {**loc, "size": output.parse_size(args.size)}
     if args.preallocation:
         params["preallocation"] = args.preallocation
-    result = ctx.client.call("Volume.extend", params)
+    result = ctx.calls.call("Volume.extend", params)
     if ctx.json:
         output.emit_json(result)
     elif result.get("extended"):
@@ -176,7 +176,7 @@ def volume_extend(ctx, args) -> int:
 def volume_measure(ctx, args) -> int:
     loc = parse_location(args.location)
     params = {**loc, **({"format": args.format} if args.format else {})}
-    result = ctx.client.call("Volume.measure", params)
+    result = ctx.calls.call("Volume.measure", params)
     if ctx.json:
         output.emit_json(result)
     else:
@@ -198,19 +198,19 @@ def _print_domain(ctx, info: dict, title: str | None) -> None:
 
 def domain_create(ctx, args) -> int:
     domain_id = _uuid_arg(args.id or str(uuid.uuid4()), "domainID", f"--id {args.id!r}")
-    return _show_domain(ctx, ctx.client.call("StorageDomain.create", {
+    return _show_domain(ctx, ctx.calls.call("StorageDomain.create", {
         "domainID": domain_id, "path": os.path.abspath(args.path)}), "domain created")
 
 
 def domain_attach(ctx, args) -> int:
     domain_id = _uuid_arg(args.domain, "domainID", repr(args.domain))
-    return _show_domain(ctx, ctx.client.call("StorageDomain.attach", {
+    return _show_domain(ctx, ctx.calls.call("StorageDomain.attach", {
         "domainID": domain_id, "path": os.path.abspath(args.path)}), "domain attached")
 
 
 def domain_info(ctx, args) -> int:
     domain_id = _uuid_arg(args.domain, "domainID", repr(args.domain))
-    return _show_domain(ctx, ctx.client.call("StorageDomain.getInfo", {"domainID": domain_id}),
+    return _show_domain(ctx, ctx.calls.call("StorageDomain.getInfo", {"domainID": domain_id}),
                         None)
 
 
@@ -223,7 +223,7 @@ def _show_domain(ctx, info: dict, title: str | None) -> int:
 
 
 def domain_list(ctx, args) -> int:
-    domains = ctx.client.call("StorageDomain.list")
+    domains = ctx.calls.call("StorageDomain.list")
     if ctx.json:
         output.emit_json(domains)
         return output.OK

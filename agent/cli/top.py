@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import time
 
-from rich.console import Group
-from rich.live import Live
-from rich.markup import escape
-from rich.progress_bar import ProgressBar
-from rich.text import Text
-
 from agent.cli import output, views
+from agent.cli.output import escape
 from agent.client import CallError, Timeout
 from agent.supervisor.copies import CopyMeter
 
@@ -93,6 +88,9 @@ class View:
     # -- what goes out -----------------------------------------------------------------
 
     def render(self):
+        from rich.console import Group  # rich where it draws (agent/cli/output.py)
+        from rich.progress_bar import ProgressBar
+        from rich.text import Text
         now = self.clock()
         agent = self.stats.get("agent") or {}
         counts: dict[str, int] = {}
@@ -174,6 +172,7 @@ def top(ctx, args) -> int:
     sub = ctx.client.subscribe(["Task.state", "Task.progress", "Image.copy", "Host.booted"])
     poll(ctx, view)
     drawn = 0.0
+    from rich.live import Live
     try:
         with Live(view.render(), console=ctx.out, screen=True, auto_refresh=False,
                   transient=True) as live:

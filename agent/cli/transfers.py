@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import blake3
 
 from agent.cli import output
-from agent.cli.copying import Bar
 from agent.cli.storage import parse_location, show_location
 from agent.client import CallError, ends
 from agent.client import transfer as tx
@@ -54,8 +53,8 @@ def remote_digests(ctx, loc: dict, size: int, layer: bool = False) -> dict[int, 
         params = {**loc, "blocks": {"offset": offset, "length": step}}
         if layer:
             params["layer"] = True
-        answer = ctx.client.call("Image.checksum", params, timeout=max(ctx.settings.timeout,
-                                                                       600))
+        answer = ctx.calls.call("Image.checksum", params,
+                                timeout=max(ctx.settings.timeout, 600))
         for i, digest in enumerate(answer["blocks"]):
             out[offset // tx.BLOCK + i] = bytes.fromhex(digest)
     return out
@@ -65,7 +64,7 @@ def _wait_ended(ctx, task_id: str, seconds: float = 60.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            state = ctx.client.call("Task.getStatus", {"taskID": task_id})["state"]
+            state = ctx.calls.call("Task.getStatus", {"taskID": task_id})["state"]
         except CallError as exc:
             if exc.name == "NoSuchTask":
                 return
@@ -120,12 +119,12 @@ def upload(ctx, args) -> int:
         params = {**dst, "mode": "write", "tag": tag}
         if fresh:
             params["create"] = {"size": size, "format": volume_format}
-        exp = ctx.client.call("Export.start", params, task_id=export_id)
+        exp = ctx.calls.call("Export.start", params, id=export_id)
         wanted = None if fresh else tx.differing(digests["local"], digests["remote"],
                                                  tx.block_count(size))
         if wanted is not None:
             stats.add(skipped=size - tx.bytes_of(wanted, size))
-        bar = None if ctx.json else Bar(ctx.out, f"upload {dst['volumeID'][:8]}", True)
+        bar = ctx.bar(f"upload {dst['volumeID'][:8]}", True)
         try:
             with bar or contextlib.nullcontext():
                 moved = tx.run_blocks(local.connect, lambda: ends.connect_export(exp["socket"]),
@@ -134,27 +133,27 @@ def upload(ctx, args) -> int:
                                       on_block=progress(bar, size), rate=args.rate,
                                       flush_every=tx.FLUSH_SECONDS)
         except KeyboardInterrupt:
-            ctx.client.call("Export.stop", {"taskID": export_id})
+            ctx.calls.call("Export.stop", {"taskID": export_id})
             output.error(f"interrupted: {show_location(dst)} stays ILLEGAL; run the same "
                          f"command again to resume")
             return output.DETACHED
         except BaseException:
             with contextlib.suppress(Exception):  # the agent may be the one that died
-                ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
+                ctx.calls.call("Export.stop", {"taskID": export_id}, timeout=2)
             raise
         every = [moved.get(i) or digests.get("local", {}).get(i)
                  for i in range(tx.block_count(size))]
         expected = tx.checksum(every)
-        result = ctx.client.call("Export.stop", {"taskID": export_id, "finish": True,
-                                                 "checksum": expected},
-                                 task_id=f"finish-{uuid.uuid4().hex[:8]}",
-                                 timeout=max(ctx.settings.timeout, 3600))
+        result = ctx.calls.call("Export.stop", {"taskID": export_id, "finish": True,
+                                                "checksum": expected},
+                                id=f"finish-{uuid.uuid4().hex[:8]}",
+                                timeout=max(ctx.settings.timeout, 3600))
     return done(ctx, "upload", dst, result, stats, began, size, resumed=not fresh)
 
 
 def _status(ctx, loc: dict) -> dict | None:
     try:
-        return ctx.client.call("Image.getStatus", loc)
+        return ctx.calls.call("Image.getStatus", loc)
     except CallError as exc:
         if exc.name == "NoSuchVolume":
             return None
@@ -169,8 +168,8 @@ def _already_there(ctx, dst, status, local, size, stats, began) -> int:
         digests = tx.run_blocks(local.connect, None, size, fresh=True)
         expected = tx.checksum([digests[i] for i in range(tx.block_count(size))])
         try:
-            result = ctx.client.call("Export.finish", {**dst, "checksum": expected},
-                                     task_id=f"finish-{uuid.uuid4().hex[:8]}")
+            result = ctx.calls.call("Export.finish", {**dst, "checksum": expected},
+                                    id=f"finish-{uuid.uuid4().hex[:8]}")
         except CallError as exc:
             if exc.name != "TransferConflict":
                 raise
@@ -191,7 +190,7 @@ def _prepare_resume(ctx, dst, status, tag, local, size) -> dict:
                             f"over")
     if transfer["state"] == "serving" and transfer.get("task_id"):
         with contextlib.suppress(CallError):
-            ctx.client.call("Export.stop", {"taskID": transfer["task_id"]})
+            ctx.calls.call("Export.stop", {"taskID": transfer["task_id"]})
         _wait_ended(ctx, transfer["task_id"])
     remote = remote_digests(ctx, dst, size)
     local_digests = tx.run_blocks(local.connect, None, size, fresh=True)
@@ -217,7 +216,7 @@ def download(ctx, args, checkpoint: str | None = None, what: str = "download") -
     """A volume's guest view into FILE (resumed if FILE is a partial download of it);
     `checkpoint`: a full backup's, the bitmap its export starts (agent/cli/backup.py)."""
     src = parse_location(args.src)
-    info = ctx.client.call("Volume.getInfo", src)
+    info = ctx.calls.call("Volume.getInfo", src)
     size, fmt = info["size"], args.format
     state_path = args.file + STATE_SUFFIX
     want = {"src": src, "generation": info["generation"], "size": size, "format": fmt,
@@ -233,7 +232,7 @@ def download(ctx, args, checkpoint: str | None = None, what: str = "download") -
     params = {**src, "mode": "layer" if args.layer else "read"}
     if checkpoint:
         params["checkpoint"] = checkpoint
-    exp = ctx.client.call("Export.start", params, task_id=export_id)
+    exp = ctx.calls.call("Export.start", params, id=export_id)
 
     def move(local, bar):
         wanted = None
@@ -257,14 +256,14 @@ def pull(ctx, args, fmt: str, export_id: str, state_path: str, label: str, move)
     stopped either way. False if interrupted (Ctrl-C: FILE stays partial, resumable)."""
     try:
         with ends.Local(args.file, fmt, writable=True) as local:
-            move(local, None if ctx.json else Bar(ctx.out, label, True))
+            move(local, ctx.bar(label, True))
     except KeyboardInterrupt:
         output.error(f"interrupted: {args.file} is partial; run the same command again to "
                      f"resume")
         return False
     finally:
         with contextlib.suppress(Exception):  # the agent may be the one that died
-            ctx.client.call("Export.stop", {"taskID": export_id}, timeout=2)
+            ctx.calls.call("Export.stop", {"taskID": export_id}, timeout=2)
     fsync_path(args.file)
     os.unlink(state_path)
     return True
@@ -301,7 +300,7 @@ def stop_earlier(ctx, state_path: str) -> None:
         earlier = json.load(f).get("export")
     if earlier:
         with contextlib.suppress(CallError):
-            ctx.client.call("Export.stop", {"taskID": earlier})
+            ctx.calls.call("Export.stop", {"taskID": earlier})
 
 
 def write_state(path: str, state: dict) -> None:

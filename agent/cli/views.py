@@ -6,9 +6,8 @@ import json
 import sys
 import time
 
-from rich.markup import escape
-
 from agent.cli import output
+from agent.cli.output import escape
 from agent.client import CallError
 
 ACTIVE = ["pending", "running", "aborting"]
@@ -16,7 +15,7 @@ ACTIVE = ["pending", "running", "aborting"]
 
 def tasks(ctx, args) -> int:
     states = args.state or (ACTIVE if args.active else None)
-    records = ctx.client.call("Task.getAll", {"states": states} if states else None)
+    records = ctx.calls.call("Task.getAll", {"states": states} if states else None)
     if ctx.json:
         output.emit_json(records)
         return output.OK
@@ -86,12 +85,12 @@ def readiness(agent: dict) -> str:
 
 
 def status(ctx, args) -> int:
-    caps = ctx.client.call("Host.getCapabilities")
-    stats = ctx.client.call("Host.getStats")
-    domains = ctx.client.call("StorageDomain.list")
+    caps = ctx.calls.call("Host.getCapabilities")
+    stats = ctx.calls.call("Host.getStats")
+    domains = ctx.calls.call("StorageDomain.list")
     for d in domains:
         try:
-            d["info"] = ctx.client.call("StorageDomain.getInfo", {"domainID": d["domainID"]})
+            d["info"] = ctx.calls.call("StorageDomain.getInfo", {"domainID": d["domainID"]})
         except CallError as exc:
             d["error"] = d.get("error") or exc.error
         d["state"] = domain_state(d)

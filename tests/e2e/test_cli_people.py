@@ -4,6 +4,7 @@ agents: output, exit codes, readable errors, and where settings come from."""
 import json
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -83,6 +84,37 @@ def test_tasks_and_status(agent, workdir):
     assert len(st["domains"]) == 1 and st["domains"][0]["info"]["volumes"] == 0
     out = ha(agent, "status")
     assert out.returncode == 0 and "host-a" in out.stdout and "domains" in out.stdout
+
+
+# The command run in a Python that says on stderr, last, which heavy modules it loaded.
+LOADED = ("import sys; from agent.cli import main; code = main(sys.argv[1:]); "
+          "sys.stderr.write('\\nloaded: ' + ' '.join(m for m in ('asyncio', 'rich') "
+          "if m in sys.modules) + '\\n'); sys.exit(code)")
+
+
+def loaded(agent, *args, code: int = 0) -> tuple[str, set[str]]:
+    out = subprocess.run([sys.executable, "-c", LOADED, "--config", str(agent.config_path),
+                          *args], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    mods = out.stderr.rstrip("\n").rpartition("loaded: ")[2]
+    return out.stdout, set(mods.split())
+
+
+def test_a_command_loads_only_what_it_uses(agent, workdir):
+    """A command that only calls starts without asyncio (the whole client's event loop)
+    and, printing JSON, without rich: each is a third of a command's start."""
+    d = ok_json(ha(agent, "domain", "create", str(workdir / "d1"), "--json"))["domainID"]
+    vol = ok_json(ha(agent, "volume", "create", d, "1M", "--json"))
+    for args in (["domain", "list"], ["volume", "info", loc(vol)], ["tasks"], ["status"],
+                 ["bitmap", "list", loc(vol)]):
+        text, mods = loaded(agent, *args, "--json")
+        assert mods == set(), (args, mods)
+        json.loads(text)
+        text, mods = loaded(agent, *args)
+        assert mods == {"rich"}, (args, mods)
+        assert "Traceback" not in text
+    _, mods = loaded(agent, "wait", "t-none", "--json", code=1)  # NoSuchTask, from a wait:
+    assert "asyncio" in mods                                    # the whole client
 
 
 @pytest.fixture
