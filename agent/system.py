@@ -100,25 +100,6 @@ def fsync_path(path: str, flags: int = 0) -> None:
         os.close(fd)
 
 
-def unlink_pinned(path: str) -> int | None:
-    """`path`'s name removed now, its inode held by the O_PATH descriptor returned (None: no
-    such file): the file system frees its blocks when that closes, not in the unlink (ext4
-    took 200 ms in unlink to free a 1 GiB qcow2 here; docs/performance.md). A crash before
-    the close leaves an orphan inode, which the kernel frees as the process dies or the
-    file system at its next mount: never a file. O_PATH opens nothing for I/O, so a FIFO
-    or device put in a data file's place cannot block or be touched."""
-    try:
-        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        os.unlink(path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 # qemu allocates each request's buffer whole (4 MiB for a copy's reads and writes), past
 # glibc's threshold for mmap: every request mapped fresh memory, faulted in and zeroed its
 # 1,024 pages, and unmapped them. Kept on the heap instead (up to 32 MiB, glibc's most),

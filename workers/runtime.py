@@ -42,12 +42,6 @@ class Context:
         self.stop_reason = "abort"
         self._last_sent = 0.0
         self._last_progress = 0.0
-        self.answered: list = []  # after_answer's, run in order once the result is acked
-
-    def after_answer(self, fn) -> None:
-        """Run `fn()` once the supervisor has the result (acked), before the worker exits:
-        work the answer need not wait for (a deleted file's blocks freed)."""
-        self.answered.append(fn)
 
     def send(self, msg: dict) -> None:
         self.sock.send(json.dumps(msg, separators=(",", ":")).encode())
@@ -195,11 +189,6 @@ def main(request: dict, supervisor_pid: int, prepared=None,
             code = protocol.EXIT_NO_ACK
             sock.close()
             zctx.term()
-        for fn in ctx.answered:
-            try:
-                fn()
-            except Exception:
-                log.exception("after_answer_failed")
     except BaseException:
         traceback.print_exc(file=sys.stderr)
         code = protocol.EXIT_RUNTIME_FAILED

@@ -177,9 +177,7 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
-def delete(db: DomainDB, args: dict, who: dict, after_answer=None) -> dict:
-    """Volume.delete's: the row, then the data file (its blocks freed through
-    `after_answer`, formats.raw.remove's, when given)."""
+def delete(db: DomainDB, args: dict, who: dict) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
         if db.get_volume(args["volumeID"]) is None:  # no such volume; what a killed create left
             removed = remove_leftovers(db, args["imageID"], args["volumeID"])
@@ -190,7 +188,7 @@ def delete(db: DomainDB, args: dict, who: dict, after_answer=None) -> dict:
                                           removed_leftover=removed)
         row = volume_row(db, args)
         db.delete_volume(args["volumeID"])
-        FORMATS[row["format"]].remove(db.layout.data_path(row), after_answer)
+        FORMATS[row["format"]].remove(db.layout.data_path(row))
         ensure_reserve(db.layout.root)  # given back if this delete needed it: room again now
         return {"volumeID": args["volumeID"], "deleted": True}
 

@@ -3,12 +3,10 @@
 import os
 import subprocess
 
-import psutil
 import pytest
 
 from agent.client import CallError
 from tests.images.chains import header, make_chain, needs_qemu, qemu_io
-from tests.support.harness import wait_for
 from tests.support.storage_flow import MiB, new_id
 
 pytestmark = needs_qemu
@@ -161,43 +159,3 @@ def test_one_truth_for_a_size(agent):
     snap = agent.call("Volume.create", {**base, "volumeID": new_id(),
                                         "parentVolumeID": base["volumeID"]})
     assert snap["size"] == 4 * MiB and header(snap["path"], "cow")["virtual-size"] == 4 * MiB
-
-
-def _holding(pid: int, path: str) -> list[int]:
-    """Processes of the agent's tree with a descriptor on the deleted file at `path`."""
-    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    held = []
-    for proc in tree:
-        try:
-            links = [os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                     for fd in os.listdir(f"/proc/{proc.pid}/fd")]
-        except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
-            continue
-        held += [proc.pid for link in links if link == f"{path} (deleted)"]
-    return held
-
-
-@pytest.mark.parametrize("how", ["delete", "merge"])
-def test_a_removed_data_file_is_gone_by_its_answer_and_its_blocks_by_its_worker_end(agent,
-                                                                                     how):
-    """Volume.delete and a merge's top: the name is gone when the task is done; the blocks
-    (held until the worker has answered) are let go with the worker, by every process of
-    the agent: nothing in a process that lives on keeps a deleted volume's space."""
-    base = _loc(agent)
-    made = agent.call("Volume.create", {**base, "size": 16 * MiB, "format": "cow"})
-    qemu_io(made["path"], "cow", "write -P 7 0 8M")
-    gone = made
-    if how == "delete":
-        agent.call("Volume.delete", base)
-    else:
-        top = {**base, "volumeID": new_id()}
-        gone = agent.call("Volume.create", {**top, "parentVolumeID": base["volumeID"]})
-        qemu_io(gone["path"], "cow", "write -P 9 4M 8M")
-        agent.client().call("Image.merge", {
-            "domainID": base["domainID"], "imageID": base["imageID"],
-            "baseVolumeID": base["volumeID"], "topVolumeID": top["volumeID"]}, id="m1")
-        wait_for(lambda: agent.call("Task.getStatus", {"taskID": "m1"})["state"] == "done",
-                 timeout=60, what="the merge done")
-    assert not os.path.lexists(gone["path"])
-    wait_for(lambda: not _holding(agent.pid, gone["path"]), timeout=15,
-             what="the deleted file let go by every process of the agent")

@@ -46,8 +46,7 @@ def merge(ctx, args):
             except errors.AgentError as exc:
                 _record_error(db, m, exc, ctx.task_id)
                 raise
-            # Its row is gone: a leftover now; its blocks freed once we have answered.
-            FORMATS[m["top_format"]].remove(m["top_path"], ctx.after_answer)
+            FORMATS[m["top_format"]].remove(m["top_path"])  # its row is gone: a leftover now
     ctx.event("Image.merge", {**base, "state": "done", "step": "done", "copied": m["size"],
                               "generation": m["generation"] + 1})
     return {**_answer(m, "done"), "generation": m["generation"] + 1, "copied": m["size"]}

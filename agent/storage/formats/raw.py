@@ -7,12 +7,11 @@ goes (the other one is agent/storage/formats/cow.py).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 from agent import errors
 from agent.storage.layout import SUFFIXES
-from agent.system import fsync_dir, unlink_pinned
+from agent.system import fsync_dir
 
 NAME = "raw"
 SUFFIX = SUFFIXES[NAME]
@@ -35,16 +34,8 @@ def create(path: str, size: int, preallocation: str = "sparse", **_) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-def remove(path: str, after_answer=None) -> None:
-    """The data file gone, durably; a missing one is gone already. `after_answer` (a
-    worker's Context.after_answer): the name goes now, the blocks are freed once the worker
-    has answered (system.unlink_pinned): a delete or a merge of a large volume does not wait
-    on its file system freeing them."""
-    if after_answer is not None:
-        fd = unlink_pinned(path)
-        if fd is not None:
-            after_answer(functools.partial(os.close, fd))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+def remove(path: str) -> None:
+    """The data file gone, durably; a missing one is gone already."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     fsync_dir(os.path.dirname(path))
