@@ -93,20 +93,20 @@ def create(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
             chain.inspect(db.layout, db.chain(parent_id), beat)  # a child never hides a bad one
         db.layout.ensure_image_dir(args["imageID"])
         path = db.layout.volume_path(args["imageID"], args["volumeID"], fmt)
-        remove_leftovers(db, args["imageID"], args["volumeID"])
+        remove_leftovers(db, args["imageID"], args["volumeID"], beat)
         try:
             FORMATS[fmt].create(path, size, args.get("preallocation", "sparse"),
                                 parent=parent, beat=beat)
             child = {"image_id": args["imageID"], "volume_id": args["volumeID"], "format": fmt}
             carried = _continue_bitmaps(db, parent, child, beat) if parent else []
         except errors.AgentError:
-            FORMATS[fmt].remove(path)  # a preallocation cut short must not keep its space
+            FORMATS[fmt].remove(path, beat)  # a preallocation cut short keeps no space
             raise
         try:
             db.create_volume(args["imageID"], args["volumeID"], size, fmt, parent_id,
                              args.get("preallocation", "sparse"), bitmaps=carried)
         except errors.AgentError:
-            FORMATS[fmt].remove(path)  # lost a race (a sibling snapshot, a deleted parent)
+            FORMATS[fmt].remove(path, beat)  # lost a race (a sibling snapshot, a parent gone)
             raise
     return info(db, args)
 
@@ -125,14 +125,15 @@ def _continue_bitmaps(db: DomainDB, parent: dict, child: dict, beat) -> list[dic
             for r in rows]
 
 
-def remove_leftovers(db: DomainDB, image_id: str, volume_id: str) -> list[str]:
+def remove_leftovers(db: DomainDB, image_id: str, volume_id: str, beat=None) -> list[str]:
     """Data files of `volume_id` that no row names (a create killed between its file and its
-    row), in any format: removed. Called under the volume's lease, with no row for it."""
+    row), in any format: removed (`beat`: formats.raw.remove's). Called under the volume's
+    lease, with no row for it."""
     gone = []
     for fmt, module in FORMATS.items():
         path = db.layout.volume_path(image_id, volume_id, fmt)
         if os.path.lexists(path):
-            module.remove(path)
+            module.remove(path, beat)
             gone.append(fmt)
     return gone
 
@@ -162,7 +163,7 @@ def sweep_leftovers(db: DomainDB, who: dict, beat=lambda: None) -> list[dict]:
                 row = db.get_volume(volume_id)  # under the lease: nobody creates it now
                 if row and (row["image_id"], row["format"]) == (image_id, fmt):
                     continue  # made meanwhile: its file
-                FORMATS[fmt].remove(db.layout.volume_path(image_id, volume_id, fmt))
+                FORMATS[fmt].remove(db.layout.volume_path(image_id, volume_id, fmt), beat)
                 removed.append({"imageID": image_id, "volumeID": volume_id, "format": fmt})
         except errors.LeaseHeld:
             continue  # being created or written right now: its holder decides
@@ -177,10 +178,10 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
-def delete(db: DomainDB, args: dict, who: dict) -> dict:
+def delete(db: DomainDB, args: dict, who: dict, beat=None) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
         if db.get_volume(args["volumeID"]) is None:  # no such volume; what a killed create left
-            removed = remove_leftovers(db, args["imageID"], args["volumeID"])
+            removed = remove_leftovers(db, args["imageID"], args["volumeID"], beat)
             if removed:
                 raise errors.NoSuchVolume("no such volume (a data file a killed create left "
                                           "was removed)", domainID=args["domainID"],
@@ -188,7 +189,7 @@ def delete(db: DomainDB, args: dict, who: dict) -> dict:
                                           removed_leftover=removed)
         row = volume_row(db, args)
         db.delete_volume(args["volumeID"])
-        FORMATS[row["format"]].remove(db.layout.data_path(row))
+        FORMATS[row["format"]].remove(db.layout.data_path(row), beat)
         ensure_reserve(db.layout.root)  # given back if this delete needed it: room again now
         return {"volumeID": args["volumeID"], "deleted": True}
 

@@ -64,7 +64,7 @@ def _serve_transfer(ctx, db, args):
     made = row is None and create is not None
     if made:  # data file first, then the row (volumes.py)
         db.layout.ensure_image_dir(args["imageID"])
-        volumes.remove_leftovers(db, args["imageID"], vid)
+        volumes.remove_leftovers(db, args["imageID"], vid, ctx.beat)
         path = db.layout.volume_path(args["imageID"], vid, create["format"])
         FORMATS[create["format"]].create(path, create["size"], beat=ctx.beat)
         try:
@@ -72,7 +72,7 @@ def _serve_transfer(ctx, db, args):
                                          task_id=ctx.task_id, tag=args.get("tag"),
                                          create=create)
         except errors.AgentError:
-            FORMATS[create["format"]].remove(path)
+            FORMATS[create["format"]].remove(path, ctx.beat)
             raise
     else:
         if row is not None:  # its headers before anything of it is recorded or opened

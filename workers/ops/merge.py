@@ -46,7 +46,8 @@ def merge(ctx, args):
             except errors.AgentError as exc:
                 _record_error(db, m, exc, ctx.task_id)
                 raise
-            FORMATS[m["top_format"]].remove(m["top_path"])  # its row is gone: a leftover now
+            # Its row is gone: a leftover now (beating: freeing a large file takes a while).
+            FORMATS[m["top_format"]].remove(m["top_path"], ctx.beat)
     ctx.event("Image.merge", {**base, "state": "done", "step": "done", "copied": m["size"],
                               "generation": m["generation"] + 1})
     return {**_answer(m, "done"), "generation": m["generation"] + 1, "copied": m["size"]}

@@ -20,7 +20,7 @@ def create(ctx, args):
 
 def delete(ctx, args):
     with volumes.open_domain(args) as db:
-        return volumes.delete(db, args, holder(ctx, "delete"))
+        return volumes.delete(db, args, holder(ctx, "delete"), ctx.beat)
 
 
 def info(ctx, args):

@@ -6,6 +6,7 @@ goes (the other one is agent/storage/formats/cow.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 
@@ -34,8 +35,23 @@ def create(path: str, size: int, preallocation: str = "sparse", **_) -> None:
     fsync_dir(os.path.dirname(path))
 
 
-def remove(path: str) -> None:
-    """The data file gone, durably; a missing one is gone already."""
+def remove(path: str, beat=None) -> None:
+    """The data file gone, durably; a missing one is gone already. A file system frees the
+    file's extents inside unlink (ext4 here: 5.7 s for a file of 100,000 extents, what a
+    guest's scattered writes make of a sparse volume), so a worker passes its heartbeat as
+    `beat`: the unlink then runs on a thread and `beat` is called meanwhile, which keeps the
+    worker from being killed as silent (its task failed with the volume already gone)."""
+    if beat is None:
+        _unlink(path)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unlink") as pool:
+            unlinked = pool.submit(_unlink, path)
+            while concurrent.futures.wait([unlinked], timeout=0.2).not_done:
+                beat()
+            unlinked.result()
+    fsync_dir(os.path.dirname(path))
+
+
+def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    fsync_dir(os.path.dirname(path))
