@@ -17,7 +17,7 @@ import os
 from agent import errors
 from agent.storage import chain, qcow2, qemu_img
 from agent.storage.copy.kernel import next_extent
-from agent.system import fsync_path
+from agent.system import fsync_path, while_beating
 
 
 def preallocation_of(path: str, row: dict) -> str:
@@ -38,7 +38,7 @@ def grow(layout, row: dict, size: int, preallocation: str | None = None,
     path = layout.data_path(row)
     how = preallocation or preallocation_of(path, row)
     if row["format"] == "raw":
-        _grow_raw(path, row["size"], size, how)
+        _grow_raw(path, row["size"], size, how, beat)
         return
     opts = chain.image_opts(layout, [row], direct=False, layer_only=True)
     found = qcow2.read(path, row["volume_id"]).virtual_size
@@ -61,13 +61,13 @@ def grown_unrecorded(layout, row: dict) -> bool:
     return qcow2.read(layout.data_path(row), row["volume_id"]).virtual_size > row["size"]
 
 
-def _grow_raw(path: str, old: int, size: int, how: str) -> None:
+def _grow_raw(path: str, old: int, size: int, how: str, beat) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
         os.ftruncate(fd, old)  # what lies past the volume's end is not the guest's
         os.ftruncate(fd, size)
         if how == "preallocated" and size > old:
-            os.posix_fallocate(fd, old, size - old)
+            while_beating(beat, os.posix_fallocate, fd, old, size - old)
         os.fsync(fd)
     except OSError as exc:
         raise errors.from_os_error(exc, "cannot grow the volume", "size") from None

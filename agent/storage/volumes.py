@@ -125,7 +125,8 @@ def _continue_bitmaps(db: DomainDB, parent: dict, child: dict, beat) -> list[dic
             for r in rows]
 
 
-def remove_leftovers(db: DomainDB, image_id: str, volume_id: str, beat=None) -> list[str]:
+def remove_leftovers(db: DomainDB, image_id: str, volume_id: str,
+                     beat=lambda: None) -> list[str]:
     """Data files of `volume_id` that no row names (a create killed between its file and its
     row), in any format: removed (`beat`: formats.raw.remove's). Called under the volume's
     lease, with no row for it."""
@@ -178,7 +179,7 @@ def _is_uuid(text: str) -> bool:
         return False
 
 
-def delete(db: DomainDB, args: dict, who: dict, beat=None) -> dict:
+def delete(db: DomainDB, args: dict, who: dict, beat=lambda: None) -> dict:
     with leases.for_domain(db).acquire(args["volumeID"], who):
         if db.get_volume(args["volumeID"]) is None:  # no such volume; what a killed create left
             removed = remove_leftovers(db, args["imageID"], args["volumeID"], beat)

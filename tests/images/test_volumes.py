@@ -7,7 +7,7 @@ import pytest
 
 from agent.client import CallError
 from tests.images.chains import header, make_chain, needs_qemu, qemu_io
-from tests.support.storage_flow import MiB, new_id
+from tests.support.storage_flow import MiB, new_id, tmpfs
 
 pytestmark = needs_qemu
 
@@ -184,3 +184,24 @@ def test_a_volume_slower_to_free_than_a_worker_deadline_is_deleted_not_timed_out
     assert agent.call("Volume.delete", loc, timeout=120) == {"volumeID": loc["volumeID"],
                                                              "deleted": True}
     assert not os.path.exists(path)
+
+
+def test_preallocating_slower_than_a_worker_deadline_is_done_not_timed_out(make_agent,
+                                                                            workdir):
+    """fallocate allocates every page of a tmpfs (1.1 s for 4 GiB here), and writes the
+    whole file where a file system has none (glibc's fallback): a preallocated create and a
+    preallocated extend heartbeat beside it, past the 0.5 s deadline set here."""
+    agent = make_agent(workers={"deadline_seconds": 0.5, "kill_grace_seconds": 0.2,
+                                "heartbeat_seconds": 0.1})
+    with tmpfs(workdir / "mem", "5G") as mem:
+        domain_id = new_id()
+        agent.call("StorageDomain.create", {"domainID": domain_id, "path": str(mem)})
+        loc = {"domainID": domain_id, "imageID": new_id(), "volumeID": new_id()}
+        made = agent.call("Volume.create", {**loc, "size": 4 << 30,
+                                            "preallocation": "preallocated"}, timeout=60)
+        assert made["allocated"] >= 4 << 30
+        assert agent.call("Volume.delete", loc, timeout=60)["deleted"]
+        small = agent.call("Volume.create", {**loc, "size": MiB,
+                                             "preallocation": "preallocated"})
+        grown = agent.call("Volume.extend", {**loc, "size": 4 << 30}, timeout=60)
+        assert grown["size"] == 4 << 30 and os.stat(small["path"]).st_blocks * 512 >= 4 << 30
