@@ -4,7 +4,7 @@ Many calls can be in flight; `send` returns at once and `recv` matches nothing, 
 that pipeline match responses by id themselves; `call` is the one-shot form. Tests that
 look at the wire use it, `hostagent call`, and the commands that only call (no waits, no
 events): it needs neither asyncio nor a thread, and a command that imports no asyncio
-starts in about two thirds of the time (docs/performance.md).
+starts in about half the time (docs/performance.md).
 """
 
 from __future__ import annotations

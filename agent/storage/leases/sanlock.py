@@ -263,8 +263,9 @@ class SanlockLeases:
             if owner and owner.get("sanlock"):
                 raise errors.LeaseHeld("the volume's lease is held", volumeID=volume_id,
                                        holder=owner) from None
-            if exc.errno == errno.EEXIST:  # in this daemon's own list: another process of
-                # this host holds it, or one that died and whose release is not done yet
+            if exc.errno in (errno.EEXIST, errno.EBUSY):  # in this daemon's own lists:
+                # another process of this host holds it (EEXIST), or one that released it or
+                # died and whose release is not done yet (EBUSY; the fleet suite met it)
                 raise errors.LeaseHeld("the volume's lease is held by a process of this host "
                                        "(or is being released after its death)",
                                        volumeID=volume_id, holder=owner) from None
