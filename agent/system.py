@@ -6,7 +6,6 @@ can drive its loop with a fake; the integration tests use this real one.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import json
 import os
@@ -107,6 +106,7 @@ def while_beating(beat, fn, *args):
     in silent past its deadline: ext4 frees a fragmented file's extents inside unlink (5.7 s
     for 100,000 here), and fallocate allocates every page of a tmpfs (1.1 s for 4 GiB) or
     writes a whole file where the file system has no fallocate (glibc's fallback)."""
+    import concurrent.futures  # here: the command line imports this module for fsync_path
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="syscall") as pool:
         done = pool.submit(fn, *args)
         while concurrent.futures.wait([done], timeout=0.2).not_done:
