@@ -22,7 +22,7 @@ from tests.images.chains import (
     qemu_nbd_under,
 )
 from tests.support.harness import events_until, wait_for
-from tests.support.storage_flow import MiB, new_id, wait_legal
+from tests.support.storage_flow import MiB, ids, new_id, wait_legal
 from workers.ops.copying.chain import layer_ids
 
 pytestmark = needs_qemu
@@ -30,10 +30,6 @@ pytestmark = needs_qemu
 SIZE = 64 * MiB
 COPY = {"checkpoint_bytes": 4 * MiB, "checkpoint_seconds": 0.1,
         "max_bytes_per_second": 16 * MiB}
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 def started(workdir, make_agent):

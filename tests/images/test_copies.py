@@ -15,7 +15,7 @@ from tests.images.chains import (
     qemu_nbd_under,
 )
 from tests.support.harness import wait_for
-from tests.support.storage_flow import MiB, new_id, recorded_checksum, wait_legal
+from tests.support.storage_flow import MiB, ids, new_id, recorded_checksum, wait_legal
 
 pytestmark = needs_qemu
 
@@ -26,10 +26,6 @@ def agent(make_agent, workdir):
     agent.domain_id, agent.root = new_id(), str(workdir / "dom")
     agent.call("StorageDomain.create", {"domainID": agent.domain_id, "path": agent.root})
     return agent
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 def run_copy(agent, src, task_id, **how):

@@ -21,7 +21,7 @@ from tests.images.chains import (
     qemu_nbd_under,
 )
 from tests.support.harness import events_until, task_state, wait_for, worker_of
-from tests.support.storage_flow import MiB, new_id, wait_legal
+from tests.support.storage_flow import MiB, ids, new_id, wait_legal
 
 pytestmark = needs_qemu
 
@@ -29,10 +29,6 @@ SIZE = 128 * MiB
 COPY = {"checkpoint_bytes": 8 * MiB, "checkpoint_seconds": 0.1,
         "max_bytes_per_second": 32 * MiB}
 RECOVERY = {"backoff_seconds": 0.1}
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 @pytest.fixture

@@ -12,15 +12,11 @@ import pytest
 from agent.client import CallError
 from tests.images.chains import check, compare, map_allocated, needs_qemu, qemu_io
 from tests.support.harness import task_state, wait_for
-from tests.support.storage_flow import MiB, new_id
+from tests.support.storage_flow import MiB, ids, new_id
 
 pytestmark = [needs_qemu, pytest.mark.timeout(180)]
 
 SIZE = 64 * MiB
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 def four_volume_chain(agent, domain_id: str, base_format: str = "raw",

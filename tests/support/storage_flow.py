@@ -21,6 +21,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def ids(v: dict) -> dict:
+    """A volume's location (domainID, imageID, volumeID) out of a record that holds more."""
+    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
+
+
 def cached_bytes(path) -> int:
     """How much of a file is in the page cache (fincore, util-linux: mincore(2))."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],

@@ -22,15 +22,11 @@ from tests.images.chains import (
     qemu_nbd_under,
 )
 from tests.support.harness import events_until, task_state, wait_for, worker_of
-from tests.support.storage_flow import MiB, new_id
+from tests.support.storage_flow import MiB, ids, new_id
 from tests.transfers.helpers import nbd_connect
 
 pytestmark = needs_qemu
 SIZE = 64 * MiB
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 def servers_of(worker: psutil.Process) -> list[psutil.Process]:

@@ -14,16 +14,12 @@ from tests.hostile.test_images import HEADER_KINDS, SIZE
 from tests.images.chains import make_chain, needs_qemu, qemu_nbd_under
 from tests.support.harness import task_state, wait_for
 from tests.support.opens import Opens
-from tests.support.storage_flow import new_id
+from tests.support.storage_flow import ids, new_id
 from tests.transfers.helpers import nbd_connect, run
 
 pytestmark = needs_qemu
 KINDS = ["data-file-host", "data-file-host-raw", "backing-host", "backing-json",
          "marked-corrupt", "virtual-size", "vmdk", "unknown-feature"]
-
-
-def ids(v):
-    return {k: v[k] for k in ("domainID", "imageID", "volumeID")}
 
 
 @pytest.mark.parametrize("kind", KINDS)
