@@ -34,7 +34,6 @@ from agent.storage.copy.kernel import cached, fault_point, next_extent, os_error
 
 ALIGN = 4096   # what O_DIRECT asks of offsets, lengths and buffers here
 BUFFERS = 3    # one being read, one being written, one being hashed
-BUFFER_MAX = 64 << 20  # each, whatever [copy] chunk_bytes says: memory, not page cache
 
 
 def chosen(src_path: str, dst_path: str, src_fd: int, dst_fd: int, start: int, size: int,
@@ -83,18 +82,14 @@ class DirectMover:
         self.fds = (src_direct, dst_direct)
         self.direct = self.fds  # None once refused
         self.hasher = hasher
-        self.free = collections.deque(mmap.mmap(-1, min(chunk, BUFFER_MAX))
-                                      for _ in range(BUFFERS))
+        self.free = collections.deque(mmap.mmap(-1, chunk) for _ in range(BUFFERS))
         self.busy: collections.deque = collections.deque()  # (buffer, write, hashed), in order
         self.pool = concurrent.futures.ThreadPoolExecutor(1, "direct-writer")
 
     def copy(self, pos: int, n: int) -> int:
         buf = self._buffer()
-        n = min(n, len(buf))
-        if n > ALIGN and not pos % ALIGN:
-            n -= n % ALIGN  # an extent's unaligned end (the file's) comes as a piece of its own
-        view = memoryview(buf)[:n]
-        aligned = self.direct is not None and not (pos % ALIGN or n % ALIGN)
+        view = memoryview(buf)[:min(n, len(buf))]
+        aligned = self.direct is not None and not (pos % ALIGN or len(view) % ALIGN)
         try:
             got = os.preadv(self.direct[0] if aligned else self.src, [view], pos)
         except OSError as exc:
@@ -152,10 +147,9 @@ class DirectMover:
         self.free.append(buf)
 
     def drain(self) -> None:
-        """Every write issued is on the file (or has raised its error here); what the
-        checksum has yet to hash of them is not waited for."""
-        for _, write, _ in self.busy:
-            write.result()
+        """Every write issued is on the file (or has raised its error here)."""
+        while self.busy:
+            self._retire()
 
     def close(self) -> None:
         """Waits for the writes in flight (their errors are dropped: the copy has failed).
