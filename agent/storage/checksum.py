@@ -350,9 +350,6 @@ class StreamFollower:
             beat()
         return self._hasher.hexdigest()
 
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def blocks(self) -> list[bytes] | None:
         """Each block's digest, once result() has returned (if kept)."""
         return self._hasher.blocks

@@ -1,7 +1,5 @@
 """copy_range on real files: identical bytes, holes kept, durable-before-checkpoint, stop,
-fencing, and I/O errors (through the fault seam) that come out as clear agent errors; each
-with both movers, copy_file_range's (through the page cache) and O_DIRECT's (copy/direct.py,
-which also hashes what it writes)."""
+fencing, and I/O errors (through the fault seam) that come out as clear agent errors."""
 
 from __future__ import annotations
 
@@ -12,14 +10,13 @@ import random
 import pytest
 
 from agent.errors import GenerationMismatch, NoSpace, OperationFailed
-from agent.storage.checksum import StreamFollower, file_checksum
-from agent.storage.copy import direct, kernel
+from agent.storage.copy import kernel
 from agent.storage.copy.kernel import (
     CopyStopped,
     MiB,
     copy_range,
 )
-from tests.support.storage_flow import cached_bytes, evict, sha256, sparse_extents
+from tests.support.storage_flow import cached_bytes, sha256, sparse_extents
 
 
 def make_file(path, size, islands=None, seed=1):
@@ -37,21 +34,17 @@ def make_file(path, size, islands=None, seed=1):
 
 
 class Copy:
-    """Opens source and (pre-sized, sparse) destination and records what the engine reports.
-    `mover` "direct": each run through a DirectMover, hashing what it writes when it starts
-    at 0 (`digest`)."""
+    """Opens source and (pre-sized, sparse) destination and records what the engine reports."""
 
-    def __init__(self, src, dst, size, mover="kernel"):
+    def __init__(self, src, dst, size):
         self.src_fd = os.open(src, os.O_RDONLY)
         self.dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self.dst_fd, size)
-        self.paths, self.mover, self.digest = (str(src), str(dst)), mover, None
         self.size = size
         self.events: list[tuple[str, int]] = []
         self.accept = True
         self.stop_at = None
         self.offset = self.moved = None
-        self.used = None  # the last run's DirectMover
 
     def checkpoint(self, offset):
         self.events.append(("checkpoint", offset))
@@ -64,62 +57,25 @@ class Copy:
         return self.stop_at is not None and (self.offset or 0) >= self.stop_at
 
     def run(self, start=0, **kw):
-        if self.mover == "kernel":
-            return copy_range(self.src_fd, self.dst_fd, start, self.size,
-                              checkpoint=self.checkpoint, progress=self.progress,
-                              should_stop=self.should_stop, **kw)
-        hasher = StreamFollower(self.size) if start == 0 else None
-        fds = [direct._open_direct(p, f) for p, f in zip(self.paths, (os.O_RDONLY, os.O_WRONLY))]
-        assert None not in fds, "the test's file system has no O_DIRECT"
-        self.used = direct.DirectMover(self.src_fd, self.dst_fd, *fds, hasher,
-                                       kw.get("chunk", 16 * MiB))
-        try:
-            done = copy_range(self.src_fd, self.dst_fd, start, self.size,
-                              checkpoint=self.checkpoint, progress=self.progress,
-                              should_stop=self.should_stop, mover=self.used, **kw)
-            if hasher is not None:
-                self.digest = hasher.result()
-            return done
-        finally:
-            self.used.close()
-            if hasher is not None:
-                hasher.cancel()
+        return copy_range(self.src_fd, self.dst_fd, start, self.size, checkpoint=self.checkpoint,
+                          progress=self.progress, should_stop=self.should_stop, **kw)
 
     def close(self):
         os.close(self.src_fd)
         os.close(self.dst_fd)
 
 
-def _copies(mover):
-    """A maker of copies by `mover`, closed after the test; what a direct mover hashed is
-    checked against what the file holds."""
+@pytest.fixture
+def copies():
     made = []
 
     def make(src, dst, size):
-        made.append(Copy(src, dst, size, mover))
+        made.append(Copy(src, dst, size))
         return made[-1]
 
     yield make
     for c in made:
-        if c.digest is not None:
-            assert c.digest == file_checksum(c.paths[1])
         c.close()
-
-
-@pytest.fixture(params=["kernel", "direct"])
-def copies(request):
-    """Copies by either mover: every behaviour below holds for both."""
-    yield from _copies(request.param)
-
-
-@pytest.fixture
-def kernel_copies():
-    yield from _copies("kernel")
-
-
-@pytest.fixture
-def direct_copies():
-    yield from _copies("direct")
 
 
 @pytest.fixture
@@ -253,7 +209,7 @@ def test_eio_on_fdatasync_fails_clearly_and_never_checkpoints(tmp_path, copies, 
     assert c.events == []
 
 
-def test_falls_back_when_the_kernel_cannot_copy(tmp_path, kernel_copies, monkeypatch):
+def test_falls_back_when_the_kernel_cannot_copy(tmp_path, copies, monkeypatch):
     calls = []
 
     def refuse(name, code):
@@ -266,18 +222,18 @@ def test_falls_back_when_the_kernel_cannot_copy(tmp_path, kernel_copies, monkeyp
     monkeypatch.setattr(os, "sendfile", refuse("sendfile", errno.EINVAL))
     size = 3 * MiB + 7
     src = make_file(tmp_path / "src", size)
-    c = kernel_copies(src, tmp_path / "dst", size)
+    c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
     assert sha256(tmp_path / "dst") == sha256(src)
     assert calls == ["copy_file_range", "sendfile"]  # each refused once, then not tried again
 
 
-def test_sendfile_fallback_copies_too(tmp_path, kernel_copies, monkeypatch):
+def test_sendfile_fallback_copies_too(tmp_path, copies, monkeypatch):
     monkeypatch.setattr(os, "copy_file_range",
                         lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "nope")))
     size = 3 * MiB + 7
     src = make_file(tmp_path / "src", size)
-    c = kernel_copies(src, tmp_path / "dst", size)
+    c = copies(src, tmp_path / "dst", size)
     assert c.run(chunk=MiB) == size
     assert sha256(tmp_path / "dst") == sha256(src)
 
@@ -291,105 +247,16 @@ def test_nothing_left_to_copy(tmp_path, copies):
 
 @pytest.mark.parametrize("read_back", ["all", "nothing"])
 def test_a_copy_drops_the_destination_pages_it_made_durable_and_the_checksum_read(
-        tmp_path, kernel_copies, read_back):
+        tmp_path, copies, read_back):
     """After each checkpoint the destination's pages below it, and below what the checksum
     has read back (`hashed()`), are dropped: a copy holds about a checkpoint's worth of the
     page cache, never its whole size (fresh pages cost more than reused ones: the kernel
     module's docstring); what the checksum has yet to read is kept for it."""
     size = 64 * MiB
     src = make_file(tmp_path / "src", size)
-    c = kernel_copies(src, tmp_path / "dst", size)
+    c = copies(src, tmp_path / "dst", size)
     hashed = None if read_back == "all" else (lambda: 0)
     c.run(chunk=MiB, checkpoint_bytes=8 * MiB, checkpoint_seconds=3600, hashed=hashed)
     cached = cached_bytes(tmp_path / "dst")  # before the comparison reads it all back
     assert sha256(tmp_path / "dst") == sha256(src)
     assert cached <= 8 * MiB if read_back == "all" else cached >= size // 2
-
-
-def test_a_failed_write_is_never_checkpointed_past(tmp_path, copies, monkeypatch):
-    """A write that fails after others succeeded (the direct mover's on its writer thread,
-    found only when its buffer is wanted again or before a flush) ends the copy with its
-    error and its offset; no checkpoint reaches it."""
-    size = 8 * MiB
-    src = make_file(tmp_path / "src", size)
-    c = copies(src, tmp_path / "dst", size)
-
-    def seam(kind, offset):
-        if kind == "copy" and offset == 5 * MiB:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(kernel, "_fault", seam)
-    with pytest.raises(NoSpace) as e:
-        c.run(chunk=MiB, checkpoint_bytes=2 * MiB, checkpoint_seconds=1e9)
-    assert e.value.data == {"errno": "ENOSPC", "offset": 5 * MiB}
-    assert c.events == [("checkpoint", 2 * MiB), ("checkpoint", 4 * MiB)]
-
-
-def test_a_direct_copy_caches_neither_file_and_hashes_the_bytes_it_wrote(tmp_path,
-                                                                          direct_copies):
-    size = 24 * MiB + 1234  # a last piece shorter than a block: through the page cache
-    islands = [(0, 3 * MiB), (5 * MiB + 64 * 1024, 9 * MiB), (20 * MiB, size)]
-    src = evict(make_file(tmp_path / "src", size, islands))
-    c = direct_copies(src, tmp_path / "dst", size)
-    assert c.run(chunk=2 * MiB) == size
-    assert cached_bytes(src) <= 4096 and cached_bytes(tmp_path / "dst") <= 4096
-    assert c.digest == file_checksum(src)  # holes hashed as zeros where they lie
-    assert sha256(tmp_path / "dst") == sha256(src)
-    assert c.used.direct is not None  # nothing refused O_DIRECT
-
-
-@pytest.mark.parametrize("refused", ["read", "write"])
-def test_o_direct_refused_on_a_piece_goes_through_the_page_cache(tmp_path, direct_copies,
-                                                                 monkeypatch, refused):
-    """A file system may take O_DIRECT at open and refuse a piece (EINVAL: an alignment it
-    wants larger): that piece and the rest go through the page cache, nothing lost."""
-    size = 6 * MiB
-    src = evict(make_file(tmp_path / "src", size))
-    c = direct_copies(src, tmp_path / "dst", size)
-    real = {"read": os.preadv, "write": os.pwrite}[refused]
-    calls = []
-
-    def refuse(fd, *args):
-        direct_fd = c.used.fds[0 if refused == "read" else 1]
-        calls.append(fd == direct_fd)
-        if fd == direct_fd:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        return real(fd, *args)
-
-    monkeypatch.setattr(os, "preadv" if refused == "read" else "pwrite", refuse)
-    assert c.run(chunk=MiB) == size
-    monkeypatch.undo()  # the direct descriptor's number is free again: not refused
-    assert sha256(tmp_path / "dst") == sha256(src) and c.digest == file_checksum(src)
-    assert calls[0] is True and calls.count(True) == 1 and c.used.direct is None
-
-
-def test_which_copies_go_around_the_page_cache(tmp_path):
-    size = 8 * MiB
-    cold = evict(make_file(tmp_path / "cold", size, [(4 * MiB, 5 * MiB)]))
-    warm = make_file(tmp_path / "warm", size)
-    empty = make_file(tmp_path / "empty", size, [])
-    dst = tmp_path / "dst"
-    dst.touch()
-    fds = {p: os.open(p, os.O_RDONLY) for p in (cold, warm, empty, str(dst))}
-    try:
-        def choose(src, start=0, record=True):
-            if src == cold:  # its probe may have started a readahead
-                evict(cold)
-            mover, hasher = direct.chosen(src, str(dst), fds[src], fds[str(dst)], start, size,
-                                          record, MiB)
-            if mover is not None:
-                mover.close()
-            if hasher is not None:
-                hasher.cancel()
-            return (type(mover).__name__ if mover else None, hasher is not None)
-
-        assert choose(cold) == ("DirectMover", True)  # probed at its first data, not at 0
-        assert choose(cold, record=False) == ("DirectMover", False)
-        assert choose(warm) == (None, False)  # cached: copy_file_range is faster
-        assert choose(empty) == (None, False)  # nothing to read
-        # A resume with a checksum reads the prefix back from the destination: not direct.
-        assert choose(cold, start=MiB) == (None, False)
-        assert choose(cold, start=MiB, record=False) == ("DirectMover", False)
-    finally:
-        for fd in fds.values():
-            os.close(fd)

@@ -33,14 +33,6 @@ def cached_bytes(path) -> int:
     return int(out.split()[0])
 
 
-def evict(path) -> str:
-    """The file's pages dropped from the page cache (written back first): a cold file."""
-    from bench.common import evict as drop  # the benchmarks' own: what they call cold
-    drop(path)
-    assert cached_bytes(path) == 0
-    return str(path)
-
-
 def sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

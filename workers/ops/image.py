@@ -12,7 +12,7 @@ import os
 
 from agent import errors
 from agent.storage import chain, leases, sizing, tracking, volumes
-from agent.storage.copy import direct, kernel, readback
+from agent.storage.copy import kernel, readback
 from agent.storage.markers import check_source, expected_generation, source_identity
 from agent.storage.metadata import DomainDB
 from agent.storage.volumes import open_domain, volume_row
@@ -75,9 +75,8 @@ def _own(dst_db: DomainDB, ctx, src: dict, dst: dict, src_row: dict, args: dict,
 
 
 def _kernel_copy(src_rows: list[dict], dst_format: str) -> bool:
-    """Raw to raw of a lone volume: a kernel copy (copy_file_range, or O_DIRECT reads and
-    writes for a cold source: copy/direct.py); all else goes through qemu
-    (workers/ops/copying/qemu.py)."""
+    """Raw to raw of a lone volume: a kernel copy (copy_file_range); all else goes through
+    qemu (workers/ops/copying/qemu.py)."""
     return len(src_rows) == 1 and src_rows[0]["format"] == dst_format == "raw"
 
 
@@ -226,31 +225,27 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
     record_checksum is off): hashed behind the copy as it goes, so a scrub can later tell
     whether the data changed since, without a second pass over it now."""
     src_path = src_db.layout.volume_path(src["imageID"], src["volumeID"])
-    dst_path = dst_db.layout.volume_path(dst["imageID"], dst["volumeID"])
-    src_fd, dst_fd = _open_pair(src_path, dst_path)
-    follower = mover = hasher = None
+    src_fd, dst_fd = _open_pair(src_path,
+                                dst_db.layout.volume_path(dst["imageID"], dst["volumeID"]))
+    follower = None
     try:
         _source_still(src_db, src, src_fd, src_path, size, marker)
         _size_destination(dst_fd, size, fresh)
         cfg = ctx.settings.get("copy", {})
-        rate, record = cfg.get("max_bytes_per_second", 0), cfg.get("record_checksum", True)
-        chunk = cfg.get("chunk_bytes", 16 << 20)
-        # A cold source is copied around the page cache and hashed as it is written;
-        # a cached one by copy_file_range, its destination read back to be hashed. On a
-        # resume the bytes below `start` are an earlier life's: read back from disk, no
-        # faster than the copy may go.
-        mover, hasher = direct.chosen(src_path, dst_path, src_fd, dst_fd, start, size,
-                                      record, chunk)
-        if record and mover is None:
+        rate = cfg.get("max_bytes_per_second", 0)
+        # On a resume the bytes below `start` are an earlier life's: read back from disk,
+        # no faster than the copy may go.
+        if cfg.get("record_checksum", True):
             follower = readback.Follower(dst_fd, size, written=start, rate=rate)
         report = Reporter(ctx, dst_db, dst["volumeID"], gen, size, base, follower, rate)
         try:
             kernel.copy_range(
                 src_fd, dst_fd, start, size, checkpoint=report.checkpoint,
-                progress=report.progress, should_stop=ctx.stop_requested, chunk=chunk,
+                progress=report.progress, should_stop=ctx.stop_requested,
+                chunk=cfg.get("chunk_bytes", 16 << 20),
                 checkpoint_bytes=cfg.get("checkpoint_bytes", 256 << 20),
                 checkpoint_seconds=cfg.get("checkpoint_seconds", 1.0),
-                hashed=None if follower is None else lambda: follower.hasher.pos, mover=mover)
+                hashed=None if follower is None else lambda: follower.hasher.pos)
         except kernel.CopyStopped:
             raise Stopped() from None
         os.fsync(dst_fd)
@@ -258,17 +253,11 @@ def _move_data(ctx, dst_db, src_db, src, dst, size, gen, start, fresh, base,
         if follower is not None:
             follower.advance(size)
             digest = follower.result(beat=ctx.check)
-        elif hasher is not None:
-            digest = hasher.result(beat=ctx.check)
         _source_still(src_db, src, src_fd, src_path, size, marker)
         return digest
     finally:
         if follower is not None:
             follower.cancel()  # before the fd it reads is closed
-        if mover is not None:
-            mover.close()
-        if hasher is not None:
-            hasher.cancel()
         os.close(src_fd)
         os.close(dst_fd)
 

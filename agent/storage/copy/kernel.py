@@ -4,8 +4,7 @@ copy_range() walks the source by data extents (SEEK_DATA / SEEK_HOLE) so holes s
 the destination, moves each extent inside the kernel with copy_file_range(), and reports
 through callbacks: progress() after every chunk, checkpoint() every so many bytes or seconds.
 The caller turns those into metadata writes (a generation-fenced copy marker) and decides what
-a stop or a superseded checkpoint means. The same walk drives copy/direct.py's mover, which
-reads and writes a cold source's extents around the page cache instead.
+a stop or a superseded checkpoint means.
 
 The one ordering rule: fdatasync() the destination BEFORE checkpoint(offset), so a marker never
 claims bytes a power cut could take back. After a failed fdatasync (EIO) the kernel may already
@@ -91,17 +90,9 @@ def os_errors(offset: int):
 class _Mover:
     """Copies one piece at a time, stepping down to a simpler method when the kernel refuses."""
 
-    page_cache = True  # both files' pages pass through it: _Cache advises on them
-
     def __init__(self, src_fd: int, dst_fd: int):
         self.src, self.dst = src_fd, dst_fd
         self.method = "copy_file_range"
-
-    def hole(self, pos: int, n: int) -> None:
-        """A range left as a hole (the checksum reads the destination back: readback.py)."""
-
-    def drain(self) -> None:
-        """Nothing in flight: each copy() returns with its bytes written."""
 
     def copy(self, pos: int, n: int) -> int:
         fault_point("copy", pos)
@@ -144,17 +135,7 @@ def next_extent(fd: int, offset: int, size: int) -> tuple[int, int]:
     return data, min(os.lseek(fd, data, os.SEEK_HOLE), size)
 
 
-def cached(fd: int, offset: int, probe: bytearray | None = None) -> bool:
-    """Whether a file's page at offset is in the page cache (read without waiting)."""
-    try:
-        return os.preadv(fd, [probe or bytearray(4096)], offset, os.RWF_NOWAIT) > 0
-    except OSError:  # EAGAIN: not cached; anything else: cannot tell, treat as not
-        return False
-
-
-def _durable(dst_fd: int, offset: int, mover=None) -> None:
-    if mover is not None:
-        mover.drain()
+def _durable(dst_fd: int, offset: int) -> None:
     with os_errors(offset):
         fault_point("fsync", offset)
         os.fdatasync(dst_fd)
@@ -177,7 +158,11 @@ class _Cache:
             pass
 
     def cached(self, offset: int) -> bool:
-        return cached(self.src, offset, self._probe)
+        """Whether the source's page at offset is in the page cache (read without waiting)."""
+        try:
+            return os.preadv(self.src, [self._probe], offset, os.RWF_NOWAIT) > 0
+        except OSError:  # EAGAIN: not cached; anything else: cannot tell, treat as not
+            return False
 
     def copied(self, offset: int, n: int, src_was_cached: bool) -> None:
         self._advise(self.dst, offset, n)  # dirty: starts its writeback, drops nothing
@@ -198,8 +183,7 @@ def _checkpoint(checkpoint, offset: int) -> None:
 
 def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, progress,
                should_stop, chunk: int = 16 * MiB, checkpoint_bytes: int = 256 * MiB,
-               checkpoint_seconds: float = 1.0, clock=time.monotonic, hashed=None,
-               mover=None) -> int:
+               checkpoint_seconds: float = 1.0, clock=time.monotonic, hashed=None) -> int:
     """Copy source bytes [start, size) to the same offsets of the destination.
 
     The destination must already be ``size`` long (ftruncate: sparse), since holes are skipped
@@ -207,9 +191,7 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
     byte below offset durable; False means superseded: GenerationMismatch, nothing more is
     written. ``should_stop()`` is polled between chunks: CopyStopped(offset) after a last
     checkpoint. ``hashed()``: how much of the destination the checksum has read back (None:
-    no checksum), so that no page is dropped before it is read (_Cache). ``mover``: what
-    moves each piece, holes included (copy/direct.py's, around the page cache); by default
-    copy_file_range, stepping down to simpler calls. Returns ``size``
+    no checksum), so that no page is dropped before it is read (_Cache). Returns ``size``
     once everything is durable; completing is the caller's job.
     Raises NoSpace on ENOSPC/EDQUOT, OperationFailed on any other I/O error.
     """
@@ -217,36 +199,32 @@ def copy_range(src_fd: int, dst_fd: int, start: int, size: int, *, checkpoint, p
         raise InvalidParams("need 0 <= start <= size", field="start")
     if chunk <= 0 or checkpoint_bytes <= 0:
         raise InvalidParams("chunk and checkpoint_bytes must be positive", field="chunk")
-    mover = mover or _Mover(src_fd, dst_fd)
-    cache = _Cache(src_fd, dst_fd, start) if mover.page_cache else None
+    mover = _Mover(src_fd, dst_fd)
+    cache = _Cache(src_fd, dst_fd, start)
     offset, saved_offset, saved_at, moved = start, start, clock(), 0
     while offset < size:
         with os_errors(offset):
-            data, extent_end = next_extent(src_fd, offset, size)
-        mover.hole(offset, data - offset)
-        offset = data
+            offset, extent_end = next_extent(src_fd, offset, size)
         while offset < extent_end:
             if should_stop():
-                _durable(dst_fd, offset, mover)
+                _durable(dst_fd, offset)
                 _checkpoint(checkpoint, offset)
                 raise CopyStopped(offset)
-            was_cached = cache is not None and cache.cached(offset)
+            was_cached = cache.cached(offset)
             with os_errors(offset):
                 n = mover.copy(offset, min(chunk, extent_end - offset))
             if n <= 0:
                 # End of file before the size is a short source, never a hole.
                 raise VolumeTruncated(f"the source's data ends at offset {offset}, before "
                                       f"its size of {size}", offset=offset, size=size)
-            if cache is not None:
-                cache.copied(offset, n, was_cached)
+            cache.copied(offset, n, was_cached)
             offset, moved = offset + n, moved + n
             progress(offset, moved)
             due = clock() - saved_at >= checkpoint_seconds
             if offset - saved_offset >= checkpoint_bytes or due:
-                _durable(dst_fd, offset, mover)
+                _durable(dst_fd, offset)
                 _checkpoint(checkpoint, offset)
-                if cache is not None:
-                    cache.settled(offset if hashed is None else min(offset, hashed()))
+                cache.settled(offset if hashed is None else min(offset, hashed()))
                 saved_offset, saved_at = offset, clock()
-    _durable(dst_fd, offset, mover)
+    _durable(dst_fd, offset)
     return offset
