@@ -197,9 +197,10 @@ class StreamHasher:
     def __init__(self, size: int, kind: str = BLOCKS, keep_blocks: bool = False):
         self.size, self.pos, self.kind = size, 0, kind
         # A block's bytes come in pieces of up to 4 MiB (a sparse block's zeros among them),
-        # which BLAKE3 hashes on every core, to the same digest: 11 GiB/s here against 7 on
-        # one. A 1 TiB qcow2 holding 1 GiB in 1 MiB pieces hashes 3 GiB of zeros beside it,
-        # and its copy to raw went from 0.92x convert's speed to 0.98x (docs/performance.md).
+        # which BLAKE3 hashes on every core, to the same digest: 17 GiB/s here against 9 on
+        # one (idle; 11 against 7 beside a test run). A 1 TiB qcow2 holding 1 GiB in 1 MiB
+        # pieces hashes 3 GiB of zeros beside it, and its copy to raw went from 0.92x
+        # convert's speed to 0.98x (docs/performance.md).
         self._hash = _PARALLEL if kind == BLOCKS else _HASH[kind]
         # BLAKE3 hashes one long input on several cores, to the same digest: the outer hash
         # of an empty 8 TiB disk is 64 MiB of zero blocks' digests, 26 ms on one core and
