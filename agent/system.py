@@ -100,18 +100,34 @@ def fsync_path(path: str, flags: int = 0) -> None:
         os.close(fd)
 
 
-def while_beating(beat, fn, *args):
-    """`fn(*args)`, run on a thread while `beat()` is called every 0.2 s; its result, or
-    what it raised. For a system call a file system can make long, which no worker may sit
+def while_beating(beat, fn, *args, patience: float | None = None, **kwargs):
+    """`fn(*args, **kwargs)`, run on a thread while `beat()` is called every 0.2 s; its
+    result, or what it raised. For a call the system can make long, which no worker may sit
     in silent past its deadline: ext4 frees a fragmented file's extents inside unlink (5.7 s
-    for 100,000 here), and fallocate allocates every page of a tmpfs (1.1 s for 4 GiB) or
-    writes a whole file where the file system has no fallocate (glibc's fallback)."""
-    import concurrent.futures  # here: the command line imports this module for fsync_path
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="syscall") as pool:
-        done = pool.submit(fn, *args)
-        while concurrent.futures.wait([done], timeout=0.2).not_done:
-            beat()
-        return done.result()
+    for 100,000 here), fallocate allocates every page of a tmpfs (1.1 s for 4 GiB) or
+    writes a whole file where the file system has no fallocate (glibc's fallback), a
+    sanlock acquire watches a silent owner. With `patience`, the wait ends after that many
+    seconds with None, and `fn` goes on on its (daemon) thread."""
+    import threading  # here: the command line imports this module for fsync_path
+    out: list = []
+
+    def run():
+        try:
+            out.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:  # handed back to the caller's thread
+            out.append((False, exc))
+
+    thread = threading.Thread(target=run, name="beating", daemon=True)
+    thread.start()
+    deadline = None if patience is None else time.monotonic() + patience
+    while thread.join(0.2) or thread.is_alive():
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        beat()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 # qemu allocates each request's buffer whole (4 MiB for a copy's reads and writes), past

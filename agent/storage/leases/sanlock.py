@@ -27,7 +27,7 @@ import uuid
 from agent import errors, logs
 from agent.storage.layout import DOM_MD
 from agent.storage.leases import local
-from agent.system import fsync_dir
+from agent.system import fsync_dir, while_beating
 
 AREA = 1 << 20  # bytes of an ids or a lease area (sanlock's default alignment)
 TMP_SUFFIX = ".tmp"
@@ -75,33 +75,8 @@ def _sanlock():
     return sanlock
 
 
-def _waiting(call, *args, beat=None, patience: float | None = None, **kwargs):
-    """A sanlock call on a thread, `beat` (the worker's heartbeat) called
-    meanwhile: an acquire can watch a silent owner, and a join wait out a host ID, for
-    seconds. With `patience`, give up waiting after that many seconds (None returned; the
-    call goes on in the daemon)."""
-    import threading
-    beat = beat or (lambda: None)
-    out: list = []
-
-    def run():
-        try:
-            out.append((True, call(*args, **kwargs)))
-        except BaseException as exc:  # handed back to the caller's thread
-            out.append((False, exc))
-
-    t = threading.Thread(target=run, name="sanlock-call", daemon=True)
-    t.start()
-    deadline = None if patience is None else time.monotonic() + patience
-    while t.is_alive():
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        beat()
-        t.join(0.2)
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value
+def _idle() -> None:
+    """No heartbeat to give (the supervisor's own calls)."""
 
 
 def _failed(what: str, exc, **data) -> errors.AgentError:
@@ -149,7 +124,7 @@ class SanlockLease:
                        slkfd=_registered)
             return True
         try:
-            let_go = _waiting(release, patience=patience, beat=self.manager.beat)
+            let_go = while_beating(self.manager.beat or _idle, release, patience=patience)
         except sl.SanlockException:
             let_go = True  # gone with its lockspace, or freed already: nothing is held
         if not let_go:
@@ -212,8 +187,8 @@ class SanlockLeases:
             return {"host_id_number": self.host_id, "seconds": 0.0, "already": True,
                     "swept": swept}
         try:
-            _waiting(sl.add_lockspace, self.lockspace, self.host_id, self.ids,
-                     iotimeout=self.io_timeout, beat=beat)
+            while_beating(beat or _idle, sl.add_lockspace, self.lockspace, self.host_id,
+                          self.ids, iotimeout=self.io_timeout)
         except sl.SanlockException as exc:
             # EEXIST: joined meanwhile (an add of an earlier life finished first).
             if exc.errno != 17 or not self.joined():
@@ -251,8 +226,8 @@ class SanlockLeases:
                 _registered = sl.register()
             if not self._area_sound(volume_id):
                 self._repair(volume_id)
-            _waiting(sl.acquire, self.lockspace, volume_id.encode(), disks,
-                     slkfd=_registered, beat=self.beat)
+            while_beating(self.beat or _idle, sl.acquire, self.lockspace, volume_id.encode(),
+                          disks, slkfd=_registered)
         except sl.SanlockException as exc:
             if exc.errno == errno.ENOSPC:  # sanlock's word for "no such lockspace here"
                 raise errors.DomainUnusable(
