@@ -6,6 +6,7 @@ can drive its loop with a fake; the integration tests use this real one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -59,11 +60,16 @@ def write_atomic(path, obj) -> None:
     directory fsynced so the rename itself is on disk before anyone is told."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk's half-written file is not left to hold its blocks
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(os.path.dirname(path) or ".")
 
 

@@ -30,7 +30,7 @@ from agent.supervisor.lockspaces import Lockspaces
 from agent.supervisor.reports import Reports
 from agent.supervisor.tasks import Full, IdInUse, TaskTable
 from agent.supervisor.workertable import WorkerTable
-from agent.system import System, set_child_subreaper, write_atomic
+from agent.system import System, set_child_subreaper
 from agent.wire import intake, jsonrpc, peers, replies, security
 from agent.wire.events import Publisher, fits
 from agent.wire.verbs import Verb
@@ -83,8 +83,7 @@ class Supervisor:
 
     def start(self) -> None:
         run_dir = self.config.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = startup.lock_run_dir(run_dir)
+        self._lock_fd = startup.claim_run_dir(run_dir)
         self.gate = peers.Gate(self.log, peers.raise_limit(self.log), self.system.monotonic)
         rcfg = self.config["rpc"]
         self.ledger = replies.Ledger(rcfg["max_unread_reply_bytes"])
@@ -125,7 +124,7 @@ class Supervisor:
             from agent.supervisor import metrics
             self.metrics = metrics.Metrics()
             self.metrics_url = self.metrics.start(self)
-        write_atomic(run_dir / "endpoints.json", {
+        startup.write_endpoints(run_dir, {
             "pid": os.getpid(), "boot_id": self.boot_id, "rpc": rpc_endpoints,
             "events": self.events.endpoints, "metrics": self.metrics_url})
         self.log.info("listening", rpc=rpc_endpoints, events=self.events.endpoints,

@@ -17,6 +17,7 @@ import psutil
 import zmq
 
 from agent.supervisor import recovery
+from agent.system import write_atomic
 from agent.wire import transport
 from workers import protocol
 
@@ -28,16 +29,32 @@ class StartupError(Exception):
     pass
 
 
-def lock_run_dir(run_dir) -> int:
-    """Held for life, freed by the kernel at death: two agents never share a run dir, so the
-    stale ipc sockets and workers start-up cleans up are never a live agent's."""
-    fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def claim_run_dir(run_dir) -> int:
+    """The run dir made and locked for life (the lock freed by the kernel at death): two
+    agents never share a run dir, so the stale ipc sockets and workers start-up cleans up
+    are never a live agent's. A run dir the OS refuses (full, read-only, not a directory)
+    is a StartupError that names it: a line for the operator, not a traceback."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(run_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot use the run dir {run_dir}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise StartupError(f"another agent is running on {run_dir}") from None
     return fd
+
+
+def write_endpoints(run_dir, endpoints: dict) -> None:
+    """RUN_DIR/endpoints.json, where the command line and an operator find this agent. One
+    that cannot be written (the run dir's file system full) ends start-up by name."""
+    try:
+        write_atomic(run_dir / "endpoints.json", endpoints)
+    except OSError as exc:
+        raise StartupError(f"cannot write {run_dir / 'endpoints.json'}: {exc.strerror or exc}") \
+            from None
 
 
 def kill_leftover_workers(run_dir, log) -> None:

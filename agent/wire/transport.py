@@ -2,7 +2,7 @@
 
 An ipc socket file is created mode 0600 (umask around the bind, then chmod to be sure). A
 stale file left by a crash is no obstacle: libzmq unlinks it before it binds, and the run-dir
-lock (startup.lock_run_dir) guarantees that the file we replace is never a live agent's.
+lock (startup.claim_run_dir) guarantees that the file we replace is never a live agent's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Classes 4, 9 and 10: domains under races, damaged run-dir files and paths the OS refuses.
+"""Classes 4, 9 and 10: domains under races, damaged run-dir files and paths the OS refuses
+(a domain's, and the run dir's own at start-up).
 
 - Creates and attaches are exclusive per domain UUID and per path (in the agent), and
   formatting is exclusive per directory (on storage, across agents): of racing requests one
@@ -7,7 +8,9 @@
 - A path the OS refuses, or a size the file system cannot hold, is the caller's -32602 with
   data.param, never -32603 (an agent bug, which engines retry)."""
 
+import contextlib
 import json
+import os
 
 import pytest
 
@@ -203,3 +206,46 @@ def test_a_domain_whose_metadata_is_not_ours_is_refused_by_name(agent, workdir, 
         agent.call("StorageDomain.attach", {"domainID": domain, "path": str(path)})
     assert exc.value.code == 214 and exc.value.name == "DomainUnusable", exc.value
     assert agent.call("StorageDomain.list") == []
+
+
+def fill(path) -> None:
+    """Write `path` until its file system has no block left (ENOSPC)."""
+    with open(path, "wb", buffering=0) as f:
+        with pytest.raises(OSError) as exc:
+            while True:
+                f.write(b"\0" * 4096)
+    assert exc.value.errno == 28, exc.value
+
+
+@pytest.mark.parametrize("kind", ["full", "read-only", "a file", "under a file"])
+def test_a_run_dir_the_os_refuses_ends_start_up_with_one_line_naming_it(
+        make_agent, workdir, read_only_dir, kind):
+    """Start-up that cannot make, lock or write its run dir exits 2 with a line for the
+    operator (what, where, the OS's reason), not a traceback; it leaves no half-written
+    file behind, and once the disk has room again the same agent starts."""
+    (workdir / "a-file").write_text("x")
+    full = contextlib.ExitStack()
+    if kind == "full":  # the run dir made before its file system filled, as after a reboot
+        small = full.enter_context(tmpfs(workdir / "full", "1m"))
+        (small / "run").mkdir()
+        fill(small / "filler")
+    run_dir = {"read-only": read_only_dir / "run", "a file": workdir / "a-file",
+               "under a file": workdir / "a-file" / "run"}.get(kind) or small / "run"
+    agent = make_agent(start=False, run_dir=str(run_dir))
+    agent.run_dir = run_dir  # where its clients find its sockets
+    agent.start(wait=False)
+    assert agent.proc.wait(30) == 2, agent.log()
+    out = agent.log()
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("hostagent: ")]
+    reason = {"full": "No space left on device", "read-only": "Read-only file system",
+              "a file": "File exists", "under a file": "Not a directory"}[kind]
+    assert len(lines) == 1 and str(run_dir) in lines[0] and reason in lines[0], out
+    if kind == "full":
+        assert sorted(os.listdir(run_dir)) == ["agent.lock", "events.sock", "rpc.sock",
+                                               "workers.sock"], "a half-written file"
+        os.remove(small / "filler")
+        agent.start()
+        assert agent.call("Host.ping") is True
+        agent.close()
+    full.close()
