@@ -27,7 +27,7 @@ MAY_IMPORT = {
                                   "agent.storage.usage"],
     "agent.client": [],
     "agent.cli": SHARED + ["agent.client", "agent.supervisor.loop", "agent.supervisor.copies",
-                           "agent.wire.security"],
+                           "agent.wire.security", "agent.wire.transport"],
 }
 
 

@@ -27,10 +27,11 @@ def cmd_serve(args) -> int:
     cfg = configmod.load(args.config)
     logs.setup(args.log_level, fmt=args.log_format)  # passed on to workers in the environment
     from agent.wire.security import ConfigError as SecurityError
+    from agent.wire.transport import BindError
 
     try:
         Supervisor(cfg).run()
-    except (StartupError, SecurityError) as exc:
+    except (StartupError, SecurityError, BindError) as exc:
         print(f"hostagent: {exc}", file=sys.stderr)
         return 2
     return 0

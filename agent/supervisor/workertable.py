@@ -78,7 +78,7 @@ class WorkerTable:
 
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = transport.bind(self.sock, protocol.endpoint(self.run_dir))
+        self.endpoint = transport.bind_all(self.sock, [protocol.endpoint(self.run_dir)])[0]
 
     def spawn(self, task, op: str, args: dict, deadline: float | None = None) -> Worker:
         self._seq += 1

@@ -33,5 +33,16 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+class BindError(Exception):
+    """An endpoint of the config that cannot be bound at start-up (a port taken, an ipc
+    path the OS refuses): the agent exits 2 with this line, not a traceback."""
+
+
 def bind_all(sock: zmq.Socket, endpoints: list[str]) -> list[str]:
-    return [bind(sock, ep) for ep in endpoints]
+    bound = []
+    for ep in endpoints:
+        try:
+            bound.append(bind(sock, ep))
+        except (zmq.ZMQError, OSError) as exc:
+            raise BindError(f"cannot bind {ep}: {zmq.strerror(exc.errno)}") from None
+    return bound

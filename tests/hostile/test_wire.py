@@ -6,6 +6,7 @@ psutil) stays far below what the same traffic cost before the bound existed, whi
 well-behaved client is served throughout. The sizes are set by --hostile-scale."""
 
 import json
+import socket
 
 import psutil
 import pytest
@@ -269,3 +270,23 @@ def test_listening_resumes_even_after_a_port_was_taken_meanwhile():
         sock.close(0)
         thief.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("which", ["rpc", "events"])
+def test_an_endpoint_taken_at_start_up_ends_it_with_one_line_naming_it(make_agent, which):
+    """A configured port another process holds: exit 2 with one line naming the endpoint
+    and the OS's reason, not a traceback; once it is free, the same agent starts."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        endpoint = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        agent = make_agent(start=False, **{
+            which: {"endpoints": [f"ipc://{{run_dir}}/{which}.sock", endpoint]}})
+        agent.start(wait=False)
+        assert agent.proc.wait(30) == 2, agent.log()
+        out = agent.log()
+        assert "Traceback" not in out, out
+        lines = [line for line in out.splitlines() if line.startswith("hostagent: ")]
+        assert lines == [f"hostagent: cannot bind {endpoint}: Address already in use"], out
+    agent.start()
+    assert agent.call("Host.ping") is True
