@@ -140,7 +140,28 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
     return out
 
 
+def _kinds(data: dict, defaults: dict = DEFAULTS, where: str = "") -> None:
+    """A true-or-false key is TOML's true or false, a text key a string: `debug = "false"`
+    (a non-empty string, so true) must not turn the debug verbs on, nor 0 stand for a key
+    file. The keys the hostname and the default run dir stand in for (None) take a printable
+    string of at most 4,096 characters ("": the default). Numbers and lists are checked by
+    name below."""
+    for key, default in defaults.items():
+        value, name = data[key], f"{where}{key}"
+        if isinstance(default, dict) and key != "domains":
+            _kinds(value, default, f"{name}.")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        elif default is None and value is not None and not (
+                isinstance(value, str) and len(value) <= 4096 and value.isprintable()):
+            raise ConfigError(f"{name} must be a printable string")
+
+
 def _check(data: dict) -> None:
+    _kinds(data)
+
     def positive(path: str, value, kind=(int, float), maximum: float = 1e15):
         if isinstance(value, bool) or not isinstance(value, kind) or \
                 not math.isfinite(value) or not 0 < value <= maximum:
@@ -173,8 +194,6 @@ def _check(data: dict) -> None:
     if not isinstance(data["exports"]["max_connections"], int) or \
             data["exports"]["max_connections"] > 64:
         raise ConfigError("exports.max_connections must be an integer, 1..64")
-    if not isinstance(data["copy"]["record_checksum"], bool):
-        raise ConfigError("copy.record_checksum must be true or false")
     if data["scrub"]["launcher"] not in SCRUB_LAUNCHERS:
         raise ConfigError(f"scrub.launcher must be one of {', '.join(SCRUB_LAUNCHERS)}")
     positive("recovery.max_attempts", data["recovery"]["max_attempts"], int)
@@ -204,15 +223,14 @@ def _check(data: dict) -> None:
 def _check_storage(st: dict, positive) -> None:
     if st["lease_manager"] not in LEASE_MANAGERS:
         raise ConfigError(f"storage.lease_manager must be one of {', '.join(LEASE_MANAGERS)}")
-    if st["lease_manager"] == "sanlock":
-        hid = st["host_id_number"]
-        if isinstance(hid, bool) or not isinstance(hid, int) or not 1 <= hid <= 2000:
-            raise ConfigError("storage.host_id_number must be 1..2000 with sanlock")
+    hid = st["host_id_number"]
+    if isinstance(hid, bool) or not isinstance(hid, int):
+        raise ConfigError("storage.host_id_number must be an integer")
+    if st["lease_manager"] == "sanlock" and not 1 <= hid <= 2000:
+        raise ConfigError("storage.host_id_number must be 1..2000 with sanlock")
     # sanlock's lease times are multiples of it (a dead host's lease frees after ~8 of them):
     # VDSM uses 10; past 120 a failed host would hold its leases for a quarter of an hour.
     positive("storage.sanlock_io_timeout", st["sanlock_io_timeout"], int, maximum=120)
-    if not isinstance(st["sanlock_run_dir"], str):
-        raise ConfigError("storage.sanlock_run_dir must be a path")
 
 
 def check_endpoint(endpoint, *, bind: bool = False) -> str:

@@ -73,3 +73,42 @@ def test_bad_config_files(tmp_path):
         configmod.load(tmp_path / "b.toml")
     with pytest.raises(configmod.ConfigError):
         configmod.load(tmp_path / "missing.toml")
+
+
+def _leaves(table: dict, at: tuple = ()):
+    for key, value in table.items():
+        if isinstance(value, dict) and key != "domains":
+            yield from _leaves(value, at + (key,))
+        else:
+            yield at + (key,), value
+
+
+def _nested(path: tuple, value) -> dict:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _leaves(configmod.DEFAULTS)],
+                         ids=lambda p: ".".join(p))
+def test_every_key_refuses_values_of_the_wrong_kind(path, no_xdg):
+    """Every key of the config, given each TOML value of another kind than its default's:
+    refused by name (ConfigError), or kept as a value of its default's kind (an integer
+    where a number is wanted). Never a TypeError at start-up, and never "false" read as
+    true (`debug = "false"` once turned the debug verbs on)."""
+    default = dict(_leaves(configmod.DEFAULTS))[path]
+    for wrong in (5, -1, 0, 1.5, "x", "false", "", True, False, [], ["x"], {}, {"a": 1},
+                  "a\nb", "x" * 5000):
+        if type(wrong) is type(default) or (default is None and isinstance(wrong, str) and
+                                            wrong.isprintable() and len(wrong) <= 4096):
+            continue
+        try:
+            cfg = configmod.load(overrides=_nested(path, wrong))
+        except configmod.ConfigError:
+            continue
+        value = cfg.data
+        for key in path:
+            value = value[key]
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        assert numeric and isinstance(value, (int, float)) and not isinstance(value, bool), \
+            (path, wrong, value)
