@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import InvalidParams
+from agent.ids import check_uuid
+
 DEFAULT_RPC_PORT = 5670
 DEFAULT_EVENTS_PORT = 5671
 DEFAULT_METRICS_PORT = 9478
@@ -223,6 +226,13 @@ def _check(data: dict) -> None:
 def _check_storage(st: dict, positive) -> None:
     if st["lease_manager"] not in LEASE_MANAGERS:
         raise ConfigError(f"storage.lease_manager must be one of {', '.join(LEASE_MANAGERS)}")
+    for domain_id, path in st["domains"].items():  # start-up attaches each: no TypeError
+        try:
+            check_uuid(domain_id, "storage.domains")
+        except InvalidParams:
+            raise ConfigError(f"storage.domains: {domain_id!r} is not a domain's UUID") from None
+        if not isinstance(path, str) or not path or not path.isprintable():
+            raise ConfigError(f"storage.domains.{domain_id} must be a path")
     hid = st["host_id_number"]
     if isinstance(hid, bool) or not isinstance(hid, int):
         raise ConfigError("storage.host_id_number must be an integer")

@@ -58,6 +58,9 @@ def test_run_dir_expansion_in_endpoints(tmp_path, monkeypatch):
     ({"workers": {"deadline_seconds": True}}, "workers.deadline_seconds"),
     ({"rpc": {"endpoints": "tcp://*:1"}}, "rpc.endpoints must be a list of strings"),
     ({"storage": {"domains": []}}, "storage.domains"),
+    ({"storage": {"domains": {"../x": "/srv/d"}}}, "'../x' is not a domain's UUID"),
+    ({"storage": {"domains": {"5a8e0c64-1f61-4b52-9d51-3b8e2f6d7c10": 5}}}, "must be a path"),
+    ({"storage": {"domains": {"5a8e0c64-1f61-4b52-9d51-3b8e2f6d7c10": ""}}}, "must be a path"),
 ])
 def test_bad_config_is_refused(overrides, words):
     with pytest.raises(configmod.ConfigError, match=words.replace(".", r"\.")):
