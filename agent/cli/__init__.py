@@ -37,6 +37,7 @@ class Context:
         if self._client is None:
             from agent.client import BlockingClient
             s = self.settings
+            settings.check_listening(s.endpoint)
             self._client = BlockingClient(s.endpoint, s.events_endpoint, timeout=s.timeout,
                                           **s.keys)
         return self._client
@@ -48,6 +49,7 @@ class Context:
         if self._calls is None:
             from agent.client import Client
             s = self.settings
+            settings.check_listening(s.endpoint)
             self._calls = Client(s.endpoint, timeout=s.timeout, **s.keys)
         return self._calls
 
@@ -77,6 +79,9 @@ def run_for_people(args) -> int:
         return output.call_error(exc, ctx.json if ctx else False)
     except Timeout as exc:
         output.error(f"{exc}; is the agent running (at {ctx.settings.endpoint})?")
+        return output.NO_ANSWER
+    except settings.NoAgent as exc:
+        output.error(f"{exc}; is the agent running?")
         return output.NO_ANSWER
     except (output.UsageError, KeyFileError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `hostagent watch | head`: the reader left

@@ -55,6 +55,11 @@ def cmd_call(args) -> int:
     keys = {"client_key": c, "server_key": s} if c else {}
     timeout = args.timeout if args.timeout is not None else \
         client_cfg.get("timeout", settings.DEFAULT_TIMEOUT)
+    try:
+        settings.check_listening(endpoint)
+    except settings.NoAgent as exc:
+        print(f"hostagent: {exc}; is the agent running?", file=sys.stderr)
+        return 3
     with Client(endpoint, timeout=timeout, **keys) as client:
         try:
             result = client.call(args.method, params, id=task_id)

@@ -18,15 +18,15 @@ import time
 OK = 0
 AGENT_ERROR = 1  # the agent answered an error, or the task ended failed or aborted
 USAGE = 2  # bad usage or configuration
-NO_ANSWER = 3  # no answer in time: is the agent running (and are the keys right)?
+NO_ANSWER = 3  # nothing listens, or no answer in time: is the agent running (keys right)?
 NEEDS_CONTINUING = 4  # a copy stopped and nobody copies it: continue it, or delete it
 DETACHED = 130  # Ctrl-C: we stopped watching; the task goes on in the agent
 
 EXIT_CODES = f"""\
 exit codes: {OK} success; {AGENT_ERROR} the agent answered an error, or the task failed or was
-aborted; {USAGE} bad usage or configuration; {NO_ANSWER} no answer in time (is the agent
-running?); {NEEDS_CONTINUING} a copy stopped and nobody copies it (continue it or delete it);
-{DETACHED} interrupted by Ctrl-C (a task goes on in the agent)."""
+aborted; {USAGE} bad usage or configuration; {NO_ANSWER} nothing listens, or no answer in
+time (is the agent running?); {NEEDS_CONTINUING} a copy stopped and nobody copies it
+(continue it or delete it); {DETACHED} interrupted by Ctrl-C (a task goes on in the agent)."""
 
 
 class UsageError(Exception):

@@ -174,3 +174,30 @@ def resolve(args) -> Settings:
                     json=bool(getattr(args, "json", False)) or output == "json",
                     timeout=float(timeout if timeout is not None
                                   else client.get("timeout", DEFAULT_TIMEOUT)))
+
+
+class NoAgent(Exception):
+    """Nothing listens where the command would call: said at once, not after its timeout."""
+
+
+def check_listening(endpoint: str) -> None:
+    """NoAgent when the OS says at once that nothing listens at `endpoint` (no socket file,
+    a connection refused); otherwise nothing, and ZeroMQ waits as it always does (something
+    listens, or the OS cannot tell: a dropped packet, a name it cannot resolve). The probe
+    is a plain connect, closed before any byte: a listening agent sees a peer come and go."""
+    import socket
+
+    scheme, _, rest = endpoint.partition("://")
+    try:
+        if scheme == "ipc":
+            path = "\0" + rest[1:] if rest.startswith("@") else rest  # abstract: ZeroMQ's @
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(path)
+        elif scheme == "tcp":
+            host, _, port = rest.rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise NoAgent(f"nothing listens at {endpoint} ({exc.strerror})") from None
+    except (OSError, ValueError):
+        return

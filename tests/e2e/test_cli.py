@@ -120,13 +120,45 @@ def test_id_is_the_task_id_as_typed(agent, given):
                    {"taskID": "2"})
 
 
-def test_nothing_listening_exit_3_within_the_timeout(make_agent):
-    never = make_agent("never", start=False)  # its config names an endpoint nobody binds
+@pytest.mark.parametrize("where", ["no socket file", "a stale socket file", "a closed port"])
+@pytest.mark.parametrize("command", [("call", "Host.ping"), ("tasks",)])
+def test_nothing_listening_is_said_at_once_not_after_the_timeout(workdir, where, command):
+    """When the OS says at once that nothing listens (no socket file, a socket file nobody
+    listens on, a refused port), a command says so at once: exit 3 and one line naming the
+    endpoint, though its timeout is ten minutes (a wait for it would outlast run's 60 s)."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(workdir / "stale.sock"))  # bound, never listening: what a crash leaves
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # held, never listening: nobody else takes the port
+    endpoint = {"no socket file": f"ipc://{workdir}/none.sock",
+                "a stale socket file": f"ipc://{workdir}/stale.sock",
+                "a closed port": f"tcp://127.0.0.1:{closed.getsockname()[1]}"}[where]
+    try:
+        out = run(*command, "--endpoint", endpoint, "--timeout", "600", timeout=60)
+    finally:
+        stale.close()
+        closed.close()
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert out.stderr.strip().endswith("is the agent running?") and endpoint in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_no_answer_exit_3_within_the_timeout(make_agent):
+    """Something listens where the agent's config says, but never answers (a socket that
+    accepts and stays mute): the command waits its --timeout, then exits 3."""
+    never = make_agent("never", start=False)
+    never.run_dir.mkdir(parents=True)
+    mute = socket.socket(socket.AF_UNIX)
+    mute.bind(str(never.run_dir / "rpc.sock"))
+    mute.listen()
     started = time.monotonic()
-    out = call(never, "Host.ping", "--timeout", "0.5", timeout=20)
+    try:
+        out = call(never, "Host.ping", "--timeout", "0.5", timeout=20)
+    finally:
+        mute.close()
     elapsed = time.monotonic() - started
-    assert out.returncode == 3 and "is the agent running?" in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 3 and "is the agent running" in out.stderr, out.stderr
+    assert "no response within 0.5 s" in out.stderr and "Traceback" not in out.stderr
     assert elapsed < 10, elapsed  # far below the 30 s default: --timeout was obeyed
 
 
