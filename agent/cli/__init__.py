@@ -81,7 +81,7 @@ def run_for_people(args) -> int:
         output.error(f"{exc}; is the agent running (at {ctx.settings.endpoint})?")
         return output.NO_ANSWER
     except settings.NoAgent as exc:
-        output.error(f"{exc}; is the agent running?")
+        output.error(str(exc))
         return output.NO_ANSWER
     except (output.UsageError, KeyFileError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):  # `hostagent watch | head`: the reader left

@@ -58,7 +58,7 @@ def cmd_call(args) -> int:
     try:
         settings.check_listening(endpoint)
     except settings.NoAgent as exc:
-        print(f"hostagent: {exc}; is the agent running?", file=sys.stderr)
+        print(f"hostagent: {exc}", file=sys.stderr)
         return 3
     with Client(endpoint, timeout=timeout, **keys) as client:
         try:

@@ -182,9 +182,10 @@ class NoAgent(Exception):
 
 def check_listening(endpoint: str) -> None:
     """NoAgent when the OS says at once that nothing listens at `endpoint` (no socket file,
-    a connection refused); otherwise nothing, and ZeroMQ waits as it always does (something
-    listens, or the OS cannot tell: a dropped packet, a name it cannot resolve). The probe
-    is a plain connect, closed before any byte: a listening agent sees a peer come and go."""
+    a connection refused) or that this user may not connect; otherwise nothing, and ZeroMQ
+    waits as it always does (something listens, or the OS cannot tell: a dropped packet, a
+    name it cannot resolve). The probe is a plain connect, closed before any byte: a
+    listening agent sees a peer come and go."""
     import socket
 
     scheme, _, rest = endpoint.partition("://")
@@ -198,6 +199,10 @@ def check_listening(endpoint: str) -> None:
             host, _, port = rest.rpartition(":")
             socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise NoAgent(f"nothing listens at {endpoint} ({exc.strerror})") from None
+        raise NoAgent(f"nothing listens at {endpoint} ({exc.strerror}); is the agent "
+                      "running?") from None
+    except PermissionError as exc:  # ZeroMQ would retry it in silence for the whole timeout
+        raise NoAgent(f"cannot connect to {endpoint} ({exc.strerror}): the agent's ipc "
+                      "sockets are its own user's (mode 0600)") from None
     except (OSError, ValueError):
         return

@@ -143,6 +143,21 @@ def test_nothing_listening_is_said_at_once_not_after_the_timeout(workdir, where,
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to run the command as another user")
+def test_a_socket_this_user_may_not_use_is_said_at_once(agent):
+    """The agent's ipc socket is its own user's (0600): another user's command says so at
+    once, exit 3, instead of ZeroMQ retrying in silence for its whole timeout."""
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          str(HOSTAGENT), "call", "Host.ping", "--endpoint",
+                          agent.rpc_endpoint, "--timeout", "600"],
+                         capture_output=True, text=True, timeout=60,
+                         env=clean_env(HOME="/nonexistent"))
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert "Permission denied" in out.stderr and agent.rpc_endpoint in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 def test_no_answer_exit_3_within_the_timeout(make_agent):
     """Something listens where the agent's config says, but never answers (a socket that
     accepts and stays mute): the command waits its --timeout, then exits 3."""
