@@ -126,10 +126,12 @@ def while_beating(beat, fn, *args, patience: float | None = None, **kwargs):
     thread = threading.Thread(target=run, name="beating", daemon=True)
     thread.start()
     deadline = None if patience is None else time.monotonic() + patience
-    while thread.join(0.2) or thread.is_alive():
+    thread.join(0.2)
+    while thread.is_alive():
         if deadline is not None and time.monotonic() >= deadline:
             return None
         beat()
+        thread.join(0.2)
     ok, value = out[0]
     if not ok:
         raise value

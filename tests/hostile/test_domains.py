@@ -224,28 +224,27 @@ def test_a_run_dir_the_os_refuses_ends_start_up_with_one_line_naming_it(
     operator (what, where, the OS's reason), not a traceback; it leaves no half-written
     file behind, and once the disk has room again the same agent starts."""
     (workdir / "a-file").write_text("x")
-    full = contextlib.ExitStack()
-    if kind == "full":  # the run dir made before its file system filled, as after a reboot
-        small = full.enter_context(tmpfs(workdir / "full", "1m"))
-        (small / "run").mkdir()
-        fill(small / "filler")
-    run_dir = {"read-only": read_only_dir / "run", "a file": workdir / "a-file",
-               "under a file": workdir / "a-file" / "run"}.get(kind) or small / "run"
-    agent = make_agent(start=False, run_dir=str(run_dir))
-    agent.run_dir = run_dir  # where its clients find its sockets
-    agent.start(wait=False)
-    assert agent.proc.wait(30) == 2, agent.log()
-    out = agent.log()
-    assert "Traceback" not in out, out
-    lines = [line for line in out.splitlines() if line.startswith("hostagent: ")]
-    reason = {"full": "No space left on device", "read-only": "Read-only file system",
-              "a file": "File exists", "under a file": "Not a directory"}[kind]
-    assert len(lines) == 1 and str(run_dir) in lines[0] and reason in lines[0], out
-    if kind == "full":
-        assert sorted(os.listdir(run_dir)) == ["agent.lock", "events.sock", "rpc.sock",
-                                               "workers.sock"], "a half-written file"
-        os.remove(small / "filler")
-        agent.start()
-        assert agent.call("Host.ping") is True
-        agent.close()
-    full.close()
+    with contextlib.ExitStack() as full:  # unmounted however the test ends
+        if kind == "full":  # the run dir made before its file system filled, as after a reboot
+            small = full.enter_context(tmpfs(workdir / "full", "1m"))
+            (small / "run").mkdir()
+            fill(small / "filler")
+        run_dir = {"read-only": read_only_dir / "run", "a file": workdir / "a-file",
+                   "under a file": workdir / "a-file" / "run"}.get(kind) or small / "run"
+        agent = make_agent(start=False, run_dir=str(run_dir))
+        agent.run_dir = run_dir  # where its clients find its sockets
+        agent.start(wait=False)
+        assert agent.proc.wait(30) == 2, agent.log()
+        out = agent.log()
+        assert "Traceback" not in out, out
+        lines = [line for line in out.splitlines() if line.startswith("hostagent: ")]
+        reason = {"full": "No space left on device", "read-only": "Read-only file system",
+                  "a file": "File exists", "under a file": "Not a directory"}[kind]
+        assert len(lines) == 1 and str(run_dir) in lines[0] and reason in lines[0], out
+        if kind == "full":
+            assert sorted(os.listdir(run_dir)) == ["agent.lock", "events.sock", "rpc.sock",
+                                                   "workers.sock"], "a half-written file"
+            os.remove(small / "filler")
+            agent.start()
+            assert agent.call("Host.ping") is True
+            agent.close()
